@@ -1,0 +1,2 @@
+//! sagamq-sim: the deterministic simulation testbed. TODO(issue 4).
+#![forbid(unsafe_code)]
