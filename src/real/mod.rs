@@ -1,2 +1,25 @@
-//! The real runtime (feature `real`): tokio, an HTTP server, a file log.
-//! TODO(issue 6).
+//! The real runtime (feature `real`): the broker core driven by tokio, an HTTP
+//! API (axum), HTTP callbacks (reqwest) and a log file with group commit.
+//!
+//! **Invariant:** this module is a thin driver. Every decision (dedup, order,
+//! retries, dead letters, compaction) is the core's; this code only moves
+//! bytes and timestamps, and never links madsim.
+//!
+//! Code map: [`server`] assembles a running broker; [`driver`] is the one task
+//! owning the [`crate::broker::Broker`]; [`log_writer`] is the fsync thread
+//! over [`file_disk`]; [`http`] maps routes to driver requests; [`callbacks`]
+//! signs and POSTs deliveries; [`cli`] is `sagamq serve|demo|bench`.
+
+pub mod bench;
+pub mod callbacks;
+pub mod cli;
+pub mod clock;
+pub mod demo;
+pub mod driver;
+pub mod file_disk;
+pub mod http;
+pub mod log_writer;
+pub mod server;
+
+pub use callbacks::{Allowlist, SIGNATURE_HEADER, sign, verify};
+pub use server::{RunningBroker, ServeError, ServeOptions, start};

@@ -1,0 +1,362 @@
+//! Outgoing callbacks: POST the message JSON to the subscriber's `NotifyUrl`
+//! with an HMAC-SHA256 signature, and report the outcome to the driver.
+//!
+//! **Invariant:** every dispatched callback produces exactly one
+//! [`CallbackResult`] for its [`DeliveryId`]; only hosts on the allowlist are
+//! contacted (checked again here, since a log written under an older
+//! allowlist may hold other URLs); redirects are never followed, because a
+//! redirect could lead past the allowlist.
+
+use crate::broker::{Callback, CallbackResult, DeliveryId};
+use crate::types::{ClientId, URL_LEN_MAX};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc};
+
+/// The header carrying `sha256=<hex HMAC-SHA256 of the body>`.
+pub const SIGNATURE_HEADER: &str = "X-SagaMQ-Signature";
+/// The header carrying the attempt number (1 for the first).
+pub const ATTEMPT_HEADER: &str = "X-SagaMQ-Attempt";
+
+/// Capacity of the channel that carries callback results back to the driver.
+pub const CALLBACK_RESULTS_MAX: usize = 4096;
+/// Callbacks in flight across all subscribers; a safety net above the core's
+/// per-subscriber window.
+pub const CALLBACKS_INFLIGHT_TOTAL_MAX: usize = 4096;
+
+/// Per-subscriber windows kept while idle; past it, idle ones are forgotten.
+pub const SUBSCRIBER_WINDOWS_MAX: usize = 10_000;
+
+/// `sha256=<hex>` of `body` under `key`: what [`SIGNATURE_HEADER`] carries.
+pub fn sign(key: &[u8], body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(body);
+    let tag = mac.finalize().into_bytes();
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256=");
+    for b in tag.iter() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// Checks a [`SIGNATURE_HEADER`] value in constant time (what a subscriber does).
+pub fn verify(key: &[u8], body: &[u8], header: &str) -> bool {
+    constant_time_eq(sign(key, body).as_bytes(), header.as_bytes())
+}
+
+/// Equality whose running time does not depend on where the inputs differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Which callback hosts the broker may contact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowlist {
+    entries: Vec<AllowEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum AllowEntry {
+    /// `*`: any host.
+    Any,
+    /// `loopback`: `localhost` and every loopback address.
+    Loopback,
+    /// `*.example.com`: any subdomain of it.
+    Suffix(String),
+    /// An exact host name (lowercase).
+    Host(String),
+    Ip(IpAddr),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UrlError(pub String);
+
+impl fmt::Display for UrlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Default for Allowlist {
+    fn default() -> Self {
+        Allowlist::loopback()
+    }
+}
+
+impl Allowlist {
+    pub fn loopback() -> Allowlist {
+        Allowlist {
+            entries: vec![AllowEntry::Loopback],
+        }
+    }
+
+    /// Parses `--callback-allow` values: `loopback`, `*`, `*.domain`, a host
+    /// name or an IP address. An empty list means loopback only.
+    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Allowlist, String> {
+        let mut entries = Vec::new();
+        for item in items {
+            for raw in item.as_ref().split(',') {
+                let s = raw.trim().to_ascii_lowercase();
+                let entry = if s.is_empty() {
+                    continue;
+                } else if s == "*" {
+                    AllowEntry::Any
+                } else if s == "loopback" {
+                    AllowEntry::Loopback
+                } else if let Some(rest) = s.strip_prefix("*.") {
+                    if rest.is_empty() || rest.contains('*') {
+                        return Err(format!("bad --callback-allow entry {raw:?}"));
+                    }
+                    AllowEntry::Suffix(format!(".{rest}"))
+                } else if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+                    AllowEntry::Ip(ip)
+                } else if s.contains(['*', '/', ':', '@']) {
+                    return Err(format!(
+                        "bad --callback-allow entry {raw:?}: expected loopback, *, *.domain, a host name or an IP address"
+                    ));
+                } else {
+                    AllowEntry::Host(s)
+                };
+                entries.push(entry);
+            }
+        }
+        if entries.is_empty() {
+            entries.push(AllowEntry::Loopback);
+        }
+        Ok(Allowlist { entries })
+    }
+
+    /// Accepts an `http://` URL whose host is allowed.
+    pub fn check_url(&self, url: &str) -> Result<reqwest::Url, UrlError> {
+        if url.is_empty() || url.len() > URL_LEN_MAX {
+            return Err(UrlError(format!(
+                "NotifyUrl must be 1 to {URL_LEN_MAX} bytes, got {}",
+                url.len()
+            )));
+        }
+        let parsed = reqwest::Url::parse(url).map_err(|e| UrlError(format!("NotifyUrl is not a valid URL: {e}")))?;
+        match parsed.scheme() {
+            "http" => {}
+            "https" => {
+                return Err(UrlError(
+                    "NotifyUrl uses https, which this build does not support (no TLS client); use http".into(),
+                ));
+            }
+            other => return Err(UrlError(format!("NotifyUrl scheme {other:?} is not http"))),
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(UrlError("NotifyUrl must not carry credentials".into()));
+        }
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| UrlError("NotifyUrl has no host".into()))?
+            .to_ascii_lowercase();
+        if self.allows_host(&host) {
+            Ok(parsed)
+        } else {
+            Err(UrlError(format!(
+                "NotifyUrl host {host} is not on the callback allowlist (--callback-allow)"
+            )))
+        }
+    }
+
+    fn allows_host(&self, host: &str) -> bool {
+        let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+        self.entries.iter().any(|e| match e {
+            AllowEntry::Any => true,
+            AllowEntry::Loopback => host == "localhost" || ip.is_some_and(|ip| ip.is_loopback()),
+            AllowEntry::Suffix(suffix) => ip.is_none() && host.ends_with(suffix.as_str()),
+            AllowEntry::Host(h) => ip.is_none() && host == h,
+            AllowEntry::Ip(allowed) => ip == Some(*allowed),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CallbackConfig {
+    /// No answer within this counts as `TimedOut`.
+    pub timeout: Duration,
+    /// Signs every callback body; `None` sends callbacks unsigned.
+    pub signing_key: Option<Vec<u8>>,
+    pub allow: Allowlist,
+    /// Callbacks in flight per subscriber (the core's window, enforced here too).
+    pub inflight_per_subscriber_max: usize,
+}
+
+/// Spawns one task per callback and collects their results on a channel.
+pub struct Dispatcher {
+    http: reqwest::Client,
+    signing_key: Option<Arc<[u8]>>,
+    allow: Arc<Allowlist>,
+    per_subscriber: BTreeMap<ClientId, Arc<Semaphore>>,
+    inflight_per_subscriber_max: usize,
+    total: Arc<Semaphore>,
+    results: mpsc::Sender<(DeliveryId, CallbackResult)>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        config: CallbackConfig,
+    ) -> Result<(Dispatcher, mpsc::Receiver<(DeliveryId, CallbackResult)>), reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(config.inflight_per_subscriber_max.max(1) * 4)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("sagamq/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let (tx, rx) = mpsc::channel(CALLBACK_RESULTS_MAX);
+        Ok((
+            Dispatcher {
+                http,
+                signing_key: config.signing_key.map(Arc::from),
+                allow: Arc::new(config.allow),
+                per_subscriber: BTreeMap::new(),
+                inflight_per_subscriber_max: config.inflight_per_subscriber_max.max(1),
+                total: Arc::new(Semaphore::new(CALLBACKS_INFLIGHT_TOTAL_MAX)),
+                results: tx,
+            },
+            rx,
+        ))
+    }
+
+    pub fn dispatch(&mut self, cb: Callback) {
+        let window = self.window(&cb.client);
+        let http = self.http.clone();
+        let key = self.signing_key.clone();
+        let allow = self.allow.clone();
+        let total = self.total.clone();
+        let results = self.results.clone();
+        tokio::spawn(async move {
+            let delivery = cb.delivery;
+            let result = match (window.acquire_owned().await, total.acquire_owned().await) {
+                (Ok(_w), Ok(_t)) => post(&http, key.as_deref(), &allow, cb).await,
+                _ => CallbackResult::Failed,
+            };
+            // The driver is gone only at shutdown; the delivery is then retried after restart.
+            let _ = results.send((delivery, result)).await;
+        });
+    }
+
+    fn window(&mut self, client: &ClientId) -> Arc<Semaphore> {
+        if let Some(s) = self.per_subscriber.get(client) {
+            return s.clone();
+        }
+        // Forget idle subscribers so the map stays bounded by the ones in use.
+        if self.per_subscriber.len() >= SUBSCRIBER_WINDOWS_MAX {
+            // A window is in use while a callback task holds a clone of it.
+            self.per_subscriber.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        let s = Arc::new(Semaphore::new(self.inflight_per_subscriber_max));
+        self.per_subscriber.insert(client.clone(), s.clone());
+        s
+    }
+}
+
+async fn post(http: &reqwest::Client, key: Option<&[u8]>, allow: &Allowlist, cb: Callback) -> CallbackResult {
+    let url = match allow.check_url(&cb.url) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(client = %cb.client, msg = %cb.message.msg_id, "callback refused: {e}");
+            return CallbackResult::Failed;
+        }
+    };
+    let body = match serde_json::to_vec(&cb.message) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!("callback body: {e}");
+            return CallbackResult::Failed;
+        }
+    };
+    let mut req = http
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(ATTEMPT_HEADER, cb.attempt.to_string());
+    if let Some(key) = key {
+        req = req.header(SIGNATURE_HEADER, sign(key, &body));
+    }
+    match req.body(body).send().await {
+        Ok(resp) if resp.status().is_success() => {
+            // Drain the body so the connection goes back to the pool.
+            let _ = resp.bytes().await;
+            CallbackResult::Delivered
+        }
+        Ok(resp) => {
+            tracing::debug!(client = %cb.client, msg = %cb.message.msg_id, attempt = cb.attempt, status = %resp.status(), "callback refused by subscriber");
+            let _ = resp.bytes().await;
+            CallbackResult::Failed
+        }
+        Err(e) if e.is_timeout() => {
+            tracing::debug!(client = %cb.client, msg = %cb.message.msg_id, attempt = cb.attempt, "callback timed out");
+            CallbackResult::TimedOut
+        }
+        Err(e) => {
+            tracing::debug!(client = %cb.client, msg = %cb.message.msg_id, attempt = cb.attempt, "callback failed: {e}");
+            CallbackResult::Failed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_sha256_hex() {
+        // RFC 4231 test case 2.
+        let s = sign(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            s,
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert!(verify(b"Jefe", b"what do ya want for nothing?", &s));
+        assert!(!verify(b"Jefe", b"what do ya want for nothing!", &s));
+        assert!(!verify(b"jefe", b"what do ya want for nothing?", &s));
+    }
+
+    #[test]
+    fn default_allowlist_is_loopback_only() {
+        let a = Allowlist::default();
+        for ok in ["http://127.0.0.1:9/x", "http://localhost/cb", "http://[::1]:80/", "http://127.9.9.9/"] {
+            assert!(a.check_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://example.com/",
+            "http://localhost.evil.com/",
+            "ftp://127.0.0.1/",
+            "https://127.0.0.1/",
+            "http://user:pw@127.0.0.1/",
+            "not a url",
+            "",
+        ] {
+            assert!(a.check_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn allowlist_entries() {
+        let a = Allowlist::parse(&["*.svc.local, 10.1.2.3", "orders"]).unwrap();
+        assert!(a.check_url("http://stock.svc.local:8080/cb").is_ok());
+        assert!(a.check_url("http://svc.local/").is_err());
+        assert!(a.check_url("http://10.1.2.3/").is_ok());
+        assert!(a.check_url("http://orders/").is_ok());
+        assert!(a.check_url("http://127.0.0.1/").is_err(), "explicit list replaces loopback");
+        assert!(Allowlist::parse(&["*"]).unwrap().check_url("http://anything.example/").is_ok());
+        assert!(Allowlist::parse(&["http://x/"]).is_err());
+        assert_eq!(Allowlist::parse::<&str>(&[]).unwrap(), Allowlist::loopback());
+    }
+}

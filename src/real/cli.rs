@@ -1,0 +1,224 @@
+//! The `sagamq` command line: `serve`, `demo`, `bench`.
+//!
+//! **Invariant:** every knob of [`crate::broker::BrokerConfig`] that an operator
+//! may need is a flag with the core's default, so the binary and the library
+//! agree on defaults.
+
+use super::callbacks::Allowlist;
+use super::server::{self, ServeOptions};
+use crate::broker::BrokerConfig;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "sagamq", version, about = "Transactional pub/sub broker with a durable log and HTTP callbacks")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub enum Command {
+    /// Serve the HTTP API with a durable log in --data.
+    Serve(ServeArgs),
+    /// Run the seed scenario (order + stock over real HTTP on loopback) and check the outcome.
+    Demo(DemoArgs),
+    /// Measure acked durable publishes/s, end-to-end latency and recovery speed.
+    Bench(super::bench::BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3333")]
+    pub addr: SocketAddr,
+    /// Directory of the log (created if missing).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Shared secret required as `Authorization: Bearer` on mutating routes.
+    #[arg(long, env = "SAGAMQ_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// HMAC-SHA256 key for the X-SagaMQ-Signature callback header (defaults to --token).
+    #[arg(long, env = "SAGAMQ_SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<String>,
+    /// Callback hosts allowed: `loopback` (default), `*`, `*.domain`, a host name or an IP. Repeatable or comma-separated.
+    #[arg(long = "callback-allow", value_name = "HOSTS")]
+    pub callback_allow: Vec<String>,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, default_value_t = super::http::BODY_LEN_MAX_DEFAULT)]
+    pub body_limit_bytes: usize,
+    /// Seed of the retry jitter (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+/// The core's bounds and timings ([`BrokerConfig`]); defaults are the core's.
+#[derive(Args, Debug, Clone)]
+pub struct Tuning {
+    /// Callback with no answer after this many ms counts as timed out.
+    #[arg(long)]
+    pub callback_timeout_ms: Option<u64>,
+    /// First retry delay in ms (doubles per attempt, with jitter).
+    #[arg(long)]
+    pub retry_initial_ms: Option<u64>,
+    /// Cap of the retry delay in ms.
+    #[arg(long)]
+    pub retry_max_ms: Option<u64>,
+    /// Attempts per message and subscriber before it becomes a dead letter.
+    #[arg(long)]
+    pub attempts_max: Option<u32>,
+    /// Callbacks in flight per subscriber.
+    #[arg(long)]
+    pub inflight_per_subscriber: Option<usize>,
+    /// Messages queued per subscriber before publishes are refused.
+    #[arg(long)]
+    pub pending_per_subscriber_max: Option<usize>,
+    /// Publishes accepted but not yet durable before new ones are refused.
+    #[arg(long)]
+    pub publishes_unsynced_max: Option<usize>,
+    /// Compact when the log holds this many records beyond the live state.
+    #[arg(long)]
+    pub compact_garbage_records_min: Option<u64>,
+}
+
+impl Tuning {
+    pub fn apply(&self, mut c: BrokerConfig) -> BrokerConfig {
+        if let Some(v) = self.callback_timeout_ms {
+            c.callback_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = self.retry_initial_ms {
+            c.retry_backoff_initial = Duration::from_millis(v);
+        }
+        if let Some(v) = self.retry_max_ms {
+            c.retry_backoff_max = Duration::from_millis(v);
+        }
+        if let Some(v) = self.attempts_max {
+            c.attempts_max = v;
+        }
+        if let Some(v) = self.inflight_per_subscriber {
+            c.inflight_per_subscriber_max = v;
+        }
+        if let Some(v) = self.pending_per_subscriber_max {
+            c.pending_per_subscriber_max = v;
+        }
+        if let Some(v) = self.publishes_unsynced_max {
+            c.publishes_unsynced_max = v;
+        }
+        if let Some(v) = self.compact_garbage_records_min {
+            c.compact_garbage_records_min = v;
+        }
+        c
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Keep the logs here instead of a fresh temporary directory.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    pub fn options(&self) -> Result<ServeOptions, String> {
+        let mut o = ServeOptions::new(self.addr, self.data.clone());
+        o.token = self.token.clone().filter(|t| !t.is_empty());
+        o.signing_key = self.signing_key.clone().filter(|t| !t.is_empty());
+        o.allow = Allowlist::parse(&self.callback_allow)?;
+        o.body_len_max = self.body_limit_bytes;
+        if let Some(seed) = self.seed {
+            o.seed = seed;
+        }
+        o.broker = self.tuning.apply(BrokerConfig::default());
+        Ok(o)
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sagamq")
+        .build()
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        biased;
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sagamq: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            let opts = match args.options() {
+                Ok(o) => o,
+                Err(e) => {
+                    eprintln!("sagamq serve: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if opts.token.is_none() && opts.signing_key.is_none() {
+                tracing::warn!("no --token and no --signing-key: mutating routes are open and callbacks are unsigned");
+            }
+            let r = rt.block_on(async move {
+                let running = server::start(opts).await?;
+                running.run_until(shutdown_signal()).await
+            });
+            match r {
+                Ok(()) => {
+                    tracing::info!("stopped cleanly");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("sagamq serve: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo(args) => rt.block_on(super::demo::main(args)),
+        Command::Bench(args) => rt.block_on(super::bench::main(args)),
+    }
+}

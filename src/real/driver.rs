@@ -1,0 +1,356 @@
+//! The driver: the single task that owns the [`Broker`] and moves bytes and
+//! timestamps for it (HTTP requests in, replies out, log writes, callbacks,
+//! timers).
+//!
+//! **Invariants:** the broker is touched by this task only; every input gets
+//! `now` from one monotonic [`Clock`]; a `Persist`/`Rewrite` is reported
+//! `Durable` only after the writer thread's fsync returned (so replies the core
+//! gates on durability are never early); all `Persist` outputs gathered while
+//! one fsync runs go out together in the next one (group commit).
+
+use super::callbacks::Dispatcher;
+use super::clock::Clock;
+use super::log_writer::{LogWriter, PendingWrites, WriteDone};
+use crate::broker::{
+    Broker, BrokerInput, BrokerOutput, BrokerStats, CallbackResult, DeliveryId, Reply, RequestId,
+};
+use crate::machine::Machine;
+use crate::types::{ClientId, Message, PublishRequest, SubscribeRequest, Topic};
+use std::collections::BTreeMap;
+use std::fmt;
+use tokio::sync::{mpsc, oneshot};
+
+/// Capacity of the command channel from the HTTP handlers; when full, handlers wait.
+pub const COMMANDS_QUEUED_MAX: usize = 8192;
+/// Inputs taken in one turn before the outputs are drained (batches replies and writes).
+const TURN_INPUTS_MAX: usize = 512;
+/// Turns spent finishing writes at shutdown before giving up.
+const SHUTDOWN_TURNS_MAX: usize = 1000;
+
+/// A client request that the core answers with a [`Reply`].
+#[derive(Clone, Debug)]
+pub enum Request {
+    Publish(PublishRequest),
+    Subscribe(SubscribeRequest),
+    Unsubscribe { client: ClientId, topic: Topic },
+    Redrive { client: ClientId },
+}
+
+impl Request {
+    fn into_input(self, req: RequestId) -> BrokerInput {
+        match self {
+            Request::Publish(publish) => BrokerInput::Publish { req, publish },
+            Request::Subscribe(subscribe) => BrokerInput::Subscribe { req, subscribe },
+            Request::Unsubscribe { client, topic } => BrokerInput::Unsubscribe { req, client, topic },
+            Request::Redrive { client } => BrokerInput::Redrive { req, client },
+        }
+    }
+}
+
+enum Command {
+    Request {
+        request: Request,
+        reply: oneshot::Sender<Reply>,
+    },
+    Stats {
+        reply: oneshot::Sender<Stats>,
+    },
+    DeadLetters {
+        client: ClientId,
+        reply: oneshot::Sender<Vec<Message>>,
+    },
+    Shutdown,
+}
+
+/// Counters the driver keeps about its IO (the core's own numbers are in [`BrokerStats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IoStats {
+    pub fsyncs: u64,
+    pub fsync_nanos_total: u64,
+    /// Records (frames) written; `records_written / fsyncs` is the group-commit factor.
+    pub records_written: u64,
+    pub bytes_written: u64,
+    /// The most records one fsync covered.
+    pub records_per_fsync_max: u64,
+    pub compactions: u64,
+    pub publishes_acked: u64,
+    pub publishes_duplicate: u64,
+    pub requests_rejected: u64,
+    pub callbacks_delivered: u64,
+    pub callbacks_failed: u64,
+    pub callbacks_timed_out: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub broker: BrokerStats,
+    pub io: IoStats,
+}
+
+/// The driver has stopped (shutdown or a fatal log error).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DriverGone;
+
+impl fmt::Display for DriverGone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the broker is shutting down")
+    }
+}
+
+/// What the HTTP handlers hold to talk to the driver.
+#[derive(Clone)]
+pub struct DriverHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl DriverHandle {
+    pub async fn request(&self, request: Request) -> Result<Reply, DriverGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Request { request, reply })
+            .await
+            .map_err(|_| DriverGone)?;
+        rx.await.map_err(|_| DriverGone)
+    }
+
+    pub async fn stats(&self) -> Result<Stats, DriverGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Stats { reply }).await.map_err(|_| DriverGone)?;
+        rx.await.map_err(|_| DriverGone)
+    }
+
+    pub async fn dead_letters(&self, client: ClientId) -> Result<Vec<Message>, DriverGone> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::DeadLetters { client, reply })
+            .await
+            .map_err(|_| DriverGone)?;
+        rx.await.map_err(|_| DriverGone)
+    }
+
+    /// Asks the driver to finish its writes and stop.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown).await;
+    }
+}
+
+/// A fatal error: the log could not be written, so nothing more may be acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FatalLogError(pub String);
+
+impl fmt::Display for FatalLogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "log write failed, stopping: {}", self.0)
+    }
+}
+
+impl std::error::Error for FatalLogError {}
+
+pub struct Driver {
+    broker: Broker,
+    clock: Clock,
+    writer: LogWriter,
+    pending: PendingWrites,
+    callbacks: Dispatcher,
+    callback_results: mpsc::Receiver<(DeliveryId, CallbackResult)>,
+    replies: BTreeMap<RequestId, oneshot::Sender<Reply>>,
+    request_next: u64,
+    io: IoStats,
+    commands: mpsc::Receiver<Command>,
+    /// At shutdown, callbacks are no longer started (they are redelivered after restart).
+    stopping: bool,
+}
+
+impl Driver {
+    pub fn new(
+        broker: Broker,
+        clock: Clock,
+        writer: LogWriter,
+        callbacks: Dispatcher,
+        callback_results: mpsc::Receiver<(DeliveryId, CallbackResult)>,
+    ) -> (Driver, DriverHandle) {
+        let (tx, rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
+        (
+            Driver {
+                broker,
+                clock,
+                writer,
+                pending: PendingWrites::default(),
+                callbacks,
+                callback_results,
+                replies: BTreeMap::new(),
+                request_next: 0,
+                io: IoStats::default(),
+                commands: rx,
+                stopping: false,
+            },
+            DriverHandle { tx },
+        )
+    }
+
+    /// Runs until [`DriverHandle::shutdown`] (or every handle is dropped), then
+    /// finishes the writes in flight so their requests get answered.
+    pub async fn run(mut self) -> Result<(), FatalLogError> {
+        // Whatever recovery left to do (redeliveries, timers) starts now.
+        self.turn();
+        loop {
+            let deadline = self.broker.poll_timeout().map(|t| self.clock.instant_of(t));
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Durability first: it releases replies. Then callback results,
+                // which free window slots. Then new work. Fixed order, no RNG.
+                biased;
+                done = self.writer.done() => self.on_write_done(done)?,
+                Some((delivery, result)) = self.callback_results.recv() => self.on_callback(delivery, result),
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Shutdown) | None => break,
+                    Some(cmd) => self.on_command(cmd),
+                },
+                () = sleep => {}
+            }
+            if !self.take_ready_inputs() {
+                break;
+            }
+            self.turn();
+        }
+        self.finish().await
+    }
+
+    /// Takes inputs that are already waiting, up to [`TURN_INPUTS_MAX`], so one
+    /// turn answers many of them. Returns false on shutdown.
+    fn take_ready_inputs(&mut self) -> bool {
+        for _ in 0..TURN_INPUTS_MAX {
+            match self.callback_results.try_recv() {
+                Ok((d, r)) => self.on_callback(d, r),
+                Err(_) => break,
+            }
+        }
+        for _ in 0..TURN_INPUTS_MAX {
+            match self.commands.try_recv() {
+                Ok(Command::Shutdown) => return false,
+                Ok(cmd) => self.on_command(cmd),
+                Err(_) => break,
+            }
+        }
+        true
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Request { request, reply } => {
+                self.request_next += 1;
+                let req = RequestId(self.request_next);
+                self.replies.insert(req, reply);
+                let now = self.clock.now();
+                self.broker.handle(now, request.into_input(req));
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(Stats {
+                    broker: self.broker.stats(),
+                    io: self.io.clone(),
+                });
+            }
+            Command::DeadLetters { client, reply } => {
+                let _ = reply.send(self.broker.dead_letters(&client));
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn on_callback(&mut self, delivery: DeliveryId, result: CallbackResult) {
+        match result {
+            CallbackResult::Delivered => self.io.callbacks_delivered += 1,
+            CallbackResult::Failed => self.io.callbacks_failed += 1,
+            CallbackResult::TimedOut => self.io.callbacks_timed_out += 1,
+        }
+        let now = self.clock.now();
+        self.broker.handle(now, BrokerInput::CallbackResult { delivery, result });
+    }
+
+    fn on_write_done(&mut self, done: WriteDone) -> Result<(), FatalLogError> {
+        let report = done.result.map_err(FatalLogError)?;
+        self.io.fsyncs += 1;
+        self.io.fsync_nanos_total += u64::try_from(report.sync_time.as_nanos()).unwrap_or(u64::MAX);
+        self.io.records_written += report.records;
+        self.io.bytes_written += report.bytes;
+        self.io.records_per_fsync_max = self.io.records_per_fsync_max.max(report.records);
+        if report.replaced {
+            self.io.compactions += 1;
+        }
+        let now = self.clock.now();
+        self.broker.handle(now, BrokerInput::Durable { lsn: done.lsn });
+        Ok(())
+    }
+
+    /// Fires due timers, drains every output, and starts the next write if the
+    /// disk is idle.
+    fn turn(&mut self) {
+        let now = self.clock.now();
+        if self.broker.poll_timeout().is_some_and(|t| t <= now) {
+            self.broker.handle_timeout(now);
+        }
+        while let Some(out) = self.broker.poll_output() {
+            match out {
+                BrokerOutput::Persist { lsn, frames } => self.pending.append(lsn, frames),
+                BrokerOutput::Rewrite { lsn, frames } => {
+                    tracing::info!(bytes = frames.len(), "compacting the log");
+                    self.pending.replace(lsn, frames);
+                }
+                BrokerOutput::Reply { req, reply } => self.reply(req, reply),
+                BrokerOutput::Callback(cb) => {
+                    if !self.stopping {
+                        self.callbacks.dispatch(cb);
+                    }
+                }
+            }
+        }
+        self.writer.start(&mut self.pending);
+    }
+
+    fn reply(&mut self, req: RequestId, reply: Reply) {
+        match &reply {
+            Reply::Published { duplicate: false, .. } => self.io.publishes_acked += 1,
+            Reply::Published { duplicate: true, .. } => self.io.publishes_duplicate += 1,
+            Reply::Rejected(_) => self.io.requests_rejected += 1,
+            Reply::Subscribed { .. } | Reply::Unsubscribed | Reply::Redriven { .. } => {}
+        }
+        match self.replies.remove(&req) {
+            // The client may have gone away; the effect stands either way.
+            Some(tx) => {
+                let _ = tx.send(reply);
+            }
+            None => tracing::warn!(req = req.0, "reply for an unknown request"),
+        }
+    }
+
+    /// Shutdown: no new requests or callbacks; finish pending writes so every
+    /// request already accepted gets its answer.
+    async fn finish(mut self) -> Result<(), FatalLogError> {
+        self.stopping = true;
+        self.commands.close();
+        // Requests that were queued before the close still get processed.
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.on_command(cmd);
+        }
+        self.turn();
+        for _ in 0..SHUTDOWN_TURNS_MAX {
+            if self.writer.in_flight().is_none() && self.pending.is_empty() {
+                break;
+            }
+            let done = self.writer.done().await;
+            self.on_write_done(done)?;
+            self.turn();
+        }
+        let unanswered = self.replies.len();
+        if unanswered > 0 {
+            tracing::info!(unanswered, "requests left unanswered at shutdown (not durable, not acknowledged)");
+        }
+        tracing::info!(fsyncs = self.io.fsyncs, records = self.io.records_written, "log closed");
+        Ok(())
+    }
+}

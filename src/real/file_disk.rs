@@ -1,0 +1,195 @@
+//! The record log on a real file: append + `fdatasync`, and compaction by an
+//! atomic replace (temp file, `fdatasync`, rename, directory fsync).
+//!
+//! **Invariant:** after `sync` returns, every byte appended before it survives
+//! a crash; after `replace` returns, the file holds either the old or the new
+//! content as a whole, never a mix (the rename is the commit point).
+
+use crate::log::Disk;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// File name of the log inside the data directory.
+pub const LOG_FILE_NAME: &str = "sagamq.log";
+/// Compaction writes here first, then renames over [`LOG_FILE_NAME`].
+pub const LOG_TEMP_FILE_NAME: &str = "sagamq.log.tmp";
+
+/// An append-only log file with explicit durability points.
+#[derive(Debug)]
+pub struct FileDisk {
+    dir: PathBuf,
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl FileDisk {
+    /// Opens (or creates) the log in `dir`, creating `dir` if needed. A temp
+    /// file left by a compaction that crashed before its rename is removed: the
+    /// old log is still the committed one.
+    pub fn open(dir: &Path) -> io::Result<FileDisk> {
+        fs::create_dir_all(dir)?;
+        let tmp = dir.join(LOG_TEMP_FILE_NAME);
+        if tmp.exists() {
+            fs::remove_file(&tmp)?;
+        }
+        let path = dir.join(LOG_FILE_NAME);
+        let created = !path.exists();
+        let file = OpenOptions::new().read(true).append(true).create(true).open(&path)?;
+        if created {
+            // Make the new file's directory entry durable, or a crash could
+            // lose the whole (acknowledged) log with it.
+            sync_dir(dir)?;
+        }
+        let len = file.metadata()?.len();
+        Ok(FileDisk {
+            dir: dir.to_path_buf(),
+            path,
+            file,
+            len,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The whole content, as recovery reads it.
+    pub fn try_read_all(&self) -> io::Result<Vec<u8>> {
+        let mut f = File::open(&self.path)?;
+        let mut out = Vec::with_capacity(usize::try_from(self.len).unwrap_or(0));
+        f.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    /// Appends; volatile until [`FileDisk::try_sync`].
+    pub fn try_append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all(bytes)?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// `fdatasync`: the appended data (and the file size) reach the device.
+    pub fn try_sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Cuts a torn tail off and makes the cut durable.
+    pub fn try_truncate(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.file.sync_all()?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// Atomically replaces the whole content and makes it durable before returning.
+    pub fn try_replace(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self.dir.join(LOG_TEMP_FILE_NAME);
+        {
+            let mut t = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            t.write_all(bytes)?;
+            t.sync_data()?;
+        }
+        fs::rename(&tmp, &self.path)?;
+        // The rename is durable only once the directory is.
+        sync_dir(&self.dir)?;
+        self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
+        self.len = bytes.len() as u64;
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The infallible [`Disk`] interface for code shared with the simulator. An IO
+/// error on the log cannot be retried safely (after a failed `fsync` the page
+/// cache state is unknown), so it ends the process's use of the log: panic.
+/// The server's writer uses the `try_*` methods and shuts down cleanly instead.
+impl Disk for FileDisk {
+    fn append(&mut self, bytes: &[u8]) {
+        self.try_append(bytes)
+            .unwrap_or_else(|e| panic!("append to {}: {e}", self.path.display()));
+    }
+    fn sync(&mut self) {
+        self.try_sync()
+            .unwrap_or_else(|e| panic!("fdatasync {}: {e}", self.path.display()));
+    }
+    fn read_all(&self) -> Vec<u8> {
+        self.try_read_all()
+            .unwrap_or_else(|e| panic!("read {}: {e}", self.path.display()))
+    }
+    fn truncate(&mut self, len: u64) {
+        self.try_truncate(len)
+            .unwrap_or_else(|e| panic!("truncate {}: {e}", self.path.display()));
+    }
+    fn replace(&mut self, bytes: &[u8]) {
+        self.try_replace(bytes)
+            .unwrap_or_else(|e| panic!("replace {}: {e}", self.path.display()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sagamq-filedisk-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn append_sync_reopen_reads_back() {
+        let d = temp_dir("append");
+        let mut disk = FileDisk::open(&d).unwrap();
+        disk.append(b"abc");
+        disk.append(b"def");
+        disk.sync();
+        drop(disk);
+        let disk = FileDisk::open(&d).unwrap();
+        assert_eq!(disk.read_all(), b"abcdef");
+        assert_eq!(disk.len(), 6);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn replace_then_append_and_truncate() {
+        let d = temp_dir("replace");
+        let mut disk = FileDisk::open(&d).unwrap();
+        disk.append(b"old-old-old");
+        disk.sync();
+        disk.replace(b"new");
+        disk.append(b"+tail");
+        disk.sync();
+        assert_eq!(disk.read_all(), b"new+tail");
+        disk.truncate(3);
+        assert_eq!(disk.read_all(), b"new");
+        assert!(!d.join(LOG_TEMP_FILE_NAME).exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn stale_temp_file_from_a_crashed_compaction_is_discarded() {
+        let d = temp_dir("stale");
+        let mut disk = FileDisk::open(&d).unwrap();
+        disk.append(b"committed");
+        disk.sync();
+        drop(disk);
+        fs::write(d.join(LOG_TEMP_FILE_NAME), b"half-written compaction").unwrap();
+        let disk = FileDisk::open(&d).unwrap();
+        assert_eq!(disk.read_all(), b"committed");
+        assert!(!d.join(LOG_TEMP_FILE_NAME).exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,404 @@
+//! The HTTP API (axum): parses and validates requests, forwards them to the
+//! driver, and maps the core's replies to status codes and JSON.
+//!
+//! **Invariants:** a request that fails validation (malformed JSON, a missing
+//! or unknown field, an empty, oversized or control-character id, a NotifyUrl
+//! off the allowlist, a body over the limit) is answered 4xx with
+//! `{"ok":false,"error":"..."}` and never reaches the core, so nothing is
+//! stored; `POST /publish` answers only after the core says the record is
+//! durable; with a token configured, every mutating route (and the dead-letter
+//! listing, which exposes message contents) requires `Authorization: Bearer`.
+
+use super::callbacks::{Allowlist, constant_time_eq};
+use super::driver::{DriverGone, DriverHandle, Request, Stats};
+use crate::broker::{BrokerError, Reply};
+use crate::types::{CONTENT_LEN_MAX, ClientId, PublishRequest, SubscribeRequest, Topic};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, Request as HttpRequest, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+/// Default request body limit: the largest valid publish is about 66 KiB.
+pub const BODY_LEN_MAX_DEFAULT: usize = 256 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// Required as `Authorization: Bearer <token>` on mutating routes when set.
+    pub token: Option<String>,
+    pub body_len_max: usize,
+    pub allow: Allowlist,
+}
+
+#[derive(Clone)]
+struct AppState {
+    driver: DriverHandle,
+    config: Arc<HttpConfig>,
+}
+
+pub fn router(driver: DriverHandle, config: HttpConfig) -> Router {
+    let body_len_max = config.body_len_max;
+    let state = AppState {
+        driver,
+        config: Arc::new(config),
+    };
+    let protected = Router::new()
+        .route("/publish", post(publish))
+        .route("/subscribe", post(subscribe))
+        .route("/unsubscribe", post(unsubscribe))
+        .route("/dead-letters", get(dead_letters))
+        .route("/dead-letters/redrive", post(redrive))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/ping", get(ping))
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .merge(protected)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_len_max))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+    (status, axum::Json(json!({"ok": false, "error": msg.to_string()}))).into_response()
+}
+
+fn ok(mut body: serde_json::Value) -> Response {
+    if let Some(map) = body.as_object_mut() {
+        map.insert("ok".into(), true.into());
+    }
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+fn gone(e: DriverGone) -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, e)
+}
+
+/// How a refusal of the core maps to HTTP: capacity is 503 (retry later),
+/// invalid input 400, an unknown subscription 404.
+pub fn rejection_status(e: &BrokerError) -> StatusCode {
+    match e {
+        BrokerError::QueueFull { .. }
+        | BrokerError::TooManyMessages
+        | BrokerError::TooManySubscriptions
+        | BrokerError::TooManyUnsyncedPublishes => StatusCode::SERVICE_UNAVAILABLE,
+        BrokerError::InvalidUrl | BrokerError::ContentTooLong { .. } | BrokerError::AlreadyExpired => {
+            StatusCode::BAD_REQUEST
+        }
+        BrokerError::NotSubscribed => StatusCode::NOT_FOUND,
+    }
+}
+
+fn rejected(e: BrokerError) -> Response {
+    let status = rejection_status(&e);
+    let mut r = error(status, &e);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn unexpected(reply: Reply) -> Response {
+    tracing::error!(?reply, "the core answered with an unexpected reply kind");
+    error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply from the broker core")
+}
+
+/// The body as bytes, or the JSON error for a body over the limit / unreadable.
+#[allow(clippy::result_large_err)] // the error is the response itself, built once per bad request
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+    body.map_err(|r| {
+        let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            error(status, "request body is larger than the limit")
+        } else {
+            error(status, r.body_text())
+        }
+    })
+}
+
+#[allow(clippy::result_large_err)] // as above
+fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> Result<T, Response> {
+    let bytes = body_bytes(body)?;
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
+}
+
+async fn require_token(State(s): State<AppState>, headers: HeaderMap, req: HttpRequest, next: Next) -> Response {
+    if let Some(token) = &s.config.token {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let good = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
+        if !good {
+            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong Authorization: Bearer token");
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    next.run(req).await
+}
+
+async fn ping() -> Response {
+    ok(json!({}))
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+}
+
+async fn publish(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let p: PublishRequest = match parse(body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if p.content.len() > CONTENT_LEN_MAX {
+        return rejected(BrokerError::ContentTooLong { len: p.content.len() });
+    }
+    match s.driver.request(Request::Publish(p)).await {
+        Ok(Reply::Published { msg_id, duplicate }) => ok(json!({"MsgID": msg_id.0, "Duplicate": duplicate})),
+        Ok(Reply::Rejected(e)) => rejected(e),
+        Ok(other) => unexpected(other),
+        Err(e) => gone(e),
+    }
+}
+
+async fn subscribe(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let sub: SubscribeRequest = match parse(body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if let Err(e) = s.config.allow.check_url(&sub.notify_url) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    match s.driver.request(Request::Subscribe(sub)).await {
+        Ok(Reply::Subscribed { expire_time }) => ok(json!({"ExpireTime": expire_time.as_nanos()})),
+        Ok(Reply::Rejected(e)) => rejected(e),
+        Ok(other) => unexpected(other),
+        Err(e) => gone(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubscribeBody {
+    #[serde(rename = "ClientID")]
+    client_id: ClientId,
+    #[serde(rename = "Topic")]
+    topic: Topic,
+}
+
+async fn unsubscribe(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let u: UnsubscribeBody = match parse(body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let request = Request::Unsubscribe {
+        client: u.client_id,
+        topic: u.topic,
+    };
+    match s.driver.request(request).await {
+        Ok(Reply::Unsubscribed) => ok(json!({})),
+        Ok(Reply::Rejected(e)) => rejected(e),
+        Ok(other) => unexpected(other),
+        Err(e) => gone(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientBody {
+    #[serde(rename = "ClientID")]
+    client_id: ClientId,
+}
+
+async fn redrive(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let c: ClientBody = match parse(body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match s.driver.request(Request::Redrive { client: c.client_id }).await {
+        Ok(Reply::Redriven { count }) => ok(json!({"Redriven": count})),
+        Ok(Reply::Rejected(e)) => rejected(e),
+        Ok(other) => unexpected(other),
+        Err(e) => gone(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientQuery {
+    client: ClientId,
+}
+
+async fn dead_letters(State(s): State<AppState>, q: Result<Query<ClientQuery>, QueryRejection>) -> Response {
+    let client = match q {
+        Ok(Query(q)) => q.client,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected ?client=ID: {}", e.body_text())),
+    };
+    match s.driver.dead_letters(client.clone()).await {
+        Ok(messages) => ok(json!({"ClientID": client, "Count": messages.len(), "Messages": messages})),
+        Err(e) => gone(e),
+    }
+}
+
+async fn stats(State(s): State<AppState>) -> Response {
+    match s.driver.stats().await {
+        Ok(st) => ok(stats_json(&st)),
+        Err(e) => gone(e),
+    }
+}
+
+pub fn stats_json(st: &Stats) -> serde_json::Value {
+    let b = &st.broker;
+    let io = &st.io;
+    let subscribers: serde_json::Map<String, serde_json::Value> = b
+        .subscribers
+        .iter()
+        .map(|(c, s)| {
+            (
+                c.to_string(),
+                json!({"pending": s.pending, "in_flight": s.in_flight, "dead_letters": s.dead_letters}),
+            )
+        })
+        .collect();
+    let per_fsync = if io.fsyncs == 0 {
+        0.0
+    } else {
+        io.records_written as f64 / io.fsyncs as f64
+    };
+    json!({
+        "messages_live": b.messages_live,
+        "subscriptions": b.subscriptions,
+        "log_records": b.log_records,
+        "log_bytes": b.log_bytes,
+        "subscribers": subscribers,
+        "io": {
+            "fsyncs": io.fsyncs,
+            "fsync_seconds_total": io.fsync_nanos_total as f64 / 1e9,
+            "records_written": io.records_written,
+            "records_per_fsync_avg": per_fsync,
+            "records_per_fsync_max": io.records_per_fsync_max,
+            "bytes_written": io.bytes_written,
+            "compactions": io.compactions,
+        },
+        "publishes": {
+            "acked": io.publishes_acked,
+            "duplicates": io.publishes_duplicate,
+            "rejected_requests": io.requests_rejected,
+        },
+        "callbacks": {
+            "delivered": io.callbacks_delivered,
+            "failed": io.callbacks_failed,
+            "timed_out": io.callbacks_timed_out,
+        },
+    })
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    match s.driver.stats().await {
+        Ok(st) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            metrics_text(&st),
+        )
+            .into_response(),
+        Err(e) => gone(e),
+    }
+}
+
+/// Prometheus text exposition format.
+pub fn metrics_text(st: &Stats) -> String {
+    let b = &st.broker;
+    let io = &st.io;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    metric("sagamq_messages_live", "gauge", "Stored messages not yet settled for every subscriber.", &[("", b.messages_live as f64)]);
+    metric("sagamq_subscriptions", "gauge", "Live subscriptions.", &[("", b.subscriptions as f64)]);
+    metric("sagamq_log_records", "gauge", "Records in the log file.", &[("", b.log_records as f64)]);
+    metric("sagamq_log_bytes", "gauge", "Size of the log file in bytes.", &[("", b.log_bytes as f64)]);
+    metric("sagamq_fsyncs_total", "counter", "fdatasync calls on the log.", &[("", io.fsyncs as f64)]);
+    metric("sagamq_fsync_seconds_total", "counter", "Time spent in fdatasync.", &[("", io.fsync_nanos_total as f64 / 1e9)]);
+    metric("sagamq_log_records_written_total", "counter", "Records written to the log (records/fsyncs is the group-commit factor).", &[("", io.records_written as f64)]);
+    metric("sagamq_log_bytes_written_total", "counter", "Bytes written to the log.", &[("", io.bytes_written as f64)]);
+    metric("sagamq_compactions_total", "counter", "Log rewrites (compaction).", &[("", io.compactions as f64)]);
+    metric(
+        "sagamq_publishes_total",
+        "counter",
+        "Publishes answered OK, by whether (GlobalID, SubID) was new.",
+        &[("{result=\"stored\"}", io.publishes_acked as f64), ("{result=\"duplicate\"}", io.publishes_duplicate as f64)],
+    );
+    metric("sagamq_requests_rejected_total", "counter", "Requests the core refused (capacity, validation).", &[("", io.requests_rejected as f64)]);
+    metric(
+        "sagamq_callbacks_total",
+        "counter",
+        "Callback attempts by outcome.",
+        &[
+            ("{result=\"delivered\"}", io.callbacks_delivered as f64),
+            ("{result=\"failed\"}", io.callbacks_failed as f64),
+            ("{result=\"timed_out\"}", io.callbacks_timed_out as f64),
+        ],
+    );
+    let per = |f: fn(&crate::broker::SubscriberStats) -> usize| -> Vec<(String, f64)> {
+        b.subscribers
+            .iter()
+            .map(|(c, s)| (format!("{{client=\"{}\"}}", escape_label(c.as_str())), f(s) as f64))
+            .collect()
+    };
+    for (name, help, samples) in [
+        ("sagamq_subscriber_pending", "Messages queued for a subscriber.", per(|s| s.pending)),
+        ("sagamq_subscriber_in_flight", "Callbacks in flight to a subscriber.", per(|s| s.in_flight)),
+        ("sagamq_subscriber_dead_letters", "Dead letters of a subscriber.", per(|s| s.dead_letters)),
+    ] {
+        let borrowed: Vec<(&str, f64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(name, "gauge", help, &borrowed);
+    }
+    out
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::SubscriberStats;
+
+    #[test]
+    fn metrics_text_has_help_type_and_escaped_labels() {
+        let mut st = Stats::default();
+        st.io.fsyncs = 3;
+        st.broker
+            .subscribers
+            .insert(ClientId::lit("a\"b"), SubscriberStats { pending: 2, in_flight: 1, dead_letters: 0 });
+        let t = metrics_text(&st);
+        assert!(t.contains("# TYPE sagamq_fsyncs_total counter\nsagamq_fsyncs_total 3\n"));
+        assert!(t.contains("sagamq_subscriber_pending{client=\"a\\\"b\"} 2\n"));
+    }
+
+    #[test]
+    fn capacity_rejections_are_503_and_input_rejections_400() {
+        assert_eq!(rejection_status(&BrokerError::TooManyUnsyncedPublishes), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rejection_status(&BrokerError::AlreadyExpired), StatusCode::BAD_REQUEST);
+        assert_eq!(rejection_status(&BrokerError::NotSubscribed), StatusCode::NOT_FOUND);
+    }
+}

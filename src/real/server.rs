@@ -1,0 +1,261 @@
+//! Assembles a running broker: recovers the log, starts the writer thread, the
+//! driver task and the HTTP server, and shuts them down in order.
+//!
+//! **Invariant:** the HTTP port opens only after recovery succeeded, and at
+//! shutdown the listener closes first, in-flight requests finish (their fsyncs
+//! included), and only then does the driver stop.
+
+use super::callbacks::{Allowlist, CallbackConfig, Dispatcher};
+use super::clock::Clock;
+use super::driver::{Driver, DriverHandle, FatalLogError};
+use super::file_disk::FileDisk;
+use super::http::{self, HttpConfig};
+use super::log_writer::LogWriter;
+use crate::broker::{Broker, BrokerConfig, RecoveryReport};
+use crate::log::LogError;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long a graceful shutdown waits for in-flight requests before giving up on them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub token: Option<String>,
+    /// Key for callback signatures; defaults to the token.
+    pub signing_key: Option<String>,
+    pub allow: Allowlist,
+    pub body_len_max: usize,
+    pub broker: BrokerConfig,
+    /// Seeds the core's retry jitter.
+    pub seed: u64,
+}
+
+impl ServeOptions {
+    pub fn new(addr: SocketAddr, data_dir: PathBuf) -> ServeOptions {
+        ServeOptions {
+            addr,
+            data_dir,
+            token: None,
+            signing_key: None,
+            allow: Allowlist::loopback(),
+            body_len_max: http::BODY_LEN_MAX_DEFAULT,
+            broker: BrokerConfig::default(),
+            seed: super::clock::unix_nanos_now(),
+        }
+    }
+
+    fn effective_signing_key(&self) -> Option<Vec<u8>> {
+        self.signing_key
+            .as_ref()
+            .or(self.token.as_ref())
+            .map(|k| k.as_bytes().to_vec())
+    }
+}
+
+#[derive(Debug)]
+pub enum ServeError {
+    Io { what: String, err: std::io::Error },
+    /// The log is damaged in the middle (or holds an undecodable record).
+    Recovery { path: PathBuf, err: LogError },
+    Http(String),
+    Log(FatalLogError),
+}
+
+impl fmt::Display for ServeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServeError::Io { what, err } => write!(f, "{what}: {err}"),
+            ServeError::Recovery { path, err } => write!(f, "cannot recover {}: {err}", path.display()),
+            ServeError::Http(e) => write!(f, "HTTP: {e}"),
+            ServeError::Log(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for ServeError {}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |err| ServeError::Io { what, err }
+}
+
+/// A broker serving HTTP in the current tokio runtime.
+pub struct RunningBroker {
+    pub addr: SocketAddr,
+    pub recovery: RecoveryReport,
+    driver: DriverHandle,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningBroker {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A handle to the driver (stats without going through HTTP).
+    pub fn driver(&self) -> DriverHandle {
+        self.driver.clone()
+    }
+
+    /// Graceful shutdown: stop accepting, finish in-flight requests and fsyncs.
+    pub async fn shutdown(mut self) -> Result<(), ServeError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the server stops by itself (a fatal log error) or was told to.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ServeError::Http(format!("server task: {e}"))),
+        }
+    }
+
+    /// Stops when `signal` completes (Ctrl-C / SIGTERM in the binary).
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+        let stop = self.stop.take();
+        let mut task = self.task;
+        tokio::select! {
+            biased;
+            r = &mut task => return r.unwrap_or_else(|e| Err(ServeError::Http(format!("server task: {e}")))),
+            () = signal => {}
+        }
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        task.await
+            .unwrap_or_else(|e| Err(ServeError::Http(format!("server task: {e}"))))
+    }
+}
+
+/// Recovers the log in `opts.data_dir`, binds `opts.addr` and serves.
+pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
+    let clock = Clock::new();
+    let dir = opts.data_dir.clone();
+    let broker_config = opts.broker.clone();
+    let seed = opts.seed;
+    let t0 = Instant::now();
+    let (broker, disk, recovery) = tokio::task::spawn_blocking(move || recover(&dir, broker_config, seed))
+        .await
+        .map_err(|e| ServeError::Http(format!("recovery task: {e}")))??;
+    tracing::info!(
+        records = recovery.records,
+        bytes = recovery.valid_len,
+        torn_bytes = recovery.torn_bytes,
+        ms = t0.elapsed().as_millis() as u64,
+        "recovered the log"
+    );
+
+    let writer = LogWriter::spawn(disk).map_err(io_err("start the log writer thread"))?;
+    let (callbacks, callback_results) = Dispatcher::new(CallbackConfig {
+        timeout: opts.broker.callback_timeout,
+        signing_key: opts.effective_signing_key(),
+        allow: opts.allow.clone(),
+        inflight_per_subscriber_max: opts.broker.inflight_per_subscriber_max,
+    })
+    .map_err(|e| ServeError::Http(format!("HTTP client: {e}")))?;
+    let (driver, handle) = Driver::new(broker, clock, writer, callbacks, callback_results);
+
+    let listener = TcpListener::bind(opts.addr)
+        .await
+        .map_err(io_err(format!("bind {}", opts.addr)))?;
+    let addr = listener.local_addr().map_err(io_err("local_addr"))?;
+    let app = http::router(
+        handle.clone(),
+        HttpConfig {
+            token: opts.token.clone(),
+            body_len_max: opts.body_len_max,
+            allow: opts.allow.clone(),
+        },
+    );
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let driver_task = tokio::spawn(driver.run());
+    let shutdown_handle = handle.clone();
+    let task = tokio::spawn(async move {
+        let (grace_tx, grace_rx) = oneshot::channel::<()>();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+            let _ = grace_tx.send(());
+        });
+        let grace = async move {
+            match grace_rx.await {
+                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let mut driver_task = driver_task;
+        tokio::select! {
+            biased;
+            // A fatal log error ends the driver: stop serving at once.
+            r = &mut driver_task => {
+                r.map_err(|e| ServeError::Http(format!("driver task: {e}")))?
+                    .map_err(ServeError::Log)?;
+                return Err(ServeError::Http("driver stopped unexpectedly".into()));
+            }
+            r = serve.into_future() => r.map_err(|e| ServeError::Http(e.to_string()))?,
+            () = grace => tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
+        }
+        shutdown_handle.shutdown().await;
+        driver_task
+            .await
+            .map_err(|e| ServeError::Http(format!("driver task: {e}")))?
+            .map_err(ServeError::Log)
+    });
+    tracing::info!(%addr, data = %opts.data_dir.display(), auth = opts.token.is_some(), signed = opts.effective_signing_key().is_some(), "sagamq serving");
+    Ok(RunningBroker {
+        addr,
+        recovery,
+        driver: handle,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+/// Opens the log, rebuilds the broker from it, and cuts a torn tail.
+pub fn recover(
+    dir: &std::path::Path,
+    config: BrokerConfig,
+    seed: u64,
+) -> Result<(Broker, FileDisk, RecoveryReport), ServeError> {
+    let mut disk = FileDisk::open(dir).map_err(io_err(format!("open the log in {}", dir.display())))?;
+    let image = disk
+        .try_read_all()
+        .map_err(io_err(format!("read {}", disk.path().display())))?;
+    let (broker, report) = if image.is_empty() {
+        (
+            Broker::new(config, seed),
+            RecoveryReport {
+                records: 0,
+                valid_len: 0,
+                torn_bytes: 0,
+            },
+        )
+    } else {
+        Broker::recover(config, seed, &image).map_err(|err| ServeError::Recovery {
+            path: disk.path().to_path_buf(),
+            err,
+        })?
+    };
+    if report.torn_bytes > 0 {
+        tracing::warn!(
+            valid_len = report.valid_len,
+            torn_bytes = report.torn_bytes,
+            "the log ends in a torn write (crash during a write); cutting it off"
+        );
+        disk.try_truncate(report.valid_len)
+            .map_err(io_err(format!("truncate {}", disk.path().display())))?;
+    }
+    Ok((broker, disk, report))
+}
