@@ -27,6 +27,22 @@ const TURN_INPUTS_MAX: usize = 512;
 /// Turns spent finishing writes at shutdown before giving up.
 const SHUTDOWN_TURNS_MAX: usize = 1000;
 
+/// What the driver needs from the core: the machine plus the operator queries.
+/// [`Broker`] is the implementation; tests may drive a stand-in.
+pub trait BrokerCore: Machine<Input = BrokerInput, Output = BrokerOutput> + Send + 'static {
+    fn stats(&self) -> BrokerStats;
+    fn dead_letters(&self, client: &ClientId) -> Vec<Message>;
+}
+
+impl BrokerCore for Broker {
+    fn stats(&self) -> BrokerStats {
+        Broker::stats(self)
+    }
+    fn dead_letters(&self, client: &ClientId) -> Vec<Message> {
+        Broker::dead_letters(self, client)
+    }
+}
+
 /// A client request that the core answers with a [`Reply`].
 #[derive(Clone, Debug)]
 pub enum Request {
@@ -146,8 +162,8 @@ impl fmt::Display for FatalLogError {
 
 impl std::error::Error for FatalLogError {}
 
-pub struct Driver {
-    broker: Broker,
+pub struct Driver<B: BrokerCore = Broker> {
+    broker: B,
     clock: Clock,
     writer: LogWriter,
     pending: PendingWrites,
@@ -161,14 +177,14 @@ pub struct Driver {
     stopping: bool,
 }
 
-impl Driver {
+impl<B: BrokerCore> Driver<B> {
     pub fn new(
-        broker: Broker,
+        broker: B,
         clock: Clock,
         writer: LogWriter,
         callbacks: Dispatcher,
         callback_results: mpsc::Receiver<(DeliveryId, CallbackResult)>,
-    ) -> (Driver, DriverHandle) {
+    ) -> (Driver<B>, DriverHandle) {
         let (tx, rx) = mpsc::channel(COMMANDS_QUEUED_MAX);
         (
             Driver {
@@ -352,5 +368,126 @@ impl Driver {
         }
         tracing::info!(fsyncs = self.io.fsyncs, records = self.io.records_written, "log closed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{Lsn, SubscriberStats};
+    use crate::log::encode_frame;
+    use crate::real::callbacks::{Allowlist, CallbackConfig};
+    use crate::real::file_disk::FileDisk;
+    use crate::real::log_writer::count_frames;
+    use crate::types::{GlobalId, MsgId, SenderId, SubId, Time};
+    use std::collections::VecDeque;
+    use std::time::Duration;
+
+    /// A stand-in core with the contract's durability rule: a publish is
+    /// answered once its `Persist` is reported durable.
+    #[derive(Default)]
+    struct DurableEcho {
+        out: VecDeque<BrokerOutput>,
+        lsn: u64,
+        waiting: Vec<(Lsn, RequestId, MsgId)>,
+    }
+
+    impl Machine for DurableEcho {
+        type Input = BrokerInput;
+        type Output = BrokerOutput;
+        fn handle(&mut self, _now: Time, input: BrokerInput) {
+            match input {
+                BrokerInput::Publish { req, publish } => {
+                    self.lsn += 1;
+                    let mut frames = Vec::new();
+                    encode_frame(publish.content.as_bytes(), &mut frames);
+                    let lsn = Lsn(self.lsn);
+                    self.out.push_back(BrokerOutput::Persist { lsn, frames });
+                    self.waiting.push((lsn, req, MsgId(self.lsn)));
+                }
+                BrokerInput::Durable { lsn } => {
+                    let (done, rest): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|(l, _, _)| *l <= lsn);
+                    self.waiting = rest;
+                    for (_, req, msg_id) in done {
+                        let reply = Reply::Published { msg_id, duplicate: false };
+                        self.out.push_back(BrokerOutput::Reply { req, reply });
+                    }
+                }
+                other => panic!("unexpected input {other:?}"),
+            }
+        }
+        fn handle_timeout(&mut self, _now: Time) {}
+        fn poll_output(&mut self) -> Option<BrokerOutput> {
+            self.out.pop_front()
+        }
+        fn poll_timeout(&self) -> Option<Time> {
+            None
+        }
+    }
+
+    impl BrokerCore for DurableEcho {
+        fn stats(&self) -> BrokerStats {
+            let mut s = BrokerStats::default();
+            s.subscribers.insert(ClientId::lit("c"), SubscriberStats::default());
+            s
+        }
+        fn dead_letters(&self, _client: &ClientId) -> Vec<Message> {
+            Vec::new()
+        }
+    }
+
+    fn publish(i: usize) -> PublishRequest {
+        PublishRequest {
+            global_id: GlobalId::lit(&format!("g{i}")),
+            sub_id: SubId::lit("1"),
+            sender_id: SenderId::lit("t"),
+            create_time: 0,
+            topic: Topic::lit("t"),
+            content: format!("payload-{i}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_wait_for_fsync_and_concurrent_publishes_share_fsyncs() {
+        let dir = std::env::temp_dir().join(format!("sagamq-driver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let disk = FileDisk::open(&dir).unwrap();
+        let log_path = disk.path().to_path_buf();
+        let writer = LogWriter::spawn(disk).unwrap();
+        let (callbacks, results) = Dispatcher::new(CallbackConfig {
+            timeout: Duration::from_secs(1),
+            signing_key: None,
+            allow: Allowlist::loopback(),
+            inflight_per_subscriber_max: 4,
+        })
+        .unwrap();
+        let (driver, handle) = Driver::new(DurableEcho::default(), Clock::new(), writer, callbacks, results);
+        let run = tokio::spawn(driver.run());
+
+        const N: usize = 200;
+        let mut tasks = Vec::new();
+        for i in 0..N {
+            let h = handle.clone();
+            let path = log_path.clone();
+            tasks.push(tokio::spawn(async move {
+                let reply = h.request(Request::Publish(publish(i))).await.unwrap();
+                let Reply::Published { msg_id, .. } = reply else { panic!("{reply:?}") };
+                // Answered only after fsync: the record is already in the file.
+                let on_disk = count_frames(&std::fs::read(&path).unwrap());
+                assert!(on_disk >= msg_id.0, "msg {} answered with {on_disk} records on disk", msg_id.0);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let st = handle.stats().await.unwrap();
+        assert_eq!(st.io.records_written, N as u64);
+        assert_eq!(st.io.publishes_acked, N as u64);
+        assert!(st.io.fsyncs < N as u64, "no group commit: {} fsyncs for {N} publishes", st.io.fsyncs);
+        assert!(st.io.records_per_fsync_max > 1);
+        handle.shutdown().await;
+        run.await.unwrap().unwrap();
+        assert!(handle.stats().await.is_err(), "driver answers after shutdown");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
