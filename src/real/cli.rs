@@ -13,6 +13,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// `serve` prints this followed by its base URL on stdout once it accepts requests.
+pub const LISTENING_PREFIX: &str = "sagamq listening on ";
+
 #[derive(Parser, Debug)]
 #[command(name = "sagamq", version, about = "Transactional pub/sub broker with a durable log and HTTP callbacks")]
 pub struct Cli {
@@ -204,6 +207,10 @@ pub fn main() -> ExitCode {
             }
             let r = rt.block_on(async move {
                 let running = server::start(opts).await?;
+                // One machine-readable line on stdout, so scripts and tests
+                // that start the broker on port 0 learn its address.
+                println!("{LISTENING_PREFIX}{}", running.url());
+                let _ = std::io::Write::flush(&mut std::io::stdout());
                 running.run_until(shutdown_signal()).await
             });
             match r {

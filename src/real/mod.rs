@@ -13,6 +13,7 @@
 pub mod bench;
 pub mod callbacks;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod demo;
 pub mod driver;
