@@ -87,6 +87,7 @@ fn gone(e: DriverGone) -> Response {
 pub fn rejection_status(e: &BrokerError) -> StatusCode {
     match e {
         BrokerError::QueueFull { .. }
+        | BrokerError::DeadLettersFull { .. }
         | BrokerError::TooManyMessages
         | BrokerError::TooManySubscriptions
         | BrokerError::TooManyUnsyncedPublishes => StatusCode::SERVICE_UNAVAILABLE,
@@ -284,6 +285,7 @@ pub fn stats_json(st: &Stats) -> serde_json::Value {
         "subscriptions": b.subscriptions,
         "log_records": b.log_records,
         "log_bytes": b.log_bytes,
+        "dedup_settled": b.dedup_settled,
         "subscribers": subscribers,
         "io": {
             "fsyncs": io.fsyncs,
@@ -335,6 +337,7 @@ pub fn metrics_text(st: &Stats) -> String {
     metric("sagamq_subscriptions", "gauge", "Live subscriptions.", &[("", b.subscriptions as f64)]);
     metric("sagamq_log_records", "gauge", "Records in the log file.", &[("", b.log_records as f64)]);
     metric("sagamq_log_bytes", "gauge", "Size of the log file in bytes.", &[("", b.log_bytes as f64)]);
+    metric("sagamq_dedup_settled", "gauge", "Dedup keys of settled messages remembered.", &[("", b.dedup_settled as f64)]);
     metric("sagamq_fsyncs_total", "counter", "fdatasync calls on the log.", &[("", io.fsyncs as f64)]);
     metric("sagamq_fsync_seconds_total", "counter", "Time spent in fdatasync.", &[("", io.fsync_nanos_total as f64 / 1e9)]);
     metric("sagamq_log_records_written_total", "counter", "Records written to the log (records/fsyncs is the group-commit factor).", &[("", io.records_written as f64)]);
