@@ -20,6 +20,7 @@ pub mod driver;
 pub mod file_disk;
 pub mod http;
 pub mod log_writer;
+pub mod participant;
 pub mod server;
 
 pub use callbacks::{Allowlist, SIGNATURE_HEADER, sign, verify};
