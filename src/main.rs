@@ -7,8 +7,6 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(not(feature = "real"))]
 fn main() {
-    eprintln!(
-        "sagamq was built without the `real` feature; run: cargo run --release --features real -- serve --help"
-    );
+    eprintln!("sagamq was built without the `real` feature; run: cargo run --release --features real -- serve --help");
     std::process::exit(2);
 }

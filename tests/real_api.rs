@@ -39,7 +39,10 @@ async fn repeated_publish_answers_the_original_msg_id_and_delivers_once_also_aft
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let msgs = inbox.messages.lock().unwrap().clone();
     assert_eq!(msgs.len(), 2, "delivered exactly once each: {msgs:?}");
-    assert_eq!(msgs.iter().find(|m| m.global_id.as_str() == "g1").unwrap().content, "one");
+    assert_eq!(
+        msgs.iter().find(|m| m.global_id.as_str() == "g1").unwrap().content,
+        "one"
+    );
     broker.shutdown().await.unwrap();
     rx.stop().await;
 }
@@ -76,7 +79,10 @@ async fn a_subscriber_that_is_down_then_back_receives_everything() {
     assert_eq!(inbox.count(), 0);
 
     let rx = inbox.serve(addr).await; // back, same URL
-    eventually(15, "every message after the subscriber came back", || inbox.delivered_gids().len() == N).await;
+    eventually(15, "every message after the subscriber came back", || {
+        inbox.delivered_gids().len() == N
+    })
+    .await;
     let stats = st.stats().await.unwrap();
     assert_eq!(stats.broker.subscribers[&sagamq::ClientId::lit("s1")].dead_letters, 0);
     broker.shutdown().await.unwrap();
@@ -106,27 +112,126 @@ async fn bad_input_is_refused_with_a_json_error_and_stores_nothing() {
         serde_json::to_vec(&json!({"ClientID":"c","Topic":"t","NotifyUrl":url,"ExpireTime":far_future().0})).unwrap()
     };
     let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
-        ("malformed json", "/publish", b"{\"GlobalID\":".to_vec(), 400, "invalid request"),
+        (
+            "malformed json",
+            "/publish",
+            b"{\"GlobalID\":".to_vec(),
+            400,
+            "invalid request",
+        ),
         ("not json", "/publish", b"hello".to_vec(), 400, "invalid request"),
         ("empty body", "/publish", Vec::new(), 400, "invalid request"),
-        ("missing field", "/publish", without("GlobalID"), 400, "missing field `GlobalID`"),
-        ("missing content", "/publish", without("Content"), 400, "missing field `Content`"),
-        ("unknown field", "/publish", with("Extra", json!(1)), 400, "unknown field `Extra`"),
-        ("empty id", "/publish", with("SubID", json!("")), 400, "SubID must not be empty"),
-        ("oversized id", "/publish", with("GlobalID", json!("g".repeat(257))), 400, "longer than the limit"),
-        ("control char", "/publish", with("Topic", json!("a\nb")), 400, "control character"),
-        ("wrong type", "/publish", with("CreateTime", json!("soon")), 400, "invalid type"),
-        ("content too long", "/publish", with("Content", json!("x".repeat(64 * 1024 + 1))), 400, "Content is"),
-        ("body over limit", "/publish", with("Content", json!("x".repeat(200 * 1024))), 413, "larger than the limit"),
-        ("expired subscription", "/subscribe", serde_json::to_vec(&past).unwrap(), 400, "ExpireTime is in the past"),
-        ("url off allowlist", "/subscribe", sub("http://10.0.0.1/cb"), 400, "allowlist"),
-        ("metadata url", "/subscribe", sub("http://169.254.169.254/latest"), 400, "allowlist"),
+        (
+            "missing field",
+            "/publish",
+            without("GlobalID"),
+            400,
+            "missing field `GlobalID`",
+        ),
+        (
+            "missing content",
+            "/publish",
+            without("Content"),
+            400,
+            "missing field `Content`",
+        ),
+        (
+            "unknown field",
+            "/publish",
+            with("Extra", json!(1)),
+            400,
+            "unknown field `Extra`",
+        ),
+        (
+            "empty id",
+            "/publish",
+            with("SubID", json!("")),
+            400,
+            "SubID must not be empty",
+        ),
+        (
+            "oversized id",
+            "/publish",
+            with("GlobalID", json!("g".repeat(257))),
+            400,
+            "longer than the limit",
+        ),
+        (
+            "control char",
+            "/publish",
+            with("Topic", json!("a\nb")),
+            400,
+            "control character",
+        ),
+        (
+            "wrong type",
+            "/publish",
+            with("CreateTime", json!("soon")),
+            400,
+            "invalid type",
+        ),
+        (
+            "content too long",
+            "/publish",
+            with("Content", json!("x".repeat(64 * 1024 + 1))),
+            400,
+            "Content is",
+        ),
+        (
+            "body over limit",
+            "/publish",
+            with("Content", json!("x".repeat(200 * 1024))),
+            413,
+            "larger than the limit",
+        ),
+        (
+            "expired subscription",
+            "/subscribe",
+            serde_json::to_vec(&past).unwrap(),
+            400,
+            "ExpireTime is in the past",
+        ),
+        (
+            "url off allowlist",
+            "/subscribe",
+            sub("http://10.0.0.1/cb"),
+            400,
+            "allowlist",
+        ),
+        (
+            "metadata url",
+            "/subscribe",
+            sub("http://169.254.169.254/latest"),
+            400,
+            "allowlist",
+        ),
         ("https url", "/subscribe", sub("https://127.0.0.1/cb"), 400, "https"),
         ("not a url", "/subscribe", sub("cb"), 400, "not a valid URL"),
         ("empty url", "/subscribe", sub(""), 400, "NotifyUrl"),
-        ("empty client", "/subscribe", serde_json::to_vec(&json!({"ClientID":"","Topic":"t","NotifyUrl":"http://127.0.0.1/","ExpireTime":far_future().0})).unwrap(), 400, "ClientID must not be empty"),
-        ("unsubscribe unknown", "/unsubscribe", serde_json::to_vec(&json!({"ClientID":"c","Topic":"t"})).unwrap(), 404, "no such subscription"),
-        ("redrive bad", "/dead-letters/redrive", serde_json::to_vec(&json!({"Client":"c"})).unwrap(), 400, "unknown field"),
+        (
+            "empty client",
+            "/subscribe",
+            serde_json::to_vec(
+                &json!({"ClientID":"","Topic":"t","NotifyUrl":"http://127.0.0.1/","ExpireTime":far_future().0}),
+            )
+            .unwrap(),
+            400,
+            "ClientID must not be empty",
+        ),
+        (
+            "unsubscribe unknown",
+            "/unsubscribe",
+            serde_json::to_vec(&json!({"ClientID":"c","Topic":"t"})).unwrap(),
+            404,
+            "no such subscription",
+        ),
+        (
+            "redrive bad",
+            "/dead-letters/redrive",
+            serde_json::to_vec(&json!({"Client":"c"})).unwrap(),
+            400,
+            "unknown field",
+        ),
         ("unknown route", "/nope", Vec::new(), 404, "no such route"),
     ];
     for (name, path, body, status, needle) in cases {
@@ -138,7 +243,10 @@ async fn bad_input_is_refused_with_a_json_error_and_stores_nothing() {
     }
     let (got, v) = c.get_json("/dead-letters").await.unwrap();
     assert_eq!((got, v["ok"].clone()), (400, json!(false)), "{v}");
-    let (got, v) = c.get_json(&format!("/dead-letters?client={}", "c".repeat(300))).await.unwrap();
+    let (got, v) = c
+        .get_json(&format!("/dead-letters?client={}", "c".repeat(300)))
+        .await
+        .unwrap();
     assert_eq!(got, 400, "{v}");
     let (got, _) = c.get_json("/publish").await.unwrap();
     assert_eq!(got, 405);
@@ -180,7 +288,9 @@ async fn token_guards_mutating_routes_and_signs_callbacks() {
     right.subscribe(&subscribe("s1", "t", &rx.url("/cb"))).await.unwrap();
     right.publish(&publish("g1", "t", "signed")).await.unwrap();
     eventually(10, "the signed callback", || inbox.count() == 1).await;
-    let sig = inbox.signatures.lock().unwrap()[0].clone().expect("X-SagaMQ-Signature present");
+    let sig = inbox.signatures.lock().unwrap()[0]
+        .clone()
+        .expect("X-SagaMQ-Signature present");
     let body = inbox.bodies.lock().unwrap()[0].clone();
     assert!(sig.starts_with("sha256="));
     assert!(verify(b"s3cret", &body, &sig), "signature verifies with the token");
@@ -190,7 +300,15 @@ async fn token_guards_mutating_routes_and_signs_callbacks() {
     assert!(!verify(b"s3cret", &tampered, &sig));
     // The callback body is the message with the Go design's field names.
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    for k in ["MsgID", "GlobalID", "SubID", "SenderID", "CreateTime", "Topic", "Content"] {
+    for k in [
+        "MsgID",
+        "GlobalID",
+        "SubID",
+        "SenderID",
+        "CreateTime",
+        "Topic",
+        "Content",
+    ] {
         assert!(v.get(k).is_some(), "callback lacks {k}: {v}");
     }
     broker.shutdown().await.unwrap();
@@ -285,7 +403,10 @@ async fn failing_callbacks_become_dead_letters_and_redrive_delivers_them() {
     assert_eq!(v["Messages"][0]["GlobalID"], json!("g1"));
 
     inbox.status.store(200, Ordering::Relaxed);
-    let (status, v) = c.post_json("/dead-letters/redrive", &json!({"ClientID":"s1"})).await.unwrap();
+    let (status, v) = c
+        .post_json("/dead-letters/redrive", &json!({"ClientID":"s1"}))
+        .await
+        .unwrap();
     assert_eq!((status, v["Redriven"].clone()), (200, json!(2)), "{v}");
     eventually(10, "redriven messages delivered", || inbox.count() == 2).await;
     let (_, v) = c.get_json("/dead-letters?client=s1").await.unwrap();
@@ -321,7 +442,11 @@ async fn compaction_keeps_the_log_bounded_and_recovery_keeps_dedup() {
         st = d.stats().await.unwrap();
     }
     assert!(st.io.compactions > 0, "no compaction after 400 settled messages");
-    assert!(st.broker.log_records < 400, "log holds {} records", st.broker.log_records);
+    assert!(
+        st.broker.log_records < 400,
+        "log holds {} records",
+        st.broker.log_records
+    );
     let file_len = std::fs::metadata(dir.join("sagamq.log")).unwrap().len();
     assert_eq!(file_len, st.broker.log_bytes);
     broker.shutdown().await.unwrap();
@@ -342,7 +467,9 @@ async fn stats_and_metrics_report_group_commit() {
     let mut tasks = Vec::new();
     for i in 0..64 {
         let c = c.clone();
-        tasks.push(tokio::spawn(async move { c.publish(&publish(&format!("g{i}"), "t", "x")).await.unwrap() }));
+        tasks.push(tokio::spawn(async move {
+            c.publish(&publish(&format!("g{i}"), "t", "x")).await.unwrap()
+        }));
     }
     for t in tasks {
         t.await.unwrap();
@@ -353,7 +480,12 @@ async fn stats_and_metrics_report_group_commit() {
     let fsyncs = st["io"]["fsyncs"].as_u64().unwrap();
     assert!(fsyncs >= 1 && fsyncs <= 64, "{st}");
     let resp = reqwest::get(format!("{}/metrics", broker.url())).await.unwrap();
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = resp.text().await.unwrap();
     assert!(text.contains("# TYPE sagamq_fsyncs_total counter"));
     assert!(text.contains("sagamq_publishes_total{result=\"stored\"} 64"), "{text}");

@@ -19,7 +19,6 @@ use crate::machine::Machine;
 use crate::types::{ClientId, GlobalId, Message, PublishRequest, SenderId, SubId, SubscribeRequest, Time, Topic};
 use axum::http::StatusCode;
 use clap::Args;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,7 +96,11 @@ fn make_content(phase: u32, seq: u64, t_ns: u64, size: usize) -> String {
 
 fn parse_content(c: &str) -> Option<(u32, u64, u64)> {
     let mut it = c.strip_prefix("bench:")?.split(':');
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    Some((
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+        it.next()?.parse().ok()?,
+    ))
 }
 
 fn on_callback(shared: &Shared, body: &[u8]) -> StatusCode {
@@ -177,7 +180,10 @@ impl Bench {
             e2e_ns: Vec::with_capacity(n as usize),
             last_ns: 0,
         });
-        self.client.subscribe(&sub).await.map_err(|e| format!("subscribe: {e}"))?;
+        self.client
+            .subscribe(&sub)
+            .await
+            .map_err(|e| format!("subscribe: {e}"))?;
 
         let acks = Arc::new(Mutex::new(Vec::<u64>::with_capacity(n as usize)));
         let errors = Arc::new(AtomicU64::new(0));
@@ -281,13 +287,25 @@ impl Bench {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let notified = self.shared.all_received.notified();
-            let got = self.shared.rec.lock().expect("bench lock").as_ref().map_or(0, |r| r.received);
+            let got = self
+                .shared
+                .rec
+                .lock()
+                .expect("bench lock")
+                .as_ref()
+                .map_or(0, |r| r.received);
             if got >= n || tokio::time::Instant::now() >= deadline {
                 break;
             }
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
         }
-        let rec = self.shared.rec.lock().expect("bench lock").take().ok_or("phase record missing")?;
+        let rec = self
+            .shared
+            .rec
+            .lock()
+            .expect("bench lock")
+            .take()
+            .ok_or("phase record missing")?;
         let mut acks = std::mem::take(&mut *acks.lock().expect("acks"));
         acks.sort_unstable();
         let mut e2e = rec.e2e_ns;
@@ -329,22 +347,9 @@ impl ChildBroker {
             .stderr(log_file)
             .spawn()
             .map_err(|e| format!("spawn the broker: {e}"))?;
-        let url = read_listen_line(&mut child)?;
+        let url = super::cli::read_listen_line(&mut child)?;
         Ok(ChildBroker { child, url })
     }
-}
-
-/// Reads the `sagamq listening on URL` line a starting `serve` prints on stdout.
-pub fn read_listen_line(child: &mut Child) -> Result<String, String> {
-    let stdout = child.stdout.take().ok_or("child stdout not piped")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .map_err(|e| format!("read broker stdout: {e}"))?;
-    line.trim()
-        .strip_prefix(super::cli::LISTENING_PREFIX)
-        .map(str::to_string)
-        .ok_or_else(|| format!("broker did not start (stdout: {line:?})"))
 }
 
 impl Drop for ChildBroker {
@@ -431,7 +436,10 @@ async fn run(args: BenchArgs) -> Result<(), String> {
             inflight: args.inflight,
             run_id: unix_nanos_now(),
         };
-        println!("broker: {url}; payload {} B; {} publishes in flight", args.payload, args.inflight);
+        println!(
+            "broker: {url}; payload {} B; {} publishes in flight",
+            args.payload, args.inflight
+        );
         let warm = bench.phase("warm", 1, 2_000.min(args.msgs), None).await?;
         let _ = warm;
         if want("throughput") {
@@ -573,7 +581,13 @@ fn build_log(dir: &Path, n: u64, payload: usize) -> Result<(u64, u64, Duration),
             content: content.clone(),
         };
         let now = Time(1_000 + i);
-        broker.handle(now, BrokerInput::Publish { req: RequestId(i), publish });
+        broker.handle(
+            now,
+            BrokerInput::Publish {
+                req: RequestId(i),
+                publish,
+            },
+        );
         drain_into(&mut broker, &mut disk, &mut buf, &mut records, &mut last_lsn)?;
         if buf.len() >= 4 << 20 || i + 1 == n || records >= n {
             disk.try_append(&buf).map_err(|e| e.to_string())?;

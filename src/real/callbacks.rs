@@ -170,7 +170,11 @@ impl Allowlist {
     }
 
     fn allows_host(&self, host: &str) -> bool {
-        let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
+        let ip = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
         self.entries.iter().any(|e| match e {
             AllowEntry::Any => true,
             AllowEntry::Loopback => host == "localhost" || ip.is_some_and(|ip| ip.is_loopback()),
@@ -329,7 +333,12 @@ mod tests {
     #[test]
     fn default_allowlist_is_loopback_only() {
         let a = Allowlist::default();
-        for ok in ["http://127.0.0.1:9/x", "http://localhost/cb", "http://[::1]:80/", "http://127.9.9.9/"] {
+        for ok in [
+            "http://127.0.0.1:9/x",
+            "http://localhost/cb",
+            "http://[::1]:80/",
+            "http://127.9.9.9/",
+        ] {
             assert!(a.check_url(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -354,8 +363,16 @@ mod tests {
         assert!(a.check_url("http://svc.local/").is_err());
         assert!(a.check_url("http://10.1.2.3/").is_ok());
         assert!(a.check_url("http://orders/").is_ok());
-        assert!(a.check_url("http://127.0.0.1/").is_err(), "explicit list replaces loopback");
-        assert!(Allowlist::parse(&["*"]).unwrap().check_url("http://anything.example/").is_ok());
+        assert!(
+            a.check_url("http://127.0.0.1/").is_err(),
+            "explicit list replaces loopback"
+        );
+        assert!(
+            Allowlist::parse(&["*"])
+                .unwrap()
+                .check_url("http://anything.example/")
+                .is_ok()
+        );
         assert!(Allowlist::parse(&["http://x/"]).is_err());
         assert_eq!(Allowlist::parse::<&str>(&[]).unwrap(), Allowlist::loopback());
     }

@@ -8,16 +8,21 @@ use super::callbacks::Allowlist;
 use super::server::{self, ServeOptions};
 use crate::broker::BrokerConfig;
 use clap::{Args, Parser, Subcommand};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
+use std::process::{Child, ExitCode};
 use std::time::Duration;
 
 /// `serve` prints this followed by its base URL on stdout once it accepts requests.
 pub const LISTENING_PREFIX: &str = "sagamq listening on ";
 
 #[derive(Parser, Debug)]
-#[command(name = "sagamq", version, about = "Transactional pub/sub broker with a durable log and HTTP callbacks")]
+#[command(
+    name = "sagamq",
+    version,
+    about = "Transactional pub/sub broker with a durable log and HTTP callbacks"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -229,4 +234,17 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => rt.block_on(super::demo::main(args)),
         Command::Bench(args) => rt.block_on(super::bench::main(args)),
     }
+}
+
+/// Reads the `sagamq listening on URL` line a starting `serve` prints on stdout.
+pub fn read_listen_line(child: &mut Child) -> Result<String, String> {
+    let stdout = child.stdout.take().ok_or("child stdout not piped")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| format!("read broker stdout: {e}"))?;
+    line.trim()
+        .strip_prefix(LISTENING_PREFIX)
+        .map(str::to_string)
+        .ok_or_else(|| format!("broker did not start (stdout: {line:?})"))
 }

@@ -84,7 +84,10 @@ impl BrokerClient {
         let resp = self.auth(rb).send().await?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        ))
     }
 
     pub async fn post_json(
@@ -100,7 +103,10 @@ impl BrokerClient {
         let resp = self.auth(self.http.get(format!("{}{path}", self.base))).send().await?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        ))
     }
 
     fn check(status: u16, v: &serde_json::Value) -> Result<(), ClientError> {
@@ -186,7 +192,10 @@ impl Receiver {
         }
         // Graceful: idle keep-alive connections close at once, a callback being
         // answered finishes first. Bounded, then forced.
-        if tokio::time::timeout(Duration::from_secs(2), &mut self.task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), &mut self.task)
+            .await
+            .is_err()
+        {
             self.task.abort();
         }
     }

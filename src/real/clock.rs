@@ -67,7 +67,10 @@ mod tests {
         let b = c.now();
         assert!(b >= a);
         let unix = unix_nanos_now();
-        assert!(unix.abs_diff(b.as_nanos()) < 5_000_000_000, "clock drifted from Unix time");
+        assert!(
+            unix.abs_diff(b.as_nanos()) < 5_000_000_000,
+            "clock drifted from Unix time"
+        );
         assert!(c.instant_of(Time::ZERO) <= Instant::now());
     }
 }

@@ -124,9 +124,11 @@ pub async fn run(dir: &Path) -> Result<DemoOutcome, String> {
             seed: 1,
         })
     };
-    let stock = ParticipantNode::start(scenario.stock_participant(), node_opts(topics::STOCK_SERVICE, "stock")?).await?;
+    let stock =
+        ParticipantNode::start(scenario.stock_participant(), node_opts(topics::STOCK_SERVICE, "stock")?).await?;
     println!("stock service: callbacks at {}", stock.notify_url);
-    let order = ParticipantNode::start(scenario.order_participant(), node_opts(topics::ORDER_SERVICE, "order")?).await?;
+    let order =
+        ParticipantNode::start(scenario.order_participant(), node_opts(topics::ORDER_SERVICE, "order")?).await?;
     println!("order service: callbacks at {}", order.notify_url);
 
     let deadline = Instant::now() + DEMO_TIMEOUT;
@@ -146,16 +148,31 @@ pub async fn run(dir: &Path) -> Result<DemoOutcome, String> {
             CommandOutcome::Refused(why) => return Err(format!("order refused: {why}")),
         }
     }
-    let settled = wait_until(deadline, || async { order.query(|h| h.logic().all_terminal()).await.unwrap_or(false) }).await;
+    let settled = wait_until(deadline, || async {
+        order.query(|h| h.logic().all_terminal()).await.unwrap_or(false)
+    })
+    .await;
     if settled.is_err() {
         println!("orders did not all reach a terminal state within {DEMO_TIMEOUT:?}");
     }
 
-    let ids: Vec<GlobalId> = scenario.orders.iter().filter_map(|o| GlobalId::new(o.spec.order_id.clone()).ok()).collect();
+    let ids: Vec<GlobalId> = scenario
+        .orders
+        .iter()
+        .filter_map(|o| GlobalId::new(o.spec.order_id.clone()).ok())
+        .collect();
     let order_logic: Order = order.query(|h| h.logic().clone()).await?;
-    let (stock_logic, stock_initial): (Stock, Stock) = stock.query(|h| (h.logic().clone(), h.initial().clone())).await?;
-    let mut violations: Vec<String> = audit_stock(&stock_logic, &stock_initial).iter().map(|v| v.to_string()).collect();
-    violations.extend(audit_orders(&order_logic, &stock_logic, None, true).iter().map(|v| v.to_string()));
+    let (stock_logic, stock_initial): (Stock, Stock) =
+        stock.query(|h| (h.logic().clone(), h.initial().clone())).await?;
+    let mut violations: Vec<String> = audit_stock(&stock_logic, &stock_initial)
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    violations.extend(
+        audit_orders(&order_logic, &stock_logic, None, true)
+            .iter()
+            .map(|v| v.to_string()),
+    );
     let product = ProductId::lit("test-prod-1");
     let outcome = DemoOutcome {
         orders: ids.iter().map(|id| (id.clone(), order_logic.status(id))).collect(),

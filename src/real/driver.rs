@@ -11,9 +11,7 @@
 use super::callbacks::Dispatcher;
 use super::clock::Clock;
 use super::log_writer::{LogWriter, PendingWrites, WriteDone};
-use crate::broker::{
-    Broker, BrokerInput, BrokerOutput, BrokerStats, CallbackResult, DeliveryId, Reply, RequestId,
-};
+use crate::broker::{Broker, BrokerInput, BrokerOutput, BrokerStats, CallbackResult, DeliveryId, Reply, RequestId};
 use crate::machine::Machine;
 use crate::types::{ClientId, Message, PublishRequest, SubscribeRequest, Topic};
 use std::collections::BTreeMap;
@@ -285,7 +283,8 @@ impl<B: BrokerCore> Driver<B> {
             CallbackResult::TimedOut => self.io.callbacks_timed_out += 1,
         }
         let now = self.clock.now();
-        self.broker.handle(now, BrokerInput::CallbackResult { delivery, result });
+        self.broker
+            .handle(now, BrokerInput::CallbackResult { delivery, result });
     }
 
     fn on_write_done(&mut self, done: WriteDone) -> Result<(), FatalLogError> {
@@ -364,7 +363,10 @@ impl<B: BrokerCore> Driver<B> {
         }
         let unanswered = self.replies.len();
         if unanswered > 0 {
-            tracing::info!(unanswered, "requests left unanswered at shutdown (not durable, not acknowledged)");
+            tracing::info!(
+                unanswered,
+                "requests left unanswered at shutdown (not durable, not acknowledged)"
+            );
         }
         tracing::info!(fsyncs = self.io.fsyncs, records = self.io.records_written, "log closed");
         Ok(())
@@ -409,7 +411,10 @@ mod tests {
                     let (done, rest): (Vec<_>, Vec<_>) = self.waiting.drain(..).partition(|(l, _, _)| *l <= lsn);
                     self.waiting = rest;
                     for (_, req, msg_id) in done {
-                        let reply = Reply::Published { msg_id, duplicate: false };
+                        let reply = Reply::Published {
+                            msg_id,
+                            duplicate: false,
+                        };
                         self.out.push_back(BrokerOutput::Reply { req, reply });
                     }
                 }
@@ -471,10 +476,16 @@ mod tests {
             let path = log_path.clone();
             tasks.push(tokio::spawn(async move {
                 let reply = h.request(Request::Publish(publish(i))).await.unwrap();
-                let Reply::Published { msg_id, .. } = reply else { panic!("{reply:?}") };
+                let Reply::Published { msg_id, .. } = reply else {
+                    panic!("{reply:?}")
+                };
                 // Answered only after fsync: the record is already in the file.
                 let on_disk = count_frames(&std::fs::read(&path).unwrap());
-                assert!(on_disk >= msg_id.0, "msg {} answered with {on_disk} records on disk", msg_id.0);
+                assert!(
+                    on_disk >= msg_id.0,
+                    "msg {} answered with {on_disk} records on disk",
+                    msg_id.0
+                );
             }));
         }
         for t in tasks {
@@ -483,7 +494,11 @@ mod tests {
         let st = handle.stats().await.unwrap();
         assert_eq!(st.io.records_written, N as u64);
         assert_eq!(st.io.publishes_acked, N as u64);
-        assert!(st.io.fsyncs < N as u64, "no group commit: {} fsyncs for {N} publishes", st.io.fsyncs);
+        assert!(
+            st.io.fsyncs < N as u64,
+            "no group commit: {} fsyncs for {N} publishes",
+            st.io.fsyncs
+        );
         assert!(st.io.records_per_fsync_max > 1);
         handle.shutdown().await;
         run.await.unwrap().unwrap();

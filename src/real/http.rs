@@ -102,14 +102,18 @@ fn rejected(e: BrokerError) -> Response {
     let status = rejection_status(&e);
     let mut r = error(status, &e);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
 }
 
 fn unexpected(reply: Reply) -> Response {
     tracing::error!(?reply, "the core answered with an unexpected reply kind");
-    error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected reply from the broker core")
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "unexpected reply from the broker core",
+    )
 }
 
 /// The body as bytes, or the JSON error for a body over the limit / unreadable.
@@ -247,7 +251,12 @@ struct ClientQuery {
 async fn dead_letters(State(s): State<AppState>, q: Result<Query<ClientQuery>, QueryRejection>) -> Response {
     let client = match q {
         Ok(Query(q)) => q.client,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected ?client=ID: {}", e.body_text())),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected ?client=ID: {}", e.body_text()),
+            );
+        }
     };
     match s.driver.dead_letters(client.clone()).await {
         Ok(messages) => ok(json!({"ClientID": client, "Count": messages.len(), "Messages": messages})),
@@ -333,23 +342,81 @@ pub fn metrics_text(st: &Stats) -> String {
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
-    metric("sagamq_messages_live", "gauge", "Stored messages not yet settled for every subscriber.", &[("", b.messages_live as f64)]);
-    metric("sagamq_subscriptions", "gauge", "Live subscriptions.", &[("", b.subscriptions as f64)]);
-    metric("sagamq_log_records", "gauge", "Records in the log file.", &[("", b.log_records as f64)]);
-    metric("sagamq_log_bytes", "gauge", "Size of the log file in bytes.", &[("", b.log_bytes as f64)]);
-    metric("sagamq_dedup_settled", "gauge", "Dedup keys of settled messages remembered.", &[("", b.dedup_settled as f64)]);
-    metric("sagamq_fsyncs_total", "counter", "fdatasync calls on the log.", &[("", io.fsyncs as f64)]);
-    metric("sagamq_fsync_seconds_total", "counter", "Time spent in fdatasync.", &[("", io.fsync_nanos_total as f64 / 1e9)]);
-    metric("sagamq_log_records_written_total", "counter", "Records written to the log (records/fsyncs is the group-commit factor).", &[("", io.records_written as f64)]);
-    metric("sagamq_log_bytes_written_total", "counter", "Bytes written to the log.", &[("", io.bytes_written as f64)]);
-    metric("sagamq_compactions_total", "counter", "Log rewrites (compaction).", &[("", io.compactions as f64)]);
+    metric(
+        "sagamq_messages_live",
+        "gauge",
+        "Stored messages not yet settled for every subscriber.",
+        &[("", b.messages_live as f64)],
+    );
+    metric(
+        "sagamq_subscriptions",
+        "gauge",
+        "Live subscriptions.",
+        &[("", b.subscriptions as f64)],
+    );
+    metric(
+        "sagamq_log_records",
+        "gauge",
+        "Records in the log file.",
+        &[("", b.log_records as f64)],
+    );
+    metric(
+        "sagamq_log_bytes",
+        "gauge",
+        "Size of the log file in bytes.",
+        &[("", b.log_bytes as f64)],
+    );
+    metric(
+        "sagamq_dedup_settled",
+        "gauge",
+        "Dedup keys of settled messages remembered.",
+        &[("", b.dedup_settled as f64)],
+    );
+    metric(
+        "sagamq_fsyncs_total",
+        "counter",
+        "fdatasync calls on the log.",
+        &[("", io.fsyncs as f64)],
+    );
+    metric(
+        "sagamq_fsync_seconds_total",
+        "counter",
+        "Time spent in fdatasync.",
+        &[("", io.fsync_nanos_total as f64 / 1e9)],
+    );
+    metric(
+        "sagamq_log_records_written_total",
+        "counter",
+        "Records written to the log (records/fsyncs is the group-commit factor).",
+        &[("", io.records_written as f64)],
+    );
+    metric(
+        "sagamq_log_bytes_written_total",
+        "counter",
+        "Bytes written to the log.",
+        &[("", io.bytes_written as f64)],
+    );
+    metric(
+        "sagamq_compactions_total",
+        "counter",
+        "Log rewrites (compaction).",
+        &[("", io.compactions as f64)],
+    );
     metric(
         "sagamq_publishes_total",
         "counter",
         "Publishes answered OK, by whether (GlobalID, SubID) was new.",
-        &[("{result=\"stored\"}", io.publishes_acked as f64), ("{result=\"duplicate\"}", io.publishes_duplicate as f64)],
+        &[
+            ("{result=\"stored\"}", io.publishes_acked as f64),
+            ("{result=\"duplicate\"}", io.publishes_duplicate as f64),
+        ],
     );
-    metric("sagamq_requests_rejected_total", "counter", "Requests the core refused (capacity, validation).", &[("", io.requests_rejected as f64)]);
+    metric(
+        "sagamq_requests_rejected_total",
+        "counter",
+        "Requests the core refused (capacity, validation).",
+        &[("", io.requests_rejected as f64)],
+    );
     metric(
         "sagamq_callbacks_total",
         "counter",
@@ -367,9 +434,21 @@ pub fn metrics_text(st: &Stats) -> String {
             .collect()
     };
     for (name, help, samples) in [
-        ("sagamq_subscriber_pending", "Messages queued for a subscriber.", per(|s| s.pending)),
-        ("sagamq_subscriber_in_flight", "Callbacks in flight to a subscriber.", per(|s| s.in_flight)),
-        ("sagamq_subscriber_dead_letters", "Dead letters of a subscriber.", per(|s| s.dead_letters)),
+        (
+            "sagamq_subscriber_pending",
+            "Messages queued for a subscriber.",
+            per(|s| s.pending),
+        ),
+        (
+            "sagamq_subscriber_in_flight",
+            "Callbacks in flight to a subscriber.",
+            per(|s| s.in_flight),
+        ),
+        (
+            "sagamq_subscriber_dead_letters",
+            "Dead letters of a subscriber.",
+            per(|s| s.dead_letters),
+        ),
     ] {
         let borrowed: Vec<(&str, f64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
         metric(name, "gauge", help, &borrowed);
@@ -390,9 +469,14 @@ mod tests {
     fn metrics_text_has_help_type_and_escaped_labels() {
         let mut st = Stats::default();
         st.io.fsyncs = 3;
-        st.broker
-            .subscribers
-            .insert(ClientId::lit("a\"b"), SubscriberStats { pending: 2, in_flight: 1, dead_letters: 0 });
+        st.broker.subscribers.insert(
+            ClientId::lit("a\"b"),
+            SubscriberStats {
+                pending: 2,
+                in_flight: 1,
+                dead_letters: 0,
+            },
+        );
         let t = metrics_text(&st);
         assert!(t.contains("# TYPE sagamq_fsyncs_total counter\nsagamq_fsyncs_total 3\n"));
         assert!(t.contains("sagamq_subscriber_pending{client=\"a\\\"b\"} 2\n"));
@@ -400,7 +484,10 @@ mod tests {
 
     #[test]
     fn capacity_rejections_are_503_and_input_rejections_400() {
-        assert_eq!(rejection_status(&BrokerError::TooManyUnsyncedPublishes), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            rejection_status(&BrokerError::TooManyUnsyncedPublishes),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(rejection_status(&BrokerError::AlreadyExpired), StatusCode::BAD_REQUEST);
         assert_eq!(rejection_status(&BrokerError::NotSubscribed), StatusCode::NOT_FOUND);
     }

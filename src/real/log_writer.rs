@@ -93,18 +93,16 @@ impl LogWriter {
         // Capacity 1 on both sides: one batch in flight is the design.
         let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<WriteBatch>(1);
         let (done_tx, done_rx) = mpsc::channel::<WriteDone>(1);
-        let thread = std::thread::Builder::new()
-            .name("sagamq-log".into())
-            .spawn(move || {
-                while let Ok(batch) = jobs_rx.recv() {
-                    let result = apply(&mut disk, &batch.ops);
-                    let failed = result.is_err();
-                    if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
-                        // After a failed fsync nothing more may be written.
-                        break;
-                    }
+        let thread = std::thread::Builder::new().name("sagamq-log".into()).spawn(move || {
+            while let Ok(batch) = jobs_rx.recv() {
+                let result = apply(&mut disk, &batch.ops);
+                let failed = result.is_err();
+                if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
+                    // After a failed fsync nothing more may be written.
+                    break;
                 }
-            })?;
+            }
+        })?;
         Ok(LogWriter {
             jobs: Some(jobs_tx),
             done: done_rx,

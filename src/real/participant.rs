@@ -213,9 +213,16 @@ async fn on_callback<P: Participant + Send + 'static>(
     body: Bytes,
 ) -> Response {
     if let Some(key) = &s.key {
-        let sig = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let sig = headers
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         if !verify(key, &body, sig) {
-            return answer(StatusCode::UNAUTHORIZED, false, Some("bad or missing X-SagaMQ-Signature"));
+            return answer(
+                StatusCode::UNAUTHORIZED,
+                false,
+                Some("bad or missing X-SagaMQ-Signature"),
+            );
         }
     }
     let message: Message = match serde_json::from_slice(&body) {

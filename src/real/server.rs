@@ -62,9 +62,15 @@ impl ServeOptions {
 
 #[derive(Debug)]
 pub enum ServeError {
-    Io { what: String, err: std::io::Error },
+    Io {
+        what: String,
+        err: std::io::Error,
+    },
     /// The log is damaged in the middle (or holds an undecodable record).
-    Recovery { path: PathBuf, err: LogError },
+    Recovery {
+        path: PathBuf,
+        err: LogError,
+    },
     Http(String),
     Log(FatalLogError),
 }
