@@ -87,10 +87,10 @@ impl Inbox {
             me.signatures.lock().unwrap().push(sig);
             me.bodies.lock().unwrap().push(body.to_vec());
             let status = me.status.load(Ordering::Relaxed);
-            if status == 0 || (200..300).contains(&status) {
-                if let Ok(m) = serde_json::from_slice::<Message>(body) {
-                    me.messages.lock().unwrap().push(m);
-                }
+            if (status == 0 || (200..300).contains(&status))
+                && let Ok(m) = serde_json::from_slice::<Message>(body)
+            {
+                me.messages.lock().unwrap().push(m);
             }
             let code = if status == 0 { 200 } else { status };
             axum::http::StatusCode::from_u16(code).unwrap()
