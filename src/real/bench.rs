@@ -63,6 +63,16 @@ pub struct BenchArgs {
     pub token: Option<String>,
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc` (Linux;
+/// `None` elsewhere). Clock ticks are taken as 100 Hz, the Linux default.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 /// Process-local monotonic nanoseconds (publisher and receiver share it).
 fn mono_ns(base: Instant) -> u64 {
     u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
@@ -141,6 +151,9 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 }
 
 struct PhaseResult {
+    /// CPU of the broker and of this load generator, in % of one core over the phase.
+    server_cpu_pct: Option<f64>,
+    loadgen_cpu_pct: Option<f64>,
     publish_per_s: f64,
     e2e_per_s: f64,
     ack_p50_ms: f64,
@@ -160,6 +173,7 @@ struct Bench {
     payload: usize,
     inflight: usize,
     run_id: u64,
+    server_pid: Option<u32>,
 }
 
 impl Bench {
@@ -189,6 +203,7 @@ impl Bench {
         let errors = Arc::new(AtomicU64::new(0));
         let last_ack = Arc::new(AtomicU64::new(0));
         let base = self.shared.base;
+        let cpu0 = (self.server_pid.and_then(cpu_seconds), cpu_seconds(std::process::id()));
         let t0 = mono_ns(base);
         let publish_one = {
             let client = self.client.clone();
@@ -306,6 +321,10 @@ impl Bench {
             .expect("bench lock")
             .take()
             .ok_or("phase record missing")?;
+        let wall = mono_ns(base).saturating_sub(t0) as f64 / 1e9;
+        let cpu_pct = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / wall.max(1e-9) * 100.0);
+        let server_cpu_pct = cpu_pct(cpu0.0, self.server_pid.and_then(cpu_seconds));
+        let loadgen_cpu_pct = cpu_pct(cpu0.1, cpu_seconds(std::process::id()));
         let mut acks = std::mem::take(&mut *acks.lock().expect("acks"));
         acks.sort_unstable();
         let mut e2e = rec.e2e_ns;
@@ -313,6 +332,8 @@ impl Bench {
         let pub_s = (last_ack.load(Ordering::Relaxed).saturating_sub(t0)) as f64 / 1e9;
         let e2e_s = rec.last_ns.saturating_sub(t0) as f64 / 1e9;
         Ok(PhaseResult {
+            server_cpu_pct,
+            loadgen_cpu_pct,
             publish_per_s: acks.len() as f64 / pub_s.max(1e-9),
             e2e_per_s: rec.received as f64 / e2e_s.max(1e-9),
             ack_p50_ms: pct(&acks, 0.50),
@@ -368,6 +389,10 @@ impl Drop for ChildBroker {
     }
 }
 
+fn fmt_pct(p: Option<f64>) -> String {
+    p.map_or("n/a".to_string(), |p| format!("{p:.0}%"))
+}
+
 fn median_by<T>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
     if v.is_empty() {
         return None;
@@ -403,13 +428,13 @@ async fn run(args: BenchArgs) -> Result<(), String> {
 
     if want("throughput") || want("latency") {
         let child;
-        let (url, token) = match &args.url {
-            Some(u) => (u.clone(), args.token.clone()),
+        let (url, token, server_pid) = match &args.url {
+            Some(u) => (u.clone(), args.token.clone(), None),
             None => {
                 let data = work.join("broker");
                 let _ = std::fs::remove_dir_all(&data);
                 child = ChildBroker::start(&data, &work.join("broker.log"))?;
-                (child.url.clone(), None)
+                (child.url.clone(), None, Some(child.child.id()))
             }
         };
         let client = BrokerClient::new(url.clone(), token);
@@ -435,6 +460,7 @@ async fn run(args: BenchArgs) -> Result<(), String> {
             payload: args.payload,
             inflight: args.inflight,
             run_id: unix_nanos_now(),
+            server_pid,
         };
         println!(
             "broker: {url}; payload {} B; {} publishes in flight",
@@ -447,7 +473,7 @@ async fn run(args: BenchArgs) -> Result<(), String> {
             for r in 0..args.repeat.max(1) {
                 let res = bench.phase(&format!("thr{r}"), 10 + r, args.msgs, None).await?;
                 println!(
-                    "throughput run {r}: {} msgs: {:.0} acked publishes/s, {:.0} e2e msgs/s, ack p50/p99 {:.2}/{:.2} ms, e2e p50/p99 {:.2}/{:.2} ms, delivered {}, duplicates {}, publish errors {}",
+                    "throughput run {r}: {} msgs: {:.0} acked publishes/s, {:.0} e2e msgs/s, ack p50/p99 {:.2}/{:.2} ms, e2e p50/p99 {:.2}/{:.2} ms, delivered {}, duplicates {}, publish errors {}, CPU broker {} loadgen {}",
                     args.msgs,
                     res.publish_per_s,
                     res.e2e_per_s,
@@ -457,7 +483,9 @@ async fn run(args: BenchArgs) -> Result<(), String> {
                     res.e2e_p99_ms,
                     res.delivered,
                     res.duplicates,
-                    res.errors
+                    res.errors,
+                    fmt_pct(res.server_cpu_pct),
+                    fmt_pct(res.loadgen_cpu_pct)
                 );
                 runs.push(res);
             }
@@ -470,7 +498,7 @@ async fn run(args: BenchArgs) -> Result<(), String> {
         if want("latency") {
             let res = bench.phase("lat", 2, args.lat_msgs, Some(args.rate)).await?;
             println!(
-                "latency at {} msgs/s ({} msgs): e2e p50/p99 {:.2}/{:.2} ms, ack p50/p99 {:.2}/{:.2} ms, delivered {}, late sends {}, publish errors {}",
+                "latency at {} msgs/s ({} msgs): e2e p50/p99 {:.2}/{:.2} ms, ack p50/p99 {:.2}/{:.2} ms, delivered {}, late sends {}, publish errors {}, CPU broker {} loadgen {}",
                 args.rate,
                 args.lat_msgs,
                 res.e2e_p50_ms,
@@ -479,7 +507,9 @@ async fn run(args: BenchArgs) -> Result<(), String> {
                 res.ack_p99_ms,
                 res.delivered,
                 res.late,
-                res.errors
+                res.errors,
+                fmt_pct(res.server_cpu_pct),
+                fmt_pct(res.loadgen_cpu_pct)
             );
             summary.insert("lat_rate".into(), args.rate.into());
             summary.insert("lat_e2e_p50_ms".into(), res.e2e_p50_ms.into());
@@ -516,6 +546,7 @@ async fn run(args: BenchArgs) -> Result<(), String> {
             build.as_secs_f64()
         );
         let dir2 = dir.clone();
+        let cpu0 = cpu_seconds(std::process::id());
         let (report, took) = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let r = server::recover(&dir2, recovery_config(), 1).map(|(_, _, report)| report);
@@ -524,7 +555,14 @@ async fn run(args: BenchArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
         let report = report.map_err(|e| e.to_string())?;
+        let cpu = cpu0.zip(cpu_seconds(std::process::id())).map(|(a, b)| b - a);
         let per_s = report.records as f64 / took.as_secs_f64().max(1e-9);
+        if let Some(cpu) = cpu {
+            println!(
+                "recovery: {cpu:.2} CPU seconds ({:.0} records per CPU second)",
+                report.records as f64 / cpu.max(0.01)
+            );
+        }
         println!(
             "recovery: replayed {} records ({:.1} MB) in {:.3} s: {:.0} records/s ({:.0} MB/s)",
             report.records,
