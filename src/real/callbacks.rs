@@ -198,12 +198,20 @@ pub struct CallbackConfig {
     pub inflight_per_subscriber_max: usize,
 }
 
+/// Per subscriber: its delivery window and its last URL, checked once.
+struct Window {
+    slots: Arc<Semaphore>,
+    url: String,
+    /// The allowlist's verdict on `url` (parsing a URL per callback is not free).
+    checked: Result<reqwest::Url, UrlError>,
+}
+
 /// Spawns one task per callback and collects their results on a channel.
 pub struct Dispatcher {
     http: reqwest::Client,
     signing_key: Option<Arc<[u8]>>,
-    allow: Arc<Allowlist>,
-    per_subscriber: BTreeMap<ClientId, Arc<Semaphore>>,
+    allow: Allowlist,
+    per_subscriber: BTreeMap<ClientId, Window>,
     inflight_per_subscriber_max: usize,
     total: Arc<Semaphore>,
     results: mpsc::Sender<(DeliveryId, CallbackResult)>,
@@ -228,7 +236,7 @@ impl Dispatcher {
             Dispatcher {
                 http,
                 signing_key: config.signing_key.map(Arc::from),
-                allow: Arc::new(config.allow),
+                allow: config.allow,
                 per_subscriber: BTreeMap::new(),
                 inflight_per_subscriber_max: config.inflight_per_subscriber_max.max(1),
                 total: Arc::new(Semaphore::new(CALLBACKS_INFLIGHT_TOTAL_MAX)),
@@ -239,46 +247,53 @@ impl Dispatcher {
     }
 
     pub fn dispatch(&mut self, cb: Callback) {
-        let window = self.window(&cb.client);
+        let (window, url) = self.window(&cb.client, &cb.url);
         let http = self.http.clone();
         let key = self.signing_key.clone();
-        let allow = self.allow.clone();
         let total = self.total.clone();
         let results = self.results.clone();
         tokio::spawn(async move {
             let delivery = cb.delivery;
-            let result = match (window.acquire_owned().await, total.acquire_owned().await) {
-                (Ok(_w), Ok(_t)) => post(&http, key.as_deref(), &allow, cb).await,
-                _ => CallbackResult::Failed,
+            let result = match url {
+                Err(e) => {
+                    tracing::warn!(client = %cb.client, msg = %cb.message.msg_id, "callback refused: {e}");
+                    CallbackResult::Failed
+                }
+                Ok(url) => match (window.acquire_owned().await, total.acquire_owned().await) {
+                    (Ok(_w), Ok(_t)) => post(&http, key.as_deref(), url, cb).await,
+                    _ => CallbackResult::Failed,
+                },
             };
             // The driver is gone only at shutdown; the delivery is then retried after restart.
             let _ = results.send((delivery, result)).await;
         });
     }
 
-    fn window(&mut self, client: &ClientId) -> Arc<Semaphore> {
-        if let Some(s) = self.per_subscriber.get(client) {
-            return s.clone();
+    fn window(&mut self, client: &ClientId, url: &str) -> (Arc<Semaphore>, Result<reqwest::Url, UrlError>) {
+        if let Some(w) = self.per_subscriber.get_mut(client) {
+            if w.url != url {
+                // The subscriber renewed with another URL.
+                w.url = url.to_string();
+                w.checked = self.allow.check_url(url);
+            }
+            return (w.slots.clone(), w.checked.clone());
         }
-        // Forget idle subscribers so the map stays bounded by the ones in use.
         if self.per_subscriber.len() >= SUBSCRIBER_WINDOWS_MAX {
             // A window is in use while a callback task holds a clone of it.
-            self.per_subscriber.retain(|_, s| Arc::strong_count(s) > 1);
+            self.per_subscriber.retain(|_, w| Arc::strong_count(&w.slots) > 1);
         }
-        let s = Arc::new(Semaphore::new(self.inflight_per_subscriber_max));
-        self.per_subscriber.insert(client.clone(), s.clone());
-        s
+        let w = Window {
+            slots: Arc::new(Semaphore::new(self.inflight_per_subscriber_max)),
+            url: url.to_string(),
+            checked: self.allow.check_url(url),
+        };
+        let out = (w.slots.clone(), w.checked.clone());
+        self.per_subscriber.insert(client.clone(), w);
+        out
     }
 }
 
-async fn post(http: &reqwest::Client, key: Option<&[u8]>, allow: &Allowlist, cb: Callback) -> CallbackResult {
-    let url = match allow.check_url(&cb.url) {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(client = %cb.client, msg = %cb.message.msg_id, "callback refused: {e}");
-            return CallbackResult::Failed;
-        }
-    };
+async fn post(http: &reqwest::Client, key: Option<&[u8]>, url: reqwest::Url, cb: Callback) -> CallbackResult {
     let body = match serde_json::to_vec(&cb.message) {
         Ok(b) => b,
         Err(e) => {
