@@ -191,6 +191,10 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     let shutdown_handle = handle.clone();
     let task = tokio::spawn(async move {
         let (grace_tx, grace_rx) = oneshot::channel::<()>();
+        // Small request/response exchanges: never let Nagle hold a reply back.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        });
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stop_rx.await;
             let _ = grace_tx.send(());
