@@ -183,6 +183,8 @@ pub struct ParticipantHost<P: Participant> {
     retries: BTreeSet<(Time, OutboxId)>,
     outbox_id_next: u64,
     lsn_last: Lsn,
+    /// The last `Effect` record: what decisions are judged against (acks are not).
+    lsn_effect_last: Lsn,
     lsn_durable: Lsn,
     waiting: BTreeMap<Lsn, Vec<Waiter>>,
     waiting_len: usize,
@@ -224,6 +226,7 @@ impl<P: Participant> ParticipantHost<P> {
             retries: BTreeSet::new(),
             outbox_id_next: 0,
             lsn_last: Lsn(0),
+            lsn_effect_last: Lsn(0),
             lsn_durable: Lsn(0),
             waiting: BTreeMap::new(),
             waiting_len: 0,
@@ -251,6 +254,7 @@ impl<P: Participant> ParticipantHost<P> {
             host.replay(Lsn(lsn), record);
         }
         host.lsn_last = Lsn(lsn);
+        host.lsn_effect_last = Lsn(lsn);
         host.lsn_durable = Lsn(lsn);
         // Everything recovered is durable and possibly unacknowledged: publish it
         // again on the first timeout. The broker dedups by (GlobalID, SubID).
@@ -344,27 +348,29 @@ impl<P: Participant> ParticipantHost<P> {
         recovered
             .records
             .iter()
-            .map(|(_, payload)| match serde_json::from_slice::<HostRecord<P::Change>>(payload) {
-                Ok(HostRecord::Effect { inbox, change, outbox }) => {
-                    let mut line = String::from("effect");
-                    if let Some(k) = inbox {
-                        line.push_str(&format!(" inbox={k}"));
+            .map(
+                |(_, payload)| match serde_json::from_slice::<HostRecord<P::Change>>(payload) {
+                    Ok(HostRecord::Effect { inbox, change, outbox }) => {
+                        let mut line = String::from("effect");
+                        if let Some(k) = inbox {
+                            line.push_str(&format!(" inbox={k}"));
+                        }
+                        if let Some(c) = change {
+                            let json = serde_json::to_string(&c).unwrap_or_else(|e| format!("<{e}>"));
+                            line.push_str(&format!(" change={json}"));
+                        }
+                        for e in outbox {
+                            line.push_str(&format!(
+                                " outbox#{}={} {}/{} {}",
+                                e.id.0, e.publish.topic, e.publish.global_id, e.publish.sub_id, e.publish.content
+                            ));
+                        }
+                        line
                     }
-                    if let Some(c) = change {
-                        let json = serde_json::to_string(&c).unwrap_or_else(|e| format!("<{e}>"));
-                        line.push_str(&format!(" change={json}"));
-                    }
-                    for e in outbox {
-                        line.push_str(&format!(
-                            " outbox#{}={} {}/{} {}",
-                            e.id.0, e.publish.topic, e.publish.global_id, e.publish.sub_id, e.publish.content
-                        ));
-                    }
-                    line
-                }
-                Ok(HostRecord::Acked { outbox }) => format!("acked outbox#{}", outbox.0),
-                Err(e) => format!("undecodable record: {e}"),
-            })
+                    Ok(HostRecord::Acked { outbox }) => format!("acked outbox#{}", outbox.0),
+                    Err(e) => format!("undecodable record: {e}"),
+                },
+            )
             .collect()
     }
 
@@ -393,7 +399,7 @@ impl<P: Participant> ParticipantHost<P> {
             }
             Decision::Ignore => {
                 self.stats.ignored += 1;
-                self.answer_at(self.lsn_last, Waiter::Answer(token));
+                self.answer_at(self.lsn_effect_last, Waiter::Answer(token));
             }
             Decision::Refuse(_) => {
                 self.stats.refused += 1;
@@ -418,7 +424,7 @@ impl<P: Participant> ParticipantHost<P> {
             }
             Decision::Ignore => {
                 self.stats.ignored += 1;
-                self.answer_at(self.lsn_last, Waiter::Command(command));
+                self.answer_at(self.lsn_effect_last, Waiter::Command(command));
             }
             Decision::Refuse(why) => self.refuse_command(command, why),
         }
@@ -477,6 +483,7 @@ impl<P: Participant> ParticipantHost<P> {
             outbox: entries,
         };
         let lsn = self.persist(&record);
+        self.lsn_effect_last = lsn;
         let HostRecord::Effect { change, outbox, .. } = record else {
             unreachable!("built as an Effect above")
         };

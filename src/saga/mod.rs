@@ -31,6 +31,9 @@ pub mod scenario;
 pub mod stock;
 pub mod topics;
 
+#[cfg(test)]
+mod tests;
+
 pub use content::{CancelledBody, ORDER_ID_LEN_MAX, OrderBody, PaymentBody, ReleasedBody};
 pub use host::{AnyParticipant, HostConfig, HostRecord, HostStats, OutboxEntryRecord, ParticipantHost, RecoveryReport};
 pub use ids::{CustomerId, ProductId};
@@ -143,11 +146,9 @@ impl fmt::Display for ParticipantOutput {
                 "publish outbox#{} {} {}/{} {}",
                 outbox.0, publish.topic, publish.global_id, publish.sub_id, publish.content
             ),
-            ParticipantOutput::Subscribe(s) => write!(
-                f,
-                "subscribe {} {} expire={}",
-                s.client_id, s.topic, s.expire_time
-            ),
+            ParticipantOutput::Subscribe(s) => {
+                write!(f, "subscribe {} {} expire={}", s.client_id, s.topic, s.expire_time)
+            }
             ParticipantOutput::Answer { token, ok } => {
                 write!(f, "answer token#{} {}", token.0, if *ok { "ok" } else { "not-ok" })
             }
