@@ -747,6 +747,10 @@ pub trait AnyParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn as_any(&self) -> &dyn std::any::Any;
     /// Readable lines for the records in `frames` (see [`ParticipantHost::describe_frames`]).
     fn describe_frames(&self, frames: &[u8]) -> Vec<String>;
+    /// Whether the broker confirmed every subscription.
+    fn subscribed(&self) -> bool;
+    /// Outbox entries the broker has not acknowledged.
+    fn outbox_len(&self) -> usize;
 }
 
 impl<P: Participant> AnyParticipant for ParticipantHost<P> {
@@ -766,5 +770,13 @@ impl<P: Participant> AnyParticipant for ParticipantHost<P> {
 
     fn describe_frames(&self, frames: &[u8]) -> Vec<String> {
         Self::describe_frames(frames)
+    }
+
+    fn subscribed(&self) -> bool {
+        ParticipantHost::subscribed(self)
+    }
+
+    fn outbox_len(&self) -> usize {
+        ParticipantHost::outbox_len(self)
     }
 }
