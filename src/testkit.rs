@@ -402,7 +402,8 @@ impl World {
                     }
                     self.callbacks.insert(cb.delivery, cb.client.clone());
                     let token = CallbackToken(cb.delivery.0);
-                    let duplicate = self.duplicate_every > 0 && self.stats.callbacks.is_multiple_of(self.duplicate_every);
+                    let duplicate =
+                        self.duplicate_every > 0 && self.stats.callbacks.is_multiple_of(self.duplicate_every);
                     if duplicate {
                         self.stats.duplicated_callbacks += 1;
                         let copy = ParticipantInput::Deliver {
