@@ -252,6 +252,20 @@ impl World {
         self.paused.insert(client);
     }
 
+    /// Operator action: moves every participant's dead letters back to its
+    /// queue (do this when healing after faults that outlast the broker's
+    /// attempt limit).
+    pub fn redrive_all(&mut self) {
+        let clients: Vec<ClientId> = self.nodes.keys().cloned().collect();
+        for client in clients {
+            // The reply is not routed anywhere: no participant asked.
+            let req = RequestId(self.request_next);
+            self.request_next += 1;
+            self.queue
+                .push_back(Envelope::ToBroker(BrokerInput::Redrive { req, client }));
+        }
+    }
+
     pub fn resume(&mut self, client: &str) {
         let client = ClientId::lit(client);
         self.log(|| format!("{client} RESUMED"));

@@ -169,9 +169,10 @@ fn saga_order_waiting_for_payment_cancels_both_steps_at_its_deadline() {
     conserved(&world, &scenario);
 }
 
-/// Crashes a participant (or the broker) every few hundred steps, sometimes
-/// with a torn write, then lets the run settle: recovery from the records
-/// alone must keep every invariant.
+/// Crashes a participant or the broker every few dozen steps (sometimes with
+/// a torn write), duplicates callbacks and sometimes makes stock unreachable
+/// for a while; then heals (redrives dead letters) and lets the run settle:
+/// recovery from the records alone must keep every invariant.
 #[test]
 fn saga_scenario_survives_crashes_of_every_node() {
     use sagamq::rng::Rng;
@@ -181,14 +182,15 @@ fn saga_scenario_survives_crashes_of_every_node() {
         topics::PAYMENT_SERVICE,
         "broker",
     ];
-    for seed in 0..3 {
+    for seed in 0..12 {
         let scenario = scenario::saga(seed);
         let mut world = World::for_scenario(&scenario, seed);
         world.trace_enabled = false;
+        world.duplicate_every = seed % 4;
         world.start().unwrap();
-        let mut rng = Rng::new(seed);
-        for _ in 0..8 {
-            let target = world.stats().steps + rng.range_inclusive(20, 120);
+        let mut rng = Rng::new(seed ^ 0xABC);
+        for _ in 0..15 {
+            let target = world.stats().steps + rng.range_inclusive(5, 150);
             let limit = world.now().plus(Duration::from_secs(60));
             if world
                 .run_until(limit, |w| w.stats().steps >= target || w.saga_settled())
@@ -196,16 +198,22 @@ fn saga_scenario_survives_crashes_of_every_node() {
             {
                 break;
             }
-            let torn = rng.chance(300_000).then(|| rng.below(64) as usize);
+            let torn = rng.chance(300_000).then(|| rng.below(400) as usize);
             let node = nodes[rng.below(nodes.len() as u64) as usize];
             if node == "broker" {
                 world.crash_broker(torn).unwrap();
             } else {
                 world.crash(node, torn).unwrap();
             }
+            if rng.chance(100_000) {
+                world.pause(topics::STOCK_SERVICE);
+                world.run_for(Duration::from_secs(25)).unwrap();
+                world.resume(topics::STOCK_SERVICE);
+            }
         }
-        settle(&mut world, Duration::from_secs(300));
-        assert!(world.stats().crashes >= 8, "seed {seed}");
+        world.redrive_all();
+        settle(&mut world, Duration::from_secs(600));
+        assert!(world.stats().crashes >= 5, "seed {seed}: {:?}", world.stats());
         assert_clean(&world);
         conserved(&world, &scenario);
     }
@@ -227,4 +235,21 @@ fn seed_scenario_trace() {
     insta::with_settings!({snapshot_path => "../snapshots", prepend_module_to_snapshot => false}, {
         insta::assert_snapshot!("saga_seed_e2e_trace", lines.join("\n"));
     });
+}
+
+#[test]
+fn same_seed_same_trace() {
+    let run = || {
+        let mut world = World::for_scenario(&scenario::saga(9), 9);
+        world.duplicate_every = 5;
+        world.start().unwrap();
+        world.run_for(Duration::from_millis(700)).unwrap();
+        world.crash(topics::STOCK_SERVICE, Some(7)).unwrap();
+        world.crash_broker(None).unwrap();
+        settle(&mut world, Duration::from_secs(300));
+        world.trace().to_vec()
+    };
+    let (a, b) = (run(), run());
+    assert!(a.len() > 1000);
+    assert_eq!(a, b);
 }
