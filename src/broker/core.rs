@@ -489,12 +489,13 @@ impl Broker {
         (1 + settled_chunks + self.subs_count + self.subs_retired + self.messages.len() + self.dead_total) as u64
     }
 
-    /// Ends a call: dispatches what can go, then emits the batch as one
-    /// `Persist` (so the driver can group-commit), or as a compacting `Rewrite`
-    /// when the log holds enough garbage.
+    /// Ends a call: emits the batch as one `Persist` (so the driver can
+    /// group-commit), or as a compacting `Rewrite` when the log holds enough
+    /// garbage, then dispatches what can go.
     fn finish(&mut self, now: Time) {
-        self.pump(now);
+        // Records first: a trace then reads cause (persist) before effect (callback).
         self.flush();
+        self.pump(now);
     }
 
     fn flush(&mut self) {
