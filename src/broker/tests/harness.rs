@@ -23,6 +23,8 @@ pub struct Harness {
     pub callbacks: Vec<Callback>,
     pub replies: BTreeMap<RequestId, Reply>,
     pub last_recovery: Option<RecoveryReport>,
+    /// Whether the last crash was torn (may have kept unsynced bytes).
+    pub last_torn: bool,
     /// Highest lsn written to the disk and not yet reported durable.
     unsynced: Option<Lsn>,
     next_req: u64,
@@ -59,6 +61,7 @@ impl Harness {
             callbacks: Vec::new(),
             replies: BTreeMap::new(),
             last_recovery: None,
+            last_torn: false,
             unsynced: None,
             next_req: 1,
             trace_persist: true,
@@ -239,12 +242,14 @@ impl Harness {
     /// Crashes (unsynced writes lost) and recovers from the durable log.
     pub fn crash(&mut self) {
         self.disk.crash();
+        self.last_torn = false;
         self.restart("crash");
     }
 
     /// Crashes keeping the first `keep` unsynced bytes (a torn write).
     pub fn crash_torn(&mut self, keep: usize) {
         self.disk.crash_torn(keep);
+        self.last_torn = true;
         self.restart("torn crash");
     }
 

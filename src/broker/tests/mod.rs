@@ -2,4 +2,5 @@
 //! property test checking random histories (with crashes) against a model.
 
 mod harness;
+mod model;
 mod scenarios;
