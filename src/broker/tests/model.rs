@@ -67,7 +67,7 @@ fn action() -> impl Strategy<Value = Action> {
 fn config() -> BrokerConfig {
     BrokerConfig {
         subscriptions_max: 4,
-        messages_max: 6,
+        messages_max: 4,
         pending_per_subscriber_max: 4,
         dead_letters_per_subscriber_max: 5,
         inflight_per_subscriber_max: 2,
@@ -475,7 +475,7 @@ fn heal(h: &mut Harness, m: &mut Model) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn random_histories_with_crashes_keep_the_broker_invariants(actions in prop::collection::vec(action(), 1..80)) {
