@@ -15,6 +15,7 @@ mod apply;
 mod compact;
 mod config;
 mod core;
+mod dedup;
 mod delivery;
 mod display;
 mod record;
