@@ -155,10 +155,11 @@ pub fn run(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> RunResult {
     let rt = Runtime::with_seed_and_config(seed, net);
     let plan = plan.clone();
     let cfg = cfg.clone();
-    rt.block_on(async move { supervise(seed, plan, cfg).await })
+    rt.block_on(simulate(seed, plan, cfg))
 }
 
-async fn supervise(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
+/// The run itself, inside a madsim runtime (exposed for madsim's determinism checker).
+pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     let mut skews = [Skew::default(); NODES.len()];
     let mut faults = BTreeMap::new();
     for f in &plan.faults {
