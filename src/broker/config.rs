@@ -10,11 +10,14 @@ pub struct BrokerConfig {
     pub messages_max: usize,
     /// Messages queued for one subscriber (pending + in flight + backing off).
     pub pending_per_subscriber_max: usize,
-    /// Dead letters kept per subscriber; past it the publish that would add more is refused upstream by `pending_per_subscriber_max`.
+    /// Dead letters kept per subscriber. A publish is refused (`DeadLettersFull`)
+    /// while queued + dead letters of an entitled subscriber reach it, since every
+    /// queued message may still become a dead letter.
     pub dead_letters_per_subscriber_max: usize,
     /// Callbacks in flight per subscriber (the delivery window).
     pub inflight_per_subscriber_max: usize,
-    /// Publishes accepted but not yet durable.
+    /// Requests (publishes, duplicates waiting for their original, subscribes,
+    /// unsubscribes, redrives) accepted but whose answer waits for an fsync.
     pub publishes_unsynced_max: usize,
     /// `(GlobalID, SubID)` keys remembered after their message settled.
     pub dedup_settled_max: usize,
@@ -25,7 +28,8 @@ pub struct BrokerConfig {
     pub retry_backoff_max: Duration,
     /// Attempts per (subscriber, message) before it becomes a dead letter.
     pub attempts_max: u32,
-    /// Compact when the log holds more than this many records beyond the live state.
+    /// Compact when the log holds more than this many records beyond the live
+    /// state (and, to keep the snapshot cost amortised, more than the live state).
     pub compact_garbage_records_min: u64,
 }
 

@@ -11,9 +11,15 @@
 //! message (2xx) or finds it in its dead-letter list; every queue and map is
 //! bounded by a named [`BrokerConfig`] field and answers "full" when reached.
 
+mod apply;
+mod compact;
 mod config;
 mod core;
+mod delivery;
+mod display;
 mod record;
+#[cfg(test)]
+mod tests;
 
 pub use self::config::BrokerConfig;
 pub use self::core::{Broker, BrokerStats, RecoveryReport, SubscriberStats};
@@ -125,11 +131,16 @@ pub enum BrokerError {
     QueueFull {
         client: ClientId,
     },
+    /// A subscriber's dead letters plus queued messages (each may still become
+    /// one) reached `dead_letters_per_subscriber_max`: redrive them first.
+    DeadLettersFull {
+        client: ClientId,
+    },
     /// `messages_max` live messages are stored.
     TooManyMessages,
     /// `subscriptions_max` subscriptions exist.
     TooManySubscriptions,
-    /// `publishes_unsynced_max` publishes are waiting for their fsync.
+    /// `publishes_unsynced_max` requests are waiting for their fsync.
     TooManyUnsyncedPublishes,
     /// The subscription's `NotifyUrl` is empty or longer than `URL_LEN_MAX`.
     InvalidUrl,
@@ -146,9 +157,12 @@ impl fmt::Display for BrokerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BrokerError::QueueFull { client } => write!(f, "queue of subscriber {client} is full"),
+            BrokerError::DeadLettersFull { client } => {
+                write!(f, "dead-letter list of subscriber {client} is full; redrive it first")
+            }
             BrokerError::TooManyMessages => write!(f, "broker holds its maximum number of live messages"),
             BrokerError::TooManySubscriptions => write!(f, "broker holds its maximum number of subscriptions"),
-            BrokerError::TooManyUnsyncedPublishes => write!(f, "too many publishes waiting for fsync; retry"),
+            BrokerError::TooManyUnsyncedPublishes => write!(f, "too many requests waiting for fsync; retry"),
             BrokerError::InvalidUrl => write!(f, "NotifyUrl is empty or too long"),
             BrokerError::ContentTooLong { len } => {
                 write!(

@@ -1,16 +1,44 @@
-//! Saga participants (order, stock, payment) as sans-IO state machines.
+//! Saga participants (order, stock, payment) as sans-IO state machines, and the
+//! extension point for users' own participants.
 //!
 //! **Invariant:** a participant commits its state change, the messages it will
 //! publish (outbox) and the `(GlobalID, SubID)` it consumed (inbox) in one
-//! durable record, and answers a callback only once that record is durable. So
-//! a crash can neither lose a reply nor apply an effect twice.
+//! durable record, publishes nothing before that record is durable, and answers
+//! a callback only once it is. So a crash can neither lose a reply nor apply an
+//! effect twice.
 //!
-//! Drivers (simulator, real runtime) speak to every participant through
-//! [`ParticipantInput`] / [`ParticipantOutput`] and the [`crate::Machine`] trait.
-//! TODO(issue 3): the participants and the extension trait.
+//! Code map:
+//! - [`Participant`] (participant.rs): the trait a participant implements —
+//!   business logic only (topics, decide, apply, deadlines).
+//! - [`ParticipantHost`] (host.rs): the generic [`crate::Machine`] around a
+//!   [`Participant`]: inbox, outbox, records, durability, subscriptions, retries.
+//! - [`stock`], [`payment`], [`order`]: the shipped participants.
+//! - [`scenario`]: the named workloads (`seed`, `saga`); [`audit`]: the saga's
+//!   invariants as a function of the participants' state.
+//!
+//! Drivers (simulator, real runtime, [`crate::testkit`]) speak to every
+//! participant through [`ParticipantInput`] / [`ParticipantOutput`] and the
+//! [`crate::Machine`] trait.
+
+pub mod audit;
+mod content;
+mod host;
+mod ids;
+pub mod order;
+mod participant;
+pub mod payment;
+pub mod scenario;
+pub mod stock;
+pub mod topics;
+
+pub use content::{CancelledBody, ORDER_ID_LEN_MAX, OrderBody, PaymentBody, ReleasedBody};
+pub use host::{AnyParticipant, HostConfig, HostRecord, HostStats, OutboxEntryRecord, ParticipantHost, RecoveryReport};
+pub use ids::{CustomerId, ProductId};
+pub use participant::{Decision, Outgoing, Participant};
 
 use crate::broker::Lsn;
 use crate::types::{Message, MsgId, PublishRequest, SubscribeRequest, Topic};
+use std::fmt;
 
 /// Chosen by the driver to match an answer to an incoming callback.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -41,7 +69,7 @@ pub enum Command {
     CreateOrder(OrderSpec),
 }
 
-/// An order as the workload asks for it.
+/// An order as the workload asks for it. `amount = quantity * price`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OrderSpec {
     pub order_id: String,
@@ -61,4 +89,72 @@ pub enum ParticipantOutput {
     Subscribe(SubscribeRequest),
     /// Answer a callback: `ok` means 2xx (processed, durable).
     Answer { token: CallbackToken, ok: bool },
+    /// The outcome of a [`ParticipantInput::Command`]: `Committed` once its
+    /// record is durable, `Refused` at once (nothing was recorded).
+    CommandDone { command: Command, outcome: CommandOutcome },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandOutcome {
+    Committed,
+    Refused(String),
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::CreateOrder(o) => write!(
+                f,
+                "create-order {} customer={} product={} quantity={} price={}",
+                o.order_id, o.customer_id, o.product_id, o.quantity, o.price
+            ),
+        }
+    }
+}
+
+impl fmt::Display for ParticipantInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParticipantInput::Deliver { token, message } => write!(
+                f,
+                "deliver token#{} {} {} {}/{} {}",
+                token.0, message.msg_id, message.topic, message.global_id, message.sub_id, message.content
+            ),
+            ParticipantInput::PublishAcked { outbox, msg_id } => {
+                write!(f, "publish-acked outbox#{} {msg_id}", outbox.0)
+            }
+            ParticipantInput::PublishFailed { outbox } => write!(f, "publish-failed outbox#{}", outbox.0),
+            ParticipantInput::Subscribed { topic } => write!(f, "subscribed {topic}"),
+            ParticipantInput::Durable { lsn } => write!(f, "durable lsn={}", lsn.0),
+            ParticipantInput::Command(c) => write!(f, "command {c}"),
+        }
+    }
+}
+
+impl fmt::Display for ParticipantOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParticipantOutput::Persist { lsn, frames } => {
+                let records = crate::log::decode_all(frames).map_or(0, |r| r.records.len());
+                write!(f, "persist lsn={} records={records} bytes={}", lsn.0, frames.len())
+            }
+            ParticipantOutput::Publish { outbox, publish } => write!(
+                f,
+                "publish outbox#{} {} {}/{} {}",
+                outbox.0, publish.topic, publish.global_id, publish.sub_id, publish.content
+            ),
+            ParticipantOutput::Subscribe(s) => write!(
+                f,
+                "subscribe {} {} expire={}",
+                s.client_id, s.topic, s.expire_time
+            ),
+            ParticipantOutput::Answer { token, ok } => {
+                write!(f, "answer token#{} {}", token.0, if *ok { "ok" } else { "not-ok" })
+            }
+            ParticipantOutput::CommandDone { command, outcome } => match outcome {
+                CommandOutcome::Committed => write!(f, "command-done committed: {command}"),
+                CommandOutcome::Refused(why) => write!(f, "command-done refused ({why}): {command}"),
+            },
+        }
+    }
 }

@@ -1,0 +1,496 @@
+//! The order participant: the saga's state machine (choreography).
+//!
+//! `seed` flow: `Pending` -> `StockOutboundDone` | `StockOutboundFailed`.
+//! `saga` flow: `Pending` -> `StockOutboundDone` (payment requested) ->
+//! `Completed`, or -> `Compensating` (payment refused: release the stock) ->
+//! `Compensated`. In both flows an order still `Pending` (or, in the saga
+//! flow, waiting for payment) at its deadline cancels: it publishes a stock
+//! release (and a payment cancel if it asked for payment) and ends
+//! `Compensated` once every compensation is confirmed.
+//!
+//! **Invariants:** an order is created by a durable command before anything is
+//! published for it; each order takes each transition at most once; a
+//! `Compensated` order has had every effect it may have caused undone (stock
+//! released; payment cancelled whenever payment was requested).
+
+use super::content::{ORDER_ID_LEN_MAX, OrderBody, PaymentBody, step, sub_id, to_json};
+use super::ids::{CustomerId, ProductId};
+use super::participant::{Decision, Outgoing, Participant};
+use super::{Command, OrderSpec, topics};
+use crate::types::{GlobalId, Message, Time, Topic};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+/// Orders the order participant keeps; past it `CreateOrder` is refused.
+pub const ORDERS_MAX: usize = 1_000_000;
+
+/// Which saga the order participant runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum OrderFlow {
+    /// Steps 1–3 (the Go seed): stock only.
+    Seed,
+    /// Stock, then payment, with compensation.
+    Saga,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum OrderStatus {
+    Pending,
+    /// Stock deducted. Terminal in the seed flow; waiting for payment in the saga flow.
+    StockOutboundDone,
+    /// Stock refused. Terminal.
+    StockOutboundFailed,
+    /// Paid. Terminal.
+    Completed,
+    /// Undoing its effects; waiting for the confirmations.
+    Compensating,
+    /// Every effect undone. Terminal.
+    Compensated,
+}
+
+impl OrderStatus {
+    pub fn is_terminal(self, flow: OrderFlow) -> bool {
+        match self {
+            OrderStatus::StockOutboundDone => flow == OrderFlow::Seed,
+            OrderStatus::StockOutboundFailed | OrderStatus::Completed | OrderStatus::Compensated => true,
+            OrderStatus::Pending | OrderStatus::Compensating => false,
+        }
+    }
+}
+
+impl fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CompensationReason {
+    PaymentRefused,
+    /// Heard nothing conclusive within the order's deadline.
+    Deadline,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compensation {
+    pub reason: CompensationReason,
+    pub release_confirmed: bool,
+    /// `None`: no payment cancel needed; `Some(confirmed)` otherwise.
+    pub payment_cancel_confirmed: Option<bool>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderState {
+    pub customer: CustomerId,
+    pub product: ProductId,
+    pub quantity: u64,
+    pub price: u64,
+    pub amount: u64,
+    pub status: OrderStatus,
+    pub created_at: Time,
+    /// Cancel if still waiting at this time; `None` once no longer waiting.
+    pub deadline: Option<Time>,
+    pub payment_requested: bool,
+    pub compensation: Option<Compensation>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrderChange {
+    Created {
+        order: GlobalId,
+        customer: CustomerId,
+        product: ProductId,
+        quantity: u64,
+        price: u64,
+        amount: u64,
+        at: Time,
+        deadline: Option<Time>,
+    },
+    StockAnswered {
+        order: GlobalId,
+        ok: bool,
+    },
+    PaymentAnswered {
+        order: GlobalId,
+        ok: bool,
+    },
+    TimedOut {
+        order: GlobalId,
+    },
+    ReleaseConfirmed {
+        order: GlobalId,
+    },
+    PaymentCancelConfirmed {
+        order: GlobalId,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Order {
+    flow: OrderFlow,
+    /// How long an order may wait for stock and payment before it cancels.
+    deadline_after: Option<Duration>,
+    orders: BTreeMap<GlobalId, OrderState>,
+    /// Index of `OrderState::deadline` for `next_deadline` (derived in `apply`).
+    deadlines: BTreeSet<(Time, GlobalId)>,
+    orders_max: usize,
+}
+
+impl Order {
+    pub fn new(flow: OrderFlow, deadline_after: Option<Duration>) -> Order {
+        Order {
+            flow,
+            deadline_after,
+            orders: BTreeMap::new(),
+            deadlines: BTreeSet::new(),
+            orders_max: ORDERS_MAX,
+        }
+    }
+
+    pub fn with_orders_max(mut self, orders_max: usize) -> Order {
+        self.orders_max = orders_max;
+        self
+    }
+
+    pub fn flow(&self) -> OrderFlow {
+        self.flow
+    }
+
+    pub fn orders(&self) -> &BTreeMap<GlobalId, OrderState> {
+        &self.orders
+    }
+
+    pub fn order(&self, order: &GlobalId) -> Option<&OrderState> {
+        self.orders.get(order)
+    }
+
+    pub fn status(&self, order: &GlobalId) -> Option<OrderStatus> {
+        self.orders.get(order).map(|o| o.status)
+    }
+
+    /// Whether every order reached a terminal state.
+    pub fn all_terminal(&self) -> bool {
+        self.orders.values().all(|o| o.status.is_terminal(self.flow))
+    }
+
+    /// Orders per status.
+    pub fn counts(&self) -> BTreeMap<OrderStatus, usize> {
+        let mut counts = BTreeMap::new();
+        for o in self.orders.values() {
+            *counts.entry(o.status).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    fn body(order: &GlobalId, o: &OrderState) -> OrderBody {
+        OrderBody {
+            order_id: order.clone(),
+            customer_id: o.customer.clone(),
+            product_id: o.product.clone(),
+            quantity: o.quantity,
+            price: o.price,
+            amount: o.amount,
+        }
+    }
+
+    fn payment_body(order: &GlobalId, o: &OrderState) -> String {
+        to_json(&PaymentBody {
+            order_id: order.clone(),
+            customer_id: o.customer.clone(),
+            amount: o.amount,
+        })
+    }
+
+    fn outgoing(topic: &str, order: &GlobalId, step: &str, content: String) -> Outgoing {
+        Outgoing {
+            topic: Topic::lit(topic),
+            global_id: order.clone(),
+            sub_id: sub_id(order, step),
+            content,
+        }
+    }
+
+    fn release(order: &GlobalId, o: &OrderState) -> Outgoing {
+        let body = to_json(&Self::body(order, o));
+        Self::outgoing(topics::STOCK_RELEASE, order, step::RELEASE, body)
+    }
+
+    fn create(&self, now: Time, spec: &OrderSpec) -> Decision<OrderChange> {
+        let order = match GlobalId::new(spec.order_id.as_str()) {
+            Ok(id) if spec.order_id.len() <= ORDER_ID_LEN_MAX => id,
+            Ok(_) => return Decision::Refuse(format!("OrderID is longer than {ORDER_ID_LEN_MAX} bytes")),
+            Err(e) => return Decision::Refuse(format!("OrderID: {e}")),
+        };
+        let customer = match CustomerId::new(spec.customer_id.as_str()) {
+            Ok(id) => id,
+            Err(e) => return Decision::Refuse(e.to_string()),
+        };
+        let product = match ProductId::new(spec.product_id.as_str()) {
+            Ok(id) => id,
+            Err(e) => return Decision::Refuse(e.to_string()),
+        };
+        if spec.quantity == 0 {
+            return Decision::Refuse("Quantity must be positive".to_string());
+        }
+        let Some(amount) = spec.quantity.checked_mul(spec.price) else {
+            return Decision::Refuse("Quantity * Price overflows".to_string());
+        };
+        if let Some(existing) = self.orders.get(&order) {
+            let same = existing.customer == customer
+                && existing.product == product
+                && existing.quantity == spec.quantity
+                && existing.price == spec.price;
+            return if same {
+                Decision::Ignore // the same command again: already committed
+            } else {
+                Decision::Refuse(format!("OrderID {order} is already used by a different order"))
+            };
+        }
+        if self.orders.len() >= self.orders_max {
+            return Decision::Refuse(format!("the order service keeps at most {} orders", self.orders_max));
+        }
+        let state = OrderState {
+            customer: customer.clone(),
+            product: product.clone(),
+            quantity: spec.quantity,
+            price: spec.price,
+            amount,
+            status: OrderStatus::Pending,
+            created_at: now,
+            deadline: None,
+            payment_requested: false,
+            compensation: None,
+        };
+        let created = Self::outgoing(
+            topics::SALE_ORDER_CREATED,
+            &order,
+            step::CREATED,
+            to_json(&Self::body(&order, &state)),
+        );
+        let change = OrderChange::Created {
+            order,
+            customer,
+            product,
+            quantity: spec.quantity,
+            price: spec.price,
+            amount,
+            at: now,
+            deadline: self.deadline_after.map(|d| now.plus(d)),
+        };
+        Decision::change_and_publish(change, created)
+    }
+
+    /// `"1"` / `"0"` replies of stock and payment.
+    fn yes_no(content: &str) -> Option<bool> {
+        match content.trim() {
+            "1" => Some(true),
+            "0" => Some(false),
+            _ => None,
+        }
+    }
+
+    fn on_stock_outbound(&self, order: &GlobalId, o: &OrderState, content: &str) -> Decision<OrderChange> {
+        if o.status != OrderStatus::Pending {
+            return Decision::Ignore; // late (after a deadline) or repeated
+        }
+        let Some(ok) = Self::yes_no(content) else {
+            return Decision::Refuse(format!("stock outbound content {content:?} is neither \"1\" nor \"0\""));
+        };
+        let change = OrderChange::StockAnswered {
+            order: order.clone(),
+            ok,
+        };
+        if ok && self.flow == OrderFlow::Saga {
+            let request = Self::outgoing(
+                topics::PAYMENT_REQUESTED,
+                order,
+                step::PAYMENT_REQUESTED,
+                Self::payment_body(order, o),
+            );
+            Decision::change_and_publish(change, request)
+        } else {
+            Decision::change(change)
+        }
+    }
+
+    fn on_payment_result(&self, order: &GlobalId, o: &OrderState, content: &str) -> Decision<OrderChange> {
+        if self.flow != OrderFlow::Saga || o.status != OrderStatus::StockOutboundDone {
+            return Decision::Ignore;
+        }
+        let Some(ok) = Self::yes_no(content) else {
+            return Decision::Refuse(format!("payment result content {content:?} is neither \"1\" nor \"0\""));
+        };
+        let change = OrderChange::PaymentAnswered {
+            order: order.clone(),
+            ok,
+        };
+        if ok {
+            Decision::change(change)
+        } else {
+            Decision::change_and_publish(change, Self::release(order, o))
+        }
+    }
+}
+
+impl Participant for Order {
+    type Change = OrderChange;
+
+    fn topics(&self) -> Vec<Topic> {
+        let mut t = vec![Topic::lit(topics::STOCK_OUTBOUND), Topic::lit(topics::STOCK_RELEASED)];
+        if self.flow == OrderFlow::Saga {
+            t.push(Topic::lit(topics::PAYMENT_RESULT));
+            t.push(Topic::lit(topics::PAYMENT_CANCELLED));
+        }
+        t
+    }
+
+    fn on_message(&self, _now: Time, message: &Message) -> Decision<OrderChange> {
+        let order = &message.global_id;
+        let Some(o) = self.orders.get(order) else {
+            return Decision::Ignore; // not one of ours
+        };
+        let compensating = o.status == OrderStatus::Compensating;
+        let c = o.compensation.as_ref();
+        match message.topic.as_str() {
+            topics::STOCK_OUTBOUND => self.on_stock_outbound(order, o, &message.content),
+            topics::PAYMENT_RESULT => self.on_payment_result(order, o, &message.content),
+            topics::STOCK_RELEASED if compensating && c.is_some_and(|c| !c.release_confirmed) => {
+                Decision::change(OrderChange::ReleaseConfirmed { order: order.clone() })
+            }
+            topics::PAYMENT_CANCELLED if compensating && c.is_some_and(|c| c.payment_cancel_confirmed == Some(false)) => {
+                Decision::change(OrderChange::PaymentCancelConfirmed { order: order.clone() })
+            }
+            _ => Decision::Ignore,
+        }
+    }
+
+    fn on_command(&self, now: Time, command: &Command) -> Decision<OrderChange> {
+        match command {
+            Command::CreateOrder(spec) => self.create(now, spec),
+        }
+    }
+
+    fn apply(&mut self, change: &OrderChange) {
+        let flow = self.flow;
+        let set_deadline = |deadlines: &mut BTreeSet<(Time, GlobalId)>, order: &GlobalId, o: &mut OrderState| {
+            if let Some(d) = o.deadline
+                && (o.status.is_terminal(flow) || o.status == OrderStatus::Compensating)
+            {
+                deadlines.remove(&(d, order.clone()));
+                o.deadline = None;
+            }
+        };
+        match change {
+            OrderChange::Created {
+                order,
+                customer,
+                product,
+                quantity,
+                price,
+                amount,
+                at,
+                deadline,
+            } => {
+                assert!(!self.orders.contains_key(order), "order {order} created twice");
+                let state = OrderState {
+                    customer: customer.clone(),
+                    product: product.clone(),
+                    quantity: *quantity,
+                    price: *price,
+                    amount: *amount,
+                    status: OrderStatus::Pending,
+                    created_at: *at,
+                    deadline: *deadline,
+                    payment_requested: false,
+                    compensation: None,
+                };
+                if let Some(d) = deadline {
+                    self.deadlines.insert((*d, order.clone()));
+                }
+                self.orders.insert(order.clone(), state);
+            }
+            OrderChange::StockAnswered { order, ok } => {
+                let o = self.orders.get_mut(order).expect("stock answer for a known order");
+                assert_eq!(o.status, OrderStatus::Pending);
+                if *ok {
+                    o.status = OrderStatus::StockOutboundDone;
+                    o.payment_requested = flow == OrderFlow::Saga;
+                } else {
+                    o.status = OrderStatus::StockOutboundFailed;
+                }
+                set_deadline(&mut self.deadlines, order, o);
+            }
+            OrderChange::PaymentAnswered { order, ok } => {
+                let o = self.orders.get_mut(order).expect("payment answer for a known order");
+                assert_eq!(o.status, OrderStatus::StockOutboundDone);
+                if *ok {
+                    o.status = OrderStatus::Completed;
+                } else {
+                    o.status = OrderStatus::Compensating;
+                    o.compensation = Some(Compensation {
+                        reason: CompensationReason::PaymentRefused,
+                        release_confirmed: false,
+                        payment_cancel_confirmed: None,
+                    });
+                }
+                set_deadline(&mut self.deadlines, order, o);
+            }
+            OrderChange::TimedOut { order } => {
+                let o = self.orders.get_mut(order).expect("deadline of a known order");
+                assert!(!o.status.is_terminal(flow) && o.status != OrderStatus::Compensating);
+                o.status = OrderStatus::Compensating;
+                o.compensation = Some(Compensation {
+                    reason: CompensationReason::Deadline,
+                    release_confirmed: false,
+                    payment_cancel_confirmed: o.payment_requested.then_some(false),
+                });
+                set_deadline(&mut self.deadlines, order, o);
+            }
+            OrderChange::ReleaseConfirmed { order } => {
+                let o = self.orders.get_mut(order).expect("release of a known order");
+                let c = o.compensation.as_mut().expect("release confirmed while compensating");
+                c.release_confirmed = true;
+                if c.payment_cancel_confirmed != Some(false) {
+                    o.status = OrderStatus::Compensated;
+                }
+            }
+            OrderChange::PaymentCancelConfirmed { order } => {
+                let o = self.orders.get_mut(order).expect("cancel of a known order");
+                let c = o.compensation.as_mut().expect("cancel confirmed while compensating");
+                c.payment_cancel_confirmed = Some(true);
+                if c.release_confirmed {
+                    o.status = OrderStatus::Compensated;
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Time> {
+        self.deadlines.first().map(|(t, _)| *t)
+    }
+
+    fn on_deadline(&self, now: Time) -> Decision<OrderChange> {
+        let Some((at, order)) = self.deadlines.first() else {
+            return Decision::Ignore;
+        };
+        if *at > now {
+            return Decision::Ignore;
+        }
+        let o = &self.orders[order];
+        let mut publish = vec![Self::release(order, o)];
+        if o.payment_requested {
+            publish.push(Self::outgoing(
+                topics::PAYMENT_CANCEL,
+                order,
+                step::PAYMENT_CANCEL,
+                Self::payment_body(order, o),
+            ));
+        }
+        Decision::Commit {
+            change: Some(OrderChange::TimedOut { order: order.clone() }),
+            publish,
+        }
+    }
+}
