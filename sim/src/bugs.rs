@@ -35,3 +35,15 @@ impl FromStr for Bug {
             .ok_or_else(|| format!("unknown bug {s:?}; `sagamq-sim list-bugs` names them"))
     }
 }
+
+/// The participant a planted bug puts on `node`, or None when the bug leaves that node alone.
+pub fn build(
+    bug: Bug,
+    node: usize,
+    def: &sagamq::saga::scenario::Scenario,
+    config: sagamq::saga::HostConfig,
+    image: &[u8],
+) -> Option<Result<(Box<dyn crate::participants::SimParticipant>, u64, u64), String>> {
+    let _ = (node, def, config, image);
+    match bug {}
+}

@@ -34,7 +34,9 @@ impl Scenario {
     pub fn definition(self, seed: u64) -> shipped::Scenario {
         match self {
             Scenario::Seed => shipped::seed(),
-            Scenario::Saga { orders } => shipped::saga(seed, orders as usize),
+            Scenario::Saga { orders } => {
+                shipped::saga_with(seed, &shipped::SagaParams { orders: orders as usize, ..Default::default() })
+            }
         }
     }
 
@@ -96,13 +98,8 @@ pub struct Workload {
 }
 
 impl Workload {
-    pub fn new(scenario: &Scenario, seed: u64) -> Workload {
-        let def = scenario.definition(seed);
-        let scheduled = def
-            .orders
-            .into_iter()
-            .map(|o| (Time(CLOCK_BASE_NS).plus(Duration::from_millis(o.at_ms)), o.spec))
-            .collect();
+    pub fn new(def: &shipped::Scenario) -> Workload {
+        let scheduled = def.orders.iter().map(|o| (Time(CLOCK_BASE_NS + o.at.0), o.spec.clone())).collect();
         Workload { scheduled, waiting: BTreeMap::new(), outbox: VecDeque::new(), refused: 0 }
     }
 

@@ -41,6 +41,8 @@ pub const WORKLOAD: usize = 4;
 const TAG: u64 = 7;
 /// A disk sync takes this long; writes issued meanwhile share it (group commit).
 const SYNC_LATENCY: Duration = Duration::from_micros(500);
+/// How long a torn-write crash waits for its node to start a write.
+const TORN_WAIT_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -79,6 +81,7 @@ pub enum Slot {
 /// on one thread, so the lock is never contended; it only satisfies `Send`.
 pub struct Shared {
     pub cfg: RunConfig,
+    def: sagamq::saga::scenario::Scenario,
     seed: u64,
     pub trace: Trace,
     start: madsim::time::Instant,
@@ -92,6 +95,9 @@ pub struct Shared {
     answer_nth: u32,
     callback_nth: u32,
     pub faults: BTreeMap<&'static str, u64>,
+    /// A torn-write crash waits for node i to start a write; the node reports it here.
+    torn_armed: [bool; NODES.len()],
+    torn_signal: Option<async_channel::Sender<usize>>,
     pub check: Checker,
     pub deliveries: u64,
 }
@@ -168,7 +174,8 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
             *faults.entry("clock_skew").or_default() += 1;
         }
     }
-    let workload = Workload::new(&cfg.scenario, seed);
+    let def = cfg.scenario.definition(seed);
+    let workload = Workload::new(&def);
     let shared = Shared {
         trace: Trace::new(cfg.trace),
         start: madsim::time::Instant::now(),
@@ -181,12 +188,17 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         answer_nth: 0,
         callback_nth: 0,
         faults,
+        torn_armed: [false; NODES.len()],
+        torn_signal: None,
         check: Checker::new(&cfg.scenario),
         deliveries: 0,
         cfg: cfg.clone(),
         seed,
+        def,
     };
     let world: World = Arc::new(Mutex::new(shared));
+    let (torn_tx, torn_rx) = async_channel::unbounded();
+    lock(&world).torn_signal = Some(torn_tx);
     {
         let mut s = lock(&world);
         s.slots[WORKLOAD] = Slot::Workload(Box::new(workload));
@@ -253,6 +265,18 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
             Fault::Crash { node, torn_keep, .. } => {
                 let n = usize::from(node);
                 if !is_end && !down[n] {
+                    if torn_keep.is_some() {
+                        // A torn write needs a write in flight: wait (bounded) for the
+                        // node to start one, then crash in that same instant.
+                        lock(&world).torn_armed[n] = true;
+                        let within = madsim::time::Instant::now() + TORN_WAIT_MAX;
+                        while let Some(ready) = recv_until(&torn_rx, Some(within)).await {
+                            if ready == n {
+                                break;
+                            }
+                        }
+                        lock(&world).torn_armed[n] = false;
+                    }
                     crash(&world, &handle, &nodes, n, torn_keep);
                     down[n] = true;
                 } else if is_end && down[n] {
@@ -370,27 +394,25 @@ fn redrive_all(s: &mut Shared) {
     }
 }
 
-/// Either a message arrived or the node's next deadline passed.
+/// What woke a node: a message, or its next deadline passed.
 enum Wake {
     Msg(SocketAddr, Wire),
     Timer,
 }
 
-/// Waits for the first of a message and a deadline. Biased toward the message
-/// so the order of events depends only on the simulation, not on polling luck.
-async fn next_event(rx: &async_channel::Receiver<(SocketAddr, Wire)>, deadline: Option<madsim::time::Instant>) -> Wake {
+/// Waits for the first of a message and a deadline (None: the deadline passed).
+/// Biased toward the message so the order of events depends only on the
+/// simulation, not on polling luck.
+async fn recv_until<T>(rx: &async_channel::Receiver<T>, deadline: Option<madsim::time::Instant>) -> Option<T> {
     let mut recv = pin!(rx.recv());
     let far = madsim::time::Instant::now() + Duration::from_secs(3_600);
     let mut sleep = pin!(madsim::time::sleep_until(deadline.unwrap_or(far)));
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = recv.as_mut().poll(cx) {
-            return Poll::Ready(match r {
-                Ok((from, w)) => Wake::Msg(from, w),
-                Err(_) => Wake::Timer,
-            });
+            return Poll::Ready(r.ok());
         }
         if sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Wake::Timer);
+            return Poll::Ready(None);
         }
         Poll::Pending
     })
@@ -463,7 +485,10 @@ async fn node_main(world: World, i: usize) {
             };
             next.map(|ns| s.start + Duration::from_nanos(ns))
         };
-        wake = next_event(&rx, deadline).await;
+        wake = match recv_until(&rx, deadline).await {
+            Some((from, wire)) => Wake::Msg(from, wire),
+            None => Wake::Timer,
+        };
     }
 }
 
@@ -485,7 +510,7 @@ fn boot(world: &World, i: usize) -> bool {
                 .map_err(|e| e.to_string())
         }
     } else {
-        participants::build(i, &s.cfg, &image, now).map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
+        participants::build(i, &s.cfg, &s.def, s.seed, &image, now).map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
     };
     match result {
         Ok((slot, valid_len, records)) => {
@@ -687,6 +712,12 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                 let Some(spec) = w.poll_output() else { break };
                 drv.outgoing.push((ORDER, Wire::CreateOrder { spec }));
             }
+        }
+    }
+    if wrote && s.torn_armed[i] {
+        s.torn_armed[i] = false;
+        if let Some(tx) = &s.torn_signal {
+            let _ = tx.try_send(i);
         }
     }
     if wrote && drv.sync_due_ns.is_none() {
