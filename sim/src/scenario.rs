@@ -130,9 +130,12 @@ impl Workload {
         self.outbox.pop_front()
     }
 
+    /// A refusal is transient here (busy, not subscribed yet): the call is retried.
     pub fn answered(&mut self, order_id: &str, refused: Option<String>) {
-        if self.waiting.remove(order_id).is_some() && refused.is_some() {
+        if refused.is_some() {
             self.refused += 1;
+        } else {
+            self.waiting.remove(order_id);
         }
     }
 
