@@ -43,16 +43,33 @@ pub struct Violation {
 
 impl Violation {
     pub fn safety(invariant: &'static str, detail: String, at_ms: u64) -> Violation {
-        Violation { kind: Kind::Safety, invariant, detail, at_ms }
+        Violation {
+            kind: Kind::Safety,
+            invariant,
+            detail,
+            at_ms,
+        }
     }
     pub fn liveness(invariant: &'static str, detail: String, at_ms: u64) -> Violation {
-        Violation { kind: Kind::Liveness, invariant, detail, at_ms }
+        Violation {
+            kind: Kind::Liveness,
+            invariant,
+            detail,
+            at_ms,
+        }
     }
 }
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} invariant `{}` violated at t={}ms: {}", self.kind.as_str(), self.invariant, self.at_ms, self.detail)
+        write!(
+            f,
+            "{} invariant `{}` violated at t={}ms: {}",
+            self.kind.as_str(),
+            self.invariant,
+            self.at_ms,
+            self.detail
+        )
     }
 }
 
@@ -143,7 +160,10 @@ impl Checker {
     }
 
     pub fn subscribed(&mut self, client: &ClientId, topic: &Topic) {
-        self.subscribers.entry(topic.clone()).or_default().insert(client.clone());
+        self.subscribers
+            .entry(topic.clone())
+            .or_default()
+            .insert(client.clone());
     }
 
     pub fn publish_acked(&mut self, key: &MessageKey, msg_id: MsgId, topic: &Topic, at_ms: u64) {
@@ -155,7 +175,14 @@ impl Checker {
             Some(_) => {}
             None => {
                 let entitled = self.subscribers.get(topic).cloned().unwrap_or_default();
-                self.acked.insert(key.clone(), Acked { msg_id, topic: topic.clone(), entitled });
+                self.acked.insert(
+                    key.clone(),
+                    Acked {
+                        msg_id,
+                        topic: topic.clone(),
+                        entitled,
+                    },
+                );
             }
         }
     }
@@ -179,7 +206,16 @@ impl Checker {
     }
 
     fn views(slots: &[Slot]) -> Vec<View> {
-        slots.iter().filter_map(|s| if let Slot::Participant(p) = s { Some(p.view()) } else { None }).collect()
+        slots
+            .iter()
+            .filter_map(|s| {
+                if let Slot::Participant(p) = s {
+                    Some(p.view())
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     /// Conservation and outcome consistency, judged on the current states.
@@ -202,7 +238,11 @@ impl Checker {
                     }
                     held_orders.extend(held.keys().cloned());
                 }
-                View::Payment { initial, balance, charged } => {
+                View::Payment {
+                    initial,
+                    balance,
+                    charged,
+                } => {
                     for (customer, start) in initial {
                         let now = balance.get(customer).copied().unwrap_or(0);
                         let out: u64 = charged.values().filter(|(c, _)| c == customer).map(|(_, a)| a).sum();
@@ -269,22 +309,35 @@ impl Checker {
                 Slot::Broker(b) => {
                     for (client, st) in b.stats().subscribers {
                         if st.pending + st.in_flight > 0 {
-                            out.push(format!("broker still has {} undelivered for {client}", st.pending + st.in_flight));
+                            out.push(format!(
+                                "broker still has {} undelivered for {client}",
+                                st.pending + st.in_flight
+                            ));
                         }
                     }
                 }
                 Slot::Participant(p) => {
                     if !p.settled() {
-                        out.push(format!("{} has unacknowledged outbox entries or unanswered work", NODES[i]));
+                        out.push(format!(
+                            "{} has unacknowledged outbox entries or unanswered work",
+                            NODES[i]
+                        ));
                     }
                     if let View::Order { orders } = p.view() {
-                        let open: Vec<_> =
-                            orders.iter().filter(|(_, (ph, _))| *ph == OrderPhase::InProgress).map(|(id, _)| id).collect();
+                        let open: Vec<_> = orders
+                            .iter()
+                            .filter(|(_, (ph, _))| *ph == OrderPhase::InProgress)
+                            .map(|(id, _)| id)
+                            .collect();
                         if !open.is_empty() {
                             out.push(format!("{} orders not terminal (first: {})", open.len(), open[0]));
                         }
                         if (orders.len() as u64) < self.orders_expected {
-                            out.push(format!("only {} of {} orders created", orders.len(), self.orders_expected));
+                            out.push(format!(
+                                "only {} of {} orders created",
+                                orders.len(),
+                                self.orders_expected
+                            ));
                         }
                     }
                 }
@@ -307,7 +360,9 @@ impl Checker {
             return;
         }
         // Quiescent: every acknowledged publish must have reached each entitled subscriber.
-        let Some(Slot::Broker(broker)) = slots.get(BROKER) else { return };
+        let Some(Slot::Broker(broker)) = slots.get(BROKER) else {
+            return;
+        };
         let mut dead: BTreeMap<ClientId, BTreeSet<MsgId>> = BTreeMap::new();
         let mut lost = Vec::new();
         for (key, acked) in &self.acked {

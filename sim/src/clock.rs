@@ -40,7 +40,17 @@ mod tests {
 
     #[test]
     fn virtual_at_inverts_read() {
-        for skew in [Skew::default(), Skew { offset_ms: -700, drift_ppm: 900 }, Skew { offset_ms: 300, drift_ppm: -800 }] {
+        for skew in [
+            Skew::default(),
+            Skew {
+                offset_ms: -700,
+                drift_ppm: 900,
+            },
+            Skew {
+                offset_ms: 300,
+                drift_ppm: -800,
+            },
+        ] {
             for v in [0u64, 1, 999, 5_000_000, 12_345_678_901] {
                 let node = skew.read(v);
                 let back = skew.virtual_at(node);

@@ -91,7 +91,14 @@ fn parse_seeds(s: &str) -> Result<Range<u64>, String> {
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Run { seeds, scenario, bug, json, jobs, stop_at_first } => {
+        Cmd::Run {
+            seeds,
+            scenario,
+            bug,
+            json,
+            jobs,
+            stop_at_first,
+        } => {
             let cfg = RunConfig::new(scenario, bug);
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let tty = std::io::stderr().is_terminal();
@@ -106,13 +113,19 @@ fn main() -> ExitCode {
             }
             report(&summary, json)
         }
-        Cmd::Replay { seed, scenario, bug, plan } => {
+        Cmd::Replay {
+            seed,
+            scenario,
+            bug,
+            plan,
+        } => {
             let mut cfg = RunConfig::new(scenario, bug);
             cfg.trace = true;
             let plan = match plan {
-                Some(path) => match std::fs::read_to_string(&path).map_err(|e| e.to_string()).and_then(|t| {
-                    serde_json::from_str::<FaultPlan>(&t).map_err(|e| e.to_string())
-                }) {
+                Some(path) => match std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str::<FaultPlan>(&t).map_err(|e| e.to_string()))
+                {
                     Ok(p) => p,
                     Err(e) => {
                         eprintln!("cannot read plan {}: {e}", path.display());
@@ -123,7 +136,11 @@ fn main() -> ExitCode {
             };
             let r = sagamq_sim::world::run(seed, &plan, &cfg);
             print!("{}", trace::render(&r.trace));
-            if r.violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if r.violations.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Cmd::ListBugs => {
             for b in Bug::ALL {
@@ -131,7 +148,12 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Cmd::Shrink { seed, scenario, bug, runs_max } => {
+        Cmd::Shrink {
+            seed,
+            scenario,
+            bug,
+            runs_max,
+        } => {
             let cfg = RunConfig::new(scenario, bug);
             let plan = runner::plan_for(seed, &cfg);
             match runner::shrink(seed, &cfg, plan, runs_max) {
@@ -150,7 +172,10 @@ fn main() -> ExitCode {
                         s.invariant
                     );
                     print!("minimal plan:\n{}", s.minimal);
-                    println!("plan JSON: {}", serde_json::to_string(&s.minimal).expect("plan serializes"));
+                    println!(
+                        "plan JSON: {}",
+                        serde_json::to_string(&s.minimal).expect("plan serializes")
+                    );
                     ExitCode::FAILURE
                 }
             }
@@ -166,10 +191,17 @@ fn report(summary: &Summary, json: bool) -> ExitCode {
     println!("{}", summary.human());
     let silent = summary.silent_fault_kinds();
     if !silent.is_empty() {
-        println!("note: fault kinds that never fired in this sweep: {}", silent.join(", "));
+        println!(
+            "note: fault kinds that never fired in this sweep: {}",
+            silent.join(", ")
+        );
     }
     if json {
         println!("{}", serde_json::to_string(summary).expect("summary serializes"));
     }
-    if summary.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if summary.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

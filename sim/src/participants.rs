@@ -4,12 +4,14 @@
 
 use crate::check::{OrderPhase, View};
 use crate::world::{ORDER, PAYMENT, RunConfig, STOCK, notify_url};
+use sagamq::Time;
 use sagamq::machine::Machine;
 use sagamq::saga::order::{Order, OrderFlow, OrderStatus};
 use sagamq::saga::payment::{Charge, Payment};
 use sagamq::saga::stock::{Deduction, Stock};
-use sagamq::saga::{HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, scenario as shipped};
-use sagamq::Time;
+use sagamq::saga::{
+    HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, scenario as shipped,
+};
 use std::time::Duration;
 
 /// A participant as the world drives and the checker reads it.
@@ -23,7 +25,12 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
 impl SimParticipant for ParticipantHost<Stock> {
     fn view(&self) -> View {
         View::Stock {
-            initial: self.initial().levels().iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+            initial: self
+                .initial()
+                .levels()
+                .iter()
+                .map(|(p, n)| (p.to_string(), *n))
+                .collect(),
             level: self.logic().levels().iter().map(|(p, n)| (p.to_string(), *n)).collect(),
             held: self
                 .logic()
@@ -45,8 +52,18 @@ impl SimParticipant for ParticipantHost<Stock> {
 impl SimParticipant for ParticipantHost<Payment> {
     fn view(&self) -> View {
         View::Payment {
-            initial: self.initial().balances().iter().map(|(c, n)| (c.to_string(), *n)).collect(),
-            balance: self.logic().balances().iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+            initial: self
+                .initial()
+                .balances()
+                .iter()
+                .map(|(c, n)| (c.to_string(), *n))
+                .collect(),
+            balance: self
+                .logic()
+                .balances()
+                .iter()
+                .map(|(c, n)| (c.to_string(), *n))
+                .collect(),
             charged: self
                 .logic()
                 .orders()

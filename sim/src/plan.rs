@@ -13,8 +13,17 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// Every fault kind the simulator injects, in report order.
-pub const FAULT_KINDS: [&str; 9] =
-    ["drop", "ack_lost", "duplicate", "delay", "partition", "crash", "torn_write", "callback_error", "clock_skew"];
+pub const FAULT_KINDS: [&str; 9] = [
+    "drop",
+    "ack_lost",
+    "duplicate",
+    "delay",
+    "partition",
+    "crash",
+    "torn_write",
+    "callback_error",
+    "clock_skew",
+];
 
 /// The nodes of the world, by name. Index = position here.
 pub const NODES: [&str; 5] = ["broker", "order", "stock", "payment", "workload"];
@@ -32,10 +41,20 @@ pub enum Fault {
     Delay { nth: u32, ms: u32 },
     /// Cut the link between two nodes (both directions) from `at_ms` for `for_ms`;
     /// `b = None` isolates node `a` from everyone.
-    Partition { at_ms: u32, for_ms: u32, a: u8, b: Option<u8> },
+    Partition {
+        at_ms: u32,
+        for_ms: u32,
+        a: u8,
+        b: Option<u8>,
+    },
     /// Kill node `node` at `at_ms`, restart it `down_ms` later. Unsynced writes are lost;
     /// with `torn_keep = Some(k)` the first `k` unsynced bytes survive (a torn write).
-    Crash { at_ms: u32, down_ms: u32, node: u8, torn_keep: Option<u32> },
+    Crash {
+        at_ms: u32,
+        down_ms: u32,
+        node: u8,
+        torn_keep: Option<u32>,
+    },
     /// The n-th callback a subscriber receives is answered with an error (`hang = false`)
     /// or never answered (`hang = true`), without being processed.
     CallbackError { nth: u32, hang: bool },
@@ -69,13 +88,33 @@ impl fmt::Display for Fault {
             Fault::AckLost { nth } => write!(f, "lose callback answer #{nth}"),
             Fault::Duplicate { nth } => write!(f, "duplicate message #{nth}"),
             Fault::Delay { nth, ms } => write!(f, "delay message #{nth} by {ms}ms"),
-            Fault::Partition { at_ms, for_ms, a, b: Some(b) } => {
-                write!(f, "partition {}<->{} at {at_ms}ms for {for_ms}ms", node_name(*a), node_name(*b))
+            Fault::Partition {
+                at_ms,
+                for_ms,
+                a,
+                b: Some(b),
+            } => {
+                write!(
+                    f,
+                    "partition {}<->{} at {at_ms}ms for {for_ms}ms",
+                    node_name(*a),
+                    node_name(*b)
+                )
             }
-            Fault::Partition { at_ms, for_ms, a, b: None } => {
+            Fault::Partition {
+                at_ms,
+                for_ms,
+                a,
+                b: None,
+            } => {
                 write!(f, "isolate {} at {at_ms}ms for {for_ms}ms", node_name(*a))
             }
-            Fault::Crash { at_ms, down_ms, node, torn_keep } => {
+            Fault::Crash {
+                at_ms,
+                down_ms,
+                node,
+                torn_keep,
+            } => {
                 write!(f, "crash {} at {at_ms}ms, down {down_ms}ms", node_name(*node))?;
                 if let Some(k) = torn_keep {
                     write!(f, ", torn write keeps {k} unsynced bytes")?;
@@ -84,8 +123,16 @@ impl fmt::Display for Fault {
             }
             Fault::CallbackError { nth, hang: false } => write!(f, "callback #{nth} answered with an error"),
             Fault::CallbackError { nth, hang: true } => write!(f, "callback #{nth} never answered"),
-            Fault::ClockSkew { node, offset_ms, drift_ppm } => {
-                write!(f, "clock of {} off by {offset_ms}ms, drift {drift_ppm}ppm", node_name(*node))
+            Fault::ClockSkew {
+                node,
+                offset_ms,
+                drift_ppm,
+            } => {
+                write!(
+                    f,
+                    "clock of {} off by {offset_ms}ms, drift {drift_ppm}ppm",
+                    node_name(*node)
+                )
             }
         }
     }
@@ -157,14 +204,20 @@ impl FaultPlan {
     pub fn from_seed(seed: u64, shape: &PlanShape) -> FaultPlan {
         let mut rng = Rng::new(seed ^ 0x5A6A_F00D_0000_0000);
         // Swarm: each kind is on with probability 1/2, at a rate drawn per seed.
-        let mut rate = |max_ppm: u64| if rng.chance(500_000) { rng.range_inclusive(1, max_ppm) as u32 } else { 0 };
+        let mut rate = |max_ppm: u64| {
+            if rng.chance(500_000) {
+                rng.range_inclusive(1, max_ppm) as u32
+            } else {
+                0
+            }
+        };
         let profile = FaultProfile {
             drop_ppm: rate(60_000),
             ack_lost_ppm: rate(60_000),
             duplicate_ppm: rate(60_000),
             delay_ppm: rate(100_000),
             callback_error_ppm: rate(60_000),
-            partitions: rate(3) ,
+            partitions: rate(3),
             crashes: rate(3),
             torn_ppm: rate(1_000_000),
             clock_skew: rng.chance(500_000),
@@ -185,10 +238,16 @@ impl FaultPlan {
                 faults.push(Fault::Duplicate { nth });
             }
             if rng.chance(profile.delay_ppm) {
-                faults.push(Fault::Delay { nth, ms: rng.range_inclusive(5, 400) as u32 });
+                faults.push(Fault::Delay {
+                    nth,
+                    ms: rng.range_inclusive(5, 400) as u32,
+                });
             }
             if rng.chance(profile.callback_error_ppm) {
-                faults.push(Fault::CallbackError { nth, hang: rng.chance(300_000) });
+                faults.push(Fault::CallbackError {
+                    nth,
+                    hang: rng.chance(300_000),
+                });
             }
         }
         let node_count = NODES.len() as u64;
@@ -276,7 +335,10 @@ impl fmt::Display for FaultPlan {
 mod tests {
     use super::*;
 
-    const SHAPE: PlanShape = PlanShape { chaos_ms: 5_000, messages_max: 500 };
+    const SHAPE: PlanShape = PlanShape {
+        chaos_ms: 5_000,
+        messages_max: 500,
+    };
 
     #[test]
     fn same_seed_same_plan_and_plans_differ_across_seeds() {
@@ -296,7 +358,10 @@ mod tests {
                 calm += 1;
             }
             kinds.extend(p.faults.iter().map(|f| f.kind()));
-            if p.faults.iter().any(|f| matches!(f, Fault::Crash { torn_keep: Some(_), .. })) {
+            if p.faults
+                .iter()
+                .any(|f| matches!(f, Fault::Crash { torn_keep: Some(_), .. }))
+            {
                 kinds.insert("torn_write");
             }
         }

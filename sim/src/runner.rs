@@ -1,10 +1,10 @@
 //! Sweeps, summaries and shrinking: what the CLI and the tests call.
 
+use crate::Bug;
 use crate::check::Violation;
 use crate::plan::{FAULT_KINDS, FaultPlan, PlanShape};
 use crate::scenario::Scenario;
 use crate::world::{self, RunConfig, RunResult};
-use crate::Bug;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -12,11 +12,20 @@ use std::time::Instant;
 
 impl RunConfig {
     pub fn new(scenario: Scenario, bug: Option<Bug>) -> RunConfig {
-        RunConfig { chaos_ms: scenario.chaos_ms(), heal_ms_max: 60_000, scenario, bug, trace: false }
+        RunConfig {
+            chaos_ms: scenario.chaos_ms(),
+            heal_ms_max: 60_000,
+            scenario,
+            bug,
+            trace: false,
+        }
     }
 
     pub fn plan_shape(&self) -> PlanShape {
-        PlanShape { chaos_ms: self.chaos_ms, messages_max: self.scenario.messages_estimate() }
+        PlanShape {
+            chaos_ms: self.chaos_ms,
+            messages_max: self.scenario.messages_estimate(),
+        }
     }
 }
 
@@ -32,7 +41,10 @@ pub fn run_seed(seed: u64, cfg: &RunConfig) -> RunResult {
 
 /// The one command that reproduces a seed.
 pub fn replay_command(seed: u64, cfg: &RunConfig) -> String {
-    let mut cmd = format!("cargo run --release -p sagamq-sim -- replay --seed {seed} --scenario {}", cfg.scenario);
+    let mut cmd = format!(
+        "cargo run --release -p sagamq-sim -- replay --seed {seed} --scenario {}",
+        cfg.scenario
+    );
     if let Some(bug) = cfg.bug {
         cmd.push_str(&format!(" --bug {bug}"));
     }
@@ -86,7 +98,11 @@ impl Summary {
 
     /// Kinds that never fired in the whole sweep.
     pub fn silent_fault_kinds(&self) -> Vec<&'static str> {
-        FAULT_KINDS.iter().copied().filter(|k| self.faults.get(*k).copied().unwrap_or(0) == 0).collect()
+        FAULT_KINDS
+            .iter()
+            .copied()
+            .filter(|k| self.faults.get(*k).copied().unwrap_or(0) == 0)
+            .collect()
     }
 
     pub fn human(&self) -> String {
@@ -174,7 +190,10 @@ pub fn sweep(
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("sweep worker panicked")).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("sweep worker panicked"))
+            .collect()
     });
     results.sort_by_key(|r| r.seed);
     let mut summary = Summary {
@@ -212,7 +231,12 @@ pub struct Shrunk {
 pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Option<Shrunk> {
     let first = world::run(seed, &plan, cfg);
     let invariant = first.violations.first()?.invariant;
-    let fails = |p: &FaultPlan| world::run(seed, p, cfg).violations.first().is_some_and(|v| v.invariant == invariant);
+    let fails = |p: &FaultPlan| {
+        world::run(seed, p, cfg)
+            .violations
+            .first()
+            .is_some_and(|v| v.invariant == invariant)
+    };
     let mut current = plan.clone();
     let mut runs = 1;
     let mut chunk = current.faults.len().div_ceil(2).max(1);
@@ -241,7 +265,13 @@ pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Opt
     let mut traced = cfg.clone();
     traced.trace = true;
     let result = world::run(seed, &current, &traced);
-    Some(Shrunk { original: plan, minimal: current, invariant, result, runs })
+    Some(Shrunk {
+        original: plan,
+        minimal: current,
+        invariant,
+        result,
+        runs,
+    })
 }
 
 /// Bare madsim endpoint relay: a source node sends `messages` values to a
@@ -294,9 +324,13 @@ pub fn bench(seeds: u64) -> String {
     let started = Instant::now();
     let mut deliveries = 0;
     let mut failed = 0;
+    let (mut messages, mut wakeups, mut sim_ms) = (0, 0, 0);
     for seed in 0..seeds {
         let r = run_seed(seed, &cfg);
         deliveries += r.deliveries;
+        messages += r.messages;
+        wakeups += r.wakeups;
+        sim_ms += r.sim_ms;
         failed += u64::from(!r.violations.is_empty());
     }
     let saga_s = started.elapsed().as_secs_f64();
@@ -312,8 +346,12 @@ pub fn bench(seeds: u64) -> String {
     format!(
         "saga (20 orders, swarm faults), 1 core: {seeds} seeds in {saga_s:.2} s = {:.0} seeds/s; {deliveries} deliveries = {saga_dps:.0} deliveries/s; {failed} failed\n\
          bare madsim relay, same count of messages per runtime: {relayed} deliveries in {relay_s:.2} s = {relay_dps:.0} deliveries/s\n\
-         ratio saga/bare = {:.2}",
+         ratio saga/bare = {:.2}\n\
+         per saga seed: {} messages, {} node wake-ups, {} ms simulated",
         seeds as f64 / saga_s,
-        saga_dps / relay_dps
+        saga_dps / relay_dps,
+        messages / seeds.max(1),
+        wakeups / seeds.max(1),
+        sim_ms / seeds.max(1),
     )
 }

@@ -3,9 +3,9 @@
 //! times and retries until the call is answered (the order service dedups by id).
 
 use crate::clock::CLOCK_BASE_NS;
+use sagamq::Time;
 use sagamq::saga::OrderSpec;
 use sagamq::saga::scenario as shipped;
-use sagamq::Time;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
@@ -34,9 +34,13 @@ impl Scenario {
     pub fn definition(self, seed: u64) -> shipped::Scenario {
         match self {
             Scenario::Seed => shipped::seed(),
-            Scenario::Saga { orders } => {
-                shipped::saga_with(seed, &shipped::SagaParams { orders: orders as usize, ..Default::default() })
-            }
+            Scenario::Saga { orders } => shipped::saga_with(
+                seed,
+                &shipped::SagaParams {
+                    orders: orders as usize,
+                    ..Default::default()
+                },
+            ),
         }
     }
 
@@ -74,10 +78,14 @@ impl FromStr for Scenario {
     fn from_str(s: &str) -> Result<Scenario, String> {
         match s {
             "seed" => Ok(Scenario::Seed),
-            "saga" => Ok(Scenario::Saga { orders: SAGA_ORDERS_DEFAULT }),
+            "saga" => Ok(Scenario::Saga {
+                orders: SAGA_ORDERS_DEFAULT,
+            }),
             _ => match s.strip_prefix("saga:").map(str::parse::<u32>) {
                 Some(Ok(n)) if (1..=10_000).contains(&n) => Ok(Scenario::Saga { orders: n }),
-                _ => Err(format!("unknown scenario {s:?}: use seed, saga or saga:N (1..=10000 orders)")),
+                _ => Err(format!(
+                    "unknown scenario {s:?}: use seed, saga or saga:N (1..=10000 orders)"
+                )),
             },
         }
     }
@@ -99,8 +107,17 @@ pub struct Workload {
 
 impl Workload {
     pub fn new(def: &shipped::Scenario) -> Workload {
-        let scheduled = def.orders.iter().map(|o| (Time(CLOCK_BASE_NS + o.at.0), o.spec.clone())).collect();
-        Workload { scheduled, waiting: BTreeMap::new(), outbox: VecDeque::new(), refused: 0 }
+        let scheduled = def
+            .orders
+            .iter()
+            .map(|o| (Time(CLOCK_BASE_NS + o.at.0), o.spec.clone()))
+            .collect();
+        Workload {
+            scheduled,
+            waiting: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            refused: 0,
+        }
     }
 
     pub fn poll_timeout(&self) -> Option<Time> {
@@ -115,7 +132,8 @@ impl Workload {
     pub fn handle_timeout(&mut self, now: Time) {
         while self.scheduled.front().is_some_and(|(t, _)| *t <= now) {
             let (_, spec) = self.scheduled.pop_front().expect("front exists");
-            self.waiting.insert(spec.order_id.clone(), (now.plus(RETRY), spec.clone()));
+            self.waiting
+                .insert(spec.order_id.clone(), (now.plus(RETRY), spec.clone()));
             self.outbox.push_back(spec);
         }
         for (due, spec) in self.waiting.values_mut() {

@@ -12,7 +12,10 @@ pub struct Trace {
 
 impl Trace {
     pub fn new(enabled: bool) -> Trace {
-        Trace { enabled, lines: Vec::new() }
+        Trace {
+            enabled,
+            lines: Vec::new(),
+        }
     }
 
     pub fn enabled(&self) -> bool {

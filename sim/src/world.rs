@@ -8,6 +8,7 @@
 //! latencies from the madsim seed, faults from the [`FaultPlan`], workload from
 //! the scenario. Nothing reads the wall clock or an OS random source.
 
+use crate::Bug;
 use crate::check::{Checker, Violation};
 use crate::clock::Skew;
 use crate::participants::{self, SimParticipant};
@@ -15,7 +16,6 @@ use crate::plan::{Fault, FaultPlan, NODES, PlanIndex};
 use crate::scenario::{Scenario, Workload};
 use crate::trace::Trace;
 use crate::wire::Wire;
-use crate::Bug;
 use madsim::net::{Endpoint, NetSim};
 use madsim::runtime::{Handle, NodeHandle, Runtime};
 use sagamq::broker::{
@@ -66,6 +66,9 @@ pub struct RunResult {
     pub faults: BTreeMap<&'static str, u64>,
     pub orders: u64,
     pub deliveries: u64,
+    /// Network messages sent (before faults) and node wake-ups handled.
+    pub messages: u64,
+    pub wakeups: u64,
     pub sim_ms: u64,
 }
 
@@ -100,6 +103,7 @@ pub struct Shared {
     torn_signal: Option<async_channel::Sender<usize>>,
     pub check: Checker,
     pub deliveries: u64,
+    wakeups: u64,
 }
 
 impl Shared {
@@ -169,7 +173,12 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     let mut skews = [Skew::default(); NODES.len()];
     let mut faults = BTreeMap::new();
     for f in &plan.faults {
-        if let Fault::ClockSkew { node, offset_ms, drift_ppm } = *f {
+        if let Fault::ClockSkew {
+            node,
+            offset_ms,
+            drift_ppm,
+        } = *f
+        {
             skews[usize::from(node)] = Skew { offset_ms, drift_ppm };
             *faults.entry("clock_skew").or_default() += 1;
         }
@@ -192,6 +201,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         torn_signal: None,
         check: Checker::new(&cfg.scenario),
         deliveries: 0,
+        wakeups: 0,
         cfg: cfg.clone(),
         seed,
         def,
@@ -203,7 +213,13 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         let mut s = lock(&world);
         s.slots[WORKLOAD] = Slot::Workload(Box::new(workload));
         let plan_text = plan.to_string();
-        s.line(WORKLOAD, || format!("seed {seed} scenario {} plan:\n{}", cfg.scenario.name(), plan_text.trim_end()));
+        s.line(WORKLOAD, || {
+            format!(
+                "seed {seed} scenario {} plan:\n{}",
+                cfg.scenario.name(),
+                plan_text.trim_end()
+            )
+        });
     }
 
     let handle = Handle::current();
@@ -244,7 +260,10 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                 let a = usize::from(a);
                 let links: Vec<(usize, usize)> = match b {
                     Some(b) => vec![(a, usize::from(b))],
-                    None => (0..NODES.len()).filter(|&j| j != a && j != WORKLOAD).map(|j| (a, j)).collect(),
+                    None => (0..NODES.len())
+                        .filter(|&j| j != a && j != WORKLOAD)
+                        .map(|j| (a, j))
+                        .collect(),
                 };
                 for (x, y) in links {
                     if is_end {
@@ -260,7 +279,13 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                     s.fired("partition");
                 }
                 let f = plan.faults[k].clone();
-                s.line(a, || if is_end { format!("heal: {f}") } else { format!("fault: {f}") });
+                s.line(a, || {
+                    if is_end {
+                        format!("heal: {f}")
+                    } else {
+                        format!("fault: {f}")
+                    }
+                });
             }
             Fault::Crash { node, torn_keep, .. } => {
                 let n = usize::from(node);
@@ -294,7 +319,9 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     {
         let mut s = lock(&world);
         s.chaos = false;
-        s.line(BROKER, || "heal: faults off, partitions healed, crashed nodes restarted".to_string());
+        s.line(BROKER, || {
+            "heal: faults off, partitions healed, crashed nodes restarted".to_string()
+        });
         let Shared { check, slots, .. } = &mut *s;
         check.safety(slots, cfg.chaos_ms.into());
     }
@@ -344,6 +371,8 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         faults: std::mem::take(&mut shared.faults),
         orders: shared.check.orders_total(),
         deliveries: shared.deliveries,
+        messages: u64::from(shared.sent_nth),
+        wakeups: shared.wakeups,
         sim_ms,
     }
 }
@@ -374,7 +403,12 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
     if torn {
         s.fired("torn_write");
     }
-    s.line(n, || format!("CRASH (unsynced writes lost{})", if torn { ", last write torn" } else { "" }));
+    s.line(n, || {
+        format!(
+            "CRASH (unsynced writes lost{})",
+            if torn { ", last write torn" } else { "" }
+        )
+    });
 }
 
 fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {
@@ -383,12 +417,25 @@ fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {
 }
 
 fn redrive_all(s: &mut Shared) {
-    let Slot::Broker(broker) = &mut s.slots[BROKER] else { return };
-    let clients: Vec<_> = broker.stats().subscribers.into_iter().filter(|(_, st)| st.dead_letters > 0).collect();
+    let Slot::Broker(broker) = &mut s.slots[BROKER] else {
+        return;
+    };
+    let clients: Vec<_> = broker
+        .stats()
+        .subscribers
+        .into_iter()
+        .filter(|(_, st)| st.dead_letters > 0)
+        .collect();
     for (client, _) in clients {
         let now = s.now(BROKER);
         if let Slot::Broker(b) = &mut s.slots[BROKER] {
-            b.handle(now, BrokerInput::Redrive { req: RequestId(u64::MAX), client: client.clone() });
+            b.handle(
+                now,
+                BrokerInput::Redrive {
+                    req: RequestId(u64::MAX),
+                    client: client.clone(),
+                },
+            );
         }
         s.line(BROKER, || format!("operator: redrive dead letters of {client}"));
     }
@@ -465,6 +512,7 @@ async fn node_main(world: World, i: usize) {
     loop {
         let out = {
             let mut s = lock(&world);
+            s.wakeups += 1;
             let now = s.now(i);
             match wake {
                 Wake::Msg(from, wire) => on_wire(&mut s, &mut drv, i, now, from, wire),
@@ -510,7 +558,8 @@ fn boot(world: &World, i: usize) -> bool {
                 .map_err(|e| e.to_string())
         }
     } else {
-        participants::build(i, &s.cfg, &s.def, s.seed, &image, now).map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
+        participants::build(i, &s.cfg, &s.def, s.seed, &image, now)
+            .map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
     };
     match result {
         Ok((slot, valid_len, records)) => {
@@ -523,7 +572,11 @@ fn boot(world: &World, i: usize) -> bool {
         }
         Err(e) => {
             let at = s.elapsed_ns() / 1_000_000;
-            s.check.violation(Violation::safety("recovery", format!("{} refused to start: {e}", NODES[i]), at));
+            s.check.violation(Violation::safety(
+                "recovery",
+                format!("{} refused to start: {e}", NODES[i]),
+                at,
+            ));
             false
         }
     }
@@ -569,18 +622,35 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
         (Slot::Broker(b), Wire::Publish { req, publish }) => {
             let id = RequestId(drv.next_request);
             drv.next_request += 1;
-            drv.requests.insert(id, (src, Pending::Publish { req, key: publish.key(), topic: publish.topic.clone() }));
+            drv.requests.insert(
+                id,
+                (
+                    src,
+                    Pending::Publish {
+                        req,
+                        key: publish.key(),
+                        topic: publish.topic.clone(),
+                    },
+                ),
+            );
             b.handle(now, BrokerInput::Publish { req: id, publish });
         }
         (Slot::Broker(b), Wire::Subscribe { subscribe }) => {
             let id = RequestId(drv.next_request);
             drv.next_request += 1;
-            let pending = Pending::Subscribe { topic: subscribe.topic.clone(), client: subscribe.client_id.clone() };
+            let pending = Pending::Subscribe {
+                topic: subscribe.topic.clone(),
+                client: subscribe.client_id.clone(),
+            };
             drv.requests.insert(id, (src, pending));
             b.handle(now, BrokerInput::Subscribe { req: id, subscribe });
         }
         (Slot::Broker(b), Wire::CallbackAnswer { delivery, ok }) => {
-            let result = if ok { CallbackResult::Delivered } else { CallbackResult::Failed };
+            let result = if ok {
+                CallbackResult::Delivered
+            } else {
+                CallbackResult::Failed
+            };
             b.handle(now, BrokerInput::CallbackResult { delivery, result });
         }
         (Slot::Participant(p), Wire::PublishReply { req, reply }) => {
@@ -591,7 +661,13 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
             };
             p.handle(now, input);
         }
-        (Slot::Participant(p), Wire::SubscribeReply { topic, reply: Reply::Subscribed { .. } }) => {
+        (
+            Slot::Participant(p),
+            Wire::SubscribeReply {
+                topic,
+                reply: Reply::Subscribed { .. },
+            },
+        ) => {
             p.handle(now, ParticipantInput::Subscribed { topic });
         }
         (Slot::Participant(p), Wire::Callback { delivery, message }) => {
@@ -602,11 +678,15 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
             {
                 *s.faults.entry("callback_error").or_default() += 1;
                 if !hang {
-                    drv.outgoing.push((BROKER, Wire::CallbackAnswer { delivery, ok: false }));
+                    drv.outgoing
+                        .push((BROKER, Wire::CallbackAnswer { delivery, ok: false }));
                 }
                 let t = s.elapsed_ns();
                 s.trace.line(t, NODES[i], || {
-                    format!("fault: callback #{nth} {}", if hang { "never answered" } else { "answered 500" })
+                    format!(
+                        "fault: callback #{nth} {}",
+                        if hang { "never answered" } else { "answered 500" }
+                    )
                 });
                 return;
             }
@@ -627,7 +707,14 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
 fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
     loop {
-        let Shared { slots, disks, check, trace, start, .. } = &mut *s;
+        let Shared {
+            slots,
+            disks,
+            check,
+            trace,
+            start,
+            ..
+        } = &mut *s;
         let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
         match &mut slots[i] {
             Slot::Down => break,
@@ -666,7 +753,13 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     BrokerOutput::Callback(cb) => {
                         check.callback_sent(&cb.client, &cb.message, t / 1_000_000);
                         if let Some(dst) = node_of_url(&cb.url) {
-                            drv.outgoing.push((dst, Wire::Callback { delivery: cb.delivery, message: cb.message }));
+                            drv.outgoing.push((
+                                dst,
+                                Wire::Callback {
+                                    delivery: cb.delivery,
+                                    message: cb.message,
+                                },
+                            ));
                         }
                     }
                 }
@@ -689,13 +782,22 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     ParticipantOutput::Subscribe(subscribe) => {
                         drv.outgoing.push((BROKER, Wire::Subscribe { subscribe }));
                     }
-                    ParticipantOutput::CommandDone { command: Command::CreateOrder(spec), outcome } => {
+                    ParticipantOutput::CommandDone {
+                        command: Command::CreateOrder(spec),
+                        outcome,
+                    } => {
                         // The create-order call returns: committed (durable) or refused.
                         let refused = match outcome {
                             CommandOutcome::Committed => None,
                             CommandOutcome::Refused(why) => Some(why),
                         };
-                        drv.outgoing.push((WORKLOAD, Wire::OrderAccepted { order_id: spec.order_id, refused }));
+                        drv.outgoing.push((
+                            WORKLOAD,
+                            Wire::OrderAccepted {
+                                order_id: spec.order_id,
+                                refused,
+                            },
+                        ));
                     }
                     ParticipantOutput::Answer { token, ok } => {
                         if let Some((delivery, key)) = drv.callbacks.remove(&token) {
@@ -742,13 +844,11 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
             (0, 1)
         } else if s.plan.drop.contains_key(&nth) {
             s.fired("drop");
-            let text = wire.to_string();
-            s.line(from, || format!("fault: drop -> {} {text}", NODES[dst]));
+            s.line(from, || format!("fault: drop -> {} {wire}", NODES[dst]));
             return;
         } else if answer_nth.is_some_and(|a| s.plan.ack_lost.contains_key(&a)) {
             s.fired("ack_lost");
-            let text = wire.to_string();
-            s.line(from, || format!("fault: lose answer -> {} {text}", NODES[dst]));
+            s.line(from, || format!("fault: lose answer -> {} {wire}", NODES[dst]));
             return;
         } else {
             let delay = s.plan.delay.get(&nth).copied().unwrap_or(0);
@@ -760,8 +860,13 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
                 s.fired("duplicate");
             }
             if delay > 0 || dup {
-                let text = wire.to_string();
-                s.line(from, || format!("fault: delay {delay}ms, copies {} -> {} {text}", 1 + u32::from(dup), NODES[dst]));
+                s.line(from, || {
+                    format!(
+                        "fault: delay {delay}ms, copies {} -> {} {wire}",
+                        1 + u32::from(dup),
+                        NODES[dst]
+                    )
+                });
             }
             (delay, 1 + usize::from(dup))
         }

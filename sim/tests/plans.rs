@@ -17,12 +17,26 @@ fn fault() -> impl Strategy<Value = Fault> {
         (0..400u32).prop_map(|nth| Fault::Duplicate { nth }),
         (0..400u32, 1..400u32).prop_map(|(nth, ms)| Fault::Delay { nth, ms }),
         (0..200u32, any::<bool>()).prop_map(|(nth, hang)| Fault::CallbackError { nth, hang }),
-        (0..3_000u32, 10..2_000u32, node.clone(), proptest::option::of(node.clone()))
+        (
+            0..3_000u32,
+            10..2_000u32,
+            node.clone(),
+            proptest::option::of(node.clone())
+        )
             .prop_map(|(at_ms, for_ms, a, b)| Fault::Partition { at_ms, for_ms, a, b }),
-        (0..3_000u32, 1..1_500u32, node.clone(), proptest::option::of(1..300u32))
-            .prop_map(|(at_ms, down_ms, node, torn_keep)| Fault::Crash { at_ms, down_ms, node, torn_keep }),
-        (node, -1_000..1_000i32, -1_000..1_000i32)
-            .prop_map(|(node, offset_ms, drift_ppm)| Fault::ClockSkew { node, offset_ms, drift_ppm }),
+        (0..3_000u32, 1..1_500u32, node.clone(), proptest::option::of(1..300u32)).prop_map(
+            |(at_ms, down_ms, node, torn_keep)| Fault::Crash {
+                at_ms,
+                down_ms,
+                node,
+                torn_keep
+            }
+        ),
+        (node, -1_000..1_000i32, -1_000..1_000i32).prop_map(|(node, offset_ms, drift_ppm)| Fault::ClockSkew {
+            node,
+            offset_ms,
+            drift_ppm
+        }),
     ]
 }
 

@@ -19,9 +19,17 @@ fn sweep(scenario: Scenario, default: std::ops::Range<u64>) -> Summary {
 fn saga_sweep_passes_and_every_fault_kind_fires() {
     let s = sweep(Scenario::Saga { orders: 8 }, 0..150);
     assert_eq!(s.failed, 0, "{}", s.human());
-    assert!(s.orders >= 8 * s.seeds && s.deliveries > s.orders, "the workload ran: {}", s.human());
+    assert!(
+        s.orders >= 8 * s.seeds && s.deliveries > s.orders,
+        "the workload ran: {}",
+        s.human()
+    );
     if common::default_seeds() {
-        assert!(s.silent_fault_kinds().is_empty(), "fault kinds never fired: {:?}", s.silent_fault_kinds());
+        assert!(
+            s.silent_fault_kinds().is_empty(),
+            "fault kinds never fired: {:?}",
+            s.silent_fault_kinds()
+        );
     }
 }
 
@@ -30,6 +38,10 @@ fn seed_scenario_sweep_passes_and_every_fault_kind_fires() {
     let s = sweep(Scenario::Seed, 1_000..1_150);
     assert_eq!(s.failed, 0, "{}", s.human());
     if common::default_seeds() {
-        assert!(s.silent_fault_kinds().is_empty(), "fault kinds never fired: {:?}", s.silent_fault_kinds());
+        assert!(
+            s.silent_fault_kinds().is_empty(),
+            "fault kinds never fired: {:?}",
+            s.silent_fault_kinds()
+        );
     }
 }

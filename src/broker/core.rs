@@ -145,8 +145,13 @@ pub(super) enum Phase {
     /// Its `Published` record is not durable yet: not deliverable.
     Unsynced,
     Ready,
-    InFlight { delivery: DeliveryId, deadline: Time },
-    Backoff { until: Time },
+    InFlight {
+        delivery: DeliveryId,
+        deadline: Time,
+    },
+    Backoff {
+        until: Time,
+    },
 }
 
 /// What recovery found in the log.
@@ -277,10 +282,7 @@ impl Broker {
         let Some(q) = self.clients.get(client) else {
             return Vec::new();
         };
-        q.dead
-            .iter()
-            .map(|(_, id)| self.messages[id].message.clone())
-            .collect()
+        q.dead.iter().map(|(_, id)| self.messages[id].message.clone()).collect()
     }
 
     // ----- Requests -----
@@ -297,7 +299,10 @@ impl Broker {
             None => self.settled.get(&key).copied(),
         };
         if let Some((msg_id, lsn)) = original {
-            let reply = Reply::Published { msg_id, duplicate: true };
+            let reply = Reply::Published {
+                msg_id,
+                duplicate: true,
+            };
             if lsn <= self.durable {
                 self.reply(req, reply);
             } else if self.waiting_count >= self.config.publishes_unsynced_max {
@@ -341,7 +346,14 @@ impl Broker {
             self.unsynced.push_back((lsn, msg_id, entitled.clone()));
         }
         self.record(BrokerRecord::Published { message, entitled });
-        self.wait(lsn, req, Reply::Published { msg_id, duplicate: false });
+        self.wait(
+            lsn,
+            req,
+            Reply::Published {
+                msg_id,
+                duplicate: false,
+            },
+        );
     }
 
     fn handle_subscribe(&mut self, now: Time, req: RequestId, s: SubscribeRequest) {

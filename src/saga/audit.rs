@@ -54,7 +54,10 @@ pub fn audit_stock(stock: &Stock, initial: &Stock) -> Vec<Violation> {
             if !matches {
                 out.push(violation(
                     "release-only-if-deducted",
-                    format!("{order}: restocked {quantity} of {product} but deduction is {:?}", o.deduction),
+                    format!(
+                        "{order}: restocked {quantity} of {product} but deduction is {:?}",
+                        o.deduction
+                    ),
                 ));
             }
         }
@@ -77,7 +80,8 @@ pub fn audit_payment(payment: &Payment, initial: &Payment) -> Vec<Violation> {
     }
     for (order, o) in payment.orders() {
         if let Refund::Refunded { customer, amount } = &o.refund {
-            let matches = matches!(&o.charge, Charge::Charged { customer: c, amount: a } if c == customer && a == amount);
+            let matches =
+                matches!(&o.charge, Charge::Charged { customer: c, amount: a } if c == customer && a == amount);
             if !matches {
                 out.push(violation(
                     "refund-only-if-charged",
@@ -149,10 +153,14 @@ pub fn audit_stock_log(changes: &[StockChange]) -> Vec<Violation> {
             StockChange::Deduct { order, .. } | StockChange::Refuse { order, .. } => {
                 *decided.entry(order).or_default() += 1
             }
-            StockChange::Restock { order } | StockChange::NullRelease { order } => *released.entry(order).or_default() += 1,
+            StockChange::Restock { order } | StockChange::NullRelease { order } => {
+                *released.entry(order).or_default() += 1
+            }
         }
     }
-    at_most_once("stock deduction", decided).chain(at_most_once("stock release", released)).collect()
+    at_most_once("stock deduction", decided)
+        .chain(at_most_once("stock release", released))
+        .collect()
 }
 
 /// Effects at most once, judged from payment's log.
@@ -169,7 +177,9 @@ pub fn audit_payment_log(changes: &[PaymentChange]) -> Vec<Violation> {
             }
         }
     }
-    at_most_once("payment charge", decided).chain(at_most_once("payment refund", cancelled)).collect()
+    at_most_once("payment charge", decided)
+        .chain(at_most_once("payment refund", cancelled))
+        .collect()
 }
 
 fn at_most_once<'a>(what: &'static str, counts: BTreeMap<&'a GlobalId, u32>) -> impl Iterator<Item = Violation> + 'a {

@@ -344,27 +344,29 @@ impl<P: Participant> ParticipantHost<P> {
         recovered
             .records
             .iter()
-            .map(|(_, payload)| match serde_json::from_slice::<HostRecord<P::Change>>(payload) {
-                Ok(HostRecord::Effect { inbox, change, outbox }) => {
-                    let mut line = String::from("effect");
-                    if let Some(k) = inbox {
-                        line.push_str(&format!(" inbox={k}"));
+            .map(
+                |(_, payload)| match serde_json::from_slice::<HostRecord<P::Change>>(payload) {
+                    Ok(HostRecord::Effect { inbox, change, outbox }) => {
+                        let mut line = String::from("effect");
+                        if let Some(k) = inbox {
+                            line.push_str(&format!(" inbox={k}"));
+                        }
+                        if let Some(c) = change {
+                            let json = serde_json::to_string(&c).unwrap_or_else(|e| format!("<{e}>"));
+                            line.push_str(&format!(" change={json}"));
+                        }
+                        for e in outbox {
+                            line.push_str(&format!(
+                                " outbox#{}={} {}/{} {}",
+                                e.id.0, e.publish.topic, e.publish.global_id, e.publish.sub_id, e.publish.content
+                            ));
+                        }
+                        line
                     }
-                    if let Some(c) = change {
-                        let json = serde_json::to_string(&c).unwrap_or_else(|e| format!("<{e}>"));
-                        line.push_str(&format!(" change={json}"));
-                    }
-                    for e in outbox {
-                        line.push_str(&format!(
-                            " outbox#{}={} {}/{} {}",
-                            e.id.0, e.publish.topic, e.publish.global_id, e.publish.sub_id, e.publish.content
-                        ));
-                    }
-                    line
-                }
-                Ok(HostRecord::Acked { outbox }) => format!("acked outbox#{}", outbox.0),
-                Err(e) => format!("undecodable record: {e}"),
-            })
+                    Ok(HostRecord::Acked { outbox }) => format!("acked outbox#{}", outbox.0),
+                    Err(e) => format!("undecodable record: {e}"),
+                },
+            )
             .collect()
     }
 
@@ -411,7 +413,10 @@ impl<P: Participant> ParticipantHost<P> {
         // request whose answer goes to nobody (the broker delivers only to
         // subscriptions live at publish time): the simulator found exactly that.
         if !self.subscribed() {
-            self.refuse_command(command, "subscriptions not yet confirmed by the broker; retry".to_string());
+            self.refuse_command(
+                command,
+                "subscriptions not yet confirmed by the broker; retry".to_string(),
+            );
             return;
         }
         match self.logic.on_command(now, &command) {

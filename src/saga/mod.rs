@@ -143,11 +143,9 @@ impl fmt::Display for ParticipantOutput {
                 "publish outbox#{} {} {}/{} {}",
                 outbox.0, publish.topic, publish.global_id, publish.sub_id, publish.content
             ),
-            ParticipantOutput::Subscribe(s) => write!(
-                f,
-                "subscribe {} {} expire={}",
-                s.client_id, s.topic, s.expire_time
-            ),
+            ParticipantOutput::Subscribe(s) => {
+                write!(f, "subscribe {} {} expire={}", s.client_id, s.topic, s.expire_time)
+            }
             ParticipantOutput::Answer { token, ok } => {
                 write!(f, "answer token#{} {}", token.0, if *ok { "ok" } else { "not-ok" })
             }

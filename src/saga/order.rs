@@ -359,7 +359,9 @@ impl Participant for Order {
             topics::STOCK_RELEASED if compensating && c.is_some_and(|c| !c.release_confirmed) => {
                 Decision::change(OrderChange::ReleaseConfirmed { order: order.clone() })
             }
-            topics::PAYMENT_CANCELLED if compensating && c.is_some_and(|c| c.payment_cancel_confirmed == Some(false)) => {
+            topics::PAYMENT_CANCELLED
+                if compensating && c.is_some_and(|c| c.payment_cancel_confirmed == Some(false)) =>
+            {
                 Decision::change(OrderChange::PaymentCancelConfirmed { order: order.clone() })
             }
             _ => Decision::Ignore,

@@ -46,7 +46,10 @@ pub enum Charge {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Refund {
     NotSeen,
-    Refunded { customer: CustomerId, amount: u64 },
+    Refunded {
+        customer: CustomerId,
+        amount: u64,
+    },
     /// Cancelled before (or without) a charge: nothing to give back.
     Null,
 }
@@ -81,8 +84,12 @@ pub enum PaymentChange {
         reason: ChargeRefusal,
     },
     /// Give back the order's charge (the amount is the charged one).
-    Refund { order: GlobalId },
-    NullCancel { order: GlobalId },
+    Refund {
+        order: GlobalId,
+    },
+    NullCancel {
+        order: GlobalId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,12 +218,21 @@ impl Payment {
             Some(PaymentOrder {
                 charge: Charge::Charged { amount, .. },
                 ..
-            }) => Decision::change_and_publish(PaymentChange::Refund { order: order.clone() }, Self::cancelled(&order, *amount)),
-            Some(_) => Decision::change_and_publish(PaymentChange::NullCancel { order: order.clone() }, Self::cancelled(&order, 0)),
+            }) => Decision::change_and_publish(
+                PaymentChange::Refund { order: order.clone() },
+                Self::cancelled(&order, *amount),
+            ),
+            Some(_) => Decision::change_and_publish(
+                PaymentChange::NullCancel { order: order.clone() },
+                Self::cancelled(&order, 0),
+            ),
             None if self.orders.len() >= self.orders_max => {
                 Decision::Refuse("payment keeps PAYMENT_ORDERS_MAX orders; cannot record a null cancel".to_string())
             }
-            None => Decision::change_and_publish(PaymentChange::NullCancel { order: order.clone() }, Self::cancelled(&order, 0)),
+            None => Decision::change_and_publish(
+                PaymentChange::NullCancel { order: order.clone() },
+                Self::cancelled(&order, 0),
+            ),
         }
     }
 }
@@ -225,7 +241,10 @@ impl Participant for Payment {
     type Change = PaymentChange;
 
     fn topics(&self) -> Vec<Topic> {
-        vec![Topic::lit(topics::PAYMENT_REQUESTED), Topic::lit(topics::PAYMENT_CANCEL)]
+        vec![
+            Topic::lit(topics::PAYMENT_REQUESTED),
+            Topic::lit(topics::PAYMENT_CANCEL),
+        ]
     }
 
     fn on_message(&self, _now: Time, message: &Message) -> Decision<PaymentChange> {

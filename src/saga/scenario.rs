@@ -184,7 +184,11 @@ mod tests {
         for seed in 0..20 {
             let s = saga(seed);
             let demand: u64 = s.orders.iter().map(|o| o.spec.quantity).sum();
-            assert!(s.stock_total() < demand, "seed {seed}: stock {} demand {demand}", s.stock_total());
+            assert!(
+                s.stock_total() < demand,
+                "seed {seed}: stock {} demand {demand}",
+                s.stock_total()
+            );
             assert!(s.orders.windows(2).all(|w| w[0].at <= w[1].at));
         }
     }

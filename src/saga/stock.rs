@@ -35,8 +35,15 @@ pub enum RefuseReason {
 pub enum Deduction {
     /// `sale-order.created` not (yet) seen.
     NotSeen,
-    Deducted { product: ProductId, quantity: u64 },
-    Refused { product: ProductId, quantity: u64, reason: RefuseReason },
+    Deducted {
+        product: ProductId,
+        quantity: u64,
+    },
+    Refused {
+        product: ProductId,
+        quantity: u64,
+        reason: RefuseReason,
+    },
 }
 
 /// What stock did with an order's release (compensation).
@@ -44,7 +51,10 @@ pub enum Deduction {
 pub enum Release {
     NotSeen,
     /// The deduction was given back.
-    Restocked { product: ProductId, quantity: u64 },
+    Restocked {
+        product: ProductId,
+        quantity: u64,
+    },
     /// Released before (or without) a deduction: nothing to give back.
     Null,
 }
@@ -80,8 +90,12 @@ pub enum StockChange {
         reason: RefuseReason,
     },
     /// Give back the order's deduction (the quantity is the deducted one).
-    Restock { order: GlobalId },
-    NullRelease { order: GlobalId },
+    Restock {
+        order: GlobalId,
+    },
+    NullRelease {
+        order: GlobalId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,12 +232,21 @@ impl Stock {
             Some(StockOrder {
                 deduction: Deduction::Deducted { quantity, .. },
                 ..
-            }) => Decision::change_and_publish(StockChange::Restock { order: order.clone() }, Self::released(&order, *quantity)),
-            Some(_) => Decision::change_and_publish(StockChange::NullRelease { order: order.clone() }, Self::released(&order, 0)),
+            }) => Decision::change_and_publish(
+                StockChange::Restock { order: order.clone() },
+                Self::released(&order, *quantity),
+            ),
+            Some(_) => Decision::change_and_publish(
+                StockChange::NullRelease { order: order.clone() },
+                Self::released(&order, 0),
+            ),
             None if self.orders.len() >= self.orders_max => {
                 Decision::Refuse("stock keeps STOCK_ORDERS_MAX orders; cannot record a null release".to_string())
             }
-            None => Decision::change_and_publish(StockChange::NullRelease { order: order.clone() }, Self::released(&order, 0)),
+            None => Decision::change_and_publish(
+                StockChange::NullRelease { order: order.clone() },
+                Self::released(&order, 0),
+            ),
         }
     }
 }
@@ -232,7 +255,10 @@ impl Participant for Stock {
     type Change = StockChange;
 
     fn topics(&self) -> Vec<Topic> {
-        vec![Topic::lit(topics::SALE_ORDER_CREATED), Topic::lit(topics::STOCK_RELEASE)]
+        vec![
+            Topic::lit(topics::SALE_ORDER_CREATED),
+            Topic::lit(topics::STOCK_RELEASE),
+        ]
     }
 
     fn on_message(&self, _now: Time, message: &Message) -> Decision<StockChange> {
