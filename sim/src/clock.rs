@@ -25,7 +25,9 @@ impl Skew {
     pub fn virtual_at(self, node_ns: u64) -> u64 {
         let local = i128::from(node_ns) - i128::from(CLOCK_BASE_NS) - i128::from(self.offset_ms) * 1_000_000;
         let scale = 1_000_000 + i128::from(self.drift_ppm);
-        let v = (local * 1_000_000 + scale - 1) / scale;
+        // The integer inverse is within a few ns; start just below and step up
+        // to the first virtual time whose reading reaches `node_ns`.
+        let v = local * 1_000_000 / scale - 4;
         let mut v = u64::try_from(v.max(0)).unwrap_or(0);
         while self.read(v) < node_ns {
             v += 1;
