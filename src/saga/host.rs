@@ -413,6 +413,16 @@ impl<P: Participant> ParticipantHost<P> {
             self.refuse_command(command, why);
             return;
         }
+        // A saga started before every reply topic is subscribed could publish a
+        // request whose answer goes to nobody (the broker delivers only to
+        // subscriptions live at publish time): the simulator found exactly that.
+        if !self.subscribed() {
+            self.refuse_command(
+                command,
+                "subscriptions not yet confirmed by the broker; retry".to_string(),
+            );
+            return;
+        }
         match self.logic.on_command(now, &command) {
             Decision::Commit { change, publish } => {
                 if self.outbox.len() + publish.len() > self.config.outbox_entries_max {
