@@ -26,7 +26,15 @@ impl Trace {
     pub fn line(&mut self, t_ns: u64, node: &str, text: impl FnOnce() -> String) {
         if self.enabled {
             let mut s = String::with_capacity(64);
-            let _ = write!(s, "t={} {node} {}", sagamq::Time(t_ns), text());
+            // Microsecond precision: madsim's latencies are nanosecond-exact, but
+            // people read milliseconds.
+            let _ = write!(
+                s,
+                "t={}.{:03}ms {node} {}",
+                t_ns / 1_000_000,
+                (t_ns / 1_000) % 1_000,
+                text()
+            );
             self.lines.push(s);
         }
     }

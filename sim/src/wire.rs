@@ -62,9 +62,9 @@ impl fmt::Display for Wire {
                     publish.global_id, publish.sub_id, publish.topic
                 )
             }
-            Wire::PublishReply { req, reply } => write!(f, "publish-reply#{req} {reply:?}"),
+            Wire::PublishReply { req, reply } => write!(f, "publish-reply#{req} {reply}"),
             Wire::Subscribe { subscribe } => write!(f, "subscribe {} to {}", subscribe.client_id, subscribe.topic),
-            Wire::SubscribeReply { topic, reply } => write!(f, "subscribe-reply {topic} {reply:?}"),
+            Wire::SubscribeReply { topic, reply } => write!(f, "subscribe-reply {topic} {reply}"),
             Wire::Callback { delivery, message } => write!(
                 f,
                 "callback d{} {} {}/{} topic={}",
