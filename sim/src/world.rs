@@ -332,8 +332,8 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
             }
         }
     }
-    for n in 0..NODES.len() {
-        if down[n] {
+    for (n, was_down) in down.iter().enumerate() {
+        if *was_down {
             restart(&world, &handle, &nodes, n);
         }
     }
