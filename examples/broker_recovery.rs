@@ -31,12 +31,14 @@ fn log(records: impl Iterator<Item = BrokerRecord>) -> (Vec<u8>, u64) {
 }
 
 fn subscriptions() -> impl Iterator<Item = BrokerRecord> {
-    ["stock-service", "audit"].into_iter().map(|c| BrokerRecord::Subscribed {
-        client: ClientId::lit(c),
-        topic: Topic::lit("sale-order.created"),
-        url: format!("http://{c}/callback"),
-        expire_time: Time::MAX,
-    })
+    ["stock-service", "audit"]
+        .into_iter()
+        .map(|c| BrokerRecord::Subscribed {
+            client: ClientId::lit(c),
+            topic: Topic::lit("sale-order.created"),
+            url: format!("http://{c}/callback"),
+            expire_time: Time::MAX,
+        })
 }
 
 /// Publishes to one subscriber, each acked right after: half the records settle a message.
@@ -59,10 +61,12 @@ fn history(records: u64) -> (Vec<u8>, u64) {
 /// A snapshot of live messages, each queued for two subscribers.
 fn live(records: u64) -> (Vec<u8>, u64) {
     let both = vec![ClientId::lit("audit"), ClientId::lit("stock-service")];
-    log(subscriptions().chain((0..records).map(move |i| BrokerRecord::Published {
-        message: message(i),
-        entitled: both.clone(),
-    })))
+    log(
+        subscriptions().chain((0..records).map(move |i| BrokerRecord::Published {
+            message: message(i),
+            entitled: both.clone(),
+        })),
+    )
 }
 
 /// A snapshot holding only remembered dedup keys (512 per record).
@@ -80,18 +84,27 @@ fn settled(keys: u64) -> (Vec<u8>, u64) {
 }
 
 fn main() {
-    let records: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let records: u64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    // An optional second argument picks one case by its position (0, 1, 2).
+    let only: Option<usize> = std::env::args().nth(2).and_then(|s| s.parse().ok());
     let config = BrokerConfig {
         messages_max: usize::MAX,
         dedup_settled_max: records as usize,
         ..BrokerConfig::default()
     };
-    let cases = [
-        ("history: publish + ack", history(records)),
-        ("snapshot: live messages x2 subscribers", live(records)),
-        ("snapshot: dedup keys only", settled(records)),
+    let cases: [(&str, fn(u64) -> (Vec<u8>, u64)); 3] = [
+        ("history: publish + ack", history),
+        ("snapshot: live messages x2 subscribers", live),
+        ("snapshot: dedup keys only", settled),
     ];
-    for (name, (image, n)) in cases {
+    for (i, (name, make)) in cases.into_iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let (image, n) = make(records);
         let start = Instant::now();
         let (broker, report) = Broker::recover(config.clone(), 1, &image).expect("recovers");
         let secs = start.elapsed().as_secs_f64();

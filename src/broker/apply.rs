@@ -6,7 +6,7 @@
 //! are never checked against bounds here (they were accepted when written); a
 //! record that contradicts the state before it is an error naming what is wrong.
 
-use super::core::{Entry, Origin, OrderKey, Phase, StoredMessage, Subscription};
+use super::core::{Entry, OrderKey, Origin, Phase, StoredMessage, Subscription};
 use super::dedup::key_hash;
 use super::*;
 use crate::types::MessageKey;
@@ -117,7 +117,10 @@ impl Broker {
         let q = self.clients.get_mut(client).expect("a subscription implies its client");
         q.subscriptions -= 1;
         if q.subscriptions == 0 {
-            assert!(q.entries.is_empty() && q.dead.is_empty(), "{client} has messages but no subscription");
+            assert!(
+                q.entries.is_empty() && q.dead.is_empty(),
+                "{client} has messages but no subscription"
+            );
             self.clients.remove(client);
             self.dirty.remove(client);
         }
@@ -129,7 +132,11 @@ impl Broker {
             return Err(format!("{msg_id} published twice"));
         }
         let h = key_hash(&message.global_id, &message.sub_id);
-        if self.dedup.find_live(h, &message.global_id, &message.sub_id, &self.messages).is_some() {
+        if self
+            .dedup
+            .find_live(h, &message.global_id, &message.sub_id, &self.messages)
+            .is_some()
+        {
             return Err(format!("{} stored twice", message.key()));
         }
         // A key still remembered here but forgotten when this record was
@@ -146,7 +153,12 @@ impl Broker {
                 .subs
                 .get_mut(&message.topic)
                 .and_then(|m| m.get_mut(client))
-                .ok_or_else(|| format!("{msg_id} entitles {client}, which has no subscription to {}", message.topic))?;
+                .ok_or_else(|| {
+                    format!(
+                        "{msg_id} entitles {client}, which has no subscription to {}",
+                        message.topic
+                    )
+                })?;
             sub.refs += 1;
             let q = self.clients.get_mut(client).expect("a subscription implies its client");
             let entry = Entry {
@@ -236,7 +248,10 @@ impl Broker {
             Phase::Unsynced => {}
             Phase::Ready => {
                 let topic = &stored.message.topic;
-                let set = q.ready.get_mut(topic).expect("a ready entry is in its topic's ready set");
+                let set = q
+                    .ready
+                    .get_mut(topic)
+                    .expect("a ready entry is in its topic's ready set");
                 set.remove(&key);
                 if set.is_empty() {
                     q.ready.remove(topic);
@@ -283,7 +298,8 @@ impl Broker {
                 global_id: m.global_id,
                 sub_id: m.sub_id,
             };
-            self.dedup.remember(key, msg_id, stored.lsn, self.config.dedup_settled_max);
+            self.dedup
+                .remember(key, msg_id, stored.lsn, self.config.dedup_settled_max);
         }
         Ok(())
     }

@@ -21,11 +21,11 @@
 //!   pending again and their attempt counts start over (attempts are not
 //!   logged); dead letters, acks, subscriptions and dedup keys are durable.
 
+use super::dedup::Dedup;
 use super::*;
 use crate::log::{LogError, decode_all};
 use crate::machine::Machine;
 use crate::rng::Rng;
-use super::dedup::Dedup;
 use crate::types::{CONTENT_LEN_MAX, URL_LEN_MAX};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -141,8 +141,13 @@ pub(super) enum Phase {
     /// Its `Published` record is not durable yet: not deliverable.
     Unsynced,
     Ready,
-    InFlight { delivery: DeliveryId, deadline: Time },
-    Backoff { until: Time },
+    InFlight {
+        delivery: DeliveryId,
+        deadline: Time,
+    },
+    Backoff {
+        until: Time,
+    },
 }
 
 /// What recovery found in the log.
@@ -219,12 +224,18 @@ impl Broker {
     pub fn recover(config: BrokerConfig, seed: u64, image: &[u8]) -> Result<(Broker, RecoveryReport), LogError> {
         let recovered = decode_all(image)?;
         let mut broker = Broker::new(config, seed);
+        broker.dedup.begin_bulk();
         for &(offset, payload) in &recovered.records {
             let record = BrokerRecord::decode(payload).map_err(|reason| LogError::BadRecord { offset, reason })?;
             broker
                 .apply(record, Origin::Replay)
                 .map_err(|reason| LogError::BadRecord { offset, reason })?;
         }
+        // A duplicate key cannot be pinned to one record: name the log's start.
+        broker
+            .dedup
+            .end_bulk(&broker.messages)
+            .map_err(|reason| LogError::BadRecord { offset: 0, reason })?;
         let report = RecoveryReport {
             records: recovered.records.len() as u64,
             valid_len: recovered.valid_len,
@@ -271,10 +282,7 @@ impl Broker {
         let Some(q) = self.clients.get(client) else {
             return Vec::new();
         };
-        q.dead
-            .iter()
-            .map(|(_, id)| self.messages[id].message.clone())
-            .collect()
+        q.dead.iter().map(|(_, id)| self.messages[id].message.clone()).collect()
     }
 
     // ----- Requests -----
@@ -287,7 +295,10 @@ impl Broker {
         // Dedup first: a retried publish is answered even when the broker is full.
         let original = self.dedup.find(&publish.global_id, &publish.sub_id, &self.messages);
         if let Some((msg_id, lsn)) = original {
-            let reply = Reply::Published { msg_id, duplicate: true };
+            let reply = Reply::Published {
+                msg_id,
+                duplicate: true,
+            };
             if lsn <= self.durable {
                 self.reply(req, reply);
             } else if self.waiting_count >= self.config.publishes_unsynced_max {
@@ -331,7 +342,14 @@ impl Broker {
             self.unsynced.push_back((lsn, msg_id, entitled.clone()));
         }
         self.record(BrokerRecord::Published { message, entitled });
-        self.wait(lsn, req, Reply::Published { msg_id, duplicate: false });
+        self.wait(
+            lsn,
+            req,
+            Reply::Published {
+                msg_id,
+                duplicate: false,
+            },
+        );
     }
 
     fn handle_subscribe(&mut self, now: Time, req: RequestId, s: SubscribeRequest) {

@@ -29,7 +29,10 @@ impl Broker {
                 let entry = &self.clients[&client].entries[&key];
                 // Only the current attempt's failure counts; an older attempt's
                 // failure was already counted when its deadline passed.
-                if let Phase::InFlight { delivery: current, deadline } = entry.phase
+                if let Phase::InFlight {
+                    delivery: current,
+                    deadline,
+                } = entry.phase
                     && current == delivery
                 {
                     self.timers.remove(&(deadline, client.clone(), key));
@@ -133,7 +136,10 @@ impl Broker {
             if set.is_empty() {
                 q.ready.remove(&topic);
             }
-            assert!(self.next_delivery_seq < 1 << DELIVERY_SEQ_BITS, "delivery ids exhausted");
+            assert!(
+                self.next_delivery_seq < 1 << DELIVERY_SEQ_BITS,
+                "delivery ids exhausted"
+            );
             let delivery = DeliveryId((self.incarnation << DELIVERY_SEQ_BITS) | self.next_delivery_seq);
             self.next_delivery_seq += 1;
             let deadline = now.plus(self.config.callback_timeout);

@@ -112,7 +112,12 @@ impl fmt::Display for BrokerOutput {
             }
             BrokerOutput::Rewrite { lsn, frames } => {
                 let records = decoded(frames);
-                write!(f, "rewrite lsn={lsn} records={} bytes={} (compaction)", records.len(), frames.len())
+                write!(
+                    f,
+                    "rewrite lsn={lsn} records={} bytes={} (compaction)",
+                    records.len(),
+                    frames.len()
+                )
             }
             BrokerOutput::Reply { req, reply } => write!(f, "reply req={req} {reply}"),
             BrokerOutput::Callback(cb) => write!(
@@ -158,7 +163,13 @@ impl fmt::Display for BrokerRecord {
             } => write!(f, "subscribed {client} topic={topic} url={url} until={expire_time}"),
             BrokerRecord::Unsubscribed { client, topic } => write!(f, "unsubscribed {client} topic={topic}"),
             BrokerRecord::Published { message, entitled } => {
-                write!(f, "published {} {} topic={} ->", message.msg_id, message.key(), message.topic)?;
+                write!(
+                    f,
+                    "published {} {} topic={} ->",
+                    message.msg_id,
+                    message.key(),
+                    message.topic
+                )?;
                 if entitled.is_empty() {
                     write!(f, " nobody")?;
                 }

@@ -43,7 +43,9 @@ pub enum Observed {
     /// Everything written so far became durable.
     Synced,
     /// The broker restarted from this log image.
-    Restarted { image: Vec<u8> },
+    Restarted {
+        image: Vec<u8>,
+    },
 }
 
 pub const URL: &str = "http://sub/cb";

@@ -30,18 +30,40 @@ const TOPICS: [&str; 2] = ["t0", "t1"];
 
 #[derive(Clone, Debug)]
 enum Action {
-    Subscribe { client: usize, topic: usize, ttl_ms: u64 },
-    Unsubscribe { client: usize, topic: usize },
-    Publish { gid: u8, sid: u8, topic: usize, create: i64 },
+    Subscribe {
+        client: usize,
+        topic: usize,
+        ttl_ms: u64,
+    },
+    Unsubscribe {
+        client: usize,
+        topic: usize,
+    },
+    Publish {
+        gid: u8,
+        sid: u8,
+        topic: usize,
+        create: i64,
+    },
     /// Answer one outstanding callback; `again` keeps it to answer twice.
-    Answer { pick: prop::sample::Index, result: CallbackResult, again: bool },
-    Advance { ms: u64 },
+    Answer {
+        pick: prop::sample::Index,
+        result: CallbackResult,
+        again: bool,
+    },
+    Advance {
+        ms: u64,
+    },
     /// Stop syncing: writes stay volatile until `Sync`.
     Hold,
     Sync,
     Crash,
-    CrashTorn { keep: usize },
-    Redrive { client: usize },
+    CrashTorn {
+        keep: usize,
+    },
+    Redrive {
+        client: usize,
+    },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -202,7 +224,11 @@ impl Model {
                     prop_assert_eq!(w.message.as_ref(), Some(&cb.message));
                     prop_assert!(w.entitled.contains(&cb.client), "{} got {id}, not entitled", cb.client);
                     let may = self.may_by_key.get(&w.key).is_some_and(|m| m.contains(&cb.client));
-                    prop_assert!(may, "{} got {id} but never had a live subscription when it was published", cb.client);
+                    prop_assert!(
+                        may,
+                        "{} got {id} but never had a live subscription when it was published",
+                        cb.client
+                    );
                     self.outstanding.push(cb);
                 }
                 Observed::Synced => {
@@ -271,8 +297,14 @@ impl Model {
         prop_assert_eq!(&w.key, key);
         let entitled: BTreeSet<ClientId> = w.entitled.iter().cloned().collect();
         if !duplicate {
-            prop_assert!(entitled.is_subset(may), "{msg_id} entitles {entitled:?}, at most {may:?}");
-            prop_assert!(sure.is_subset(&entitled), "{msg_id} entitles {entitled:?}, at least {sure:?}");
+            prop_assert!(
+                entitled.is_subset(may),
+                "{msg_id} entitles {entitled:?}, at most {may:?}"
+            );
+            prop_assert!(
+                sure.is_subset(&entitled),
+                "{msg_id} entitles {entitled:?}, at least {sure:?}"
+            );
         }
         self.acked.insert(msg_id);
         Ok(())
@@ -288,7 +320,10 @@ impl Model {
         prop_assert!(stats.dedup_settled <= c.dedup_settled_max);
         prop_assert!(b.waiting_count <= c.publishes_unsynced_max);
         for (client, s) in &stats.subscribers {
-            prop_assert!(s.pending + s.in_flight <= c.pending_per_subscriber_max, "{client}: {s:?}");
+            prop_assert!(
+                s.pending + s.in_flight <= c.pending_per_subscriber_max,
+                "{client}: {s:?}"
+            );
             prop_assert!(s.in_flight <= c.inflight_per_subscriber_max, "{client}: {s:?}");
             prop_assert!(s.dead_letters <= c.dead_letters_per_subscriber_max, "{client}: {s:?}");
         }
@@ -297,7 +332,11 @@ impl Model {
         for id in &self.acked {
             let w = &self.durable[id];
             for client in &w.entitled {
-                let create = w.message.as_ref().expect("a message with subscribers is published").create_time;
+                let create = w
+                    .message
+                    .as_ref()
+                    .expect("a message with subscribers is published")
+                    .create_time;
                 let order = (create, *id);
                 let held = b
                     .clients
@@ -378,7 +417,12 @@ fn step(h: &mut Harness, m: &mut Model, action: Action) -> Result<(), TestCaseEr
             });
             h.input(BrokerInput::Unsubscribe { req, client, topic });
         }
-        Action::Publish { gid, sid, topic, create } => {
+        Action::Publish {
+            gid,
+            sid,
+            topic,
+            create,
+        } => {
             let publish = publication(&format!("g{gid}"), &format!("s{sid}"), TOPICS[topic], create, "x");
             let key = publish.key();
             let clients = CLIENTS.map(ClientId::lit);
@@ -465,10 +509,17 @@ fn heal(h: &mut Harness, m: &mut Model) -> Result<(), TestCaseError> {
             break;
         }
     }
-    prop_assert!(h.broker.messages.is_empty(), "not quiet after healing: {:?}", h.broker.stats());
+    prop_assert!(
+        h.broker.messages.is_empty(),
+        "not quiet after healing: {:?}",
+        h.broker.stats()
+    );
     for id in &m.acked {
         for client in &m.durable[id].entitled {
-            prop_assert!(m.delivered.contains(&(client.clone(), *id)), "{id} never reached {client}");
+            prop_assert!(
+                m.delivered.contains(&(client.clone(), *id)),
+                "{id} never reached {client}"
+            );
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! times through [`Harness`], then assertions on replies, callbacks and stats.
 
 use super::harness::*;
+use crate::Machine;
 use crate::broker::*;
 use crate::log::{Disk, LogError, encode_frame};
 use crate::types::*;
@@ -36,7 +37,9 @@ fn with_stock(config: BrokerConfig) -> Harness {
 }
 
 fn keys(cbs: &[Callback]) -> Vec<String> {
-    cbs.iter().map(|c| format!("{}@{}", c.message.key(), c.client)).collect()
+    cbs.iter()
+        .map(|c| format!("{}@{}", c.message.key(), c.client))
+        .collect()
 }
 
 /// Asserts a rejected request left no trace: no bytes written, same stats.
@@ -145,7 +148,11 @@ fn dedup_survives_a_restart_for_pending_and_settled_messages() {
     assert_eq!(published(&h, r2), (published(&h, pending).0, true));
     assert_eq!(h.callbacks.len(), 1, "nothing new delivered");
     let fresh = h.publish("order-3", "created", T, 3);
-    assert_eq!(published(&h, fresh), (MsgId(3), false), "message ids keep counting after a restart");
+    assert_eq!(
+        published(&h, fresh),
+        (MsgId(3), false),
+        "message ids keep counting after a restart"
+    );
 }
 
 #[test]
@@ -167,7 +174,11 @@ fn dedup_survives_compaction_and_restart() {
     assert_eq!(published(&h, again), (published(&h, first).0, true));
     assert!(h.callbacks.is_empty());
     let fresh = h.publish("order-50", "created", T, 50);
-    assert_eq!(published(&h, fresh), (MsgId(51), false), "ids are not reused after compaction");
+    assert_eq!(
+        published(&h, fresh),
+        (MsgId(51), false),
+        "ids are not reused after compaction"
+    );
 }
 
 // ----- Ordering and window -----
@@ -183,7 +194,12 @@ fn first_attempts_follow_create_time_then_msg_id() {
     h.sync();
     assert_eq!(
         keys(&h.callbacks),
-        ["b/s@stock-service", "d/s@stock-service", "c/s@stock-service", "a/s@stock-service"]
+        [
+            "b/s@stock-service",
+            "d/s@stock-service",
+            "c/s@stock-service",
+            "a/s@stock-service"
+        ]
     );
 }
 
@@ -291,7 +307,11 @@ fn backoff_doubles_up_to_the_cap_with_seeded_jitter() {
     let a = delays(1);
     for (n, d) in (1u32..).zip(&a) {
         let full = Duration::from_millis((100u64 << (n - 1)).min(1000));
-        assert!(*d >= full / 2 && *d <= full, "attempt {n}: {d:?} not in [{:?}, {full:?}]", full / 2);
+        assert!(
+            *d >= full / 2 && *d <= full,
+            "attempt {n}: {d:?} not in [{:?}, {full:?}]",
+            full / 2
+        );
     }
     assert_eq!(a, delays(1), "same seed, same delays");
     assert_ne!(a, delays(2), "the jitter depends on the seed");
@@ -343,7 +363,10 @@ fn exhausted_message_becomes_a_dead_letter_and_redrive_puts_it_back() {
     let r = h.redrive(STOCK);
     assert_eq!(h.reply(r), Some(&Reply::Redriven { count: 1 }));
     assert_eq!(keys(&h.callbacks), ["order-1/created@stock-service"]);
-    assert_eq!(h.callbacks[0].attempt, 1, "a redriven message gets a fresh set of attempts");
+    assert_eq!(
+        h.callbacks[0].attempt, 1,
+        "a redriven message gets a fresh set of attempts"
+    );
     h.answer_all(CallbackResult::Delivered);
     assert_eq!(h.sub_stats(STOCK).dead_letters, 0);
     assert_eq!(h.broker.stats().messages_live, 0);
@@ -368,7 +391,11 @@ fn expired_subscriber_gets_nothing_new_and_keeps_its_queue_paused_until_renewal(
     // stock never answers m1; its subscription expires at 100ms, while m1 times out.
     h.advance_to(ms(150));
     let cbs = h.take_callbacks();
-    assert!(cbs.iter().all(|c| c.client.as_str() == AUDIT), "paused: {:?}", keys(&cbs));
+    assert!(
+        cbs.iter().all(|c| c.client.as_str() == AUDIT),
+        "paused: {:?}",
+        keys(&cbs)
+    );
     let m3 = h.publish("m3", "s", T, 3);
     assert_eq!(published(&h, m3).1, false);
     assert_eq!(h.sub_stats(STOCK).pending, 2, "m1 and m2 kept, m3 not entitled");
@@ -599,7 +626,12 @@ fn malformed_requests_are_rejected_with_the_reason() {
     assert_eq!(past, BrokerError::AlreadyExpired);
     let content = "c".repeat(CONTENT_LEN_MAX + 1);
     let e = assert_rejected_and_nothing_stored(&mut h, |h| h.publish_req(publication("g", "s", T, 1, &content)));
-    assert_eq!(e, BrokerError::ContentTooLong { len: CONTENT_LEN_MAX + 1 });
+    assert_eq!(
+        e,
+        BrokerError::ContentTooLong {
+            len: CONTENT_LEN_MAX + 1
+        }
+    );
     let ok = h.publish_req(publication("g", "s", T, 1, &content[1..]));
     assert_eq!(published(&h, ok).1, false, "exactly CONTENT_LEN_MAX is fine");
 }
@@ -669,6 +701,60 @@ fn recovery_refuses_corruption_in_the_middle_naming_the_offset() {
 }
 
 #[test]
+fn recovery_rebuilds_the_dedup_index_and_refuses_a_key_stored_twice() {
+    let client = ClientId::lit(STOCK);
+    let subscribed = BrokerRecord::Subscribed {
+        client: client.clone(),
+        topic: Topic::lit(T),
+        url: URL.into(),
+        expire_time: LONG,
+    };
+    let published = |id| BrokerRecord::Published {
+        message: Message::from_publish(MsgId(id), publication("g", "s", T, 1, "x")),
+        entitled: vec![client.clone()],
+    };
+    let image = |records: &[BrokerRecord]| {
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        for r in records {
+            r.encode_framed(&mut scratch, &mut out);
+        }
+        out
+    };
+    let twice = image(&[subscribed.clone(), published(1), published(2)]);
+    let err = Broker::recover(small_config(), 7, &twice).err().expect("refused");
+    assert!(err.to_string().contains("msg#1 and msg#2 are both stored under g/s"), "{err}");
+
+    // Written by a broker that had already forgotten msg#1's key (a smaller
+    // `dedup_settled_max`): msg#2 supersedes it, and dedup answers msg#2.
+    let acked = BrokerRecord::Acked {
+        client: client.clone(),
+        msg_id: MsgId(1),
+    };
+    let superseded = image(&[subscribed, published(1), acked, published(2)]);
+    let (mut broker, _) = Broker::recover(small_config(), 7, &superseded).unwrap();
+    assert_eq!(broker.stats().dedup_settled, 0);
+    assert_eq!(broker.stats().messages_live, 1);
+    broker.handle(
+        Time::ZERO,
+        BrokerInput::Publish {
+            req: RequestId(1),
+            publish: publication("g", "s", T, 1, "x"),
+        },
+    );
+    let replies: Vec<BrokerOutput> = std::iter::from_fn(|| broker.poll_output()).collect();
+    assert!(
+        replies.contains(&BrokerOutput::Reply {
+            req: RequestId(1),
+            reply: Reply::Published {
+                msg_id: MsgId(2),
+                duplicate: true
+            }
+        }),
+        "{replies:?}"
+    );
+}
+
+#[test]
 fn callback_answers_addressed_to_an_earlier_incarnation_are_ignored() {
     let mut h = with_stock(small_config());
     h.publish("m1", "s", T, 1);
@@ -706,7 +792,11 @@ fn compaction_keeps_recovery_proportional_to_live_state() {
     assert_eq!(stats.log_bytes, h.disk.len() as u64);
     h.crash();
     let report = h.last_recovery.clone().unwrap();
-    assert!(report.records < 200, "replayed {} records for 3 live messages", report.records);
+    assert!(
+        report.records < 200,
+        "replayed {} records for 3 live messages",
+        report.records
+    );
     assert_eq!(h.callbacks.len(), 3, "the live messages survived compaction");
     let dup = h.publish("order-0", "created", T, 0);
     assert_eq!(published(&h, dup), (MsgId(1), true), "so did the settled dedup keys");
@@ -748,7 +838,11 @@ fn inputs_and_outputs_read_as_one_line_each() {
         req: RequestId(5),
         publish: publication("g", "s", T, 5, &"y".repeat(100)),
     };
-    assert!(long.to_string().ends_with(r#"content="yyyyyyyyyyyyyyyyyyyyyyyy"…(100B)"#), "{long}");
+    assert!(
+        long.to_string()
+            .ends_with(r#"content="yyyyyyyyyyyyyyyyyyyyyyyy"…(100B)"#),
+        "{long}"
+    );
 }
 
 #[test]
