@@ -47,8 +47,9 @@ pub struct Broker {
     pub(super) subs_retired: usize,
     /// Every client with at least one subscription entry.
     pub(super) clients: BTreeMap<ClientId, ClientQueue>,
-    /// Live messages. Bounded by `messages_max`.
-    pub(super) messages: BTreeMap<MsgId, StoredMessage>,
+    /// Live messages. Bounded by `messages_max`. Boxed: B-tree nodes then hold
+    /// small values, so inserting and removing does not shift whole messages.
+    pub(super) messages: BTreeMap<MsgId, Box<StoredMessage>>,
     /// Dedup keys of live messages and of settled ones (bounded by `dedup_settled_max`).
     pub(super) dedup: Dedup,
     pub(super) dead_total: usize,

@@ -146,7 +146,7 @@ impl Dedup {
         &self,
         global_id: &GlobalId,
         sub_id: &SubId,
-        messages: &BTreeMap<MsgId, StoredMessage>,
+        messages: &BTreeMap<MsgId, Box<StoredMessage>>,
     ) -> Option<(MsgId, Lsn)> {
         let h = key_hash(global_id, sub_id);
         self.find_live(h, global_id, sub_id, messages)
@@ -164,7 +164,7 @@ impl Dedup {
         h: u64,
         global_id: &GlobalId,
         sub_id: &SubId,
-        messages: &BTreeMap<MsgId, StoredMessage>,
+        messages: &BTreeMap<MsgId, Box<StoredMessage>>,
     ) -> Option<MsgId> {
         self.live
             .get(h)
@@ -245,7 +245,7 @@ impl Dedup {
     /// Builds the indexes after a replay. Two live messages with one key are
     /// an error; a settled key also stored later (live, or settled again) was
     /// superseded and is forgotten, as `forget` would have done during replay.
-    pub(super) fn end_bulk(&mut self, messages: &BTreeMap<MsgId, StoredMessage>) -> Result<(), String> {
+    pub(super) fn end_bulk(&mut self, messages: &BTreeMap<MsgId, Box<StoredMessage>>) -> Result<(), String> {
         self.bulk = false;
         let mut live: Vec<(u64, MsgId)> = messages
             .iter()

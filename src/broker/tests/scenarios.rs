@@ -722,7 +722,10 @@ fn recovery_rebuilds_the_dedup_index_and_refuses_a_key_stored_twice() {
     };
     let twice = image(&[subscribed.clone(), published(1), published(2)]);
     let err = Broker::recover(small_config(), 7, &twice).err().expect("refused");
-    assert!(err.to_string().contains("msg#1 and msg#2 are both stored under g/s"), "{err}");
+    assert!(
+        err.to_string().contains("msg#1 and msg#2 are both stored under g/s"),
+        "{err}"
+    );
 
     // Written by a broker that had already forgotten msg#1's key (a smaller
     // `dedup_settled_max`): msg#2 supersedes it, and dedup answers msg#2.
