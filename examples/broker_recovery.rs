@@ -21,6 +21,9 @@ fn message(i: u64) -> Message {
     }
 }
 
+/// Builds a log image of about the given number of records: (image, records).
+type MakeLog = fn(u64) -> (Vec<u8>, u64);
+
 fn log(records: impl Iterator<Item = BrokerRecord>) -> (Vec<u8>, u64) {
     let (mut out, mut scratch, mut n) = (Vec::new(), Vec::new(), 0);
     for r in records {
@@ -101,7 +104,7 @@ fn main() {
         dedup_settled_max: records as usize,
         ..BrokerConfig::default()
     };
-    let cases: [(&str, fn(u64) -> (Vec<u8>, u64)); 3] = [
+    let cases: [(&str, MakeLog); 3] = [
         ("history: publish + ack", history),
         ("snapshot: live messages x2 subscribers", live),
         ("snapshot: dedup keys only", settled),

@@ -77,10 +77,11 @@ impl<V: Copy + PartialEq> HashIndex<V> {
 
     fn insert(&mut self, h: u64, v: V) {
         self.len += 1;
-        if self.first.contains_key(&h) {
-            self.more.entry(h).or_default().push(v);
-        } else {
-            self.first.insert(h, v);
+        match self.first.entry(h) {
+            std::collections::btree_map::Entry::Occupied(_) => self.more.entry(h).or_default().push(v),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(v);
+            }
         }
     }
 

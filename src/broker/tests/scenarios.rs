@@ -61,7 +61,7 @@ fn publish_is_answered_and_delivered_only_once_durable() {
     let mut h = with_stock(small_config());
     h.auto_sync = false;
     let r = h.publish("order-1", "created", T, 1);
-    assert!(h.disk.len() > 0, "the record was handed to the disk");
+    assert!(!h.disk.is_empty(), "the record was handed to the disk");
     assert_eq!(h.reply(r), None, "answered before the record was durable");
     assert!(h.callbacks.is_empty(), "delivered before the record was durable");
     h.sync();
@@ -397,7 +397,7 @@ fn expired_subscriber_gets_nothing_new_and_keeps_its_queue_paused_until_renewal(
         keys(&cbs)
     );
     let m3 = h.publish("m3", "s", T, 3);
-    assert_eq!(published(&h, m3).1, false);
+    assert!(!published(&h, m3).1);
     assert_eq!(h.sub_stats(STOCK).pending, 2, "m1 and m2 kept, m3 not entitled");
     h.advance(10_000);
     assert!(h.callbacks.iter().all(|c| c.client.as_str() == AUDIT));
@@ -541,7 +541,7 @@ fn dead_letters_per_subscriber_max_rejects_until_redriven() {
     h.redrive(STOCK);
     h.answer_all(CallbackResult::Delivered);
     let m3 = h.publish("m3", "s", T, 3);
-    assert_eq!(published(&h, m3).1, false);
+    assert!(!published(&h, m3).1);
 }
 
 #[test]
@@ -633,7 +633,7 @@ fn malformed_requests_are_rejected_with_the_reason() {
         }
     );
     let ok = h.publish_req(publication("g", "s", T, 1, &content[1..]));
-    assert_eq!(published(&h, ok).1, false, "exactly CONTENT_LEN_MAX is fine");
+    assert!(!published(&h, ok).1, "exactly CONTENT_LEN_MAX is fine");
 }
 
 // ----- Recovery -----
@@ -652,7 +652,7 @@ fn recovery_truncates_a_torn_tail_and_continues() {
     h.auto_sync = true;
     h.sync();
     let again = h.publish("m2", "s", T, 2);
-    assert_eq!(published(&h, again).1, false, "the torn publish was never stored");
+    assert!(!published(&h, again).1, "the torn publish was never stored");
     let dup = h.publish("m1", "s", T, 1);
     assert_eq!(published(&h, dup), (published(&h, kept).0, true));
     // The truncated log appends cleanly: the next recovery finds no damage.
