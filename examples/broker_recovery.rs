@@ -21,6 +21,9 @@ fn message(i: u64) -> Message {
     }
 }
 
+/// Builds a log image of about the given number of records: (image, records).
+type MakeLog = fn(u64) -> (Vec<u8>, u64);
+
 fn log(records: impl Iterator<Item = BrokerRecord>) -> (Vec<u8>, u64) {
     let (mut out, mut scratch, mut n) = (Vec::new(), Vec::new(), 0);
     for r in records {
@@ -83,29 +86,50 @@ fn settled(keys: u64) -> (Vec<u8>, u64) {
     log(all.chunks(512).map(|c| BrokerRecord::Settled { keys: c.to_vec() }))
 }
 
+/// This thread's CPU time in nanoseconds (Linux `schedstat`), when available.
+fn cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 fn main() {
     let records: u64 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
+    // An optional second argument picks one case by its position (0, 1, 2).
+    let only: Option<usize> = std::env::args().nth(2).and_then(|s| s.parse().ok());
     let config = BrokerConfig {
         messages_max: usize::MAX,
         dedup_settled_max: records as usize,
         ..BrokerConfig::default()
     };
-    let cases = [
-        ("history: publish + ack", history(records)),
-        ("snapshot: live messages x2 subscribers", live(records)),
-        ("snapshot: dedup keys only", settled(records)),
+    let cases: [(&str, MakeLog); 3] = [
+        ("history: publish + ack", history),
+        ("snapshot: live messages x2 subscribers", live),
+        ("snapshot: dedup keys only", settled),
     ];
-    for (name, (image, n)) in cases {
-        let start = Instant::now();
+    for (i, (name, make)) in cases.into_iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let (image, n) = make(records);
+        let (start, cpu_start) = (Instant::now(), cpu_ns());
         let (broker, report) = Broker::recover(config.clone(), 1, &image).expect("recovers");
         let secs = start.elapsed().as_secs_f64();
+        // On a shared machine wall time overstates the cost: report CPU time too.
+        let cpu = match (cpu_start, cpu_ns()) {
+            (Some(a), Some(b)) => format!(
+                ", CPU {:.3}s = {:.0} records/s",
+                (b - a) as f64 / 1e9,
+                n as f64 / ((b - a) as f64 / 1e9)
+            ),
+            _ => String::new(),
+        };
         assert_eq!(report.records, n);
         let stats = broker.stats();
         println!(
-            "{name}: {n} records, {:.1} MB in {secs:.3}s = {:.0} records/s ({:.1} MB/s); live messages {}, dedup keys {}",
+            "{name}: {n} records, {:.1} MB in {secs:.3}s = {:.0} records/s ({:.1} MB/s){cpu}; live messages {}, dedup keys {}",
             image.len() as f64 / 1e6,
             n as f64 / secs,
             image.len() as f64 / 1e6 / secs,

@@ -182,7 +182,8 @@ impl Broker {
             self.dedup.remember(key, msg_id, lsn, self.config.dedup_settled_max);
         } else {
             let holders = entitled.len();
-            self.messages.insert(msg_id, StoredMessage { message, holders, lsn });
+            self.messages
+                .insert(msg_id, Box::new(StoredMessage { message, holders, lsn }));
             self.dedup.insert_live(h, msg_id);
         }
         Ok(())

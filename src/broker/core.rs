@@ -47,8 +47,9 @@ pub struct Broker {
     pub(super) subs_retired: usize,
     /// Every client with at least one subscription entry.
     pub(super) clients: BTreeMap<ClientId, ClientQueue>,
-    /// Live messages. Bounded by `messages_max`.
-    pub(super) messages: BTreeMap<MsgId, StoredMessage>,
+    /// Live messages. Bounded by `messages_max`. Boxed: B-tree nodes then hold
+    /// small values, so inserting and removing does not shift whole messages.
+    pub(super) messages: BTreeMap<MsgId, Box<StoredMessage>>,
     /// Dedup keys of live messages and of settled ones (bounded by `dedup_settled_max`).
     pub(super) dedup: Dedup,
     pub(super) dead_total: usize,
@@ -224,12 +225,18 @@ impl Broker {
     pub fn recover(config: BrokerConfig, seed: u64, image: &[u8]) -> Result<(Broker, RecoveryReport), LogError> {
         let recovered = decode_all(image)?;
         let mut broker = Broker::new(config, seed);
+        broker.dedup.begin_bulk();
         for &(offset, payload) in &recovered.records {
             let record = BrokerRecord::decode(payload).map_err(|reason| LogError::BadRecord { offset, reason })?;
             broker
                 .apply(record, Origin::Replay)
                 .map_err(|reason| LogError::BadRecord { offset, reason })?;
         }
+        // A duplicate key cannot be pinned to one record: name the log's start.
+        broker
+            .dedup
+            .end_bulk(&broker.messages)
+            .map_err(|reason| LogError::BadRecord { offset: 0, reason })?;
         let report = RecoveryReport {
             records: recovered.records.len() as u64,
             valid_len: recovered.valid_len,

@@ -2,6 +2,7 @@
 //! times through [`Harness`], then assertions on replies, callbacks and stats.
 
 use super::harness::*;
+use crate::Machine;
 use crate::broker::*;
 use crate::log::{Disk, LogError, encode_frame};
 use crate::types::*;
@@ -60,7 +61,7 @@ fn publish_is_answered_and_delivered_only_once_durable() {
     let mut h = with_stock(small_config());
     h.auto_sync = false;
     let r = h.publish("order-1", "created", T, 1);
-    assert!(h.disk.len() > 0, "the record was handed to the disk");
+    assert!(!h.disk.is_empty(), "the record was handed to the disk");
     assert_eq!(h.reply(r), None, "answered before the record was durable");
     assert!(h.callbacks.is_empty(), "delivered before the record was durable");
     h.sync();
@@ -396,7 +397,7 @@ fn expired_subscriber_gets_nothing_new_and_keeps_its_queue_paused_until_renewal(
         keys(&cbs)
     );
     let m3 = h.publish("m3", "s", T, 3);
-    assert_eq!(published(&h, m3).1, false);
+    assert!(!published(&h, m3).1);
     assert_eq!(h.sub_stats(STOCK).pending, 2, "m1 and m2 kept, m3 not entitled");
     h.advance(10_000);
     assert!(h.callbacks.iter().all(|c| c.client.as_str() == AUDIT));
@@ -540,7 +541,7 @@ fn dead_letters_per_subscriber_max_rejects_until_redriven() {
     h.redrive(STOCK);
     h.answer_all(CallbackResult::Delivered);
     let m3 = h.publish("m3", "s", T, 3);
-    assert_eq!(published(&h, m3).1, false);
+    assert!(!published(&h, m3).1);
 }
 
 #[test]
@@ -632,7 +633,7 @@ fn malformed_requests_are_rejected_with_the_reason() {
         }
     );
     let ok = h.publish_req(publication("g", "s", T, 1, &content[1..]));
-    assert_eq!(published(&h, ok).1, false, "exactly CONTENT_LEN_MAX is fine");
+    assert!(!published(&h, ok).1, "exactly CONTENT_LEN_MAX is fine");
 }
 
 // ----- Recovery -----
@@ -651,7 +652,7 @@ fn recovery_truncates_a_torn_tail_and_continues() {
     h.auto_sync = true;
     h.sync();
     let again = h.publish("m2", "s", T, 2);
-    assert_eq!(published(&h, again).1, false, "the torn publish was never stored");
+    assert!(!published(&h, again).1, "the torn publish was never stored");
     let dup = h.publish("m1", "s", T, 1);
     assert_eq!(published(&h, dup), (published(&h, kept).0, true));
     // The truncated log appends cleanly: the next recovery finds no damage.
@@ -697,6 +698,63 @@ fn recovery_refuses_corruption_in_the_middle_naming_the_offset() {
     .encode_framed(&mut Vec::new(), &mut image);
     let err = Broker::recover(small_config(), 7, &image).err().expect("refused");
     assert!(err.to_string().contains("msg#99 is not stored"), "{err}");
+}
+
+#[test]
+fn recovery_rebuilds_the_dedup_index_and_refuses_a_key_stored_twice() {
+    let client = ClientId::lit(STOCK);
+    let subscribed = BrokerRecord::Subscribed {
+        client: client.clone(),
+        topic: Topic::lit(T),
+        url: URL.into(),
+        expire_time: LONG,
+    };
+    let published = |id| BrokerRecord::Published {
+        message: Message::from_publish(MsgId(id), publication("g", "s", T, 1, "x")),
+        entitled: vec![client.clone()],
+    };
+    let image = |records: &[BrokerRecord]| {
+        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        for r in records {
+            r.encode_framed(&mut scratch, &mut out);
+        }
+        out
+    };
+    let twice = image(&[subscribed.clone(), published(1), published(2)]);
+    let err = Broker::recover(small_config(), 7, &twice).err().expect("refused");
+    assert!(
+        err.to_string().contains("msg#1 and msg#2 are both stored under g/s"),
+        "{err}"
+    );
+
+    // Written by a broker that had already forgotten msg#1's key (a smaller
+    // `dedup_settled_max`): msg#2 supersedes it, and dedup answers msg#2.
+    let acked = BrokerRecord::Acked {
+        client: client.clone(),
+        msg_id: MsgId(1),
+    };
+    let superseded = image(&[subscribed, published(1), acked, published(2)]);
+    let (mut broker, _) = Broker::recover(small_config(), 7, &superseded).unwrap();
+    assert_eq!(broker.stats().dedup_settled, 0);
+    assert_eq!(broker.stats().messages_live, 1);
+    broker.handle(
+        Time::ZERO,
+        BrokerInput::Publish {
+            req: RequestId(1),
+            publish: publication("g", "s", T, 1, "x"),
+        },
+    );
+    let replies: Vec<BrokerOutput> = std::iter::from_fn(|| broker.poll_output()).collect();
+    assert!(
+        replies.contains(&BrokerOutput::Reply {
+            req: RequestId(1),
+            reply: Reply::Published {
+                msg_id: MsgId(2),
+                duplicate: true
+            }
+        }),
+        "{replies:?}"
+    );
 }
 
 #[test]
