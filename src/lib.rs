@@ -14,6 +14,7 @@ pub mod log;
 pub mod machine;
 pub mod rng;
 pub mod saga;
+pub mod testkit;
 pub mod types;
 
 #[cfg(feature = "real")]

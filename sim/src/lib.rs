@@ -1,2 +1,28 @@
-//! sagamq-sim: the deterministic simulation testbed. TODO(issue 4).
+//! sagamq-sim: the deterministic simulation testbed.
+//!
+//! Code map:
+//! - [`plan`]: fault plans (swarm profiles drawn from the seed; explicit, printable, shrinkable).
+//! - [`world`]: the madsim world: nodes driving the shipped machines, faulty transport,
+//!   crash-surviving disks, skewed clocks, the chaos and heal phases.
+//! - [`participants`]: which participant implementation each node runs (shipped or a planted bug).
+//! - [`scenario`]: the `seed` and `saga` workloads.
+//! - [`check`]: the invariant checker (safety during and after chaos, liveness after healing).
+//! - [`runner`]: sweeps, summaries, shrinking, the benchmark.
+//! - [`trace`]: the canonical trace and its hash.
+//!
+//! **Invariant:** a seed (plus scenario and bug) determines the run: same seed, same build,
+//! same trace bytes, in any process.
 #![forbid(unsafe_code)]
+
+pub mod bugs;
+pub mod check;
+pub mod clock;
+pub mod participants;
+pub mod plan;
+pub mod runner;
+pub mod scenario;
+pub mod trace;
+pub mod wire;
+pub mod world;
+
+pub use bugs::Bug;

@@ -1,4 +1,207 @@
-fn main() {
-    eprintln!("sagamq-sim: TODO(issue 4)");
-    std::process::exit(2);
+//! `sagamq-sim`: run seeded simulation sweeps, replay a seed's trace, list and
+//! hunt planted bugs, shrink a failing plan, and benchmark the simulator.
+
+use clap::{Parser, Subcommand};
+use sagamq_sim::plan::FaultPlan;
+use sagamq_sim::runner::{self, Summary};
+use sagamq_sim::scenario::Scenario;
+use sagamq_sim::world::RunConfig;
+use sagamq_sim::{Bug, trace};
+use std::io::IsTerminal;
+use std::ops::Range;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "sagamq-sim", about = "Deterministic simulation testbed for saga messaging")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Sweep a range of seeds; exit 0 only if every seed passed.
+    Run {
+        /// A range `A..B` (B excluded) or a single seed.
+        #[arg(long, value_parser = parse_seeds)]
+        seeds: Range<u64>,
+        #[arg(long, default_value = "saga")]
+        scenario: Scenario,
+        #[arg(long)]
+        bug: Option<Bug>,
+        /// Print the summary as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Stop at the first failing seed.
+        #[arg(long)]
+        stop_at_first: bool,
+    },
+    /// Print the canonical trace of one seed, ending with `trace-hash: <hex>`.
+    Replay {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long, default_value = "saga")]
+        scenario: Scenario,
+        #[arg(long)]
+        bug: Option<Bug>,
+        /// Replay an explicit plan (JSON, as printed by `shrink --json-plan`) instead of the seed's.
+        #[arg(long)]
+        plan: Option<std::path::PathBuf>,
+    },
+    /// Name the planted bugs with one line of explanation each.
+    ListBugs,
+    /// Reduce a failing seed's fault plan to a minimal one that still fails.
+    Shrink {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long, default_value = "saga")]
+        scenario: Scenario,
+        #[arg(long)]
+        bug: Option<Bug>,
+        /// Upper bound on simulation runs spent shrinking.
+        #[arg(long, default_value_t = 400)]
+        runs_max: u32,
+    },
+    /// Simulated deliveries and seeds per wall-clock second, next to a bare madsim relay.
+    Bench {
+        #[arg(long, default_value_t = 300)]
+        seeds: u64,
+    },
+}
+
+fn parse_seeds(s: &str) -> Result<Range<u64>, String> {
+    match s.split_once("..") {
+        Some((a, b)) => {
+            let a: u64 = a.parse().map_err(|e| format!("bad seed range start {a:?}: {e}"))?;
+            let b: u64 = b.parse().map_err(|e| format!("bad seed range end {b:?}: {e}"))?;
+            if b <= a {
+                return Err(format!("empty seed range {s}"));
+            }
+            Ok(a..b)
+        }
+        None => {
+            let a: u64 = s.parse().map_err(|e| format!("bad seed {s:?}: {e}"))?;
+            Ok(a..a + 1)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().cmd {
+        Cmd::Run {
+            seeds,
+            scenario,
+            bug,
+            json,
+            jobs,
+            stop_at_first,
+        } => {
+            let cfg = RunConfig::new(scenario, bug);
+            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let tty = std::io::stderr().is_terminal();
+            let progress = move |done: u64, total: u64, failed: u64| {
+                if tty && (done % 50 == 0 || done == total) {
+                    eprint!("\r{done}/{total} seeds, {failed} failed ");
+                }
+            };
+            let summary = runner::sweep(&cfg, seeds, jobs, stop_at_first, &progress);
+            if tty {
+                eprintln!();
+            }
+            report(&summary, json)
+        }
+        Cmd::Replay {
+            seed,
+            scenario,
+            bug,
+            plan,
+        } => {
+            let mut cfg = RunConfig::new(scenario, bug);
+            cfg.trace = true;
+            let plan = match plan {
+                Some(path) => match std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str::<FaultPlan>(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("cannot read plan {}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                },
+                None => runner::plan_for(seed, &cfg),
+            };
+            let r = sagamq_sim::world::run(seed, &plan, &cfg);
+            print!("{}", trace::render(&r.trace));
+            if r.violations.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Cmd::ListBugs => {
+            for b in Bug::ALL {
+                println!("{:<24} {}", b.name(), b.explain());
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Shrink {
+            seed,
+            scenario,
+            bug,
+            runs_max,
+        } => {
+            let cfg = RunConfig::new(scenario, bug);
+            let plan = runner::plan_for(seed, &cfg);
+            match runner::shrink(seed, &cfg, plan, runs_max) {
+                None => {
+                    eprintln!("seed {seed} passes: nothing to shrink");
+                    ExitCode::from(2)
+                }
+                Some(s) => {
+                    print!("{}", trace::render(&s.result.trace));
+                    println!(
+                        "shrunk seed {seed} ({}): {} faults -> {} faults in {} runs; still fails `{}`",
+                        scenario,
+                        s.original.faults.len(),
+                        s.minimal.faults.len(),
+                        s.runs,
+                        s.invariant
+                    );
+                    print!("minimal plan:\n{}", s.minimal);
+                    println!(
+                        "plan JSON: {}",
+                        serde_json::to_string(&s.minimal).expect("plan serializes")
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Bench { seeds } => {
+            println!("{}", sagamq_sim::runner::bench(seeds));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn report(summary: &Summary, json: bool) -> ExitCode {
+    println!("{}", summary.human());
+    let silent = summary.silent_fault_kinds();
+    if !silent.is_empty() {
+        println!(
+            "note: fault kinds that never fired in this sweep: {}",
+            silent.join(", ")
+        );
+    }
+    if json {
+        println!("{}", serde_json::to_string(summary).expect("summary serializes"));
+    }
+    if summary.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

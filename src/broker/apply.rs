@@ -7,6 +7,7 @@
 //! record that contradicts the state before it is an error naming what is wrong.
 
 use super::core::{Entry, OrderKey, Origin, Phase, StoredMessage, Subscription};
+use super::dedup::key_hash;
 use super::*;
 use crate::types::MessageKey;
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,7 +51,7 @@ impl Broker {
             BrokerRecord::Redriven { client } => self.apply_redriven(client),
             BrokerRecord::Settled { keys } => {
                 for (key, msg_id) in keys {
-                    self.remember_settled(key, msg_id, Lsn(0));
+                    self.dedup.remember(key, msg_id, Lsn(0), self.config.dedup_settled_max);
                 }
                 Ok(())
             }
@@ -130,13 +131,17 @@ impl Broker {
         if self.messages.contains_key(&msg_id) {
             return Err(format!("{msg_id} published twice"));
         }
-        let key = message.key();
-        if self.live_keys.contains_key(&key) {
-            return Err(format!("{key} stored twice"));
+        let h = key_hash(&message.global_id, &message.sub_id);
+        if self
+            .dedup
+            .find_live(h, &message.global_id, &message.sub_id, &self.messages)
+            .is_some()
+        {
+            return Err(format!("{} stored twice", message.key()));
         }
         // A key still remembered here but forgotten when this record was
         // written (a run with a smaller `dedup_settled_max`): the new message wins.
-        self.settled.remove(&key);
+        self.dedup.forget(h, &message.global_id, &message.sub_id);
         let (lsn, phase) = match origin {
             Origin::Live => (self.batch_lsn(), Phase::Unsynced),
             Origin::Replay => (Lsn(0), Phase::Ready),
@@ -170,11 +175,16 @@ impl Broker {
         }
         if entitled.is_empty() {
             // Nobody to deliver to: settled at once (its dedup key still counts).
-            self.remember_settled(key, msg_id, lsn);
+            let key = MessageKey {
+                global_id: message.global_id,
+                sub_id: message.sub_id,
+            };
+            self.dedup.remember(key, msg_id, lsn, self.config.dedup_settled_max);
         } else {
             let holders = entitled.len();
-            self.messages.insert(msg_id, StoredMessage { message, holders, lsn });
-            self.live_keys.insert(key, msg_id);
+            self.messages
+                .insert(msg_id, Box::new(StoredMessage { message, holders, lsn }));
+            self.dedup.insert_live(h, msg_id);
         }
         Ok(())
     }
@@ -283,26 +293,16 @@ impl Broker {
         }
         if settle {
             let stored = self.messages.remove(&msg_id).expect("present");
-            let key = stored.message.key();
-            self.live_keys.remove(&key);
-            self.remember_settled(key, msg_id, stored.lsn);
+            let m = stored.message;
+            self.dedup.remove_live(key_hash(&m.global_id, &m.sub_id), msg_id);
+            let key = MessageKey {
+                global_id: m.global_id,
+                sub_id: m.sub_id,
+            };
+            self.dedup
+                .remember(key, msg_id, stored.lsn, self.config.dedup_settled_max);
         }
         Ok(())
-    }
-
-    fn remember_settled(&mut self, key: MessageKey, msg_id: MsgId, lsn: Lsn) {
-        if self.config.dedup_settled_max == 0 {
-            return;
-        }
-        self.settled.insert(key.clone(), (msg_id, lsn));
-        self.settled_order.push_back((key, msg_id));
-        while self.settled_order.len() > self.config.dedup_settled_max {
-            let (old, old_id) = self.settled_order.pop_front().expect("longer than the bound");
-            // Skip an order entry superseded by a newer message with the same key.
-            if self.settled.get(&old).is_some_and(|(id, _)| *id == old_id) {
-                self.settled.remove(&old);
-            }
-        }
     }
 }
 

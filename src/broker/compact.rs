@@ -28,12 +28,7 @@ impl Broker {
             incarnation: self.incarnation,
             next_msg_id: MsgId(self.next_msg_id),
         });
-        let settled: Vec<(MessageKey, MsgId)> = self
-            .settled_order
-            .iter()
-            .filter(|(key, id)| self.settled.get(key).is_some_and(|(i, _)| i == id))
-            .cloned()
-            .collect();
+        let settled: Vec<(MessageKey, MsgId)> = self.dedup.settled().map(|s| (s.key.clone(), s.msg_id)).collect();
         for chunk in settled.chunks(SETTLED_PER_RECORD) {
             put(BrokerRecord::Settled { keys: chunk.to_vec() });
         }

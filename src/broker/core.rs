@@ -21,11 +21,12 @@
 //!   pending again and their attempt counts start over (attempts are not
 //!   logged); dead letters, acks, subscriptions and dedup keys are durable.
 
+use super::dedup::Dedup;
 use super::*;
 use crate::log::{LogError, decode_all};
 use crate::machine::Machine;
 use crate::rng::Rng;
-use crate::types::{CONTENT_LEN_MAX, MessageKey, URL_LEN_MAX};
+use crate::types::{CONTENT_LEN_MAX, URL_LEN_MAX};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Per subscriber, messages are ordered by `(CreateTime, MsgId)`.
@@ -46,15 +47,11 @@ pub struct Broker {
     pub(super) subs_retired: usize,
     /// Every client with at least one subscription entry.
     pub(super) clients: BTreeMap<ClientId, ClientQueue>,
-    /// Live messages. Bounded by `messages_max`.
-    pub(super) messages: BTreeMap<MsgId, StoredMessage>,
-    /// Dedup index of live messages (same size as `messages`).
-    pub(super) live_keys: BTreeMap<MessageKey, MsgId>,
-    /// Dedup keys of settled messages. Bounded by `dedup_settled_max`.
-    pub(super) settled: BTreeMap<MessageKey, (MsgId, Lsn)>,
-    /// `settled` in the order it was filled: the oldest is forgotten first.
-    /// An entry whose key now maps to another message is skipped.
-    pub(super) settled_order: VecDeque<(MessageKey, MsgId)>,
+    /// Live messages. Bounded by `messages_max`. Boxed: B-tree nodes then hold
+    /// small values, so inserting and removing does not shift whole messages.
+    pub(super) messages: BTreeMap<MsgId, Box<StoredMessage>>,
+    /// Dedup keys of live messages and of settled ones (bounded by `dedup_settled_max`).
+    pub(super) dedup: Dedup,
     pub(super) dead_total: usize,
     pub(super) next_msg_id: u64,
     pub(super) incarnation: u64,
@@ -195,9 +192,7 @@ impl Broker {
             subs_retired: 0,
             clients: BTreeMap::new(),
             messages: BTreeMap::new(),
-            live_keys: BTreeMap::new(),
-            settled: BTreeMap::new(),
-            settled_order: VecDeque::new(),
+            dedup: Dedup::default(),
             dead_total: 0,
             next_msg_id: 1,
             incarnation: 0,
@@ -230,12 +225,18 @@ impl Broker {
     pub fn recover(config: BrokerConfig, seed: u64, image: &[u8]) -> Result<(Broker, RecoveryReport), LogError> {
         let recovered = decode_all(image)?;
         let mut broker = Broker::new(config, seed);
+        broker.dedup.begin_bulk();
         for &(offset, payload) in &recovered.records {
             let record = BrokerRecord::decode(payload).map_err(|reason| LogError::BadRecord { offset, reason })?;
             broker
                 .apply(record, Origin::Replay)
                 .map_err(|reason| LogError::BadRecord { offset, reason })?;
         }
+        // A duplicate key cannot be pinned to one record: name the log's start.
+        broker
+            .dedup
+            .end_bulk(&broker.messages)
+            .map_err(|reason| LogError::BadRecord { offset: 0, reason })?;
         let report = RecoveryReport {
             records: recovered.records.len() as u64,
             valid_len: recovered.valid_len,
@@ -261,7 +262,7 @@ impl Broker {
             subscriptions: self.subs_count,
             log_records: self.log_records,
             log_bytes: self.log_bytes,
-            dedup_settled: self.settled.len(),
+            dedup_settled: self.dedup.settled_len(),
             subscribers: self
                 .clients
                 .iter()
@@ -293,11 +294,7 @@ impl Broker {
             return self.reject(req, BrokerError::ContentTooLong { len });
         }
         // Dedup first: a retried publish is answered even when the broker is full.
-        let key = publish.key();
-        let original = match self.live_keys.get(&key) {
-            Some(id) => Some((*id, self.messages[id].lsn)),
-            None => self.settled.get(&key).copied(),
-        };
+        let original = self.dedup.find(&publish.global_id, &publish.sub_id, &self.messages);
         if let Some((msg_id, lsn)) = original {
             let reply = Reply::Published {
                 msg_id,
@@ -497,16 +494,17 @@ impl Broker {
 
     /// Records that a snapshot would hold now.
     pub(super) fn live_records(&self) -> u64 {
-        let settled_chunks = self.settled.len().div_ceil(super::compact::SETTLED_PER_RECORD);
+        let settled_chunks = self.dedup.settled_len().div_ceil(super::compact::SETTLED_PER_RECORD);
         (1 + settled_chunks + self.subs_count + self.subs_retired + self.messages.len() + self.dead_total) as u64
     }
 
-    /// Ends a call: dispatches what can go, then emits the batch as one
-    /// `Persist` (so the driver can group-commit), or as a compacting `Rewrite`
-    /// when the log holds enough garbage.
+    /// Ends a call: emits the batch as one `Persist` (so the driver can
+    /// group-commit), or as a compacting `Rewrite` when the log holds enough
+    /// garbage, then dispatches what can go.
     fn finish(&mut self, now: Time) {
-        self.pump(now);
+        // Records first: a trace then reads cause (persist) before effect (callback).
         self.flush();
+        self.pump(now);
     }
 
     fn flush(&mut self) {

@@ -68,7 +68,9 @@ impl Broker {
         let doublings = attempts.saturating_sub(1).min(63);
         let full = initial.saturating_mul(1u64 << doublings).min(cap);
         let half = full / 2;
-        Duration::from_nanos(full - half + self.rng.below(half + 1))
+        // Whole microseconds: finer jitter buys nothing and reads badly in traces.
+        let jitter = self.rng.below(half / 1_000 + 1) * 1_000;
+        Duration::from_nanos(full - half + jitter)
     }
 
     pub(super) fn fire_timers(&mut self, now: Time) {

@@ -10,11 +10,19 @@
 //! restart); every entitled subscriber eventually gets each acknowledged
 //! message (2xx) or finds it in its dead-letter list; every queue and map is
 //! bounded by a named [`BrokerConfig`] field and answers "full" when reached.
+//!
+//! Map: `core.rs` (state, requests, persistence protocol, and the documented
+//! choices: retries do not block the line, expiry pauses delivery, attempt
+//! counts restart after a crash), `apply.rs` (records -> state, shared by live
+//! operation and recovery), `delivery.rs` (window, timeouts, backoff, dead
+//! letters), `dedup.rs`, `compact.rs` (snapshot), `record.rs` (the one binary
+//! encoding), `display.rs` (one-line trace renderings).
 
 mod apply;
 mod compact;
 mod config;
 mod core;
+mod dedup;
 mod delivery;
 mod display;
 mod record;

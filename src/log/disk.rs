@@ -17,13 +17,16 @@ pub trait Disk {
     fn replace(&mut self, bytes: &[u8]);
 }
 
-/// A disk in memory that tracks which prefix is durable, so tests can crash it.
+/// A disk in memory that tracks which content is durable, so tests and the
+/// simulator can crash it. Every operation costs O(bytes changed), not O(log):
+/// `current` and `durable` agree on their first `agree_len` bytes.
 #[derive(Clone, Debug, Default)]
 pub struct MemDisk {
     /// Content as the running process sees it.
     current: Vec<u8>,
     /// Content that survives a crash.
     durable: Vec<u8>,
+    agree_len: usize,
     pub syncs: u64,
 }
 
@@ -34,19 +37,27 @@ impl MemDisk {
 
     /// Simulates a crash: everything not synced is lost.
     pub fn crash(&mut self) {
-        self.current = self.durable.clone();
+        self.current.truncate(self.agree_len);
+        self.current.extend_from_slice(&self.durable[self.agree_len..]);
+        self.agree_len = self.current.len();
     }
 
-    /// Simulates a crash that keeps the first `keep` unsynced bytes (a torn write).
+    /// Simulates a crash that keeps the first `keep` unsynced appended bytes (a
+    /// torn write). Only appends tear; an unsynced `replace` is simply lost.
     pub fn crash_torn(&mut self, keep: usize) {
         let durable_len = self.durable.len();
-        if self.current.len() > durable_len && self.current.starts_with(&self.durable) {
+        if self.agree_len == durable_len && self.current.len() > durable_len {
             let kept = keep.min(self.current.len() - durable_len);
             self.current.truncate(durable_len + kept);
-            self.durable = self.current.clone();
+            self.sync();
         } else {
             self.crash();
         }
+    }
+
+    /// Bytes written but not yet synced.
+    pub fn unsynced(&self) -> bool {
+        self.agree_len != self.current.len() || self.agree_len != self.durable.len()
     }
 
     pub fn len(&self) -> usize {
@@ -63,17 +74,23 @@ impl Disk for MemDisk {
         self.current.extend_from_slice(bytes);
     }
     fn sync(&mut self) {
-        self.durable = self.current.clone();
+        self.durable.truncate(self.agree_len);
+        self.durable.extend_from_slice(&self.current[self.agree_len..]);
+        self.agree_len = self.current.len();
         self.syncs += 1;
     }
     fn read_all(&self) -> Vec<u8> {
         self.current.clone()
     }
     fn truncate(&mut self, len: u64) {
-        self.current.truncate(len as usize);
+        let len = usize::try_from(len).expect("disk length fits in memory");
+        self.current.truncate(len);
+        self.agree_len = self.agree_len.min(len);
     }
     fn replace(&mut self, bytes: &[u8]) {
-        self.current = bytes.to_vec();
+        self.current.clear();
+        self.current.extend_from_slice(bytes);
+        self.agree_len = 0;
     }
 }
 

@@ -183,6 +183,8 @@ pub struct ParticipantHost<P: Participant> {
     retries: BTreeSet<(Time, OutboxId)>,
     outbox_id_next: u64,
     lsn_last: Lsn,
+    /// The last `Effect` record: what decisions are judged against (acks are not).
+    lsn_effect_last: Lsn,
     lsn_durable: Lsn,
     waiting: BTreeMap<Lsn, Vec<Waiter>>,
     waiting_len: usize,
@@ -224,6 +226,7 @@ impl<P: Participant> ParticipantHost<P> {
             retries: BTreeSet::new(),
             outbox_id_next: 0,
             lsn_last: Lsn(0),
+            lsn_effect_last: Lsn(0),
             lsn_durable: Lsn(0),
             waiting: BTreeMap::new(),
             waiting_len: 0,
@@ -251,6 +254,7 @@ impl<P: Participant> ParticipantHost<P> {
             host.replay(Lsn(lsn), record);
         }
         host.lsn_last = Lsn(lsn);
+        host.lsn_effect_last = Lsn(lsn);
         host.lsn_durable = Lsn(lsn);
         // Everything recovered is durable and possibly unacknowledged: publish it
         // again on the first timeout. The broker dedups by (GlobalID, SubID).
@@ -395,7 +399,7 @@ impl<P: Participant> ParticipantHost<P> {
             }
             Decision::Ignore => {
                 self.stats.ignored += 1;
-                self.answer_at(self.lsn_last, Waiter::Answer(token));
+                self.answer_at(self.lsn_effect_last, Waiter::Answer(token));
             }
             Decision::Refuse(_) => {
                 self.stats.refused += 1;
@@ -409,6 +413,16 @@ impl<P: Participant> ParticipantHost<P> {
             self.refuse_command(command, why);
             return;
         }
+        // A saga started before every reply topic is subscribed could publish a
+        // request whose answer goes to nobody (the broker delivers only to
+        // subscriptions live at publish time): the simulator found exactly that.
+        if !self.subscribed() {
+            self.refuse_command(
+                command,
+                "subscriptions not yet confirmed by the broker; retry".to_string(),
+            );
+            return;
+        }
         match self.logic.on_command(now, &command) {
             Decision::Commit { change, publish } => {
                 if self.outbox.len() + publish.len() > self.config.outbox_entries_max {
@@ -420,7 +434,7 @@ impl<P: Participant> ParticipantHost<P> {
             }
             Decision::Ignore => {
                 self.stats.ignored += 1;
-                self.answer_at(self.lsn_last, Waiter::Command(command));
+                self.answer_at(self.lsn_effect_last, Waiter::Command(command));
             }
             Decision::Refuse(why) => self.refuse_command(command, why),
         }
@@ -479,6 +493,7 @@ impl<P: Participant> ParticipantHost<P> {
             outbox: entries,
         };
         let lsn = self.persist(&record);
+        self.lsn_effect_last = lsn;
         let HostRecord::Effect { change, outbox, .. } = record else {
             unreachable!("built as an Effect above")
         };
@@ -742,6 +757,10 @@ pub trait AnyParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn as_any(&self) -> &dyn std::any::Any;
     /// Readable lines for the records in `frames` (see [`ParticipantHost::describe_frames`]).
     fn describe_frames(&self, frames: &[u8]) -> Vec<String>;
+    /// Whether the broker confirmed every subscription.
+    fn subscribed(&self) -> bool;
+    /// Outbox entries the broker has not acknowledged.
+    fn outbox_len(&self) -> usize;
 }
 
 impl<P: Participant> AnyParticipant for ParticipantHost<P> {
@@ -761,5 +780,13 @@ impl<P: Participant> AnyParticipant for ParticipantHost<P> {
 
     fn describe_frames(&self, frames: &[u8]) -> Vec<String> {
         Self::describe_frames(frames)
+    }
+
+    fn subscribed(&self) -> bool {
+        ParticipantHost::subscribed(self)
+    }
+
+    fn outbox_len(&self) -> usize {
+        ParticipantHost::outbox_len(self)
     }
 }

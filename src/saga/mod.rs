@@ -19,6 +19,72 @@
 //! Drivers (simulator, real runtime, [`crate::testkit`]) speak to every
 //! participant through [`ParticipantInput`] / [`ParticipantOutput`] and the
 //! [`crate::Machine`] trait.
+//!
+//! # Writing your own participant
+//!
+//! Implement [`Participant`] (business logic only) and host it with
+//! [`ParticipantHost`]; the host adds the inbox, the outbox, durable records,
+//! subscriptions and retries. Here a shipping service ships every paid order
+//! exactly once, plugged into a `saga` run of the testkit:
+//!
+//! ```
+//! use sagamq::saga::order::{Order, OrderStatus};
+//! use sagamq::saga::{Decision, Outgoing, Participant, scenario, topics};
+//! use sagamq::testkit::{self, World};
+//! use sagamq::types::{GlobalId, Message, SubId, Time, Topic};
+//! use serde::{Deserialize, Serialize};
+//! use std::collections::BTreeSet;
+//!
+//! #[derive(Clone, Debug, Default)]
+//! struct Shipping {
+//!     shipped: BTreeSet<GlobalId>,
+//! }
+//!
+//! /// The committed change: replayed by `apply` live and after a crash.
+//! #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+//! struct Shipped {
+//!     order: GlobalId,
+//! }
+//!
+//! impl Participant for Shipping {
+//!     type Change = Shipped;
+//!
+//!     fn topics(&self) -> Vec<Topic> {
+//!         vec![Topic::lit(topics::PAYMENT_RESULT)]
+//!     }
+//!
+//!     /// Decide only: deterministic in (state, message), no side effects.
+//!     fn on_message(&self, _now: Time, m: &Message) -> Decision<Shipped> {
+//!         if m.content != "1" || self.shipped.contains(&m.global_id) {
+//!             return Decision::Ignore;
+//!         }
+//!         let notice = Outgoing {
+//!             topic: Topic::lit("sale-order.shipped"),
+//!             global_id: m.global_id.clone(),
+//!             sub_id: SubId::new(format!("{}.shipped", m.global_id)).expect("short order ids"),
+//!             content: "{}".to_string(),
+//!         };
+//!         Decision::change_and_publish(Shipped { order: m.global_id.clone() }, notice)
+//!     }
+//!
+//!     fn apply(&mut self, change: &Shipped) {
+//!         self.shipped.insert(change.order.clone());
+//!     }
+//! }
+//!
+//! let mut world = World::for_scenario(&scenario::saga(1), 1);
+//! world.add(Shipping::default(), testkit::host_config("shipping-service", 1));
+//! world.start()?;
+//! world.run_until(Time::from_millis(120_000), World::saga_settled)?;
+//!
+//! let shipping = world.host::<Shipping>("shipping-service").unwrap().logic();
+//! let orders = world.host::<Order>(topics::ORDER_SERVICE).unwrap().logic();
+//! let completed = orders.counts().get(&OrderStatus::Completed).copied().unwrap_or(0);
+//! assert!(completed > 0);
+//! assert_eq!(shipping.shipped.len(), completed);
+//! assert!(world.audit(true).is_empty());
+//! # Ok::<(), sagamq::testkit::WorldError>(())
+//! ```
 
 pub mod audit;
 mod content;
@@ -30,6 +96,9 @@ pub mod payment;
 pub mod scenario;
 pub mod stock;
 pub mod topics;
+
+#[cfg(test)]
+mod tests;
 
 pub use content::{CancelledBody, ORDER_ID_LEN_MAX, OrderBody, PaymentBody, ReleasedBody};
 pub use host::{AnyParticipant, HostConfig, HostRecord, HostStats, OutboxEntryRecord, ParticipantHost, RecoveryReport};

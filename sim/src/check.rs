@@ -1,0 +1,389 @@
+//! The invariant checker. It watches the world from outside the machines
+//! (acknowledged publishes, callbacks sent, callbacks processed) and reads each
+//! participant's state through a [`View`], then judges:
+//!
+//! - **no-lost-publish** (safety): every acknowledged publish reached every
+//!   subscriber entitled at acknowledgement time (2xx) or sits in its dead letters;
+//! - **dedup** (safety): one `(GlobalID, SubID)` never maps to two message ids;
+//! - **conservation** (safety): stock and money are conserved (initial = current + held),
+//!   which also catches any effect applied twice;
+//! - **saga-outcome** (safety): a terminal order agrees with the participants' effects;
+//! - **recovery** (safety): a node refused to start from its own disk;
+//! - **liveness**: after healing, every order terminal and every delivery settled in time.
+
+use crate::plan::NODES;
+use crate::scenario::Scenario;
+use crate::world::{BROKER, ORDER, PAYMENT, STOCK, Slot};
+use sagamq::{ClientId, Message, MessageKey, MsgId, Topic};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Safety,
+    Liveness,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Safety => "safety",
+            Kind::Liveness => "liveness",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub kind: Kind,
+    pub invariant: &'static str,
+    pub detail: String,
+    pub at_ms: u64,
+}
+
+impl Violation {
+    pub fn safety(invariant: &'static str, detail: String, at_ms: u64) -> Violation {
+        Violation {
+            kind: Kind::Safety,
+            invariant,
+            detail,
+            at_ms,
+        }
+    }
+    pub fn liveness(invariant: &'static str, detail: String, at_ms: u64) -> Violation {
+        Violation {
+            kind: Kind::Liveness,
+            invariant,
+            detail,
+            at_ms,
+        }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} invariant `{}` violated at t={}ms: {}",
+            self.kind.as_str(),
+            self.invariant,
+            self.at_ms,
+            self.detail
+        )
+    }
+}
+
+/// Where an order stands, as the checker needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrderPhase {
+    InProgress,
+    /// `seed` scenario success: stock deducted, saga ends here.
+    StockOutboundDone,
+    StockOutboundFailed,
+    Completed,
+    Compensated,
+}
+
+/// A participant's state, read by the checker.
+#[derive(Clone, Debug)]
+pub enum View {
+    Order {
+        orders: BTreeMap<String, (OrderPhase, String)>,
+    },
+    Stock {
+        initial: BTreeMap<String, u64>,
+        level: BTreeMap<String, u64>,
+        /// order -> (product, quantity) deducted and not released.
+        held: BTreeMap<String, (String, u64)>,
+    },
+    Payment {
+        initial: BTreeMap<String, u64>,
+        balance: BTreeMap<String, u64>,
+        /// order -> (customer, amount) charged and not refunded.
+        charged: BTreeMap<String, (String, u64)>,
+    },
+}
+
+#[derive(Debug)]
+struct Acked {
+    msg_id: MsgId,
+    topic: Topic,
+    entitled: BTreeSet<ClientId>,
+}
+
+#[derive(Debug)]
+pub struct Checker {
+    acked: BTreeMap<MessageKey, Acked>,
+    subscribers: BTreeMap<Topic, BTreeSet<ClientId>>,
+    processed: BTreeSet<(ClientId, MessageKey)>,
+    callback_ids: BTreeMap<MessageKey, MsgId>,
+    orders_expected: u64,
+    violations: Vec<Violation>,
+}
+
+/// The client id each participant node subscribes as.
+pub fn client_of(node: usize) -> ClientId {
+    use sagamq::saga::topics;
+    ClientId::lit(match node {
+        ORDER => topics::ORDER_SERVICE,
+        STOCK => topics::STOCK_SERVICE,
+        PAYMENT => topics::PAYMENT_SERVICE,
+        _ => NODES[node],
+    })
+}
+
+impl Checker {
+    pub fn new(scenario: &Scenario) -> Checker {
+        Checker {
+            acked: BTreeMap::new(),
+            subscribers: BTreeMap::new(),
+            processed: BTreeSet::new(),
+            callback_ids: BTreeMap::new(),
+            orders_expected: scenario.order_count(),
+            violations: Vec::new(),
+        }
+    }
+
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    pub fn orders_total(&self) -> u64 {
+        self.orders_expected
+    }
+
+    /// Records a violation once per invariant (the first occurrence is the informative one).
+    pub fn violation(&mut self, v: Violation) {
+        if !self.violations.iter().any(|old| old.invariant == v.invariant) {
+            self.violations.push(v);
+        }
+    }
+
+    pub fn subscribed(&mut self, client: &ClientId, topic: &Topic) {
+        self.subscribers
+            .entry(topic.clone())
+            .or_default()
+            .insert(client.clone());
+    }
+
+    pub fn publish_acked(&mut self, key: &MessageKey, msg_id: MsgId, topic: &Topic, at_ms: u64) {
+        match self.acked.get(key) {
+            Some(old) if old.msg_id != msg_id => {
+                let detail = format!("{key} acknowledged as {} and later as {msg_id}", old.msg_id);
+                self.violation(Violation::safety("dedup", detail, at_ms));
+            }
+            Some(_) => {}
+            None => {
+                let entitled = self.subscribers.get(topic).cloned().unwrap_or_default();
+                self.acked.insert(
+                    key.clone(),
+                    Acked {
+                        msg_id,
+                        topic: topic.clone(),
+                        entitled,
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn callback_sent(&mut self, _client: &ClientId, message: &Message, at_ms: u64) {
+        let key = message.key();
+        match self.callback_ids.get(&key) {
+            Some(old) if *old != message.msg_id => {
+                let detail = format!("{key} delivered as {old} and as {}", message.msg_id);
+                self.violation(Violation::safety("dedup", detail, at_ms));
+            }
+            Some(_) => {}
+            None => {
+                self.callback_ids.insert(key, message.msg_id);
+            }
+        }
+    }
+
+    pub fn processed(&mut self, node: usize, key: &MessageKey) {
+        self.processed.insert((client_of(node), key.clone()));
+    }
+
+    fn views(slots: &[Slot]) -> Vec<View> {
+        slots
+            .iter()
+            .filter_map(|s| {
+                if let Slot::Participant(p) = s {
+                    Some(p.view())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Conservation and outcome consistency, judged on the current states.
+    pub fn safety(&mut self, slots: &[Slot], at_ms: u64) {
+        let views = Self::views(slots);
+        let mut held_orders = BTreeSet::new();
+        let mut charged_orders = BTreeSet::new();
+        for v in &views {
+            match v {
+                View::Stock { initial, level, held } => {
+                    for (product, start) in initial {
+                        let now = level.get(product).copied().unwrap_or(0);
+                        let out: u64 = held.values().filter(|(p, _)| p == product).map(|(_, q)| q).sum();
+                        if now + out != *start {
+                            let detail = format!(
+                                "stock of {product}: initial {start} != level {now} + held {out} (an effect was lost or applied twice)"
+                            );
+                            self.violation(Violation::safety("conservation", detail, at_ms));
+                        }
+                    }
+                    held_orders.extend(held.keys().cloned());
+                }
+                View::Payment {
+                    initial,
+                    balance,
+                    charged,
+                } => {
+                    for (customer, start) in initial {
+                        let now = balance.get(customer).copied().unwrap_or(0);
+                        let out: u64 = charged.values().filter(|(c, _)| c == customer).map(|(_, a)| a).sum();
+                        if now + out != *start {
+                            let detail = format!(
+                                "balance of {customer}: initial {start} != balance {now} + charged {out} (an effect was lost or applied twice)"
+                            );
+                            self.violation(Violation::safety("conservation", detail, at_ms));
+                        }
+                    }
+                    charged_orders.extend(charged.keys().cloned());
+                }
+                View::Order { .. } => {}
+            }
+        }
+        let stock_up = slots.get(STOCK).is_some_and(|s| matches!(s, Slot::Participant(_)));
+        let payment_up = slots.get(PAYMENT).is_some_and(|s| matches!(s, Slot::Participant(_)));
+        for v in &views {
+            let View::Order { orders } = v else { continue };
+            for (id, (phase, state)) in orders {
+                let held = held_orders.contains(id);
+                let charged = charged_orders.contains(id);
+                let wrong = match phase {
+                    OrderPhase::InProgress => None,
+                    OrderPhase::StockOutboundDone => (stock_up && !held).then_some("holds no stock"),
+                    OrderPhase::Completed => {
+                        if stock_up && !held {
+                            Some("holds no stock")
+                        } else if payment_up && !charged {
+                            Some("was never charged")
+                        } else {
+                            None
+                        }
+                    }
+                    OrderPhase::StockOutboundFailed | OrderPhase::Compensated => {
+                        if stock_up && held {
+                            Some("still holds stock")
+                        } else if payment_up && charged {
+                            Some("is still charged")
+                        } else {
+                            None
+                        }
+                    }
+                };
+                if let Some(wrong) = wrong {
+                    let detail = format!("order {id} is {state} but {wrong}");
+                    self.violation(Violation::safety("saga-outcome", detail, at_ms));
+                }
+            }
+        }
+    }
+
+    /// Everything settled: all orders terminal, no delivery pending anywhere.
+    pub fn quiescent(&self, slots: &[Slot]) -> bool {
+        self.unsettled(slots).is_empty()
+    }
+
+    /// What is still unfinished (empty when quiescent), for the liveness report.
+    fn unsettled(&self, slots: &[Slot]) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, slot) in slots.iter().enumerate() {
+            match slot {
+                Slot::Down => out.push(format!("{} is down", NODES[i])),
+                Slot::Broker(b) => {
+                    for (client, st) in b.stats().subscribers {
+                        if st.pending + st.in_flight > 0 {
+                            out.push(format!(
+                                "broker still has {} undelivered for {client}",
+                                st.pending + st.in_flight
+                            ));
+                        }
+                    }
+                }
+                Slot::Participant(p) => {
+                    if !p.settled() {
+                        out.push(format!(
+                            "{} has unacknowledged outbox entries or unanswered work",
+                            NODES[i]
+                        ));
+                    }
+                    if let View::Order { orders } = p.view() {
+                        let open: Vec<_> = orders
+                            .iter()
+                            .filter(|(_, (ph, _))| *ph == OrderPhase::InProgress)
+                            .map(|(id, _)| id)
+                            .collect();
+                        if !open.is_empty() {
+                            out.push(format!("{} orders not terminal (first: {})", open.len(), open[0]));
+                        }
+                        if (orders.len() as u64) < self.orders_expected {
+                            out.push(format!(
+                                "only {} of {} orders created",
+                                orders.len(),
+                                self.orders_expected
+                            ));
+                        }
+                    }
+                }
+                Slot::Workload(w) => {
+                    if !w.all_answered() {
+                        out.push("workload still waiting for create-order answers".to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Called once at the end of the heal phase.
+    pub fn liveness(&mut self, slots: &[Slot], at_ms: u64) {
+        let unsettled = self.unsettled(slots);
+        if !unsettled.is_empty() {
+            let detail = format!("not settled {at_ms}ms into the run: {}", unsettled.join("; "));
+            self.violation(Violation::liveness("liveness", detail, at_ms));
+            return;
+        }
+        // Quiescent: every acknowledged publish must have reached each entitled subscriber.
+        let Some(Slot::Broker(broker)) = slots.get(BROKER) else {
+            return;
+        };
+        let mut dead: BTreeMap<ClientId, BTreeSet<MsgId>> = BTreeMap::new();
+        let mut lost = Vec::new();
+        for (key, acked) in &self.acked {
+            for client in &acked.entitled {
+                if self.processed.contains(&(client.clone(), key.clone())) {
+                    continue;
+                }
+                let dl = dead
+                    .entry(client.clone())
+                    .or_insert_with(|| broker.dead_letters(client).iter().map(|m| m.msg_id).collect());
+                if !dl.contains(&acked.msg_id) {
+                    let detail = format!(
+                        "{key} ({}, topic {}) was acknowledged but {client} never processed it and it is not a dead letter",
+                        acked.msg_id, acked.topic
+                    );
+                    lost.push(Violation::safety("no-lost-publish", detail, at_ms));
+                }
+            }
+        }
+        for v in lost {
+            self.violation(v);
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! Fault plans: faults are data. A plan is a value drawn from the seed (swarm
+//! testing: each seed picks which kinds are on and how often), printed,
+//! stored as JSON, replayed and shrunk. The world only *consults* the plan; it
+//! never rolls dice of its own for faults.
+//!
+//! Message faults name the n-th event of their kind (n-th message sent, n-th
+//! callback answer, ...), so a plan is an explicit list and shrinking is
+//! removing entries.
+
+use sagamq::rng::Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Every fault kind the simulator injects, in report order.
+pub const FAULT_KINDS: [&str; 9] = [
+    "drop",
+    "ack_lost",
+    "duplicate",
+    "delay",
+    "partition",
+    "crash",
+    "torn_write",
+    "callback_error",
+    "clock_skew",
+];
+
+/// The nodes of the world, by name. Index = position here.
+pub const NODES: [&str; 5] = ["broker", "order", "stock", "payment", "workload"];
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// The n-th message sent on the network is lost.
+    Drop { nth: u32 },
+    /// The n-th callback answer (subscriber -> broker) is lost after the subscriber applied it.
+    AckLost { nth: u32 },
+    /// The n-th message sent is delivered twice.
+    Duplicate { nth: u32 },
+    /// The n-th message sent is held back `ms` extra (reordering it).
+    Delay { nth: u32, ms: u32 },
+    /// Cut the link between two nodes (both directions) from `at_ms` for `for_ms`;
+    /// `b = None` isolates node `a` from everyone.
+    Partition {
+        at_ms: u32,
+        for_ms: u32,
+        a: u8,
+        b: Option<u8>,
+    },
+    /// Kill node `node` at `at_ms`, restart it `down_ms` later. Unsynced writes are lost;
+    /// with `torn_keep = Some(k)` the first `k` unsynced bytes survive (a torn write).
+    Crash {
+        at_ms: u32,
+        down_ms: u32,
+        node: u8,
+        torn_keep: Option<u32>,
+    },
+    /// The n-th callback a subscriber receives is answered with an error (`hang = false`)
+    /// or never answered (`hang = true`), without being processed.
+    CallbackError { nth: u32, hang: bool },
+    /// Node `node`'s clock runs `offset_ms` ahead (negative: behind) and drifts `drift_ppm`.
+    ClockSkew { node: u8, offset_ms: i32, drift_ppm: i32 },
+}
+
+impl Fault {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Drop { .. } => "drop",
+            Fault::AckLost { .. } => "ack_lost",
+            Fault::Duplicate { .. } => "duplicate",
+            Fault::Delay { .. } => "delay",
+            Fault::Partition { .. } => "partition",
+            Fault::Crash { .. } => "crash",
+            Fault::CallbackError { .. } => "callback_error",
+            Fault::ClockSkew { .. } => "clock_skew",
+        }
+    }
+}
+
+fn node_name(i: u8) -> &'static str {
+    NODES.get(usize::from(i)).copied().unwrap_or("?")
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::Drop { nth } => write!(f, "drop message #{nth}"),
+            Fault::AckLost { nth } => write!(f, "lose callback answer #{nth}"),
+            Fault::Duplicate { nth } => write!(f, "duplicate message #{nth}"),
+            Fault::Delay { nth, ms } => write!(f, "delay message #{nth} by {ms}ms"),
+            Fault::Partition {
+                at_ms,
+                for_ms,
+                a,
+                b: Some(b),
+            } => {
+                write!(
+                    f,
+                    "partition {}<->{} at {at_ms}ms for {for_ms}ms",
+                    node_name(*a),
+                    node_name(*b)
+                )
+            }
+            Fault::Partition {
+                at_ms,
+                for_ms,
+                a,
+                b: None,
+            } => {
+                write!(f, "isolate {} at {at_ms}ms for {for_ms}ms", node_name(*a))
+            }
+            Fault::Crash {
+                at_ms,
+                down_ms,
+                node,
+                torn_keep,
+            } => {
+                write!(f, "crash {} at {at_ms}ms, down {down_ms}ms", node_name(*node))?;
+                if let Some(k) = torn_keep {
+                    write!(f, ", torn write keeps {k} unsynced bytes")?;
+                }
+                Ok(())
+            }
+            Fault::CallbackError { nth, hang: false } => write!(f, "callback #{nth} answered with an error"),
+            Fault::CallbackError { nth, hang: true } => write!(f, "callback #{nth} never answered"),
+            Fault::ClockSkew {
+                node,
+                offset_ms,
+                drift_ppm,
+            } => {
+                write!(
+                    f,
+                    "clock of {} off by {offset_ms}ms, drift {drift_ppm}ppm",
+                    node_name(*node)
+                )
+            }
+        }
+    }
+}
+
+/// Per-kind rates a seed draws (swarm testing); zero means the kind is off.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultProfile {
+    /// Per message, in parts per million.
+    pub drop_ppm: u32,
+    pub ack_lost_ppm: u32,
+    pub duplicate_ppm: u32,
+    pub delay_ppm: u32,
+    pub callback_error_ppm: u32,
+    /// Counts of scheduled faults.
+    pub partitions: u32,
+    pub crashes: u32,
+    /// Of the crashes, per million that tear the last unsynced write.
+    pub torn_ppm: u32,
+    pub clock_skew: bool,
+}
+
+impl fmt::Display for FaultProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
+        write!(
+            f,
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={}",
+            pct(self.drop_ppm),
+            pct(self.ack_lost_ppm),
+            pct(self.duplicate_ppm),
+            pct(self.delay_ppm),
+            pct(self.callback_error_ppm),
+            self.partitions,
+            self.crashes,
+            pct(self.torn_ppm),
+            if self.clock_skew { "on" } else { "off" }
+        )
+    }
+}
+
+/// A complete, explicit fault plan for one run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultPlan {
+    pub profile: FaultProfile,
+    pub faults: Vec<Fault>,
+}
+
+/// Bounds of the generated plans.
+pub struct PlanShape {
+    /// Faults are scheduled inside the chaos phase, `0..chaos_ms`.
+    pub chaos_ms: u32,
+    /// Message-fault indices are drawn in `0..messages_max`.
+    pub messages_max: u32,
+}
+
+/// Lookup tables built once from a plan, so the world's per-message checks are cheap.
+#[derive(Clone, Debug, Default)]
+pub struct PlanIndex {
+    pub drop: BTreeMap<u32, ()>,
+    pub ack_lost: BTreeMap<u32, ()>,
+    pub duplicate: BTreeMap<u32, ()>,
+    pub delay: BTreeMap<u32, u32>,
+    pub callback_error: BTreeMap<u32, bool>,
+}
+
+impl FaultPlan {
+    /// Draws a profile from the seed, then an explicit plan from the profile.
+    pub fn from_seed(seed: u64, shape: &PlanShape) -> FaultPlan {
+        let mut rng = Rng::new(seed ^ 0x5A6A_F00D_0000_0000);
+        // Swarm: each kind is on with probability 1/2, at a rate drawn per seed.
+        let mut rate = |max_ppm: u64| {
+            if rng.chance(500_000) {
+                rng.range_inclusive(1, max_ppm) as u32
+            } else {
+                0
+            }
+        };
+        let profile = FaultProfile {
+            drop_ppm: rate(60_000),
+            ack_lost_ppm: rate(60_000),
+            duplicate_ppm: rate(60_000),
+            delay_ppm: rate(100_000),
+            callback_error_ppm: rate(60_000),
+            partitions: rate(3),
+            crashes: rate(3),
+            torn_ppm: rate(1_000_000),
+            clock_skew: rng.chance(500_000),
+        };
+        FaultPlan::from_profile(profile, &mut rng, shape)
+    }
+
+    pub fn from_profile(profile: FaultProfile, rng: &mut Rng, shape: &PlanShape) -> FaultPlan {
+        let mut faults = Vec::new();
+        for nth in 0..shape.messages_max {
+            if rng.chance(profile.drop_ppm) {
+                faults.push(Fault::Drop { nth });
+            }
+            if rng.chance(profile.ack_lost_ppm) {
+                faults.push(Fault::AckLost { nth });
+            }
+            if rng.chance(profile.duplicate_ppm) {
+                faults.push(Fault::Duplicate { nth });
+            }
+            if rng.chance(profile.delay_ppm) {
+                faults.push(Fault::Delay {
+                    nth,
+                    ms: rng.range_inclusive(5, 400) as u32,
+                });
+            }
+            if rng.chance(profile.callback_error_ppm) {
+                faults.push(Fault::CallbackError {
+                    nth,
+                    hang: rng.chance(300_000),
+                });
+            }
+        }
+        let node_count = NODES.len() as u64;
+        for _ in 0..profile.partitions {
+            let a = rng.below(node_count - 1) as u8; // the workload is never partitioned
+            let b = if rng.chance(500_000) {
+                None
+            } else {
+                let b = rng.below(node_count - 1) as u8;
+                if b == a { None } else { Some(b) }
+            };
+            faults.push(Fault::Partition {
+                at_ms: rng.below(u64::from(shape.chaos_ms)) as u32,
+                for_ms: rng.range_inclusive(50, 2_000) as u32,
+                a,
+                b,
+            });
+        }
+        for _ in 0..profile.crashes {
+            let node = rng.below(node_count - 1) as u8; // the workload models the outside world
+            let torn = rng.chance(profile.torn_ppm);
+            faults.push(Fault::Crash {
+                at_ms: rng.below(u64::from(shape.chaos_ms)) as u32,
+                down_ms: rng.range_inclusive(10, 1_500) as u32,
+                node,
+                torn_keep: torn.then(|| rng.range_inclusive(1, 200) as u32),
+            });
+        }
+        if profile.clock_skew {
+            for node in 0..(node_count - 1) as u8 {
+                faults.push(Fault::ClockSkew {
+                    node,
+                    offset_ms: rng.range_inclusive(0, 2_000) as i32 - 1_000,
+                    drift_ppm: rng.range_inclusive(0, 2_000) as i32 - 1_000,
+                });
+            }
+        }
+        FaultPlan { profile, faults }
+    }
+
+    pub fn index(&self) -> PlanIndex {
+        let mut ix = PlanIndex::default();
+        for f in &self.faults {
+            match *f {
+                Fault::Drop { nth } => {
+                    ix.drop.insert(nth, ());
+                }
+                Fault::AckLost { nth } => {
+                    ix.ack_lost.insert(nth, ());
+                }
+                Fault::Duplicate { nth } => {
+                    ix.duplicate.insert(nth, ());
+                }
+                Fault::Delay { nth, ms } => {
+                    ix.delay.insert(nth, ms);
+                }
+                Fault::CallbackError { nth, hang } => {
+                    ix.callback_error.insert(nth, hang);
+                }
+                Fault::Partition { .. } | Fault::Crash { .. } | Fault::ClockSkew { .. } => {}
+            }
+        }
+        ix
+    }
+
+    /// The plan without entry `i` (shrinking).
+    pub fn without(&self, i: usize) -> FaultPlan {
+        let mut p = self.clone();
+        p.faults.remove(i);
+        p
+    }
+}
+
+impl fmt::Display for FaultPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "profile: {}", self.profile)?;
+        for fault in &self.faults {
+            writeln!(f, "  - {fault}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: PlanShape = PlanShape {
+        chaos_ms: 5_000,
+        messages_max: 500,
+    };
+
+    #[test]
+    fn same_seed_same_plan_and_plans_differ_across_seeds() {
+        assert_eq!(FaultPlan::from_seed(3, &SHAPE), FaultPlan::from_seed(3, &SHAPE));
+        let distinct: std::collections::BTreeSet<String> =
+            (0..20).map(|s| FaultPlan::from_seed(s, &SHAPE).to_string()).collect();
+        assert!(distinct.len() > 15, "swarm profiles should vary across seeds");
+    }
+
+    #[test]
+    fn swarm_draws_calm_and_stormy_seeds_covering_every_kind() {
+        let mut kinds = std::collections::BTreeSet::new();
+        let mut calm = 0;
+        for s in 0..200 {
+            let p = FaultPlan::from_seed(s, &SHAPE);
+            if p.faults.len() < 5 {
+                calm += 1;
+            }
+            kinds.extend(p.faults.iter().map(|f| f.kind()));
+            if p.faults
+                .iter()
+                .any(|f| matches!(f, Fault::Crash { torn_keep: Some(_), .. }))
+            {
+                kinds.insert("torn_write");
+            }
+        }
+        assert!(calm > 0, "some seeds must be calm");
+        assert_eq!(kinds.len(), FAULT_KINDS.len(), "kinds drawn: {kinds:?}");
+    }
+
+    #[test]
+    fn plan_round_trips_through_json() {
+        let p = FaultPlan::from_seed(11, &SHAPE);
+        let j = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<FaultPlan>(&j).unwrap(), p);
+    }
+}

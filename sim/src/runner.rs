@@ -1,0 +1,357 @@
+//! Sweeps, summaries and shrinking: what the CLI and the tests call.
+
+use crate::Bug;
+use crate::check::Violation;
+use crate::plan::{FAULT_KINDS, FaultPlan, PlanShape};
+use crate::scenario::Scenario;
+use crate::world::{self, RunConfig, RunResult};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Instant;
+
+impl RunConfig {
+    pub fn new(scenario: Scenario, bug: Option<Bug>) -> RunConfig {
+        RunConfig {
+            chaos_ms: scenario.chaos_ms(),
+            heal_ms_max: 60_000,
+            scenario,
+            bug,
+            trace: false,
+        }
+    }
+
+    pub fn plan_shape(&self) -> PlanShape {
+        PlanShape {
+            chaos_ms: self.chaos_ms,
+            messages_max: self.scenario.messages_estimate(),
+        }
+    }
+}
+
+/// The plan a seed draws for this configuration.
+pub fn plan_for(seed: u64, cfg: &RunConfig) -> FaultPlan {
+    FaultPlan::from_seed(seed, &cfg.plan_shape())
+}
+
+/// Runs one seed with the plan it draws.
+pub fn run_seed(seed: u64, cfg: &RunConfig) -> RunResult {
+    world::run(seed, &plan_for(seed, cfg), cfg)
+}
+
+/// The one command that reproduces a seed.
+pub fn replay_command(seed: u64, cfg: &RunConfig) -> String {
+    let mut cmd = format!(
+        "cargo run --release -p sagamq-sim -- replay --seed {seed} --scenario {}",
+        cfg.scenario
+    );
+    if let Some(bug) = cfg.bug {
+        cmd.push_str(&format!(" --bug {bug}"));
+    }
+    cmd
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Failure {
+    pub seed: u64,
+    pub kind: &'static str,
+    pub invariant: &'static str,
+    pub detail: String,
+    pub sim_ms: u64,
+    pub replay: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Summary {
+    pub scenario: String,
+    pub bug: Option<String>,
+    pub seeds: u64,
+    pub passed: u64,
+    pub failed: u64,
+    pub failures: Vec<Failure>,
+    /// Seeds run before (and including) the first failing one, in seed order.
+    pub seeds_to_first_failure: Option<u64>,
+    pub orders: u64,
+    pub deliveries: u64,
+    pub sim_ms: u64,
+    pub wall_ms: u64,
+    pub faults: BTreeMap<String, u64>,
+}
+
+impl Summary {
+    fn absorb(&mut self, r: &RunResult, cfg: &RunConfig) {
+        self.seeds += 1;
+        self.orders += r.orders;
+        self.deliveries += r.deliveries;
+        self.sim_ms += r.sim_ms;
+        for (k, n) in &r.faults {
+            *self.faults.entry((*k).to_string()).or_default() += n;
+        }
+        match r.violations.first() {
+            None => self.passed += 1,
+            Some(v) => {
+                self.failed += 1;
+                self.failures.push(failure(r.seed, v, cfg));
+            }
+        }
+    }
+
+    /// Kinds that never fired in the whole sweep.
+    pub fn silent_fault_kinds(&self) -> Vec<&'static str> {
+        FAULT_KINDS
+            .iter()
+            .copied()
+            .filter(|k| self.faults.get(*k).copied().unwrap_or(0) == 0)
+            .collect()
+    }
+
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "scenario {}{}: {} seeds, {} passed, {} failed; {} orders, {} deliveries; {:.1} s simulated in {:.2} s wall ({:.0} seeds/s)\nfaults fired:",
+            self.scenario,
+            self.bug.as_ref().map(|b| format!(" (bug {b})")).unwrap_or_default(),
+            self.seeds,
+            self.passed,
+            self.failed,
+            self.orders,
+            self.deliveries,
+            self.sim_ms as f64 / 1000.0,
+            self.wall_ms as f64 / 1000.0,
+            self.seeds as f64 / (self.wall_ms.max(1) as f64 / 1000.0),
+        );
+        for k in FAULT_KINDS {
+            s.push_str(&format!(" {k}={}", self.faults.get(k).copied().unwrap_or(0)));
+        }
+        if let Some(n) = self.seeds_to_first_failure {
+            s.push_str(&format!("\nfirst failure after {n} seeds"));
+        }
+        for f in self.failures.iter().take(10) {
+            s.push_str(&format!(
+                "\nFAIL seed {} {} invariant `{}` at t={}ms: {}\n  reproduce: {}",
+                f.seed, f.kind, f.invariant, f.sim_ms, f.detail, f.replay
+            ));
+        }
+        if self.failures.len() > 10 {
+            s.push_str(&format!("\n... and {} more failures", self.failures.len() - 10));
+        }
+        s
+    }
+}
+
+fn failure(seed: u64, v: &Violation, cfg: &RunConfig) -> Failure {
+    Failure {
+        seed,
+        kind: v.kind.as_str(),
+        invariant: v.invariant,
+        detail: v.detail.clone(),
+        sim_ms: v.at_ms,
+        replay: replay_command(seed, cfg),
+    }
+}
+
+/// Runs `seeds` on `jobs` threads (each with its own madsim runtimes); results
+/// are merged in seed order, so the summary does not depend on scheduling.
+/// `stop_at_first` ends the sweep early once a failure is found (bug hunting).
+pub fn sweep(
+    cfg: &RunConfig,
+    seeds: Range<u64>,
+    jobs: usize,
+    stop_at_first: bool,
+    progress: &(dyn Fn(u64, u64, u64) + Sync),
+) -> Summary {
+    let started = Instant::now();
+    let total = seeds.end.saturating_sub(seeds.start);
+    let jobs = jobs.clamp(1, 64) as u64;
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let failed = std::sync::atomic::AtomicU64::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut results: Vec<RunResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..jobs)
+            .map(|j| {
+                let (done, failed, stop, seeds) = (&done, &failed, &stop, seeds.clone());
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    let mut seed = seeds.start + j;
+                    while seed < seeds.end && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let mut r = run_seed(seed, cfg);
+                        r.trace = Vec::new();
+                        if !r.violations.is_empty() {
+                            failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if stop_at_first {
+                                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        out.push(r);
+                        let d = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        progress(d, total, failed.load(std::sync::atomic::Ordering::Relaxed));
+                        seed += jobs;
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("sweep worker panicked"))
+            .collect()
+    });
+    results.sort_by_key(|r| r.seed);
+    let mut summary = Summary {
+        scenario: cfg.scenario.to_string(),
+        bug: cfg.bug.map(|b| b.to_string()),
+        ..Summary::default()
+    };
+    // With stop_at_first, other workers may have run seeds past the first
+    // failure; keep the prefix up to it so seeds-to-first-failure is exact.
+    if let Some(pos) = results.iter().position(|r| !r.violations.is_empty()) {
+        summary.seeds_to_first_failure = Some(pos as u64 + 1);
+        if stop_at_first {
+            results.truncate(pos + 1);
+        }
+    }
+    for r in &results {
+        summary.absorb(r, cfg);
+    }
+    summary.wall_ms = started.elapsed().as_millis() as u64;
+    summary
+}
+
+/// The result of shrinking a failing seed's plan.
+pub struct Shrunk {
+    pub original: FaultPlan,
+    pub minimal: FaultPlan,
+    pub invariant: &'static str,
+    pub result: RunResult,
+    pub runs: u32,
+}
+
+/// Removes chunks of faults (halves, quarters, ... single entries) while the
+/// run still fails on the same invariant. Same madsim seed throughout.
+/// Returns None if the seed does not fail.
+pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Option<Shrunk> {
+    let first = world::run(seed, &plan, cfg);
+    let invariant = first.violations.first()?.invariant;
+    let fails = |p: &FaultPlan| {
+        world::run(seed, p, cfg)
+            .violations
+            .first()
+            .is_some_and(|v| v.invariant == invariant)
+    };
+    let mut current = plan.clone();
+    let mut runs = 1;
+    let mut chunk = current.faults.len().div_ceil(2).max(1);
+    while chunk >= 1 && runs < runs_max {
+        let mut start = 0;
+        let mut removed_any = false;
+        while start < current.faults.len() && runs < runs_max {
+            let end = (start + chunk).min(current.faults.len());
+            let mut candidate = current.clone();
+            candidate.faults.drain(start..end);
+            runs += 1;
+            if fails(&candidate) {
+                current = candidate;
+                removed_any = true;
+            } else {
+                start = end;
+            }
+        }
+        if chunk == 1 && !removed_any {
+            break;
+        }
+        if !removed_any || chunk > 1 {
+            chunk /= 2;
+        }
+    }
+    let mut traced = cfg.clone();
+    traced.trace = true;
+    let result = world::run(seed, &current, &traced);
+    Some(Shrunk {
+        original: plan,
+        minimal: current,
+        invariant,
+        result,
+        runs,
+    })
+}
+
+/// Bare madsim endpoint relay: a source node sends `messages` values to a
+/// relay node that forwards each to a sink (no broker logic). The yardstick
+/// for the simulator's own cost per delivery.
+pub fn bare_relay(seed: u64, messages: u64) -> u64 {
+    use madsim::net::Endpoint;
+    use std::net::SocketAddr;
+    let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
+    rt.block_on(async move {
+        let ip = |n: u8| -> SocketAddr { format!("10.9.0.{n}:1").parse().expect("literal address") };
+        let handle = madsim::runtime::Handle::current();
+        let relay = handle.create_node().name("relay").ip(ip(2).ip()).build();
+        let sink = handle.create_node().name("sink").ip(ip(3).ip()).build();
+        let source = handle.create_node().name("source").ip(ip(1).ip()).build();
+        let sink_task = sink.spawn(async move {
+            let ep = Endpoint::bind(ip(3)).await.expect("bind");
+            let mut got = 0u64;
+            while got < messages {
+                let (p, _) = ep.recv_from_raw(1).await.expect("recv");
+                let _ = p.downcast::<u64>().expect("u64");
+                got += 1;
+            }
+            got
+        });
+        relay.spawn(async move {
+            let ep = Endpoint::bind(ip(2)).await.expect("bind");
+            loop {
+                let (p, _) = ep.recv_from_raw(1).await.expect("recv");
+                ep.send_to_raw(ip(3), 1, p).await.expect("send");
+            }
+        });
+        source.spawn(async move {
+            let ep = Endpoint::bind(ip(1)).await.expect("bind");
+            for i in 0..messages {
+                ep.send_to_raw(ip(2), 1, Box::new(i)).await.expect("send");
+                if i % 16 == 15 {
+                    madsim::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        });
+        sink_task.await.expect("sink finished")
+    })
+}
+
+/// Prints the simulator's figures: saga seeds/s and deliveries/s on one core,
+/// next to the bare relay's deliveries/s measured in the same run.
+pub fn bench(seeds: u64) -> String {
+    let cfg = RunConfig::new(Scenario::Saga { orders: 20 }, None);
+    let started = Instant::now();
+    let mut deliveries = 0;
+    let mut failed = 0;
+    let (mut messages, mut wakeups, mut sim_ms) = (0, 0, 0);
+    for seed in 0..seeds {
+        let r = run_seed(seed, &cfg);
+        deliveries += r.deliveries;
+        messages += r.messages;
+        wakeups += r.wakeups;
+        sim_ms += r.sim_ms;
+        failed += u64::from(!r.violations.is_empty());
+    }
+    let saga_s = started.elapsed().as_secs_f64();
+    let per_seed = deliveries / seeds.max(1);
+    let started = Instant::now();
+    let mut relayed = 0;
+    for seed in 0..seeds {
+        relayed += bare_relay(seed, per_seed.max(1));
+    }
+    let relay_s = started.elapsed().as_secs_f64();
+    let saga_dps = deliveries as f64 / saga_s;
+    let relay_dps = relayed as f64 / relay_s;
+    format!(
+        "saga (20 orders, swarm faults), 1 core: {seeds} seeds in {saga_s:.2} s = {:.0} seeds/s; {deliveries} deliveries = {saga_dps:.0} deliveries/s; {failed} failed\n\
+         bare madsim relay, same count of messages per runtime: {relayed} deliveries in {relay_s:.2} s = {relay_dps:.0} deliveries/s\n\
+         ratio saga/bare = {:.2}\n\
+         per saga seed: {} messages, {} node wake-ups, {} ms simulated",
+        seeds as f64 / saga_s,
+        saga_dps / relay_dps,
+        messages / seeds.max(1),
+        wakeups / seeds.max(1),
+        sim_ms / seeds.max(1),
+    )
+}

@@ -1,0 +1,163 @@
+//! Workloads the simulator can run (`--scenario seed|saga`) and the workload
+//! node: a client that calls the order service's "create order" at scheduled
+//! times and retries until the call is answered (the order service dedups by id).
+
+use crate::clock::CLOCK_BASE_NS;
+use sagamq::Time;
+use sagamq::saga::OrderSpec;
+use sagamq::saga::scenario as shipped;
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scenario {
+    /// The Go seed's integration test: 10 units, order 1 (qty 1) done, order 2 (qty 10) failed.
+    Seed,
+    /// Concurrent orders competing for scarce stock, payments that sometimes fail.
+    Saga { orders: u32 },
+}
+
+/// Orders per `saga` seed unless `saga:N` says otherwise.
+pub const SAGA_ORDERS_DEFAULT: u32 = 20;
+
+impl Scenario {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Seed => "seed",
+            Scenario::Saga { .. } => "saga",
+        }
+    }
+
+    /// The shipped scenario definition (initial stock and balances, orders), drawn from `seed`.
+    pub fn definition(self, seed: u64) -> shipped::Scenario {
+        match self {
+            Scenario::Seed => shipped::seed(),
+            Scenario::Saga { orders } => shipped::saga_with(
+                seed,
+                &shipped::SagaParams {
+                    orders: orders as usize,
+                    ..Default::default()
+                },
+            ),
+        }
+    }
+
+    pub fn order_count(self) -> u64 {
+        match self {
+            Scenario::Seed => 2,
+            Scenario::Saga { orders } => u64::from(orders),
+        }
+    }
+
+    pub fn chaos_ms(self) -> u32 {
+        match self {
+            Scenario::Seed => 2_000,
+            Scenario::Saga { .. } => 4_000,
+        }
+    }
+
+    /// Upper bound on network messages a chaos phase sends, for drawing message faults.
+    pub fn messages_estimate(self) -> u32 {
+        (self.order_count() as u32) * 40 + 100
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scenario::Saga { orders } if *orders != SAGA_ORDERS_DEFAULT => write!(f, "saga:{orders}"),
+            _ => f.write_str(self.name()),
+        }
+    }
+}
+
+impl FromStr for Scenario {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Scenario, String> {
+        match s {
+            "seed" => Ok(Scenario::Seed),
+            "saga" => Ok(Scenario::Saga {
+                orders: SAGA_ORDERS_DEFAULT,
+            }),
+            _ => match s.strip_prefix("saga:").map(str::parse::<u32>) {
+                Some(Ok(n)) if (1..=10_000).contains(&n) => Ok(Scenario::Saga { orders: n }),
+                _ => Err(format!(
+                    "unknown scenario {s:?}: use seed, saga or saga:N (1..=10000 orders)"
+                )),
+            },
+        }
+    }
+}
+
+/// How long the workload waits for an answer before calling again.
+const RETRY: Duration = Duration::from_millis(300);
+
+/// The client of the order service. Its clock is never skewed and it never crashes.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// Orders not yet called, by due time.
+    scheduled: VecDeque<(Time, OrderSpec)>,
+    /// Called but not answered: next retry time.
+    waiting: BTreeMap<String, (Time, OrderSpec)>,
+    outbox: VecDeque<OrderSpec>,
+    refused: u64,
+}
+
+impl Workload {
+    pub fn new(def: &shipped::Scenario) -> Workload {
+        let scheduled = def
+            .orders
+            .iter()
+            .map(|o| (Time(CLOCK_BASE_NS + o.at.0), o.spec.clone()))
+            .collect();
+        Workload {
+            scheduled,
+            waiting: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            refused: 0,
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let next_new = self.scheduled.front().map(|(t, _)| *t);
+        let next_retry = self.waiting.values().map(|(t, _)| *t).min();
+        match (next_new, next_retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Time) {
+        while self.scheduled.front().is_some_and(|(t, _)| *t <= now) {
+            let (_, spec) = self.scheduled.pop_front().expect("front exists");
+            self.waiting
+                .insert(spec.order_id.clone(), (now.plus(RETRY), spec.clone()));
+            self.outbox.push_back(spec);
+        }
+        for (due, spec) in self.waiting.values_mut() {
+            if *due <= now {
+                *due = now.plus(RETRY);
+                self.outbox.push_back(spec.clone());
+            }
+        }
+    }
+
+    pub fn poll_output(&mut self) -> Option<OrderSpec> {
+        self.outbox.pop_front()
+    }
+
+    /// A refusal is transient here (busy, not subscribed yet): the call is retried.
+    pub fn answered(&mut self, order_id: &str, refused: Option<String>) {
+        if refused.is_some() {
+            self.refused += 1;
+        } else {
+            self.waiting.remove(order_id);
+        }
+    }
+
+    pub fn all_answered(&self) -> bool {
+        self.scheduled.is_empty() && self.waiting.is_empty()
+    }
+}

@@ -1,0 +1,889 @@
+//! The madsim world: one node per service (broker, order, stock, payment,
+//! workload), each driving the shipped sans-IO machine; a faulty transport on
+//! madsim's network; a disk per node that lives outside the node so it survives
+//! a kill; a supervisor that schedules the plan's crashes and partitions, then
+//! heals and waits for quiescence.
+//!
+//! **Invariant:** every choice comes from the seed: madsim's scheduler and
+//! latencies from the madsim seed, faults from the [`FaultPlan`], workload from
+//! the scenario. Nothing reads the wall clock or an OS random source.
+
+use crate::Bug;
+use crate::check::{Checker, Violation};
+use crate::clock::Skew;
+use crate::participants::{self, SimParticipant};
+use crate::plan::{Fault, FaultPlan, NODES, PlanIndex};
+use crate::scenario::{Scenario, Workload};
+use crate::trace::Trace;
+use crate::wire::Wire;
+use madsim::net::{Endpoint, NetSim};
+use madsim::runtime::{Handle, NodeHandle, Runtime};
+use sagamq::broker::{
+    Broker, BrokerConfig, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Reply, RequestId,
+};
+use sagamq::log::{Disk, MemDisk};
+use sagamq::machine::Machine;
+use sagamq::saga::{CallbackToken, Command, CommandOutcome, OutboxId, ParticipantInput, ParticipantOutput};
+use sagamq::{ClientId, MessageKey, Time, Topic};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::Duration;
+
+pub const BROKER: usize = 0;
+pub const ORDER: usize = 1;
+pub const STOCK: usize = 2;
+pub const PAYMENT: usize = 3;
+pub const WORKLOAD: usize = 4;
+const TAG: u64 = 7;
+/// A disk sync takes this long; writes issued meanwhile share it (group commit).
+const SYNC_LATENCY: Duration = Duration::from_micros(500);
+/// How long a torn-write crash waits for its node to start a write.
+const TORN_WAIT_MAX: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub scenario: Scenario,
+    pub bug: Option<Bug>,
+    /// Record the canonical trace (costs time; sweeps leave it off).
+    pub trace: bool,
+    /// Length of the chaos phase (faults on), simulated.
+    pub chaos_ms: u32,
+    /// After healing, every order must be terminal and every delivery settled within this.
+    pub heal_ms_max: u32,
+}
+
+/// What one seed's run produced.
+#[derive(Debug, Default)]
+pub struct RunResult {
+    pub seed: u64,
+    pub trace: Vec<String>,
+    pub violations: Vec<Violation>,
+    /// Faults that actually fired, per kind.
+    pub faults: BTreeMap<&'static str, u64>,
+    pub orders: u64,
+    pub deliveries: u64,
+    /// Network messages sent (before faults) and node wake-ups handled.
+    pub messages: u64,
+    pub wakeups: u64,
+    pub sim_ms: u64,
+}
+
+/// A node's machine as the checker sees it; `Down` while crashed.
+pub enum Slot {
+    Down,
+    Broker(Box<Broker>),
+    Participant(Box<dyn SimParticipant>),
+    Workload(Box<Workload>),
+}
+
+/// State shared by every node task and the supervisor. madsim runs all of them
+/// on one thread, so the lock is never contended; it only satisfies `Send`.
+pub struct Shared {
+    pub cfg: RunConfig,
+    def: sagamq::saga::scenario::Scenario,
+    seed: u64,
+    pub trace: Trace,
+    start: madsim::time::Instant,
+    skews: [Skew; NODES.len()],
+    pub disks: Vec<MemDisk>,
+    pub slots: Vec<Slot>,
+    plan: PlanIndex,
+    /// Message faults apply only while true (the chaos phase).
+    chaos: bool,
+    sent_nth: u32,
+    answer_nth: u32,
+    callback_nth: u32,
+    pub faults: BTreeMap<&'static str, u64>,
+    /// A torn-write crash waits for node i to start a write; the node reports it here.
+    torn_armed: [bool; NODES.len()],
+    torn_signal: Option<async_channel::Sender<usize>>,
+    pub check: Checker,
+    pub deliveries: u64,
+    wakeups: u64,
+}
+
+impl Shared {
+    fn elapsed_ns(&self) -> u64 {
+        u64::try_from(madsim::time::Instant::now().duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
+    }
+    /// Node `i`'s (skewed) clock.
+    fn now(&self, i: usize) -> Time {
+        Time(self.skews[i].read(self.elapsed_ns()))
+    }
+    fn fired(&mut self, kind: &'static str) {
+        *self.faults.entry(kind).or_default() += 1;
+    }
+    fn line(&mut self, node: usize, text: impl FnOnce() -> String) {
+        let t = self.elapsed_ns();
+        self.trace.line(t, NODES[node], text);
+    }
+}
+
+type World = Arc<Mutex<Shared>>;
+
+fn lock(w: &World) -> MutexGuard<'_, Shared> {
+    w.lock().expect("single-threaded simulation never poisons")
+}
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + i as u8)), 1)
+}
+
+fn node_of(a: SocketAddr) -> Option<usize> {
+    (0..NODES.len()).find(|&i| addr(i).ip() == a.ip())
+}
+
+/// The callback URL a participant subscribes with, and its inverse.
+pub fn notify_url(node: usize) -> String {
+    format!("sim://{}", NODES[node])
+}
+fn node_of_url(url: &str) -> Option<usize> {
+    let name = url.strip_prefix("sim://")?;
+    NODES.iter().position(|n| *n == name)
+}
+
+/// Simulator-tuned broker bounds: short timers so a run settles in simulated seconds.
+pub fn broker_config() -> BrokerConfig {
+    BrokerConfig {
+        callback_timeout: Duration::from_millis(300),
+        retry_backoff_initial: Duration::from_millis(20),
+        retry_backoff_max: Duration::from_millis(500),
+        attempts_max: 12,
+        compact_garbage_records_min: 64,
+        ..BrokerConfig::default()
+    }
+}
+
+/// Runs one seed under `plan` and judges it.
+pub fn run(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> RunResult {
+    let mut net = madsim::Config::default();
+    net.net.send_latency = Duration::from_micros(200)..Duration::from_millis(3);
+    let rt = Runtime::with_seed_and_config(seed, net);
+    let plan = plan.clone();
+    let cfg = cfg.clone();
+    rt.block_on(simulate(seed, plan, cfg))
+}
+
+/// The run itself, inside a madsim runtime (exposed for madsim's determinism checker).
+pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
+    let mut skews = [Skew::default(); NODES.len()];
+    let mut faults = BTreeMap::new();
+    for f in &plan.faults {
+        if let Fault::ClockSkew {
+            node,
+            offset_ms,
+            drift_ppm,
+        } = *f
+        {
+            skews[usize::from(node)] = Skew { offset_ms, drift_ppm };
+            *faults.entry("clock_skew").or_default() += 1;
+        }
+    }
+    let def = cfg.scenario.definition(seed);
+    let workload = Workload::new(&def);
+    let shared = Shared {
+        trace: Trace::new(cfg.trace),
+        start: madsim::time::Instant::now(),
+        skews,
+        disks: vec![MemDisk::new(); NODES.len()],
+        slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
+        plan: plan.index(),
+        chaos: true,
+        sent_nth: 0,
+        answer_nth: 0,
+        callback_nth: 0,
+        faults,
+        torn_armed: [false; NODES.len()],
+        torn_signal: None,
+        check: Checker::new(&cfg.scenario),
+        deliveries: 0,
+        wakeups: 0,
+        cfg: cfg.clone(),
+        seed,
+        def,
+    };
+    let world: World = Arc::new(Mutex::new(shared));
+    let (torn_tx, torn_rx) = async_channel::unbounded();
+    lock(&world).torn_signal = Some(torn_tx);
+    {
+        let mut s = lock(&world);
+        s.slots[WORKLOAD] = Slot::Workload(Box::new(workload));
+        let plan_text = plan.to_string();
+        s.line(WORKLOAD, || {
+            format!(
+                "seed {seed} scenario {} plan:\n{}",
+                cfg.scenario.name(),
+                plan_text.trim_end()
+            )
+        });
+    }
+
+    let handle = Handle::current();
+    let nodes: Vec<NodeHandle> = (0..NODES.len())
+        .map(|i| {
+            let w = world.clone();
+            handle
+                .create_node()
+                .name(NODES[i])
+                .ip(addr(i).ip())
+                .init(move || node_main(w.clone(), i))
+                .build()
+        })
+        .collect();
+
+    // The chaos phase: scheduled faults in time order.
+    let mut events: Vec<(u32, usize, bool)> = Vec::new(); // (at_ms, fault index, is_end)
+    for (k, f) in plan.faults.iter().enumerate() {
+        match *f {
+            Fault::Partition { at_ms, for_ms, .. } => {
+                events.push((at_ms, k, false));
+                events.push((at_ms.saturating_add(for_ms).min(cfg.chaos_ms), k, true));
+            }
+            Fault::Crash { at_ms, down_ms, .. } => {
+                events.push((at_ms, k, false));
+                events.push((at_ms.saturating_add(down_ms).min(cfg.chaos_ms), k, true));
+            }
+            _ => {}
+        }
+    }
+    events.sort();
+    let net = NetSim::current();
+    let mut down = [false; NODES.len()];
+    for (at_ms, k, is_end) in events {
+        sleep_until_ms(&world, u64::from(at_ms)).await;
+        match plan.faults[k] {
+            Fault::Partition { a, b, .. } => {
+                let a = usize::from(a);
+                let links: Vec<(usize, usize)> = match b {
+                    Some(b) => vec![(a, usize::from(b))],
+                    None => (0..NODES.len())
+                        .filter(|&j| j != a && j != WORKLOAD)
+                        .map(|j| (a, j))
+                        .collect(),
+                };
+                for (x, y) in links {
+                    if is_end {
+                        net.unclog_link(nodes[x].id(), nodes[y].id());
+                        net.unclog_link(nodes[y].id(), nodes[x].id());
+                    } else {
+                        net.clog_link(nodes[x].id(), nodes[y].id());
+                        net.clog_link(nodes[y].id(), nodes[x].id());
+                    }
+                }
+                let mut s = lock(&world);
+                if !is_end {
+                    s.fired("partition");
+                }
+                let f = plan.faults[k].clone();
+                s.line(a, || {
+                    if is_end {
+                        format!("heal: {f}")
+                    } else {
+                        format!("fault: {f}")
+                    }
+                });
+            }
+            Fault::Crash { node, torn_keep, .. } => {
+                let n = usize::from(node);
+                if !is_end && !down[n] {
+                    if torn_keep.is_some() {
+                        // A torn write needs a write in flight: wait (bounded) for the
+                        // node to start one, then crash in that same instant.
+                        lock(&world).torn_armed[n] = true;
+                        let within = madsim::time::Instant::now() + TORN_WAIT_MAX;
+                        while let Some(ready) = recv_until(&torn_rx, Some(within)).await {
+                            if ready == n {
+                                break;
+                            }
+                        }
+                        lock(&world).torn_armed[n] = false;
+                    }
+                    crash(&world, &handle, &nodes, n, torn_keep);
+                    down[n] = true;
+                } else if is_end && down[n] {
+                    restart(&world, &handle, &nodes, n);
+                    down[n] = false;
+                }
+            }
+            _ => {}
+        }
+    }
+    sleep_until_ms(&world, u64::from(cfg.chaos_ms)).await;
+
+    // The heal phase: faults off, links healed, crashed nodes restarted,
+    // dead letters redriven by the operator; then liveness is required.
+    {
+        let mut s = lock(&world);
+        s.chaos = false;
+        s.line(BROKER, || {
+            "heal: faults off, partitions healed, crashed nodes restarted".to_string()
+        });
+        let Shared { check, slots, .. } = &mut *s;
+        check.safety(slots, cfg.chaos_ms.into());
+    }
+    for x in 0..NODES.len() {
+        for y in 0..NODES.len() {
+            if x != y {
+                net.unclog_link(nodes[x].id(), nodes[y].id());
+            }
+        }
+    }
+    for (n, was_down) in down.iter().enumerate() {
+        if *was_down {
+            restart(&world, &handle, &nodes, n);
+        }
+    }
+    let heal_deadline_ms = u64::from(cfg.chaos_ms) + u64::from(cfg.heal_ms_max);
+    let mut t_ms = u64::from(cfg.chaos_ms);
+    let mut redriven = false;
+    loop {
+        t_ms += 100;
+        sleep_until_ms(&world, t_ms).await;
+        let mut s = lock(&world);
+        if !redriven && t_ms >= u64::from(cfg.chaos_ms) + 1_000 {
+            redriven = true;
+            redrive_all(&mut s);
+        }
+        if s.check.quiescent(&s.slots) || t_ms >= heal_deadline_ms {
+            break;
+        }
+    }
+    let mut s = lock(&world);
+    let sim_ms = s.elapsed_ns() / 1_000_000;
+    {
+        let Shared { check, slots, .. } = &mut *s;
+        check.safety(slots, sim_ms);
+        check.liveness(slots, sim_ms);
+    }
+    let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
+    for text in texts {
+        s.line(BROKER, || format!("VIOLATION {text}"));
+    }
+    let shared = &mut *s;
+    RunResult {
+        seed,
+        trace: std::mem::take(&mut shared.trace).into_lines(),
+        violations: shared.check.violations().to_vec(),
+        faults: std::mem::take(&mut shared.faults),
+        orders: shared.check.orders_total(),
+        deliveries: shared.deliveries,
+        messages: u64::from(shared.sent_nth),
+        wakeups: shared.wakeups,
+        sim_ms,
+    }
+}
+
+async fn sleep_until_ms(world: &World, ms: u64) {
+    let start = lock(world).start;
+    madsim::time::sleep_until(start + Duration::from_millis(ms)).await;
+}
+
+fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_keep: Option<u32>) {
+    handle.kill(nodes[n].id());
+    let mut s = lock(world);
+    s.slots[n] = Slot::Down;
+    s.fired("crash");
+    let before = s.disks[n].len();
+    let torn = match torn_keep {
+        Some(k) => {
+            s.disks[n].crash_torn(k as usize);
+            // A torn write fired only if a partial unsynced write survived.
+            let kept = s.disks[n].len();
+            kept > 0 && kept < before && sagamq::log::decode_all(&s.disks[n].read_all()).is_ok_and(|r| r.torn_bytes > 0)
+        }
+        None => {
+            s.disks[n].crash();
+            false
+        }
+    };
+    if torn {
+        s.fired("torn_write");
+    }
+    s.line(n, || {
+        format!(
+            "CRASH (unsynced writes lost{})",
+            if torn { ", last write torn" } else { "" }
+        )
+    });
+}
+
+fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {
+    lock(world).line(n, || "restart".to_string());
+    handle.restart(nodes[n].id());
+}
+
+fn redrive_all(s: &mut Shared) {
+    let Slot::Broker(broker) = &mut s.slots[BROKER] else {
+        return;
+    };
+    let clients: Vec<_> = broker
+        .stats()
+        .subscribers
+        .into_iter()
+        .filter(|(_, st)| st.dead_letters > 0)
+        .collect();
+    for (client, _) in clients {
+        let now = s.now(BROKER);
+        if let Slot::Broker(b) = &mut s.slots[BROKER] {
+            b.handle(
+                now,
+                BrokerInput::Redrive {
+                    req: RequestId(u64::MAX),
+                    client: client.clone(),
+                },
+            );
+        }
+        s.line(BROKER, || format!("operator: redrive dead letters of {client}"));
+    }
+}
+
+/// What woke a node: a message, or its next deadline passed.
+enum Wake {
+    Msg(SocketAddr, Wire),
+    Timer,
+}
+
+/// Waits for the first of a message and a deadline (None: the deadline passed).
+/// Biased toward the message so the order of events depends only on the
+/// simulation, not on polling luck.
+async fn recv_until<T>(rx: &async_channel::Receiver<T>, deadline: Option<madsim::time::Instant>) -> Option<T> {
+    let mut recv = pin!(rx.recv());
+    let far = madsim::time::Instant::now() + Duration::from_secs(3_600);
+    let mut sleep = pin!(madsim::time::sleep_until(deadline.unwrap_or(far)));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = recv.as_mut().poll(cx) {
+            return Poll::Ready(r.ok());
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Per-incarnation driver state of a node (lost when the node crashes).
+#[derive(Default)]
+struct Driver {
+    /// A disk sync in progress completes at this virtual time.
+    sync_due_ns: Option<u64>,
+    /// Highest lsn written (not yet known durable) and highest known durable.
+    lsn_written: Option<Lsn>,
+    lsn_durable: Option<Lsn>,
+    /// Broker: request id -> (requesting node, what was asked).
+    requests: BTreeMap<RequestId, (usize, Pending)>,
+    next_request: u64,
+    /// Participant: callback token -> (broker delivery, message key).
+    callbacks: BTreeMap<CallbackToken, (DeliveryId, MessageKey)>,
+    next_token: u64,
+    /// Messages to send after this step.
+    outgoing: Vec<(usize, Wire)>,
+}
+
+enum Pending {
+    Publish { req: u64, key: MessageKey, topic: Topic },
+    Subscribe { topic: Topic, client: ClientId },
+}
+
+async fn node_main(world: World, i: usize) {
+    if !boot(&world, i) {
+        return;
+    }
+    let ep = Arc::new(Endpoint::bind(addr(i)).await.expect("bind simulated endpoint"));
+    let (tx, rx) = async_channel::unbounded();
+    {
+        // One receive task per endpoint feeding a channel: recv_from_raw is not cancel-safe.
+        let ep = ep.clone();
+        madsim::task::spawn(async move {
+            while let Ok((payload, from)) = ep.recv_from_raw(TAG).await {
+                let wire = *payload.downcast::<Wire>().expect("only Wire values travel");
+                if tx.send((from, wire)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut drv = Driver::default();
+    let mut wake = Wake::Timer;
+    loop {
+        let out = {
+            let mut s = lock(&world);
+            s.wakeups += 1;
+            let now = s.now(i);
+            match wake {
+                Wake::Msg(from, wire) => on_wire(&mut s, &mut drv, i, now, from, wire),
+                Wake::Timer => on_timer(&mut s, &mut drv, i, now),
+            }
+            drain(&mut s, &mut drv, i);
+            std::mem::take(&mut drv.outgoing)
+        };
+        for (dst, wire) in out {
+            send(&world, &ep, i, dst, wire).await;
+        }
+        let deadline = {
+            let s = lock(&world);
+            let machine_ns = poll_timeout(&s.slots[i]).map(|t| s.skews[i].virtual_at(t.0));
+            let next = match (machine_ns, drv.sync_due_ns) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            next.map(|ns| s.start + Duration::from_nanos(ns))
+        };
+        wake = match recv_until(&rx, deadline).await {
+            Some((from, wire)) => Wake::Msg(from, wire),
+            None => Wake::Timer,
+        };
+    }
+}
+
+/// Recovers node `i`'s machine from its disk. False if recovery refused (a violation).
+fn boot(world: &World, i: usize) -> bool {
+    let mut s = lock(world);
+    if i == WORKLOAD {
+        return true; // the workload models the outside world: it never crashes
+    }
+    let image = s.disks[i].read_all();
+    let now = s.now(i);
+    let result: Result<(Slot, u64, u64), String> = if i == BROKER {
+        let seed = s.seed ^ 0xB20C_E500;
+        if image.is_empty() {
+            Ok((Slot::Broker(Box::new(Broker::new(broker_config(), seed))), 0, 0))
+        } else {
+            Broker::recover(broker_config(), seed, &image)
+                .map(|(b, r)| (Slot::Broker(Box::new(b)), r.valid_len, r.records))
+                .map_err(|e| e.to_string())
+        }
+    } else {
+        participants::build(i, &s.cfg, &s.def, s.seed, &image, now)
+            .map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
+    };
+    match result {
+        Ok((slot, valid_len, records)) => {
+            s.disks[i].truncate(valid_len);
+            s.slots[i] = slot;
+            if !image.is_empty() {
+                s.line(i, || format!("recovered from {records} records ({valid_len} bytes)"));
+            }
+            true
+        }
+        Err(e) => {
+            let at = s.elapsed_ns() / 1_000_000;
+            s.check.violation(Violation::safety(
+                "recovery",
+                format!("{} refused to start: {e}", NODES[i]),
+                at,
+            ));
+            false
+        }
+    }
+}
+
+fn poll_timeout(slot: &Slot) -> Option<Time> {
+    match slot {
+        Slot::Down => None,
+        Slot::Broker(b) => b.poll_timeout(),
+        Slot::Participant(p) => p.poll_timeout(),
+        Slot::Workload(w) => w.poll_timeout(),
+    }
+}
+
+fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
+    if drv.sync_due_ns.is_some_and(|due| due <= s.elapsed_ns()) {
+        drv.sync_due_ns = None;
+        s.disks[i].sync();
+        if let Some(lsn) = drv.lsn_written.take() {
+            drv.lsn_durable = Some(lsn);
+            match &mut s.slots[i] {
+                Slot::Broker(b) => b.handle(now, BrokerInput::Durable { lsn }),
+                Slot::Participant(p) => p.handle(now, ParticipantInput::Durable { lsn }),
+                Slot::Down | Slot::Workload(_) => {}
+            }
+        }
+    }
+    match &mut s.slots[i] {
+        Slot::Down => {}
+        Slot::Broker(b) => b.handle_timeout(now),
+        Slot::Participant(p) => p.handle_timeout(now),
+        Slot::Workload(w) => w.handle_timeout(now),
+    }
+}
+
+fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAddr, wire: Wire) {
+    let Some(src) = node_of(from) else { return };
+    if s.trace.enabled() {
+        let text = wire.to_string();
+        s.line(i, || format!("<- {} {text}", NODES[src]));
+    }
+    match (&mut s.slots[i], wire) {
+        (Slot::Broker(b), Wire::Publish { req, publish }) => {
+            let id = RequestId(drv.next_request);
+            drv.next_request += 1;
+            drv.requests.insert(
+                id,
+                (
+                    src,
+                    Pending::Publish {
+                        req,
+                        key: publish.key(),
+                        topic: publish.topic.clone(),
+                    },
+                ),
+            );
+            b.handle(now, BrokerInput::Publish { req: id, publish });
+        }
+        (Slot::Broker(b), Wire::Subscribe { subscribe }) => {
+            let id = RequestId(drv.next_request);
+            drv.next_request += 1;
+            let pending = Pending::Subscribe {
+                topic: subscribe.topic.clone(),
+                client: subscribe.client_id.clone(),
+            };
+            drv.requests.insert(id, (src, pending));
+            b.handle(now, BrokerInput::Subscribe { req: id, subscribe });
+        }
+        (Slot::Broker(b), Wire::CallbackAnswer { delivery, ok }) => {
+            let result = if ok {
+                CallbackResult::Delivered
+            } else {
+                CallbackResult::Failed
+            };
+            b.handle(now, BrokerInput::CallbackResult { delivery, result });
+        }
+        (Slot::Participant(p), Wire::PublishReply { req, reply }) => {
+            let outbox = OutboxId(req);
+            let input = match reply {
+                Reply::Published { msg_id, .. } => ParticipantInput::PublishAcked { outbox, msg_id },
+                _ => ParticipantInput::PublishFailed { outbox },
+            };
+            p.handle(now, input);
+        }
+        (
+            Slot::Participant(p),
+            Wire::SubscribeReply {
+                topic,
+                reply: Reply::Subscribed { .. },
+            },
+        ) => {
+            p.handle(now, ParticipantInput::Subscribed { topic });
+        }
+        (Slot::Participant(p), Wire::Callback { delivery, message }) => {
+            let nth = s.callback_nth;
+            s.callback_nth += 1;
+            if s.chaos
+                && let Some(&hang) = s.plan.callback_error.get(&nth)
+            {
+                *s.faults.entry("callback_error").or_default() += 1;
+                if !hang {
+                    drv.outgoing
+                        .push((BROKER, Wire::CallbackAnswer { delivery, ok: false }));
+                }
+                let t = s.elapsed_ns();
+                s.trace.line(t, NODES[i], || {
+                    format!(
+                        "fault: callback #{nth} {}",
+                        if hang { "never answered" } else { "answered 500" }
+                    )
+                });
+                return;
+            }
+            let token = CallbackToken(drv.next_token);
+            drv.next_token += 1;
+            drv.callbacks.insert(token, (delivery, message.key()));
+            p.handle(now, ParticipantInput::Deliver { token, message });
+        }
+        (Slot::Participant(p), Wire::CreateOrder { spec }) if i == ORDER => {
+            p.handle(now, ParticipantInput::Command(Command::CreateOrder(spec)));
+        }
+        (Slot::Workload(w), Wire::OrderAccepted { order_id, refused }) => w.answered(&order_id, refused),
+        (_, _) => {}
+    }
+}
+
+/// Moves the machine's outputs to the disk, the checker and the outgoing queue.
+fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
+    let mut wrote = false;
+    loop {
+        let Shared {
+            slots,
+            disks,
+            check,
+            trace,
+            start,
+            ..
+        } = &mut *s;
+        let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
+        match &mut slots[i] {
+            Slot::Down => break,
+            Slot::Broker(b) => {
+                let Some(out) = b.poll_output() else { break };
+                if trace.enabled() {
+                    let text = out.to_string();
+                    trace.line(t, NODES[i], || text);
+                }
+                match out {
+                    BrokerOutput::Persist { lsn, frames } => {
+                        disks[i].append(&frames);
+                        drv.lsn_written = Some(lsn);
+                        wrote = true;
+                    }
+                    BrokerOutput::Rewrite { lsn, frames } => {
+                        disks[i].replace(&frames);
+                        drv.lsn_written = Some(lsn);
+                        wrote = true;
+                    }
+                    BrokerOutput::Reply { req, reply } => match drv.requests.remove(&req) {
+                        Some((src, Pending::Publish { req, key, topic })) => {
+                            if let Reply::Published { msg_id, .. } = &reply {
+                                check.publish_acked(&key, *msg_id, &topic, t / 1_000_000);
+                            }
+                            drv.outgoing.push((src, Wire::PublishReply { req, reply }));
+                        }
+                        Some((src, Pending::Subscribe { topic, client })) => {
+                            if matches!(reply, Reply::Subscribed { .. }) {
+                                check.subscribed(&client, &topic);
+                            }
+                            drv.outgoing.push((src, Wire::SubscribeReply { topic, reply }));
+                        }
+                        None => {} // an operator request (redrive)
+                    },
+                    BrokerOutput::Callback(cb) => {
+                        check.callback_sent(&cb.client, &cb.message, t / 1_000_000);
+                        if let Some(dst) = node_of_url(&cb.url) {
+                            drv.outgoing.push((
+                                dst,
+                                Wire::Callback {
+                                    delivery: cb.delivery,
+                                    message: cb.message,
+                                },
+                            ));
+                        }
+                    }
+                }
+            }
+            Slot::Participant(p) => {
+                let Some(out) = p.poll_output() else { break };
+                if trace.enabled() {
+                    let text = out.to_string();
+                    trace.line(t, NODES[i], || text);
+                }
+                match out {
+                    ParticipantOutput::Persist { lsn, frames } => {
+                        disks[i].append(&frames);
+                        drv.lsn_written = Some(lsn);
+                        wrote = true;
+                    }
+                    ParticipantOutput::Publish { outbox, publish } => {
+                        drv.outgoing.push((BROKER, Wire::Publish { req: outbox.0, publish }));
+                    }
+                    ParticipantOutput::Subscribe(subscribe) => {
+                        drv.outgoing.push((BROKER, Wire::Subscribe { subscribe }));
+                    }
+                    ParticipantOutput::CommandDone {
+                        command: Command::CreateOrder(spec),
+                        outcome,
+                    } => {
+                        // The create-order call returns: committed (durable) or refused.
+                        let refused = match outcome {
+                            CommandOutcome::Committed => None,
+                            CommandOutcome::Refused(why) => Some(why),
+                        };
+                        drv.outgoing.push((
+                            WORKLOAD,
+                            Wire::OrderAccepted {
+                                order_id: spec.order_id,
+                                refused,
+                            },
+                        ));
+                    }
+                    ParticipantOutput::Answer { token, ok } => {
+                        if let Some((delivery, key)) = drv.callbacks.remove(&token) {
+                            if ok {
+                                check.processed(i, &key);
+                                s.deliveries += 1;
+                            }
+                            drv.outgoing.push((BROKER, Wire::CallbackAnswer { delivery, ok }));
+                        }
+                    }
+                }
+            }
+            Slot::Workload(w) => {
+                let Some(spec) = w.poll_output() else { break };
+                drv.outgoing.push((ORDER, Wire::CreateOrder { spec }));
+            }
+        }
+    }
+    if wrote && s.torn_armed[i] {
+        s.torn_armed[i] = false;
+        if let Some(tx) = &s.torn_signal {
+            let _ = tx.try_send(i);
+        }
+    }
+    if wrote && drv.sync_due_ns.is_none() {
+        drv.sync_due_ns = Some(s.elapsed_ns() + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
+    }
+}
+
+/// Sends through the faulty transport: the plan decides drop, lost callback
+/// answer, delay and duplicate by the message's sequence number.
+async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: Wire) {
+    let (delay_ms, copies) = {
+        let mut s = lock(world);
+        let nth = s.sent_nth;
+        s.sent_nth += 1;
+        let answer_nth = if wire.is_callback_answer() {
+            s.answer_nth += 1;
+            Some(s.answer_nth - 1)
+        } else {
+            None
+        };
+        if !s.chaos {
+            (0, 1)
+        } else if s.plan.drop.contains_key(&nth) {
+            s.fired("drop");
+            s.line(from, || format!("fault: drop -> {} {wire}", NODES[dst]));
+            return;
+        } else if answer_nth.is_some_and(|a| s.plan.ack_lost.contains_key(&a)) {
+            s.fired("ack_lost");
+            s.line(from, || format!("fault: lose answer -> {} {wire}", NODES[dst]));
+            return;
+        } else {
+            let delay = s.plan.delay.get(&nth).copied().unwrap_or(0);
+            if delay > 0 {
+                s.fired("delay");
+            }
+            let dup = s.plan.duplicate.contains_key(&nth);
+            if dup {
+                s.fired("duplicate");
+            }
+            if delay > 0 || dup {
+                s.line(from, || {
+                    format!(
+                        "fault: delay {delay}ms, copies {} -> {} {wire}",
+                        1 + u32::from(dup),
+                        NODES[dst]
+                    )
+                });
+            }
+            (delay, 1 + usize::from(dup))
+        }
+    };
+    let to = addr(dst);
+    if delay_ms > 0 {
+        let ep = ep.clone();
+        madsim::task::spawn(async move {
+            madsim::time::sleep(Duration::from_millis(u64::from(delay_ms))).await;
+            for _ in 0..copies {
+                let _ = ep.send_to_raw(to, TAG, Box::new(wire.clone())).await;
+            }
+        });
+    } else {
+        for _ in 0..copies {
+            // A send to a crashed node fails like a refused connection; the sender's retry logic covers it.
+            let _ = ep.send_to_raw(to, TAG, Box::new(wire.clone())).await;
+        }
+    }
+}

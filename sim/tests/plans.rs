@@ -1,0 +1,57 @@
+//! Any explicit fault plan must leave the invariants intact. proptest draws
+//! plans (crashes with torn writes, partitions, drops, duplicates, delays,
+//! lost answers, callback errors, skewed clocks); a failure shrinks to a
+//! minimal plan, printed with its trace.
+
+use proptest::prelude::*;
+use sagamq_sim::plan::{Fault, FaultPlan, NODES};
+use sagamq_sim::scenario::Scenario;
+use sagamq_sim::trace;
+use sagamq_sim::world::{self, RunConfig};
+
+fn fault() -> impl Strategy<Value = Fault> {
+    let node = 0..(NODES.len() as u8 - 1);
+    prop_oneof![
+        (0..400u32).prop_map(|nth| Fault::Drop { nth }),
+        (0..200u32).prop_map(|nth| Fault::AckLost { nth }),
+        (0..400u32).prop_map(|nth| Fault::Duplicate { nth }),
+        (0..400u32, 1..400u32).prop_map(|(nth, ms)| Fault::Delay { nth, ms }),
+        (0..200u32, any::<bool>()).prop_map(|(nth, hang)| Fault::CallbackError { nth, hang }),
+        (
+            0..3_000u32,
+            10..2_000u32,
+            node.clone(),
+            proptest::option::of(node.clone())
+        )
+            .prop_map(|(at_ms, for_ms, a, b)| Fault::Partition { at_ms, for_ms, a, b }),
+        (0..3_000u32, 1..1_500u32, node.clone(), proptest::option::of(1..300u32)).prop_map(
+            |(at_ms, down_ms, node, torn_keep)| Fault::Crash {
+                at_ms,
+                down_ms,
+                node,
+                torn_keep
+            }
+        ),
+        (node, -1_000..1_000i32, -1_000..1_000i32).prop_map(|(node, offset_ms, drift_ppm)| Fault::ClockSkew {
+            node,
+            offset_ms,
+            drift_ppm
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_fault_plan_keeps_the_invariants(seed in 0..1_000u64, faults in proptest::collection::vec(fault(), 0..30)) {
+        let plan = FaultPlan { profile: Default::default(), faults };
+        let mut cfg = RunConfig::new(Scenario::Saga { orders: 6 }, None);
+        let r = world::run(seed, &plan, &cfg);
+        if !r.violations.is_empty() {
+            cfg.trace = true;
+            let traced = world::run(seed, &plan, &cfg);
+            prop_assert!(false, "seed {seed} plan:\n{plan}violations: {:?}\ntrace:\n{}", r.violations, trace::render(&traced.trace));
+        }
+    }
+}

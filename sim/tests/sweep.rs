@@ -1,0 +1,47 @@
+//! Seeded sweeps of both scenarios under swarm faults: every seed must pass,
+//! and across the default sweep every fault kind must actually fire (a
+//! simulator whose faults never fire would pass for the wrong reason).
+
+mod common;
+
+use sagamq_sim::runner::{self, Summary};
+use sagamq_sim::scenario::Scenario;
+use sagamq_sim::world::RunConfig;
+
+fn sweep(scenario: Scenario, default: std::ops::Range<u64>) -> Summary {
+    let cfg = RunConfig::new(scenario, None);
+    let summary = runner::sweep(&cfg, common::seeds(default), 1, false, &|_, _, _| {});
+    println!("{}", summary.human());
+    summary
+}
+
+#[test]
+fn saga_sweep_passes_and_every_fault_kind_fires() {
+    let s = sweep(Scenario::Saga { orders: 8 }, 0..150);
+    assert_eq!(s.failed, 0, "{}", s.human());
+    assert!(
+        s.orders >= 8 * s.seeds && s.deliveries > s.orders,
+        "the workload ran: {}",
+        s.human()
+    );
+    if common::default_seeds() {
+        assert!(
+            s.silent_fault_kinds().is_empty(),
+            "fault kinds never fired: {:?}",
+            s.silent_fault_kinds()
+        );
+    }
+}
+
+#[test]
+fn seed_scenario_sweep_passes_and_every_fault_kind_fires() {
+    let s = sweep(Scenario::Seed, 1_000..1_150);
+    assert_eq!(s.failed, 0, "{}", s.human());
+    if common::default_seeds() {
+        assert!(
+            s.silent_fault_kinds().is_empty(),
+            "fault kinds never fired: {:?}",
+            s.silent_fault_kinds()
+        );
+    }
+}
