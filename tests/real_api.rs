@@ -447,8 +447,12 @@ async fn compaction_keeps_the_log_bounded_and_recovery_keeps_dedup() {
         "log holds {} records",
         st.broker.log_records
     );
-    let file_len = std::fs::metadata(dir.join("sagamq.log")).unwrap().len();
-    assert_eq!(file_len, st.broker.log_bytes);
+    // Writes no request waits for (acks) reach the file within LAZY_SYNC_DELAY.
+    let log = dir.join("sagamq.log");
+    eventually(5, "the file to hold every record the core wrote", || {
+        std::fs::metadata(&log).unwrap().len() == st.broker.log_bytes
+    })
+    .await;
     broker.shutdown().await.unwrap();
 
     let broker = start(o).await;

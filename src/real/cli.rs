@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// Seed of the retry jitter (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Runtime threads: 1 runs everything on one thread (plus the log writer); 0 is one per core.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
     #[command(flatten)]
     pub tuning: Tuning,
 }
@@ -157,11 +160,17 @@ fn init_tracing() {
         .try_init();
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("sagamq")
-        .build()
+/// `threads == 1`: one thread runs every task (no cross-thread wakeups);
+/// otherwise a work-stealing runtime with that many workers (0: one per core).
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread().enable_all().build();
+    }
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().thread_name("sagamq").build()
 }
 
 /// Ctrl-C or SIGTERM.
@@ -192,7 +201,11 @@ pub async fn shutdown_signal() {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let rt = match runtime() {
+    let threads = match &cli.command {
+        Command::Serve(a) => a.threads,
+        Command::Demo(_) | Command::Bench(_) => 0,
+    };
+    let rt = match runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sagamq: cannot start the tokio runtime: {e}");
