@@ -1,8 +1,8 @@
 //! The `sagamq` command line: `serve`, `demo`, `bench`.
 //!
 //! **Invariant:** every knob of [`crate::broker::BrokerConfig`] that an operator
-//! may need is a flag with the core's default, so the binary and the library
-//! agree on defaults.
+//! may need is a flag whose default is [`ServeOptions::new`]'s, so the binary
+//! and the library agree on defaults.
 
 use super::callbacks::Allowlist;
 use super::server::{self, ServeOptions};
@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// Seed of the retry jitter (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Delivery acks (writes no request waits for) are synced at most this late, in µs.
+    #[arg(long, default_value_t = 2000)]
+    pub lazy_sync_us: u64,
     /// Runtime threads: 1 runs everything on one thread (plus the log writer); 0 is one per core.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -69,7 +72,7 @@ pub struct ServeArgs {
     pub tuning: Tuning,
 }
 
-/// The core's bounds and timings ([`BrokerConfig`]); defaults are the core's.
+/// The core's bounds and timings ([`BrokerConfig`]); defaults are the core's, except the callback window (64).
 #[derive(Args, Debug, Clone)]
 pub struct Tuning {
     /// Callback with no answer after this many ms counts as timed out.
@@ -84,7 +87,7 @@ pub struct Tuning {
     /// Attempts per message and subscriber before it becomes a dead letter.
     #[arg(long)]
     pub attempts_max: Option<u32>,
-    /// Callbacks in flight per subscriber.
+    /// Callbacks in flight per subscriber [default: 64].
     #[arg(long)]
     pub inflight_per_subscriber: Option<usize>,
     /// Messages queued per subscriber before publishes are refused.
@@ -145,7 +148,8 @@ impl ServeArgs {
         if let Some(seed) = self.seed {
             o.seed = seed;
         }
-        o.broker = self.tuning.apply(BrokerConfig::default());
+        o.broker = self.tuning.apply(o.broker);
+        o.lazy_sync_delay = Duration::from_micros(self.lazy_sync_us);
         Ok(o)
     }
 }

@@ -28,7 +28,7 @@ const SHUTDOWN_TURNS_MAX: usize = 1000;
 /// at most this late, or earlier with the next write a request waits for.
 /// Losing them in a crash only causes a redelivery (at-least-once), and at
 /// low rates it halves the fsyncs per message.
-pub const LAZY_SYNC_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
+pub const LAZY_SYNC_DELAY_DEFAULT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// What the driver needs from the core: the machine plus the operator queries.
 /// [`Broker`] is the implementation; tests may drive a stand-in.
@@ -180,6 +180,8 @@ pub struct Driver<B: BrokerCore = Broker> {
     stopping: bool,
     /// When pending writes that no request waits for must start at the latest.
     lazy_deadline: Option<std::time::Instant>,
+    /// See [`LAZY_SYNC_DELAY_DEFAULT`]; zero syncs every write at once.
+    lazy_sync_delay: std::time::Duration,
 }
 
 impl<B: BrokerCore> Driver<B> {
@@ -205,9 +207,15 @@ impl<B: BrokerCore> Driver<B> {
                 commands: rx,
                 stopping: false,
                 lazy_deadline: None,
+                lazy_sync_delay: LAZY_SYNC_DELAY_DEFAULT,
             },
             DriverHandle { tx },
         )
+    }
+
+    pub fn with_lazy_sync_delay(mut self, d: std::time::Duration) -> Self {
+        self.lazy_sync_delay = d;
+        self
     }
 
     /// Runs until [`DriverHandle::shutdown`] (or every handle is dropped), then
@@ -340,7 +348,7 @@ impl<B: BrokerCore> Driver<B> {
     }
 
     /// Starts the next group commit unless the disk is busy. Writes no request
-    /// waits for may wait up to [`LAZY_SYNC_DELAY`] to share an fsync.
+    /// waits for may wait up to `lazy_sync_delay` to share an fsync.
     fn start_writes(&mut self, force: bool) {
         if self.pending.is_empty() || self.writer.in_flight().is_some() {
             return;
@@ -351,7 +359,7 @@ impl<B: BrokerCore> Driver<B> {
             self.lazy_deadline = None;
             self.writer.start(&mut self.pending);
         } else if self.lazy_deadline.is_none() {
-            self.lazy_deadline = Some(now + LAZY_SYNC_DELAY);
+            self.lazy_deadline = Some(now + self.lazy_sync_delay);
         }
     }
 

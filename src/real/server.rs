@@ -24,6 +24,9 @@ use tokio::task::JoinHandle;
 /// How long a graceful shutdown waits for in-flight requests before giving up on them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Callbacks in flight per subscriber in `sagamq serve` (the core's default is 16).
+pub const INFLIGHT_PER_SUBSCRIBER_DEFAULT: usize = 64;
+
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     pub addr: SocketAddr,
@@ -36,10 +39,19 @@ pub struct ServeOptions {
     pub broker: BrokerConfig,
     /// Seeds the core's retry jitter.
     pub seed: u64,
+    /// How late a write no request waits for (a delivery ack) may be synced.
+    pub lazy_sync_delay: std::time::Duration,
 }
 
 impl ServeOptions {
     pub fn new(addr: SocketAddr, data_dir: PathBuf) -> ServeOptions {
+        let broker = BrokerConfig {
+            // Over HTTP a callback takes a loopback round trip or more; a window
+            // of 16 caps one subscriber near 10k msgs/s, below what publishers
+            // reach, so the real runtime opens it to 64.
+            inflight_per_subscriber_max: INFLIGHT_PER_SUBSCRIBER_DEFAULT,
+            ..BrokerConfig::default()
+        };
         ServeOptions {
             addr,
             data_dir,
@@ -47,8 +59,9 @@ impl ServeOptions {
             signing_key: None,
             allow: Allowlist::loopback(),
             body_len_max: http::BODY_LEN_MAX_DEFAULT,
-            broker: BrokerConfig::default(),
+            broker,
             seed: super::clock::unix_nanos_now(),
+            lazy_sync_delay: super::driver::LAZY_SYNC_DELAY_DEFAULT,
         }
     }
 
@@ -173,6 +186,7 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     })
     .map_err(|e| ServeError::Http(format!("HTTP client: {e}")))?;
     let (driver, handle) = Driver::new(broker, clock, writer, callbacks, callback_results);
+    let driver = driver.with_lazy_sync_delay(opts.lazy_sync_delay);
 
     let listener = TcpListener::bind(opts.addr)
         .await
