@@ -43,7 +43,7 @@ pub fn build(
     def: &sagamq::saga::scenario::Scenario,
     config: sagamq::saga::HostConfig,
     image: &[u8],
-) -> Option<Result<(Box<dyn crate::participants::SimParticipant>, u64, u64), String>> {
+) -> Option<crate::participants::Built> {
     let _ = (node, def, config, image);
     match bug {}
 }

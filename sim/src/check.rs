@@ -13,7 +13,7 @@
 
 use crate::plan::NODES;
 use crate::scenario::Scenario;
-use crate::world::{BROKER, ORDER, PAYMENT, STOCK, Slot};
+use crate::world::{BROKER, CUSTOM, ORDER, PAYMENT, RunConfig, STOCK, Slot};
 use sagamq::{ClientId, Message, MessageKey, MsgId, Topic};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -102,6 +102,22 @@ pub enum View {
         /// order -> (customer, amount) charged and not refunded.
         charged: BTreeMap<String, (String, u64)>,
     },
+    /// A user's participant: its own invariant's verdict and a copy of its state.
+    Custom {
+        client: String,
+        problem: Option<String>,
+        state: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    },
+}
+
+impl View {
+    /// The state of a custom participant of type `P` (see [`crate::custom`]).
+    pub fn custom_state<P: 'static>(&self) -> Option<&P> {
+        match self {
+            View::Custom { state, .. } => state.downcast_ref::<P>(),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -122,14 +138,18 @@ pub struct Checker {
 }
 
 /// The client id each participant node subscribes as.
-pub fn client_of(node: usize) -> ClientId {
+pub fn client_of(node: usize, cfg: &RunConfig) -> ClientId {
     use sagamq::saga::topics;
-    ClientId::lit(match node {
-        ORDER => topics::ORDER_SERVICE,
-        STOCK => topics::STOCK_SERVICE,
-        PAYMENT => topics::PAYMENT_SERVICE,
-        _ => NODES[node],
-    })
+    match node {
+        ORDER => ClientId::lit(topics::ORDER_SERVICE),
+        STOCK => ClientId::lit(topics::STOCK_SERVICE),
+        PAYMENT => ClientId::lit(topics::PAYMENT_SERVICE),
+        CUSTOM => cfg
+            .custom
+            .as_ref()
+            .map_or_else(|| ClientId::lit(NODES[node]), |c| c.client_id().clone()),
+        _ => ClientId::lit(NODES[node]),
+    }
 }
 
 impl Checker {
@@ -201,8 +221,8 @@ impl Checker {
         }
     }
 
-    pub fn processed(&mut self, node: usize, key: &MessageKey) {
-        self.processed.insert((client_of(node), key.clone()));
+    pub fn processed(&mut self, client: ClientId, key: &MessageKey) {
+        self.processed.insert((client, key.clone()));
     }
 
     fn views(slots: &[Slot]) -> Vec<View> {
@@ -255,7 +275,15 @@ impl Checker {
                     }
                     charged_orders.extend(charged.keys().cloned());
                 }
-                View::Order { .. } => {}
+                View::Custom {
+                    client,
+                    problem: Some(problem),
+                    ..
+                } => {
+                    let detail = format!("{client}: {problem}");
+                    self.violation(Violation::safety("custom-invariant", detail, at_ms));
+                }
+                View::Order { .. } | View::Custom { .. } => {}
             }
         }
         let stock_up = slots.get(STOCK).is_some_and(|s| matches!(s, Slot::Participant(_)));
@@ -306,6 +334,7 @@ impl Checker {
         for (i, slot) in slots.iter().enumerate() {
             match slot {
                 Slot::Down => out.push(format!("{} is down", NODES[i])),
+                Slot::Absent => {}
                 Slot::Broker(b) => {
                     for (client, st) in b.stats().subscribers {
                         if st.pending + st.in_flight > 0 {

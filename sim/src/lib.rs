@@ -6,6 +6,7 @@
 //!   crash-surviving disks, skewed clocks, the chaos and heal phases.
 //! - [`participants`]: which participant implementation each node runs (shipped or a planted bug).
 //! - [`scenario`]: the `seed` and `saga` workloads.
+//! - [`custom`]: plug your own participant into the world, under the same faults.
 //! - [`check`]: the invariant checker (safety during and after chaos, liveness after healing).
 //! - [`runner`]: sweeps, summaries, shrinking, the benchmark.
 //! - [`trace`]: the canonical trace and its hash.
@@ -17,6 +18,7 @@
 pub mod bugs;
 pub mod check;
 pub mod clock;
+pub mod custom;
 pub mod participants;
 pub mod plan;
 pub mod runner;

@@ -3,7 +3,7 @@
 //! reads each one's state.
 
 use crate::check::{OrderPhase, View};
-use crate::world::{ORDER, PAYMENT, RunConfig, STOCK, notify_url};
+use crate::world::{CUSTOM, ORDER, PAYMENT, RunConfig, STOCK, notify_url};
 use sagamq::Time;
 use sagamq::machine::Machine;
 use sagamq::saga::order::{Order, OrderFlow, OrderStatus};
@@ -20,6 +20,8 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn view(&self) -> View;
     /// Nothing left to do: no outbox entry waiting for the broker's acknowledgement.
     fn settled(&self) -> bool;
+    /// Every subscription confirmed by the broker (traffic may start).
+    fn ready(&self) -> bool;
 }
 
 impl SimParticipant for ParticipantHost<Stock> {
@@ -46,6 +48,9 @@ impl SimParticipant for ParticipantHost<Stock> {
     }
     fn settled(&self) -> bool {
         self.outbox_len() == 0
+    }
+    fn ready(&self) -> bool {
+        self.subscribed()
     }
 }
 
@@ -79,6 +84,9 @@ impl SimParticipant for ParticipantHost<Payment> {
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
+    fn ready(&self) -> bool {
+        self.subscribed()
+    }
 }
 
 /// How the checker reads an order's status.
@@ -108,11 +116,14 @@ impl SimParticipant for ParticipantHost<Order> {
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
+    fn ready(&self) -> bool {
+        self.subscribed()
+    }
 }
 
 /// The host configuration of node `node` in the simulator.
-pub fn host_config(node: usize, seed: u64) -> HostConfig {
-    let mut cfg = HostConfig::new(crate::check::client_of(node), notify_url(node));
+pub fn host_config(node: usize, seed: u64, run: &RunConfig) -> HostConfig {
+    let mut cfg = HostConfig::new(crate::check::client_of(node, run), notify_url(node));
     cfg.seed = seed ^ (node as u64).wrapping_mul(0x9E37_79B9);
     cfg.subscription_ttl = Duration::from_secs(30);
     cfg.subscribe_retry = Duration::from_millis(200);
@@ -121,7 +132,10 @@ pub fn host_config(node: usize, seed: u64) -> HostConfig {
     cfg
 }
 
-fn host<P>(logic: P, config: HostConfig, image: &[u8]) -> Result<(Box<dyn SimParticipant>, u64, u64), String>
+/// A participant built for a node: itself, the valid log length, the records replayed.
+pub type Built = Result<(Box<dyn SimParticipant>, u64, u64), String>;
+
+fn host<P>(logic: P, config: HostConfig, image: &[u8]) -> Built
 where
     P: Participant + Send,
     ParticipantHost<P>: SimParticipant,
@@ -135,21 +149,18 @@ where
 
 /// Builds node `node`'s participant from its disk image (empty: a fresh start).
 /// Returns the participant, the valid log length and the number of records replayed.
-pub fn build(
-    node: usize,
-    cfg: &RunConfig,
-    def: &shipped::Scenario,
-    seed: u64,
-    image: &[u8],
-    _now: Time,
-) -> Result<(Box<dyn SimParticipant>, u64, u64), String> {
-    let config = host_config(node, seed);
+pub fn build(node: usize, cfg: &RunConfig, def: &shipped::Scenario, seed: u64, image: &[u8], _now: Time) -> Built {
+    let config = host_config(node, seed, cfg);
     if let Some(bug) = cfg.bug
         && let Some(planted) = crate::bugs::build(bug, node, def, config.clone(), image)
     {
         return planted;
     }
     match node {
+        CUSTOM => match &cfg.custom {
+            Some(custom) => custom.build(config, image),
+            None => Err("no custom participant configured".to_string()),
+        },
         ORDER => host(def.order_participant(), config, image),
         STOCK => host(def.stock_participant(), config, image),
         PAYMENT => host(def.payment_participant(), config, image),

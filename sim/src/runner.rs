@@ -18,12 +18,24 @@ impl RunConfig {
             scenario,
             bug,
             trace: false,
+            custom: None,
         }
     }
 
+    /// The same run with a user's participant on its own node (see [`crate::custom`]).
+    pub fn with_custom(mut self, custom: crate::custom::CustomNode) -> RunConfig {
+        self.custom = Some(custom);
+        self
+    }
+
     pub fn plan_shape(&self) -> PlanShape {
+        let mut faulty_nodes = crate::plan::FAULTY_NODES.to_vec();
+        if self.custom.is_some() {
+            faulty_nodes.push(crate::world::CUSTOM as u8);
+        }
         PlanShape {
             chaos_ms: self.chaos_ms,
+            faulty_nodes,
             messages_max: self.scenario.messages_estimate(),
         }
     }

@@ -103,24 +103,48 @@ pub struct Workload {
     waiting: BTreeMap<String, (Time, OrderSpec)>,
     outbox: VecDeque<OrderSpec>,
     refused: u64,
+    /// Traffic starts once every service is subscribed (a readiness check, as a
+    /// deployment does); order times count from then. None: not yet.
+    started_at: Option<Time>,
+    last_readiness_check: Time,
 }
+
+/// How often the workload checks whether the services are ready.
+const READINESS_POLL: Duration = Duration::from_millis(10);
 
 impl Workload {
     pub fn new(def: &shipped::Scenario) -> Workload {
-        let scheduled = def
-            .orders
-            .iter()
-            .map(|o| (Time(CLOCK_BASE_NS + o.at.0), o.spec.clone()))
-            .collect();
+        // Offsets from the start of traffic (rebased in `start`).
+        let scheduled = def.orders.iter().map(|o| (o.at, o.spec.clone())).collect();
         Workload {
             scheduled,
             waiting: BTreeMap::new(),
             outbox: VecDeque::new(),
             refused: 0,
+            started_at: None,
+            last_readiness_check: Time(CLOCK_BASE_NS),
+        }
+    }
+
+    pub fn started(&self) -> bool {
+        self.started_at.is_some()
+    }
+
+    /// Notes a readiness check at `now`; starts traffic if `ready`.
+    pub fn readiness(&mut self, now: Time, ready: bool) {
+        self.last_readiness_check = now;
+        if ready && self.started_at.is_none() {
+            self.started_at = Some(now);
+            for (at, _) in &mut self.scheduled {
+                *at = Time(now.0 + at.0);
+            }
         }
     }
 
     pub fn poll_timeout(&self) -> Option<Time> {
+        if self.started_at.is_none() {
+            return Some(self.last_readiness_check.plus(READINESS_POLL));
+        }
         let next_new = self.scheduled.front().map(|(t, _)| *t);
         let next_retry = self.waiting.values().map(|(t, _)| *t).min();
         match (next_new, next_retry) {
@@ -130,6 +154,9 @@ impl Workload {
     }
 
     pub fn handle_timeout(&mut self, now: Time) {
+        if self.started_at.is_none() {
+            return;
+        }
         while self.scheduled.front().is_some_and(|(t, _)| *t <= now) {
             let (_, spec) = self.scheduled.pop_front().expect("front exists");
             self.waiting

@@ -38,6 +38,8 @@ pub const ORDER: usize = 1;
 pub const STOCK: usize = 2;
 pub const PAYMENT: usize = 3;
 pub const WORKLOAD: usize = 4;
+/// Runs the user's own participant when `RunConfig::custom` is set (see `custom`).
+pub const CUSTOM: usize = 5;
 const TAG: u64 = 7;
 /// A disk sync takes this long; writes issued meanwhile share it (group commit).
 const SYNC_LATENCY: Duration = Duration::from_micros(500);
@@ -54,12 +56,16 @@ pub struct RunConfig {
     pub chaos_ms: u32,
     /// After healing, every order must be terminal and every delivery settled within this.
     pub heal_ms_max: u32,
+    /// A user-written participant on its own node, under the same faults.
+    pub custom: Option<crate::custom::CustomNode>,
 }
 
 /// What one seed's run produced.
 #[derive(Debug, Default)]
 pub struct RunResult {
     pub seed: u64,
+    /// Each participant's final state, by node name.
+    pub views: BTreeMap<String, crate::check::View>,
     pub trace: Vec<String>,
     pub violations: Vec<Violation>,
     /// Faults that actually fired, per kind.
@@ -75,6 +81,8 @@ pub struct RunResult {
 /// A node's machine as the checker sees it; `Down` while crashed.
 pub enum Slot {
     Down,
+    /// A node this run does not use (the custom node without a custom participant).
+    Absent,
     Broker(Box<Broker>),
     Participant(Box<dyn SimParticipant>),
     Workload(Box<Workload>),
@@ -153,7 +161,7 @@ pub fn broker_config() -> BrokerConfig {
         retry_backoff_initial: Duration::from_millis(20),
         retry_backoff_max: Duration::from_millis(500),
         attempts_max: 12,
-        compact_garbage_records_min: 64,
+        compact_garbage_records_min: 256,
         ..BrokerConfig::default()
     }
 }
@@ -364,8 +372,23 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         s.line(BROKER, || format!("VIOLATION {text}"));
     }
     let shared = &mut *s;
+    let views = shared
+        .slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, slot)| match slot {
+            Slot::Participant(p) => Some((NODES[i].to_string(), p.view())),
+            _ => None,
+        })
+        .collect();
+    // madsim does not drop the tasks still parked when `block_on` returns, and
+    // they hold this world: free the machines and disks now so a long sweep
+    // does not keep every seed's state alive.
+    shared.slots.clear();
+    shared.disks.clear();
     RunResult {
         seed,
+        views,
         trace: std::mem::take(&mut shared.trace).into_lines(),
         violations: shared.check.violations().to_vec(),
         faults: std::mem::take(&mut shared.faults),
@@ -546,6 +569,10 @@ fn boot(world: &World, i: usize) -> bool {
     if i == WORKLOAD {
         return true; // the workload models the outside world: it never crashes
     }
+    if i == CUSTOM && s.cfg.custom.is_none() {
+        s.slots[i] = Slot::Absent;
+        return false;
+    }
     let image = s.disks[i].read_all();
     let now = s.now(i);
     let result: Result<(Slot, u64, u64), String> = if i == BROKER {
@@ -584,7 +611,7 @@ fn boot(world: &World, i: usize) -> bool {
 
 fn poll_timeout(slot: &Slot) -> Option<Time> {
     match slot {
-        Slot::Down => None,
+        Slot::Down | Slot::Absent => None,
         Slot::Broker(b) => b.poll_timeout(),
         Slot::Participant(p) => p.poll_timeout(),
         Slot::Workload(w) => w.poll_timeout(),
@@ -600,12 +627,25 @@ fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
             match &mut s.slots[i] {
                 Slot::Broker(b) => b.handle(now, BrokerInput::Durable { lsn }),
                 Slot::Participant(p) => p.handle(now, ParticipantInput::Durable { lsn }),
-                Slot::Down | Slot::Workload(_) => {}
+                Slot::Down | Slot::Absent | Slot::Workload(_) => {}
             }
         }
     }
+    if i == WORKLOAD && !matches!(&s.slots[i], Slot::Workload(w) if w.started()) {
+        let ready = s.slots.iter().all(|slot| match slot {
+            Slot::Participant(p) => p.ready(),
+            Slot::Broker(_) | Slot::Workload(_) | Slot::Absent => true,
+            Slot::Down => false,
+        });
+        if let Slot::Workload(w) = &mut s.slots[i] {
+            w.readiness(now, ready);
+        }
+        if ready {
+            s.line(i, || "every service subscribed: traffic starts".to_string());
+        }
+    }
     match &mut s.slots[i] {
-        Slot::Down => {}
+        Slot::Down | Slot::Absent => {}
         Slot::Broker(b) => b.handle_timeout(now),
         Slot::Participant(p) => p.handle_timeout(now),
         Slot::Workload(w) => w.handle_timeout(now),
@@ -713,11 +753,12 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             check,
             trace,
             start,
+            cfg,
             ..
         } = &mut *s;
         let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
         match &mut slots[i] {
-            Slot::Down => break,
+            Slot::Down | Slot::Absent => break,
             Slot::Broker(b) => {
                 let Some(out) = b.poll_output() else { break };
                 if trace.enabled() {
@@ -802,7 +843,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     ParticipantOutput::Answer { token, ok } => {
                         if let Some((delivery, key)) = drv.callbacks.remove(&token) {
                             if ok {
-                                check.processed(i, &key);
+                                check.processed(crate::check::client_of(i, cfg), &key);
                                 s.deliveries += 1;
                             }
                             drv.outgoing.push((BROKER, Wire::CallbackAnswer { delivery, ok }));
