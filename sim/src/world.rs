@@ -384,8 +384,9 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     // madsim does not drop the tasks still parked when `block_on` returns, and
     // they hold this world: free the machines and disks now so a long sweep
     // does not keep every seed's state alive.
-    shared.slots.clear();
-    shared.disks.clear();
+    // (Tasks may still be polled once more, so keep the indices valid.)
+    shared.slots.iter_mut().for_each(|slot| *slot = Slot::Absent);
+    shared.disks.iter_mut().for_each(|disk| *disk = MemDisk::new());
     RunResult {
         seed,
         views,
