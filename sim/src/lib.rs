@@ -10,6 +10,8 @@
 //! - [`check`]: the invariant checker (safety during and after chaos, liveness after healing).
 //! - [`runner`]: sweeps, summaries, shrinking, the benchmark.
 //! - [`trace`]: the canonical trace and its hash.
+//! - [`event`]: the structured event stream of a traced run (sends, receives, faults).
+//! - [`diagram`]: sequence diagrams (SVG, Mermaid) drawn from those events.
 //!
 //! **Invariant:** a seed (plus scenario and bug) determines the run: same seed, same build,
 //! same trace bytes, in any process.
@@ -19,6 +21,8 @@ pub mod bugs;
 pub mod check;
 pub mod clock;
 pub mod custom;
+pub mod diagram;
+pub mod event;
 pub mod participants;
 pub mod plan;
 pub mod runner;

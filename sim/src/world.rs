@@ -11,6 +11,7 @@
 use crate::Bug;
 use crate::check::{Checker, Violation};
 use crate::clock::Skew;
+use crate::event::{EventLog, Fate, Seq, What};
 use crate::participants::{self, SimParticipant};
 use crate::plan::{Fault, FaultPlan, NODES, PlanIndex};
 use crate::scenario::{Scenario, Workload};
@@ -67,6 +68,8 @@ pub struct RunResult {
     /// Each participant's final state, by node name.
     pub views: BTreeMap<String, crate::check::View>,
     pub trace: Vec<String>,
+    /// The structured events behind the diagrams (empty unless tracing).
+    pub events: Vec<crate::event::Event>,
     pub violations: Vec<Violation>,
     /// Faults that actually fired, per kind.
     pub faults: BTreeMap<&'static str, u64>,
@@ -95,6 +98,7 @@ pub struct Shared {
     def: sagamq::saga::scenario::Scenario,
     seed: u64,
     pub trace: Trace,
+    pub events: EventLog,
     start: madsim::time::Instant,
     skews: [Skew; NODES.len()],
     pub disks: Vec<MemDisk>,
@@ -128,6 +132,10 @@ impl Shared {
     fn line(&mut self, node: usize, text: impl FnOnce() -> String) {
         let t = self.elapsed_ns();
         self.trace.line(t, NODES[node], text);
+    }
+    fn event(&mut self, what: impl FnOnce() -> What) {
+        let t = self.elapsed_ns();
+        self.events.push(t, what);
     }
 }
 
@@ -195,6 +203,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     let workload = Workload::new(&def);
     let shared = Shared {
         trace: Trace::new(cfg.trace),
+        events: EventLog::new(cfg.trace),
         start: madsim::time::Instant::now(),
         skews,
         disks: vec![MemDisk::new(); NODES.len()],
@@ -221,6 +230,13 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         let mut s = lock(&world);
         s.slots[WORKLOAD] = Slot::Workload(Box::new(workload));
         let plan_text = plan.to_string();
+        s.event(|| What::Plan {
+            seed,
+            scenario: cfg.scenario.to_string(),
+            bug: cfg.bug.map(|b| b.to_string()),
+            profile: plan.profile.to_string(),
+            faults: plan.faults.iter().map(|f| f.to_string()).collect(),
+        });
         s.line(WORKLOAD, || {
             format!(
                 "seed {seed} scenario {} plan:\n{}",
@@ -287,6 +303,15 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                     s.fired("partition");
                 }
                 let f = plan.faults[k].clone();
+                let b = b.map(usize::from);
+                s.event(|| {
+                    let text = f.to_string();
+                    if is_end {
+                        What::PartitionHeal { id: k, a, b, text }
+                    } else {
+                        What::PartitionStart { id: k, a, b, text }
+                    }
+                });
                 s.line(a, || {
                     if is_end {
                         format!("heal: {f}")
@@ -327,6 +352,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     {
         let mut s = lock(&world);
         s.chaos = false;
+        s.event(|| What::HealPhase);
         s.line(BROKER, || {
             "heal: faults off, partitions healed, crashed nodes restarted".to_string()
         });
@@ -371,6 +397,14 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     for text in texts {
         s.line(BROKER, || format!("VIOLATION {text}"));
     }
+    for (n, v) in s.check.violations().to_vec().into_iter().enumerate() {
+        s.events.push(v.at_ms.saturating_mul(1_000_000), || What::Violation {
+            kind: v.kind.as_str(),
+            invariant: v.invariant,
+            detail: v.detail,
+            first: n == 0,
+        });
+    }
     let shared = &mut *s;
     let views = shared
         .slots
@@ -391,6 +425,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         seed,
         views,
         trace: std::mem::take(&mut shared.trace).into_lines(),
+        events: std::mem::take(&mut shared.events).into_events(),
         violations: shared.check.violations().to_vec(),
         faults: std::mem::take(&mut shared.faults),
         orders: shared.check.orders_total(),
@@ -427,6 +462,7 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
     if torn {
         s.fired("torn_write");
     }
+    s.event(|| What::Crash { node: n, torn });
     s.line(n, || {
         format!(
             "CRASH (unsynced writes lost{})",
@@ -436,7 +472,10 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
 }
 
 fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {
-    lock(world).line(n, || "restart".to_string());
+    let mut s = lock(world);
+    s.event(|| What::Restart { node: n });
+    s.line(n, || "restart".to_string());
+    drop(s);
     handle.restart(nodes[n].id());
 }
 
@@ -461,13 +500,17 @@ fn redrive_all(s: &mut Shared) {
                 },
             );
         }
+        s.event(|| What::Note {
+            node: BROKER,
+            text: format!("operator: redrive dead letters of {client}"),
+        });
         s.line(BROKER, || format!("operator: redrive dead letters of {client}"));
     }
 }
 
 /// What woke a node: a message, or its next deadline passed.
 enum Wake {
-    Msg(SocketAddr, Wire),
+    Msg(SocketAddr, Seq, Wire),
     Timer,
 }
 
@@ -524,8 +567,8 @@ async fn node_main(world: World, i: usize) {
         let ep = ep.clone();
         madsim::task::spawn(async move {
             while let Ok((payload, from)) = ep.recv_from_raw(TAG).await {
-                let wire = *payload.downcast::<Wire>().expect("only Wire values travel");
-                if tx.send((from, wire)).await.is_err() {
+                let (seq, wire) = *payload.downcast::<(Seq, Wire)>().expect("only Wire values travel");
+                if tx.send((from, seq, wire)).await.is_err() {
                     break;
                 }
             }
@@ -539,7 +582,7 @@ async fn node_main(world: World, i: usize) {
             s.wakeups += 1;
             let now = s.now(i);
             match wake {
-                Wake::Msg(from, wire) => on_wire(&mut s, &mut drv, i, now, from, wire),
+                Wake::Msg(from, seq, wire) => on_wire(&mut s, &mut drv, i, now, from, seq, wire),
                 Wake::Timer => on_timer(&mut s, &mut drv, i, now),
             }
             drain(&mut s, &mut drv, i);
@@ -558,7 +601,7 @@ async fn node_main(world: World, i: usize) {
             next.map(|ns| s.start + Duration::from_nanos(ns))
         };
         wake = match recv_until(&rx, deadline).await {
-            Some((from, wire)) => Wake::Msg(from, wire),
+            Some((from, seq, wire)) => Wake::Msg(from, seq, wire),
             None => Wake::Timer,
         };
     }
@@ -653,8 +696,10 @@ fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
     }
 }
 
-fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAddr, wire: Wire) {
+#[allow(clippy::too_many_arguments)] // one more than clippy's limit: the message's sequence number
+fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAddr, seq: Seq, wire: Wire) {
     let Some(src) = node_of(from) else { return };
+    s.event(|| What::Recv { seq, from: src, to: i });
     if s.trace.enabled() {
         let text = wire.to_string();
         s.line(i, || format!("<- {} {text}", NODES[src]));
@@ -718,6 +763,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                 && let Some(&hang) = s.plan.callback_error.get(&nth)
             {
                 *s.faults.entry("callback_error").or_default() += 1;
+                s.event(|| What::CallbackFault { seq, node: i, hang });
                 if !hang {
                     drv.outgoing
                         .push((BROKER, Wire::CallbackAnswer { delivery, ok: false }));
@@ -870,9 +916,10 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
 }
 
 /// Sends through the faulty transport: the plan decides drop, lost callback
-/// answer, delay and duplicate by the message's sequence number.
+/// answer, delay and duplicate by the message's sequence number, which travels
+/// with the message so a receive can name its send (the diagrams' arrows).
 async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: Wire) {
-    let (delay_ms, copies) = {
+    let (seq, delay_ms, copies) = {
         let mut s = lock(world);
         let nth = s.sent_nth;
         s.sent_nth += 1;
@@ -882,14 +929,19 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
         } else {
             None
         };
+        let t = s.elapsed_ns();
+        let seq = Seq(nth);
         if !s.chaos {
-            (0, 1)
+            s.events.send(t, seq, from, dst, &wire, Fate::Sent { delay_ms: 0, duplicated: false });
+            (seq, 0, 1)
         } else if s.plan.drop.contains_key(&nth) {
             s.fired("drop");
+            s.events.send(t, seq, from, dst, &wire, Fate::Dropped);
             s.line(from, || format!("fault: drop -> {} {wire}", NODES[dst]));
             return;
         } else if answer_nth.is_some_and(|a| s.plan.ack_lost.contains_key(&a)) {
             s.fired("ack_lost");
+            s.events.send(t, seq, from, dst, &wire, Fate::AnswerLost);
             s.line(from, || format!("fault: lose answer -> {} {wire}", NODES[dst]));
             return;
         } else {
@@ -901,6 +953,11 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
             if dup {
                 s.fired("duplicate");
             }
+            let fate = Fate::Sent {
+                delay_ms: delay,
+                duplicated: dup,
+            };
+            s.events.send(t, seq, from, dst, &wire, fate);
             if delay > 0 || dup {
                 s.line(from, || {
                     format!(
@@ -910,7 +967,7 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
                     )
                 });
             }
-            (delay, 1 + usize::from(dup))
+            (seq, delay, 1 + usize::from(dup))
         }
     };
     let to = addr(dst);
@@ -919,13 +976,13 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
         madsim::task::spawn(async move {
             madsim::time::sleep(Duration::from_millis(u64::from(delay_ms))).await;
             for _ in 0..copies {
-                let _ = ep.send_to_raw(to, TAG, Box::new(wire.clone())).await;
+                let _ = ep.send_to_raw(to, TAG, Box::new((seq, wire.clone()))).await;
             }
         });
     } else {
         for _ in 0..copies {
             // A send to a crashed node fails like a refused connection; the sender's retry logic covers it.
-            let _ = ep.send_to_raw(to, TAG, Box::new(wire.clone())).await;
+            let _ = ep.send_to_raw(to, TAG, Box::new((seq, wire.clone()))).await;
         }
     }
 }
