@@ -49,20 +49,46 @@ pub enum What {
         fate: Fate,
     },
     /// One copy of message `seq` reached `to` (a duplicated message is received twice).
-    Recv { seq: Seq, from: Node, to: Node },
+    Recv {
+        seq: Seq,
+        from: Node,
+        to: Node,
+    },
     /// The subscriber received callback `seq` but answered 500 (`hang = false`)
     /// or never answered (`hang = true`), without processing it.
-    CallbackFault { seq: Seq, node: Node, hang: bool },
-    Crash { node: Node, torn: bool },
-    Restart { node: Node },
+    CallbackFault {
+        seq: Seq,
+        node: Node,
+        hang: bool,
+    },
+    Crash {
+        node: Node,
+        torn: bool,
+    },
+    Restart {
+        node: Node,
+    },
     /// Links cut (`b = None`: `a` isolated from every other service node).
     /// `id` pairs the start with its heal.
-    PartitionStart { id: usize, a: Node, b: Option<Node>, text: String },
-    PartitionHeal { id: usize, a: Node, b: Option<Node>, text: String },
+    PartitionStart {
+        id: usize,
+        a: Node,
+        b: Option<Node>,
+        text: String,
+    },
+    PartitionHeal {
+        id: usize,
+        a: Node,
+        b: Option<Node>,
+        text: String,
+    },
     /// The chaos phase ended: faults off, links healed, crashed nodes restarted.
     HealPhase,
     /// Something an operator did (redrive dead letters).
-    Note { node: Node, text: String },
+    Note {
+        node: Node,
+        text: String,
+    },
     /// An invariant violation, at the time the checker saw it; `first` marks
     /// the first one reported (the run's verdict).
     Violation {
@@ -194,10 +220,17 @@ impl EventLog {
                         msg_id,
                         duplicate: false,
                     } => format!("published {msg_id}"),
-                    Reply::Published { msg_id, duplicate: true } => format!("published {msg_id} (dup)"),
+                    Reply::Published {
+                        msg_id,
+                        duplicate: true,
+                    } => format!("published {msg_id} (dup)"),
                     other => format!("publish failed: {}", reply_word(other)),
                 };
-                (MsgKind::PublishReply, short, self.publish_orders.get(&(to, *req)).cloned())
+                (
+                    MsgKind::PublishReply,
+                    short,
+                    self.publish_orders.get(&(to, *req)).cloned(),
+                )
             }
             Wire::Subscribe { subscribe } => (MsgKind::Subscribe, format!("subscribe {}", subscribe.topic), None),
             Wire::SubscribeReply { topic, reply } => {
@@ -215,7 +248,11 @@ impl EventLog {
             }
             Wire::CallbackAnswer { delivery, ok } => {
                 let short = format!("{} d{}", if *ok { "2xx" } else { "error" }, delivery.0);
-                (MsgKind::CallbackAnswer, short, self.delivery_orders.get(&delivery.0).cloned())
+                (
+                    MsgKind::CallbackAnswer,
+                    short,
+                    self.delivery_orders.get(&delivery.0).cloned(),
+                )
             }
             Wire::CreateOrder { spec } => (
                 MsgKind::CreateOrder,

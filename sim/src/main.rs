@@ -112,7 +112,7 @@ fn main() -> ExitCode {
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let tty = std::io::stderr().is_terminal();
             let progress = move |done: u64, total: u64, failed: u64| {
-                if tty && (done % 50 == 0 || done == total) {
+                if tty && (done.is_multiple_of(50) || done == total) {
                     eprint!("\r{done}/{total} seeds, {failed} failed ");
                 }
             };
@@ -155,7 +155,8 @@ fn main() -> ExitCode {
             if svg.is_none() && mermaid.is_none() {
                 print!("{}", trace::render(&r.trace));
             } else {
-                let mut command = runner::replay_command(seed, &cfg).replace("cargo run --release -p sagamq-sim --", "sagamq-sim");
+                let mut command =
+                    runner::replay_command(seed, &cfg).replace("cargo run --release -p sagamq-sim --", "sagamq-sim");
                 if let Some(p) = &plan_file {
                     command.push_str(&format!(" --plan {}", p.display()));
                 }
@@ -166,10 +167,7 @@ fn main() -> ExitCode {
                     order,
                     command: Some(command),
                 };
-                for (path, render) in [
-                    (&svg, diagram::svg as fn(&[_], &_) -> _),
-                    (&mermaid, diagram::mermaid),
-                ] {
+                for (path, render) in [(&svg, diagram::svg as fn(&[_], &_) -> _), (&mermaid, diagram::mermaid)] {
                     let Some(path) = path else { continue };
                     let text = match render(&r.events, &opts) {
                         Ok(t) => t,

@@ -932,7 +932,17 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
         let t = s.elapsed_ns();
         let seq = Seq(nth);
         if !s.chaos {
-            s.events.send(t, seq, from, dst, &wire, Fate::Sent { delay_ms: 0, duplicated: false });
+            s.events.send(
+                t,
+                seq,
+                from,
+                dst,
+                &wire,
+                Fate::Sent {
+                    delay_ms: 0,
+                    duplicated: false,
+                },
+            );
             (seq, 0, 1)
         } else if s.plan.drop.contains_key(&nth) {
             s.fired("drop");

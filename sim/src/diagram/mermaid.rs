@@ -109,11 +109,7 @@ fn arrow(out: &mut String, a: &Arrow<'_>) {
     };
     let _ = writeln!(out, "    {}{op}{}: {}", id(a.from), id(a.to), esc(&text));
     if let Some(hang) = a.callback_fault {
-        let what = if hang {
-            "never answered"
-        } else {
-            "answered 500"
-        };
+        let what = if hang { "never answered" } else { "answered 500" };
         let _ = writeln!(
             out,
             "    Note right of {}: fault: callback {what}, not processed",

@@ -105,7 +105,10 @@ impl Loss {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum End {
     /// Copy number `copy` (0 = first) arrived at `t_ns`.
-    Received { t_ns: u64, copy: u32 },
+    Received {
+        t_ns: u64,
+        copy: u32,
+    },
     Lost(Loss),
 }
 
@@ -292,14 +295,20 @@ impl<'a> Model<'a> {
                     if *first {
                         header.verdict = Some((kind, invariant, detail.clone(), e.t_ns));
                     }
-                    marks.push(Mark { t_ns: e.t_ns, what: &e.what });
+                    marks.push(Mark {
+                        t_ns: e.t_ns,
+                        what: &e.what,
+                    });
                 }
                 What::Crash { .. }
                 | What::Restart { .. }
                 | What::PartitionStart { .. }
                 | What::PartitionHeal { .. }
                 | What::HealPhase
-                | What::Note { .. } => marks.push(Mark { t_ns: e.t_ns, what: &e.what }),
+                | What::Note { .. } => marks.push(Mark {
+                    t_ns: e.t_ns,
+                    what: &e.what,
+                }),
             }
         }
         // Messages that left the sender and never arrived anywhere.
@@ -457,7 +466,13 @@ mod tests {
             recv(4, 1, ORDER, BROKER),
             recv(5, 1, ORDER, BROKER),
             send(6, 2, BROKER, STOCK, Some("o-2"), Fate::Dropped),
-            ev(7, What::Crash { node: STOCK, torn: true }),
+            ev(
+                7,
+                What::Crash {
+                    node: STOCK,
+                    torn: true,
+                },
+            ),
             send(8, 3, BROKER, STOCK, Some("o-1"), SENT),
             ev(
                 9,

@@ -377,19 +377,56 @@ fn legend(out: &mut String, y: f64) {
     };
     let kind = |x: f64, k: MsgKind| line(x, kind_color(k), &format!(r#" marker-end="url(#ah-{})""#, k.as_str()));
     let blue = kind_color(MsgKind::Publish);
-    let items: [(&dyn Fn(f64) -> String, &str, f64); 12] = [
+    type Sample<'a> = &'a dyn Fn(f64) -> String;
+    let items: [(Sample<'_>, &str, f64); 12] = [
         (&|x| kind(x, MsgKind::CreateOrder), "client", 96.0),
         (&|x| kind(x, MsgKind::Publish), "publish", 104.0),
         (&|x| kind(x, MsgKind::Callback), "callback", 112.0),
         (&|x| kind(x, MsgKind::Subscribe), "subscribe", 112.0),
         (&|x| line(x, blue, r#" stroke-dasharray="6 3""#), "delayed", 104.0),
         (&|x| line(x, blue, r#" stroke-dasharray="1.5 2.5""#), "2nd copy", 112.0),
-        (&|x| format!("{}{}", line(x - 4.0, RED, ""), cross(x + 20.0, y)), "lost", 72.0),
+        (
+            &|x| format!("{}{}", line(x - 4.0, RED, ""), cross(x + 20.0, y)),
+            "lost",
+            72.0,
+        ),
         (&|x| swatch(x, RED, "0.35"), "node down", 112.0),
         (&|x| swatch(x, ORANGE, "0.3"), "partitioned", 128.0),
-        (&|x| format!(r#"<rect x="{}" y="{}" width="10" height="10" fill="{ORANGE}"/>"#, f(x + 7.0), f(y - 5.0)), "callback fault", 150.0),
-        (&|x| format!(r##"<rect x="{}" y="{}" width="10" height="10" fill="#555"/>"##, f(x + 7.0), f(y - 5.0)), "operator", 104.0),
-        (&|x| format!(r#"{}<line x1="{}" y1="{yy}" x2="{}" y2="{yy}" stroke="{RED}" stroke-width="2"/>"#, swatch(x, RED, "0.3"), f(x), f(x + 24.0), yy = f(y)), "violation", 100.0),
+        (
+            &|x| {
+                format!(
+                    r#"<rect x="{}" y="{}" width="10" height="10" fill="{ORANGE}"/>"#,
+                    f(x + 7.0),
+                    f(y - 5.0)
+                )
+            },
+            "callback fault",
+            150.0,
+        ),
+        (
+            &|x| {
+                format!(
+                    r##"<rect x="{}" y="{}" width="10" height="10" fill="#555"/>"##,
+                    f(x + 7.0),
+                    f(y - 5.0)
+                )
+            },
+            "operator",
+            104.0,
+        ),
+        (
+            &|x| {
+                format!(
+                    r#"{}<line x1="{}" y1="{yy}" x2="{}" y2="{yy}" stroke="{RED}" stroke-width="2"/>"#,
+                    swatch(x, RED, "0.3"),
+                    f(x),
+                    f(x + 24.0),
+                    yy = f(y)
+                )
+            },
+            "violation",
+            100.0,
+        ),
     ];
     let mut x = MARGIN;
     for (sample, text, w) in items {
@@ -601,7 +638,9 @@ fn mark(out: &mut String, what: &What, t_ns: u64, y: f64) {
             let title = format!("{at} {} restarts and recovers from its disk", NODES[*node]);
             lane_box(out, "mark restart", *node, y, "restart", GREEN, &title);
         }
-        What::PartitionStart { a, b, text, .. } => partition_mark(out, "mark partition", *a, *b, y, &format!("cut: {text}"), &at),
+        What::PartitionStart { a, b, text, .. } => {
+            partition_mark(out, "mark partition", *a, *b, y, &format!("cut: {text}"), &at)
+        }
         What::PartitionHeal { a, b, text, .. } => {
             partition_mark(out, "mark partition-heal", *a, *b, y, &format!("healed: {text}"), &at);
         }
@@ -624,7 +663,7 @@ fn mark(out: &mut String, what: &What, t_ns: u64, y: f64) {
                 out,
                 r#"<g class="mark heal-phase"><title>{} heal phase: faults off, partitions healed, crashed nodes restarted; liveness is required from here</title><line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{GREEN}" stroke-width="2" stroke-dasharray="8 4"/><text class="lbl" x="{}" y="{}" fill="{GREEN}" font-weight="bold">heal phase: faults off, partitions healed, crashed nodes restarted</text></g>"#,
                 escape(&at),
-                f(AXIS_W - 90.0),
+                f(AXIS_W),
                 f(y),
                 f(WIDTH - MARGIN),
                 f(y),
@@ -685,7 +724,12 @@ fn lane_box(out: &mut String, class: &str, node: Node, y: f64, text: &str, color
 
 fn partition_mark(out: &mut String, class: &str, a: Node, b: Option<Node>, y: f64, text: &str, at: &str) {
     let xa = lane_x(a);
-    let _ = write!(out, r#"<g class="{class}"><title>{} {}</title>"#, escape(at), escape(text));
+    let _ = write!(
+        out,
+        r#"<g class="{class}"><title>{} {}</title>"#,
+        escape(at),
+        escape(text)
+    );
     if let Some(b) = b {
         let xb = lane_x(b);
         let _ = write!(
@@ -713,12 +757,18 @@ fn partition_mark(out: &mut String, class: &str, a: Node, b: Option<Node>, y: f6
             f(y)
         );
     }
-    let right = nodes.iter().map(|&n| lane_x(n)).fold(xa, f64::max);
+    // A pair's label sits on the dashed link between its lanes; a lone lane's
+    // label beside it, on the side with room.
+    let (x, y, anchor) = match b {
+        Some(b) => ((xa + lane_x(b)) / 2.0, y - 5.0, "middle"),
+        None if LANES.last() == Some(&a) => (xa - 12.0, y + 4.0, "end"),
+        None => (xa + 12.0, y + 4.0, "start"),
+    };
     let _ = writeln!(
         out,
-        r#"<text class="lbl" x="{}" y="{}" fill="{ORANGE}" font-weight="bold">{}</text></g>"#,
-        f(right + 10.0),
-        f(y + 4.0),
+        r#"<text class="lbl" x="{}" y="{}" text-anchor="{anchor}" fill="{ORANGE}" font-weight="bold">{}</text></g>"#,
+        f(x),
+        f(y),
         escape(&clip(text, 70))
     );
 }
