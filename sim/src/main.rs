@@ -50,7 +50,8 @@ enum Cmd {
         /// Replay an explicit plan (JSON, as printed by `shrink --json-plan`) instead of the seed's.
         #[arg(long)]
         plan: Option<std::path::PathBuf>,
-        /// Write a sequence diagram (self-contained SVG) of the run to this file instead of printing the trace.
+        /// Write a sequence diagram (self-contained SVG; an HTML page if FILE ends in .html)
+        /// of the run to this file instead of printing the trace.
         #[arg(long)]
         svg: Option<std::path::PathBuf>,
         /// Write a Mermaid sequenceDiagram of the run to this file (`-`: stdout) instead of printing the trace.
@@ -167,15 +168,23 @@ fn main() -> ExitCode {
                     order,
                     command: Some(command),
                 };
-                for (path, render) in [(&svg, diagram::svg as fn(&[_], &_) -> _), (&mermaid, diagram::mermaid)] {
+                for (path, is_svg) in [(&svg, true), (&mermaid, false)] {
                     let Some(path) = path else { continue };
-                    let text = match render(&r.events, &opts) {
+                    let rendered = if is_svg {
+                        diagram::svg(&r.events, &opts)
+                    } else {
+                        diagram::mermaid(&r.events, &opts)
+                    };
+                    let mut text = match rendered {
                         Ok(t) => t,
                         Err(e) => {
                             eprintln!("{e}");
                             return ExitCode::from(2);
                         }
                     };
+                    if is_svg && path.extension().is_some_and(|e| e == "html" || e == "htm") {
+                        text = diagram::html_page(&text, opts.command.as_deref().unwrap_or("sagamq-sim"));
+                    }
                     let written = if path.as_os_str() == "-" {
                         std::io::stdout().write_all(text.as_bytes())
                     } else {

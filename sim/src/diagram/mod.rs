@@ -16,7 +16,7 @@ mod svg;
 mod xml;
 
 pub use mermaid::mermaid;
-pub use svg::svg;
+pub use svg::{html_page, svg};
 pub use xml::escape as xml_escape;
 
 use crate::event::{Event, Fate, MsgInfo, Node, Seq, What};

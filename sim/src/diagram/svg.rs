@@ -87,6 +87,19 @@ pub fn svg(events: &[Event], opts: &Options) -> Result<String, DiagramError> {
     Ok(render(&model))
 }
 
+/// A self-contained HTML page embedding `svg` inline (browsers show its hover
+/// titles, which an `<img>` embedding does not).
+pub fn html_page(svg: &str, title: &str) -> String {
+    let body = svg
+        .strip_prefix(r#"<?xml version="1.0" encoding="UTF-8"?>"#)
+        .unwrap_or(svg);
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\"><title>{}</title></head>\n<body style=\"margin:0;background:#fff\">{}</body>\n</html>\n",
+        escape(title),
+        body.trim_start()
+    )
+}
+
 fn render(m: &Model<'_>) -> String {
     // Points: one per send (copies of a duplicated message share it), one per receive, one per mark.
     let mut points: Vec<Point> = Vec::new();
@@ -348,14 +361,19 @@ fn header_lines(m: &Model<'_>, labels: bool) -> Vec<(String, &'static str, bool)
     let (msgs, lost, dup, delayed) = m.message_counts();
     let crashes = m.count_marks(|w| matches!(w, What::Crash { .. }));
     let parts = m.count_marks(|w| matches!(w, What::PartitionStart { .. }));
-    let mut shown = format!(
-        "shown: {msgs} messages ({lost} lost, {dup} duplicated, {delayed} delayed), {crashes} crashes, {parts} partitions. Time runs down; quiet stretches over {}ms are drawn short (grey). Hover for full text.",
+    let shown = format!(
+        "shown: {msgs} messages ({lost} lost, {dup} duplicated, {delayed} delayed), {crashes} crashes, {parts} partitions. Time runs down; quiet stretches over {}ms drawn short (grey). Hover for details.",
         (GAP_PX_MAX / PX_PER_MS) as u64
     );
+    lines.push((clip(&shown, HEADER_CHARS), "#555555", false));
     if !labels {
-        shown.push_str(" Labels hidden to fit: use --order ID.");
+        let note = format!(
+            "{} arrows squeezed into {}px: labels hidden (hover titles kept). Follow one saga with --order ID.",
+            m.arrows.len(),
+            BODY_PX_MAX
+        );
+        lines.push((note, RED, false));
     }
-    lines.push((clip(&shown, HEADER_CHARS + 20), "#555555", false));
     lines
 }
 
