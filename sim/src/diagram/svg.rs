@@ -140,7 +140,7 @@ fn render(m: &Model<'_>) -> String {
     let mut mark_pt = Vec::with_capacity(m.marks.len());
     for mk in &m.marks {
         let (above, below) = match mk.what {
-            What::Violation { .. } => (16.0, 12.0),
+            What::Violation { .. } => (22.0, 6.0),
             What::HealPhase => (16.0, 4.0),
             _ => (10.0, 9.0),
         };
@@ -239,19 +239,28 @@ fn render(m: &Model<'_>) -> String {
     legend(&mut out, 16.0 + 18.0 * header.len() as f64 + 14.0);
     out.push_str("</g>\n");
 
-    // Collapsed quiet stretches, under everything else.
+    // Collapsed quiet stretches, under everything else (their length is
+    // written only where there is room for it).
     for g in &gaps {
-        let _ = writeln!(
+        let _ = write!(
             out,
-            r##"<g class="gap"><title>{ms} ms of simulated time drawn short</title><rect x="{x}" y="{y}" width="{w}" height="{h}" fill="#f0f0f0"/><text x="{tx}" y="{ty}" text-anchor="end" fill="#888" font-style="italic">+{ms}ms</text></g>"##,
+            r##"<g class="gap"><title>{ms} ms of simulated time drawn short</title><rect x="{x}" y="{y}" width="{w}" height="{h}" fill="#f0f0f0"/>"##,
             ms = g.ms,
             x = f(AXIS_W - 90.0),
             y = f(g.y0),
             w = f(WIDTH - AXIS_W + 80.0),
             h = f((g.y1 - g.y0).max(1.0)),
-            tx = f(AXIS_W - 8.0),
-            ty = f((g.y0 + g.y1) / 2.0 + 4.0),
         );
+        if labels {
+            let _ = write!(
+                out,
+                r##"<text x="{}" y="{}" text-anchor="end" fill="#888" font-style="italic">+{}ms</text>"##,
+                f(AXIS_W - 8.0),
+                f((g.y0 + g.y1) / 2.0 + 4.0),
+                g.ms
+            );
+        }
+        out.push_str("</g>\n");
     }
 
     // Lanes.
@@ -702,21 +711,21 @@ fn mark(out: &mut String, what: &What, t_ns: u64, y: f64) {
             );
             let _ = writeln!(
                 out,
-                r##"<g class="mark violation{}"><title>{} {head} [{kind}] {invariant}: {}</title><rect x="{}" y="{}" width="{}" height="20" fill="{RED}" fill-opacity="{}"/><line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{RED}" stroke-width="{}"/><text class="lbl" x="{}" y="{}" fill="#8b0000" font-weight="bold">{}</text></g>"##,
+                r##"<g class="mark violation{}"><title>{} {head} [{kind}] {invariant}: {}</title><rect x="{}" y="{}" width="{}" height="18" fill="{RED}" fill-opacity="{}"/><line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{RED}" stroke-width="{}"/><text x="{}" y="{}" fill="#8b0000" font-weight="bold">{}</text></g>"##,
                 if *first { " first" } else { "" },
                 escape(&at),
                 escape(detail),
-                f(AXIS_W - 90.0),
-                f(y - 10.0),
-                f(WIDTH - AXIS_W + 80.0 - MARGIN),
+                f(AXIS_W - 4.0),
+                f(y - 18.0),
+                f(WIDTH - AXIS_W + 4.0 - MARGIN),
                 if *first { "0.3" } else { "0.12" },
-                f(AXIS_W - 90.0),
+                f(AXIS_W - 4.0),
                 f(y),
                 f(WIDTH - MARGIN),
                 f(y),
                 if *first { "2.5" } else { "1" },
                 f(AXIS_W + 4.0),
-                f(y + 4.0),
+                f(y - 5.0),
                 escape(&text)
             );
         }
