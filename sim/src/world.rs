@@ -685,6 +685,10 @@ fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
             w.readiness(now, ready);
         }
         if ready {
+            s.event(|| What::Note {
+                node: WORKLOAD,
+                text: "every service subscribed: traffic starts".to_string(),
+            });
             s.line(i, || "every service subscribed: traffic starts".to_string());
         }
     }

@@ -4,7 +4,7 @@
 //! **Invariant:** every line is one Mermaid statement; run-derived text is
 //! escaped so it can neither end a statement nor inject markup.
 
-use super::{Arrow, DiagramError, End, LANES, Model, Options, clip, fmt_ms};
+use super::{Arrow, DiagramError, End, Model, Options, clip, fmt_ms};
 use crate::event::{Event, Node, What};
 use crate::plan::NODES;
 use std::fmt::Write as _;
@@ -17,11 +17,14 @@ pub fn mermaid(events: &[Event], opts: &Options) -> Result<String, DiagramError>
 
 /// Short participant ids: Mermaid keywords (`end`, `opt`, ...) cannot clash with them.
 fn id(node: Node) -> &'static str {
-    ["B", "O", "S", "P", "W"].get(node).copied().unwrap_or("X")
+    ["B", "O", "S", "P", "W", "C"].get(node).copied().unwrap_or("X")
 }
 
-fn all() -> String {
-    format!("{},{}", id(LANES[0]), id(LANES[LANES.len() - 1]))
+/// `first,last`: a note spanning every lane.
+fn all(lanes: &[Node]) -> String {
+    let first = lanes.first().copied().unwrap_or(0);
+    let last = lanes.last().copied().unwrap_or(0);
+    format!("{},{}", id(first), id(last))
 }
 
 /// Message and note text: `#` and `;` are Mermaid syntax (entity codes and
@@ -44,7 +47,7 @@ fn esc(s: &str) -> String {
 
 fn render(m: &Model<'_>) -> String {
     let mut out = String::from("sequenceDiagram\n");
-    for &n in &LANES {
+    for &n in &m.lanes {
         let _ = writeln!(out, "    participant {} as {}", id(n), NODES[n]);
     }
     let verdict = match &m.header.verdict {
@@ -58,7 +61,7 @@ fn render(m: &Model<'_>) -> String {
     let _ = writeln!(
         out,
         "    Note over {}: {}<br/>{}<br/>fault profile: {}<br/>planned faults: {}",
-        all(),
+        all(&m.lanes),
         esc(&m.header.command),
         esc(&verdict),
         esc(&m.header.profile),
@@ -73,8 +76,8 @@ fn render(m: &Model<'_>) -> String {
         let next_mark = k.peek().map(|x| x.t_ns);
         match (next_arrow, next_mark) {
             (None, None) => break,
-            (Some(ta), Some(tm)) if tm <= ta => mark(&mut out, k.next().map(|x| x.what), tm),
-            (None, Some(tm)) => mark(&mut out, k.next().map(|x| x.what), tm),
+            (Some(ta), Some(tm)) if tm <= ta => mark(&mut out, &m.lanes, k.next().map(|x| x.what), tm),
+            (None, Some(tm)) => mark(&mut out, &m.lanes, k.next().map(|x| x.what), tm),
             (Some(_), _) => {
                 if let Some(x) = a.next() {
                     arrow(&mut out, x);
@@ -118,7 +121,7 @@ fn arrow(out: &mut String, a: &Arrow<'_>) {
     }
 }
 
-fn mark(out: &mut String, what: Option<&What>, t_ns: u64) {
+fn mark(out: &mut String, lanes: &[Node], what: Option<&What>, t_ns: u64) {
     let Some(what) = what else { return };
     let at = fmt_ms(t_ns);
     match what {
@@ -149,7 +152,7 @@ fn mark(out: &mut String, what: Option<&What>, t_ns: u64) {
             let _ = writeln!(
                 out,
                 "    Note over {}: {at} heal phase: faults off, partitions healed, crashed nodes restarted",
-                all()
+                all(lanes)
             );
         }
         What::Note { node, text } => {
@@ -166,7 +169,7 @@ fn mark(out: &mut String, what: Option<&What>, t_ns: u64) {
             let _ = writeln!(
                 out,
                 "    Note over {}: {at} {head} [{kind}] {invariant}: {}",
-                all(),
+                all(lanes),
                 esc(&clip(detail, 300))
             );
             let _ = writeln!(out, "    end");

@@ -21,12 +21,13 @@ pub use xml::escape as xml_escape;
 
 use crate::event::{Event, Fate, MsgInfo, Node, Seq, What};
 use crate::plan::NODES;
-use crate::world::{BROKER, ORDER, PAYMENT, STOCK, WORKLOAD};
+use crate::world::{BROKER, CUSTOM, ORDER, PAYMENT, STOCK, WORKLOAD};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-/// Lanes left to right: the client, then the saga's flow through the broker.
-pub const LANES: [Node; 5] = [WORKLOAD, ORDER, BROKER, STOCK, PAYMENT];
+/// Lanes left to right: the client, then the saga's flow through the broker;
+/// the `custom` node gets a lane (last) only in runs where it takes part.
+pub const LANES: [Node; 6] = [WORKLOAD, ORDER, BROKER, STOCK, PAYMENT, CUSTOM];
 
 /// What to draw.
 #[derive(Clone, Debug, Default)]
@@ -200,6 +201,8 @@ pub(crate) struct Header {
 #[derive(Debug)]
 pub(crate) struct Model<'a> {
     pub header: Header,
+    /// The lanes drawn, left to right.
+    pub lanes: Vec<Node>,
     pub arrows: Vec<Arrow<'a>>,
     pub marks: Vec<Mark<'a>>,
 }
@@ -217,7 +220,9 @@ impl<'a> Model<'a> {
         let mut last_copy: BTreeMap<Seq, usize> = BTreeMap::new();
         let mut arrows: Vec<Arrow<'a>> = Vec::new();
         let mut marks = Vec::new();
+        let mut custom = false;
         for e in events {
+            custom |= involves(&e.what, CUSTOM);
             match &e.what {
                 What::Plan {
                     seed,
@@ -341,7 +346,13 @@ impl<'a> Model<'a> {
         } else if let Some(order) = &opts.order {
             header.command.push_str(&format!(" --order {order}"));
         }
-        Ok(Model { header, arrows, marks })
+        let lanes = LANES.into_iter().filter(|&n| n != CUSTOM || custom).collect();
+        Ok(Model {
+            header,
+            lanes,
+            arrows,
+            marks,
+        })
     }
 
     /// Counts for the header: (messages, lost, duplicated, delayed).
@@ -359,6 +370,19 @@ impl<'a> Model<'a> {
 
     pub(crate) fn count_marks(&self, f: impl Fn(&What) -> bool) -> usize {
         self.marks.iter().filter(|m| f(m.what)).count()
+    }
+}
+
+/// Whether an event touches `node` (as sender, receiver, or the node a mark is on).
+fn involves(what: &What, node: Node) -> bool {
+    match what {
+        What::Send { from, to, .. } | What::Recv { from, to, .. } => *from == node || *to == node,
+        What::CallbackFault { node: n, .. }
+        | What::Crash { node: n, .. }
+        | What::Restart { node: n }
+        | What::Note { node: n, .. } => *n == node,
+        What::PartitionStart { a, b, .. } | What::PartitionHeal { a, b, .. } => *a == node || *b == Some(node),
+        What::Plan { .. } | What::HealPhase | What::Violation { .. } => false,
     }
 }
 
@@ -575,6 +599,16 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("o-1, o-2"));
+    }
+
+    #[test]
+    fn the_custom_node_gets_a_lane_only_when_it_takes_part() {
+        let mut events = sample();
+        let m = Model::build(&events, &Options::default()).unwrap();
+        assert_eq!(m.lanes, vec![WORKLOAD, ORDER, BROKER, STOCK, PAYMENT]);
+        events.push(send(30, 9, BROKER, CUSTOM, Some("o-1"), SENT));
+        let m = Model::build(&events, &Options::default()).unwrap();
+        assert_eq!(m.lanes, LANES.to_vec());
     }
 
     #[test]

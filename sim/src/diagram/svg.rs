@@ -12,13 +12,14 @@
 //! references); every piece of run-derived text goes through [`escape`].
 
 use super::xml::escape;
-use super::{Arrow, DiagramError, End, LANES, Loss, Model, Options, clip, fmt_ms, partition_nodes};
+use super::{Arrow, DiagramError, End, Loss, Model, Options, clip, fmt_ms, partition_nodes};
 use crate::event::{Event, MsgKind, Node, What};
 use crate::plan::NODES;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-const WIDTH: f64 = 1320.0;
+/// The width for five lanes (a sixth, `custom`, widens the page).
+const WIDTH_MIN: f64 = 1320.0;
 const AXIS_W: f64 = 100.0;
 const LANE_W: f64 = 240.0;
 const MARGIN: f64 = 12.0;
@@ -33,9 +34,20 @@ const HEADER_CHARS: usize = 176;
 const LABEL_CHARS: usize = 46;
 const PLAN_LINES_MAX: usize = 4;
 
-fn lane_x(node: Node) -> f64 {
-    let col = LANES.iter().position(|&n| n == node).unwrap_or(0);
-    AXIS_W + LANE_W * col as f64 + LANE_W / 2.0
+/// Where each node's lane is, and how wide the page is.
+struct Lanes<'a> {
+    order: &'a [Node],
+    width: f64,
+}
+
+impl Lanes<'_> {
+    fn x(&self, node: Node) -> f64 {
+        let col = self.order.iter().position(|&n| n == node).unwrap_or(0);
+        AXIS_W + LANE_W * col as f64 + LANE_W / 2.0
+    }
+    fn is_last(&self, node: Node) -> bool {
+        self.order.last() == Some(&node)
+    }
 }
 
 fn kind_color(kind: MsgKind) -> &'static str {
@@ -101,6 +113,11 @@ pub fn html_page(svg: &str, title: &str) -> String {
 }
 
 fn render(m: &Model<'_>) -> String {
+    let ln = Lanes {
+        order: &m.lanes,
+        width: (AXIS_W + LANE_W * m.lanes.len() as f64 + 20.0).max(WIDTH_MIN),
+    };
+    let width = ln.width;
     // Points: one per send (copies of a duplicated message share it), one per receive, one per mark.
     let mut points: Vec<Point> = Vec::new();
     let mut send_pt: Vec<usize> = Vec::with_capacity(m.arrows.len());
@@ -210,7 +227,7 @@ fn render(m: &Model<'_>) -> String {
 <style>text{{font-family:'DejaVu Sans Mono',Menlo,Consolas,monospace;font-size:11px}} .lbl{{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}} .hd{{font-size:12px}}</style>
 <defs>
 "##,
-        w = WIDTH,
+        w = f(width),
         h = f(height)
     );
     for k in KINDS {
@@ -248,7 +265,7 @@ fn render(m: &Model<'_>) -> String {
             ms = g.ms,
             x = f(AXIS_W - 90.0),
             y = f(g.y0),
-            w = f(WIDTH - AXIS_W + 80.0),
+            w = f(width - AXIS_W + 80.0),
             h = f((g.y1 - g.y0).max(1.0)),
         );
         if labels {
@@ -264,8 +281,8 @@ fn render(m: &Model<'_>) -> String {
     }
 
     // Lanes.
-    for &node in &LANES {
-        let x = lane_x(node);
+    for &node in ln.order {
+        let x = ln.x(node);
         let name = NODES[node];
         let _ = writeln!(
             out,
@@ -281,7 +298,7 @@ fn render(m: &Model<'_>) -> String {
     }
 
     // Node states spanning time: down (crash..restart) and partitioned.
-    intervals(&mut out, m, &mark_pt, &ys, body_bottom);
+    intervals(&mut out, &ln, m, &mark_pt, &ys, body_bottom);
 
     // Time axis.
     let mut last_axis = f64::NEG_INFINITY;
@@ -302,12 +319,12 @@ fn render(m: &Model<'_>) -> String {
     for (n, a) in m.arrows.iter().enumerate() {
         let y1 = ys[send_pt[n]];
         let y2 = recv_pt[n].map(|p| ys[p].max(y1 + 1.0));
-        arrow(&mut out, a, y1, y2, labels && a.copy() == 0);
+        arrow(&mut out, &ln, a, y1, y2, labels && a.copy() == 0);
     }
 
     // Marks on lanes and across the diagram.
     for (n, mk) in m.marks.iter().enumerate() {
-        mark(&mut out, mk.what, mk.t_ns, ys[mark_pt[n]]);
+        mark(&mut out, &ln, mk.what, mk.t_ns, ys[mark_pt[n]]);
     }
 
     out.push_str("</svg>\n");
@@ -438,7 +455,7 @@ fn legend(out: &mut String, y: f64) {
                     f(y - 5.0)
                 )
             },
-            "operator",
+            "note",
             104.0,
         ),
         (
@@ -483,9 +500,9 @@ fn cross(x: f64, y: f64) -> String {
     )
 }
 
-fn arrow(out: &mut String, a: &Arrow<'_>, y1: f64, y2: Option<f64>, label: bool) {
-    let x1 = lane_x(a.from);
-    let xt = lane_x(a.to);
+fn arrow(out: &mut String, ln: &Lanes<'_>, a: &Arrow<'_>, y1: f64, y2: Option<f64>, label: bool) {
+    let x1 = ln.x(a.from);
+    let xt = ln.x(a.to);
     let dir = if xt >= x1 { 1.0 } else { -1.0 };
     let color = kind_color(a.msg.kind);
     let mut class = format!("msg {}", a.msg.kind.as_str());
@@ -600,7 +617,7 @@ fn arrow(out: &mut String, a: &Arrow<'_>, y1: f64, y2: Option<f64>, label: bool)
 }
 
 /// Down intervals (crash..restart) and partitioned intervals, as bands on the lanes.
-fn intervals(out: &mut String, m: &Model<'_>, mark_pt: &[usize], ys: &[f64], bottom: f64) {
+fn intervals(out: &mut String, ln: &Lanes<'_>, m: &Model<'_>, mark_pt: &[usize], ys: &[f64], bottom: f64) {
     let mut down_since: BTreeMap<Node, f64> = BTreeMap::new();
     let mut parts: BTreeMap<usize, (f64, Node, Option<Node>, &str)> = BTreeMap::new();
     let mut bands: Vec<(Node, f64, f64, &'static str, &'static str, String)> = Vec::new();
@@ -642,14 +659,15 @@ fn intervals(out: &mut String, m: &Model<'_>, mark_pt: &[usize], ys: &[f64], bot
             out,
             r#"<g class="band {class}"><title>{}</title><rect x="{}" y="{}" width="{w}" height="{}" fill="{color}" fill-opacity="{opacity}"/></g>"#,
             escape(&title),
-            f(lane_x(node) - w / 2.0),
+            f(ln.x(node) - w / 2.0),
             f(y0),
             f((y1 - y0).max(1.0))
         );
     }
 }
 
-fn mark(out: &mut String, what: &What, t_ns: u64, y: f64) {
+fn mark(out: &mut String, ln: &Lanes<'_>, what: &What, t_ns: u64, y: f64) {
+    let width = ln.width;
     let at = format!("t={}", sagamq::Time(t_ns));
     match what {
         What::Crash { node, torn } => {
@@ -659,20 +677,29 @@ fn mark(out: &mut String, what: &What, t_ns: u64, y: f64) {
                 NODES[*node],
                 if *torn { ", last write torn" } else { "" }
             );
-            lane_box(out, "mark crash", *node, y, text, RED, &title);
+            lane_box(out, ln, "mark crash", *node, y, text, RED, &title);
         }
         What::Restart { node } => {
             let title = format!("{at} {} restarts and recovers from its disk", NODES[*node]);
-            lane_box(out, "mark restart", *node, y, "restart", GREEN, &title);
+            lane_box(out, ln, "mark restart", *node, y, "restart", GREEN, &title);
         }
         What::PartitionStart { a, b, text, .. } => {
-            partition_mark(out, "mark partition", *a, *b, y, &format!("cut: {text}"), &at)
+            partition_mark(out, ln, "mark partition", *a, *b, y, &format!("cut: {text}"), &at)
         }
         What::PartitionHeal { a, b, text, .. } => {
-            partition_mark(out, "mark partition-heal", *a, *b, y, &format!("healed: {text}"), &at);
+            partition_mark(
+                out,
+                ln,
+                "mark partition-heal",
+                *a,
+                *b,
+                y,
+                &format!("healed: {text}"),
+                &at,
+            );
         }
         What::Note { node, text } => {
-            let x = lane_x(*node);
+            let x = ln.x(*node);
             let _ = writeln!(
                 out,
                 r##"<g class="mark note"><title>{} {}</title><rect x="{}" y="{}" width="10" height="10" fill="#555"/><text class="lbl" x="{}" y="{}" fill="#333">{}</text></g>"##,
@@ -692,7 +719,7 @@ fn mark(out: &mut String, what: &What, t_ns: u64, y: f64) {
                 escape(&at),
                 f(AXIS_W),
                 f(y),
-                f(WIDTH - MARGIN),
+                f(width - MARGIN),
                 f(y),
                 f(AXIS_W + 4.0),
                 f(y - 5.0)
@@ -717,11 +744,11 @@ fn mark(out: &mut String, what: &What, t_ns: u64, y: f64) {
                 escape(detail),
                 f(AXIS_W - 4.0),
                 f(y - 18.0),
-                f(WIDTH - AXIS_W + 4.0 - MARGIN),
+                f(width - AXIS_W + 4.0 - MARGIN),
                 if *first { "0.3" } else { "0.12" },
                 f(AXIS_W - 4.0),
                 f(y),
-                f(WIDTH - MARGIN),
+                f(width - MARGIN),
                 f(y),
                 if *first { "2.5" } else { "1" },
                 f(AXIS_W + 4.0),
@@ -733,8 +760,9 @@ fn mark(out: &mut String, what: &What, t_ns: u64, y: f64) {
     }
 }
 
-fn lane_box(out: &mut String, class: &str, node: Node, y: f64, text: &str, color: &str, title: &str) {
-    let x = lane_x(node);
+#[allow(clippy::too_many_arguments)]
+fn lane_box(out: &mut String, ln: &Lanes<'_>, class: &str, node: Node, y: f64, text: &str, color: &str, title: &str) {
+    let x = ln.x(node);
     let w = 7.0 * text.chars().count() as f64 + 12.0;
     let _ = writeln!(
         out,
@@ -749,8 +777,18 @@ fn lane_box(out: &mut String, class: &str, node: Node, y: f64, text: &str, color
     );
 }
 
-fn partition_mark(out: &mut String, class: &str, a: Node, b: Option<Node>, y: f64, text: &str, at: &str) {
-    let xa = lane_x(a);
+#[allow(clippy::too_many_arguments)]
+fn partition_mark(
+    out: &mut String,
+    ln: &Lanes<'_>,
+    class: &str,
+    a: Node,
+    b: Option<Node>,
+    y: f64,
+    text: &str,
+    at: &str,
+) {
+    let xa = ln.x(a);
     let _ = write!(
         out,
         r#"<g class="{class}"><title>{} {}</title>"#,
@@ -758,7 +796,7 @@ fn partition_mark(out: &mut String, class: &str, a: Node, b: Option<Node>, y: f6
         escape(text)
     );
     if let Some(b) = b {
-        let xb = lane_x(b);
+        let xb = ln.x(b);
         let _ = write!(
             out,
             r#"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{ORANGE}" stroke-width="1.5" stroke-dasharray="4 3"/>"#,
@@ -770,7 +808,7 @@ fn partition_mark(out: &mut String, class: &str, a: Node, b: Option<Node>, y: f6
     }
     let nodes = partition_nodes(a, b);
     for node in &nodes {
-        let x = lane_x(*node);
+        let x = ln.x(*node);
         let _ = write!(
             out,
             r#"<path d="M{} {} L{} {} L{} {} L{} {} z" fill="{ORANGE}"/>"#,
@@ -787,8 +825,8 @@ fn partition_mark(out: &mut String, class: &str, a: Node, b: Option<Node>, y: f6
     // A pair's label sits on the dashed link between its lanes; a lone lane's
     // label beside it, on the side with room.
     let (x, y, anchor) = match b {
-        Some(b) => ((xa + lane_x(b)) / 2.0, y - 5.0, "middle"),
-        None if LANES.last() == Some(&a) => (xa - 12.0, y + 4.0, "end"),
+        Some(b) => ((xa + ln.x(b)) / 2.0, y - 5.0, "middle"),
+        None if ln.is_last(a) => (xa - 12.0, y + 4.0, "end"),
         None => (xa + 12.0, y + 4.0, "start"),
     };
     let _ = writeln!(
@@ -808,7 +846,11 @@ mod tests {
     #[test]
     fn sample_has_lanes_arrows_marks_and_escaped_text() {
         let s = svg(&sample(), &Options::default()).unwrap();
-        assert_eq!(s.matches(r#"<g class="lane""#).count(), LANES.len());
+        assert_eq!(
+            s.matches(r#"<g class="lane""#).count(),
+            5,
+            "no custom lane: the custom node took no part"
+        );
         assert_eq!(s.matches(r#"<g class="msg "#).count(), 5);
         assert_eq!(s.matches(" lost dropped\"").count(), 1);
         assert_eq!(s.matches(" lost network\"").count(), 1);
