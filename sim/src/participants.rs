@@ -2,15 +2,15 @@
 //! participants, or a planted bug's variant (see `bugs`), and how the checker
 //! reads each one's state.
 
-use crate::check::{OrderPhase, View};
+use crate::check::{OrderPhase, PaymentEffects, StockEffects, View};
 use crate::world::{ORDER, PAYMENT, RunConfig, STOCK, notify_url};
-use sagamq::Time;
+use sagamq::{Message, Time};
 use sagamq::machine::Machine;
 use sagamq::saga::order::{Order, OrderFlow, OrderStatus};
-use sagamq::saga::payment::{Charge, Payment};
-use sagamq::saga::stock::{Deduction, Stock};
+use sagamq::saga::payment::{Charge, Payment, PaymentOrder, Refund};
+use sagamq::saga::stock::{Deduction, Release, Stock, StockOrder};
 use sagamq::saga::{
-    HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, scenario as shipped,
+    Decision, HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, scenario as shipped,
 };
 use std::time::Duration;
 
@@ -20,6 +20,15 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn view(&self) -> View;
     /// Nothing left to do: no outbox entry waiting for the broker's acknowledgement.
     fn settled(&self) -> bool;
+    /// Whether the state already reflects `message` (a redelivery would cause no
+    /// new effect). Asked only of messages the participant answered 2xx.
+    fn reflects(&self, message: &Message) -> bool;
+}
+
+/// For participants idempotent by state (the shipped ones): the state reflects a
+/// message iff deciding it again commits nothing. Their decisions ignore `now`.
+pub fn decides_nothing<P: Participant>(logic: &P, message: &Message) -> bool {
+    !matches!(logic.on_message(Time::ZERO, message), Decision::Commit { .. })
 }
 
 impl SimParticipant for ParticipantHost<Stock> {
@@ -32,21 +41,36 @@ impl SimParticipant for ParticipantHost<Stock> {
                 .map(|(p, n)| (p.to_string(), *n))
                 .collect(),
             level: self.logic().levels().iter().map(|(p, n)| (p.to_string(), *n)).collect(),
-            held: self
+            orders: self
                 .logic()
                 .orders()
                 .iter()
-                .filter(|(_, o)| o.held() > 0)
-                .filter_map(|(id, o)| match &o.deduction {
-                    Deduction::Deducted { product, .. } => Some((id.to_string(), (product.to_string(), o.held()))),
-                    _ => None,
-                })
+                .filter_map(|(id, o)| stock_effects(o).map(|e| (id.to_string(), e)))
                 .collect(),
         }
     }
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
+    fn reflects(&self, message: &Message) -> bool {
+        decides_nothing(self.logic(), message)
+    }
+}
+
+/// What the shipped stock did for one order (None: no effect on the shelf).
+fn stock_effects(o: &StockOrder) -> Option<StockEffects> {
+    let Deduction::Deducted { product, quantity } = &o.deduction else {
+        return None;
+    };
+    let restocked = match &o.release {
+        Release::Restocked { quantity, .. } => *quantity,
+        Release::NotSeen | Release::Null => 0,
+    };
+    Some(StockEffects {
+        product: product.to_string(),
+        deducted: *quantity,
+        restocked,
+    })
 }
 
 impl SimParticipant for ParticipantHost<Payment> {
@@ -64,21 +88,36 @@ impl SimParticipant for ParticipantHost<Payment> {
                 .iter()
                 .map(|(c, n)| (c.to_string(), *n))
                 .collect(),
-            charged: self
+            orders: self
                 .logic()
                 .orders()
                 .iter()
-                .filter(|(_, o)| o.held() > 0)
-                .filter_map(|(id, o)| match &o.charge {
-                    Charge::Charged { customer, .. } => Some((id.to_string(), (customer.to_string(), o.held()))),
-                    _ => None,
-                })
+                .filter_map(|(id, o)| payment_effects(o).map(|e| (id.to_string(), e)))
                 .collect(),
         }
     }
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
+    fn reflects(&self, message: &Message) -> bool {
+        decides_nothing(self.logic(), message)
+    }
+}
+
+/// What the shipped payment did for one order (None: no money moved).
+fn payment_effects(o: &PaymentOrder) -> Option<PaymentEffects> {
+    let Charge::Charged { customer, amount } = &o.charge else {
+        return None;
+    };
+    let refunded = match &o.refund {
+        Refund::Refunded { amount, .. } => *amount,
+        Refund::NotSeen | Refund::Null => 0,
+    };
+    Some(PaymentEffects {
+        customer: customer.to_string(),
+        charged: *amount,
+        refunded,
+    })
 }
 
 /// How the checker reads an order's status.
@@ -108,6 +147,9 @@ impl SimParticipant for ParticipantHost<Order> {
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
+    fn reflects(&self, message: &Message) -> bool {
+        decides_nothing(self.logic(), message)
+    }
 }
 
 /// The host configuration of node `node` in the simulator.
@@ -118,7 +160,22 @@ pub fn host_config(node: usize, seed: u64) -> HostConfig {
     cfg.subscribe_retry = Duration::from_millis(200);
     cfg.publish_retry_initial = Duration::from_millis(100);
     cfg.publish_retry_max = Duration::from_secs(1);
+    cfg.inbox_keys_max = inbox_keys_max(node, seed);
     cfg
+}
+
+/// The inbox bound of node `node` for `seed` (swarm: drawn per seed and node).
+/// The host's inbox is bounded and forgets its oldest keys, so participants
+/// must stay idempotent per business key (the shipped ones key their state by
+/// order). Half the seeds run a tiny inbox so that old redeliveries reach the
+/// participant logic and that contract is exercised, not assumed.
+pub fn inbox_keys_max(node: usize, seed: u64) -> usize {
+    let mut rng = sagamq::rng::Rng::new(seed ^ 0x1B0C_5EED_0000_0000 ^ node as u64);
+    if rng.chance(500_000) {
+        rng.range_inclusive(1, 8) as usize
+    } else {
+        HostConfig::new(crate::check::client_of(node), notify_url(node)).inbox_keys_max
+    }
 }
 
 fn host<P>(logic: P, config: HostConfig, image: &[u8]) -> Result<(Box<dyn SimParticipant>, u64, u64), String>

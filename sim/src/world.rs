@@ -199,7 +199,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         faults,
         torn_armed: [false; NODES.len()],
         torn_signal: None,
-        check: Checker::new(&cfg.scenario),
+        check: Checker::new(&cfg.scenario, &def),
         deliveries: 0,
         wakeups: 0,
         cfg: cfg.clone(),
@@ -385,6 +385,11 @@ async fn sleep_until_ms(world: &World, ms: u64) {
 fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_keep: Option<u32>) {
     handle.kill(nodes[n].id());
     let mut s = lock(world);
+    // Judge the state the crash is about to erase (a node that keeps effects
+    // only in memory would otherwise hide them by forgetting).
+    let at_ms = s.elapsed_ns() / 1_000_000;
+    let Shared { check, slots, .. } = &mut *s;
+    check.safety(slots, at_ms);
     s.slots[n] = Slot::Down;
     s.fired("crash");
     let before = s.disks[n].len();
@@ -706,8 +711,10 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
 /// Moves the machine's outputs to the disk, the checker and the outgoing queue.
 fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
+    let now = s.now(i);
     loop {
         let Shared {
+            cfg,
             slots,
             disks,
             check,
@@ -729,6 +736,9 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         disks[i].append(&frames);
                         drv.lsn_written = Some(lsn);
                         wrote = true;
+                        if crate::bugs::broker_durable_early(cfg.bug) {
+                            b.handle(now, BrokerInput::Durable { lsn });
+                        }
                     }
                     BrokerOutput::Rewrite { lsn, frames } => {
                         disks[i].replace(&frames);
