@@ -292,7 +292,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                 if !is_end && !down[n] {
                     if torn_keep.is_some() {
                         // A torn write needs a write in flight: wait (bounded) for the
-                        // node to start one, then crash in that same instant.
+                        // node to start one, then crash right after that step, before the sync.
                         lock(&world).torn_armed[n] = true;
                         let within = madsim::time::Instant::now() + TORN_WAIT_MAX;
                         while let Some(ready) = recv_until(&torn_rx, Some(within)).await {
@@ -487,6 +487,9 @@ struct Driver {
     next_token: u64,
     /// Messages to send after this step.
     outgoing: Vec<(usize, Wire)>,
+    /// A torn-write crash is armed and this step began a write: signal it once
+    /// the step's messages are sent.
+    torn_after_step: bool,
 }
 
 enum Pending {
@@ -528,6 +531,13 @@ async fn node_main(world: World, i: usize) {
         };
         for (dst, wire) in out {
             send(&world, &ep, i, dst, wire).await;
+        }
+        if std::mem::take(&mut drv.torn_after_step)
+            && let Some(tx) = &lock(&world).torn_signal
+        {
+            // The step that began the write is over (what it sent is out) and
+            // the write is not synced yet: the torn-write crash strikes now.
+            let _ = tx.try_send(i);
         }
         let deadline = {
             let s = lock(&world);
@@ -828,9 +838,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     }
     if wrote && s.torn_armed[i] {
         s.torn_armed[i] = false;
-        if let Some(tx) = &s.torn_signal {
-            let _ = tx.try_send(i);
-        }
+        drv.torn_after_step = true;
     }
     if wrote && drv.sync_due_ns.is_none() {
         drv.sync_due_ns = Some(s.elapsed_ns() + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
