@@ -311,7 +311,11 @@ impl Checker {
                     }
                     for (product, start) in initial {
                         let now = level.get(product).copied().unwrap_or(0);
-                        let out: u64 = orders.values().filter(|e| &e.product == product).map(StockEffects::held).sum();
+                        let out: u64 = orders
+                            .values()
+                            .filter(|e| &e.product == product)
+                            .map(StockEffects::held)
+                            .sum();
                         if now + out != *start {
                             let detail = format!(
                                 "stock of {product}: initial {start} != level {now} + held {out} (an effect was lost or invented)"
@@ -338,7 +342,11 @@ impl Checker {
                     }
                     for (customer, start) in initial {
                         let now = balance.get(customer).copied().unwrap_or(0);
-                        let out: u64 = orders.values().filter(|e| &e.customer == customer).map(PaymentEffects::held).sum();
+                        let out: u64 = orders
+                            .values()
+                            .filter(|e| &e.customer == customer)
+                            .map(PaymentEffects::held)
+                            .sum();
                         if now + out != *start {
                             let detail = format!(
                                 "balance of {customer}: initial {start} != balance {now} + charged {out} (an effect was lost or invented)"

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let tty = std::io::stderr().is_terminal();
             let progress = move |done: u64, total: u64, failed: u64| {
-                if tty && (done % 50 == 0 || done == total) {
+                if tty && (done.is_multiple_of(50) || done == total) {
                     eprint!("\r{done}/{total} seeds, {failed} failed ");
                 }
             };

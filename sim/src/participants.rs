@@ -4,7 +4,6 @@
 
 use crate::check::{OrderPhase, PaymentEffects, StockEffects, View};
 use crate::world::{ORDER, PAYMENT, RunConfig, STOCK, notify_url};
-use sagamq::{Message, Time};
 use sagamq::machine::Machine;
 use sagamq::saga::order::{Order, OrderFlow, OrderStatus};
 use sagamq::saga::payment::{Charge, Payment, PaymentOrder, Refund};
@@ -12,6 +11,7 @@ use sagamq::saga::stock::{Deduction, Release, Stock, StockOrder};
 use sagamq::saga::{
     Decision, HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, scenario as shipped,
 };
+use sagamq::{Message, Time};
 use std::time::Duration;
 
 /// A participant as the world drives and the checker reads it.

@@ -50,7 +50,11 @@ fn caught(case: &Case) -> Summary {
         "bug {}: seed {} failed on another invariant: {}\n  reproduce: {}",
         case.bug, first.seed, first.detail, first.replay
     );
-    assert_eq!(s.seeds_to_first_failure, Some(first.seed + 1), "the sweep started at seed 0");
+    assert_eq!(
+        s.seeds_to_first_failure,
+        Some(first.seed + 1),
+        "the sweep started at seed 0"
+    );
     let control = runner::run_seed(first.seed, &RunConfig::new(case.scenario, None));
     assert!(
         control.violations.is_empty(),
@@ -223,7 +227,11 @@ fn canary_simulator_still_catches_planted_bugs() {
         .iter()
         .map(|k| r.faults.get(k).copied().unwrap_or(0))
         .sum();
-    assert!(redeliveries > 0, "the failing seed had no redelivery fault: {:?}", r.faults);
+    assert!(
+        redeliveries > 0,
+        "the failing seed had no redelivery fault: {:?}",
+        r.faults
+    );
 
     // A strict log reader is only hurt by a crash that tears a write.
     let s = caught(&Case {

@@ -128,7 +128,10 @@ impl LedgerStock {
         if entry.is_none() && self.orders.len() >= LEDGER_ORDERS_MAX {
             return Decision::Refuse("LEDGER_ORDERS_MAX reached".to_string());
         }
-        let refuse = Decision::change_and_publish(LedgerStockChange::Refuse { order: order.clone() }, Self::outbound(&order, false));
+        let refuse = Decision::change_and_publish(
+            LedgerStockChange::Refuse { order: order.clone() },
+            Self::outbound(&order, false),
+        );
         if self.guards.hanging && entry.is_some_and(|e| e.released) {
             return refuse;
         }
@@ -180,7 +183,10 @@ impl Participant for LedgerStock {
     type Change = LedgerStockChange;
 
     fn topics(&self) -> Vec<Topic> {
-        vec![Topic::lit(topics::SALE_ORDER_CREATED), Topic::lit(topics::STOCK_RELEASE)]
+        vec![
+            Topic::lit(topics::SALE_ORDER_CREATED),
+            Topic::lit(topics::STOCK_RELEASE),
+        ]
     }
 
     fn on_message(&self, _now: Time, message: &Message) -> Decision<LedgerStockChange> {
@@ -372,7 +378,10 @@ impl Participant for LedgerPayment {
     type Change = LedgerPaymentChange;
 
     fn topics(&self) -> Vec<Topic> {
-        vec![Topic::lit(topics::PAYMENT_REQUESTED), Topic::lit(topics::PAYMENT_CANCEL)]
+        vec![
+            Topic::lit(topics::PAYMENT_REQUESTED),
+            Topic::lit(topics::PAYMENT_CANCEL),
+        ]
     }
 
     fn on_message(&self, _now: Time, message: &Message) -> Decision<LedgerPaymentChange> {
@@ -482,11 +491,16 @@ mod tests {
         }
     }
 
-    fn compare(guards: StockGuards) {
+    /// The first input on which the ledger stock with `guards` decides or
+    /// counts differently from the shipped stock, if any.
+    fn first_difference(guards: StockGuards) -> Option<String> {
         for seed in 0..200 {
             let mut rng = Rng::new(seed);
-            let levels: BTreeMap<ProductId, u64> =
-                [(ProductId::lit("p1"), rng.range_inclusive(0, 5)), (ProductId::lit("p2"), 3)].into();
+            let levels: BTreeMap<ProductId, u64> = [
+                (ProductId::lit("p1"), rng.range_inclusive(0, 5)),
+                (ProductId::lit("p2"), 3),
+            ]
+            .into();
             let mut shipped = Stock::new(levels.clone());
             let mut ledger = LedgerStock::new(levels, guards);
             for n in 0..30 {
@@ -494,7 +508,7 @@ mod tests {
                 let body = OrderBody {
                     order_id: GlobalId::new(format!("o{order}")).unwrap(),
                     customer_id: CustomerId::lit("c"),
-                    product_id: ProductId::lit(if order % 2 == 0 { "p1" } else { "p2" }),
+                    product_id: ProductId::lit(if order.is_multiple_of(2) { "p1" } else { "p2" }),
                     quantity: order,
                     price: 10,
                     amount: 10 * order,
@@ -506,23 +520,32 @@ mod tests {
                 };
                 let m = message(n, topic, &body);
                 let (a, b) = (shipped.on_message(Time::ZERO, &m), ledger.on_message(Time::ZERO, &m));
-                assert_eq!(outcome(&a), outcome(&b), "seed {seed} step {n}: {topic} {body:?}");
+                if outcome(&a) != outcome(&b) {
+                    return Some(format!(
+                        "seed {seed} step {n}: {topic} {body:?}: {} vs {}",
+                        outcome(&a),
+                        outcome(&b)
+                    ));
+                }
                 if let Decision::Commit { change: Some(c), .. } = a {
                     shipped.apply(&c);
                 }
                 if let Decision::Commit { change: Some(c), .. } = b {
                     ledger.apply(&c);
                 }
-                assert_eq!(shipped.levels(), &ledger.levels, "seed {seed} step {n}");
+                if shipped.levels() != &ledger.levels {
+                    return Some(format!("seed {seed} step {n}: levels differ"));
+                }
             }
         }
+        None
     }
 
     /// With every guard, the ledger stock decides exactly as the shipped stock,
     /// so each planted stock bug differs from the shipped one by its one guard.
     #[test]
     fn correct_ledger_stock_decides_as_the_shipped_stock() {
-        compare(StockGuards::ALL);
+        assert_eq!(first_difference(StockGuards::ALL), None);
     }
 
     /// And each missing guard shows in the same comparison (the sequences
@@ -543,8 +566,10 @@ mod tests {
                 ..StockGuards::ALL
             },
         ] {
-            let differs = std::panic::catch_unwind(|| compare(guards)).is_err();
-            assert!(differs, "{guards:?} decided like the shipped stock everywhere");
+            assert!(
+                first_difference(guards).is_some(),
+                "{guards:?} decided like the shipped stock everywhere"
+            );
         }
     }
 }

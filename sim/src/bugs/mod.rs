@@ -132,7 +132,11 @@ type Built = Result<(Box<dyn SimParticipant>, u64, u64), String>;
 
 /// A shipped host around `logic`, recovered from `image` (empty: a fresh start),
 /// with the valid log length and the number of records replayed.
-fn recover<P: Participant>(logic: P, config: HostConfig, image: &[u8]) -> Result<(ParticipantHost<P>, u64, u64), String> {
+fn recover<P: Participant>(
+    logic: P,
+    config: HostConfig,
+    image: &[u8],
+) -> Result<(ParticipantHost<P>, u64, u64), String> {
     if image.is_empty() {
         return Ok((ParticipantHost::new(logic, config), 0, 0));
     }
@@ -159,7 +163,13 @@ where
 }
 
 /// The shipped participant of `node`, with `flaw` in its host.
-fn shipped_flawed(node: usize, def: &sagamq::saga::scenario::Scenario, flaw: HostFlaw, config: HostConfig, image: &[u8]) -> Option<Built> {
+fn shipped_flawed(
+    node: usize,
+    def: &sagamq::saga::scenario::Scenario,
+    flaw: HostFlaw,
+    config: HostConfig,
+    image: &[u8],
+) -> Option<Built> {
     Some(match node {
         ORDER => flawed(def.order_participant(), flaw, config, image),
         STOCK => flawed(def.stock_participant(), flaw, config, image),
@@ -168,7 +178,13 @@ fn shipped_flawed(node: usize, def: &sagamq::saga::scenario::Scenario, flaw: Hos
     })
 }
 
-fn ledger_stock(node: usize, def: &sagamq::saga::scenario::Scenario, guards: StockGuards, config: HostConfig, image: &[u8]) -> Option<Built> {
+fn ledger_stock(
+    node: usize,
+    def: &sagamq::saga::scenario::Scenario,
+    guards: StockGuards,
+    config: HostConfig,
+    image: &[u8],
+) -> Option<Built> {
     (node == STOCK).then(|| boxed(LedgerStock::new(def.stock.clone(), guards), config, image))
 }
 
@@ -186,7 +202,14 @@ pub fn build(
             let stock = naive_stock::NaiveStock::new(def.stock.clone(), config);
             Ok((Box::new(stock) as Box<dyn SimParticipant>, 0, 0))
         }),
-        Bug::NoInbox => (node == PAYMENT).then(|| flawed(LedgerPayment::new(def.balances.clone()), HostFlaw::NoInbox, config, image)),
+        Bug::NoInbox => (node == PAYMENT).then(|| {
+            flawed(
+                LedgerPayment::new(def.balances.clone()),
+                HostFlaw::NoInbox,
+                config,
+                image,
+            )
+        }),
         Bug::PublishBeforeCommit => shipped_flawed(node, def, HostFlaw::PublishBeforeCommit, config, image),
         Bug::CommitWithoutOutbox => shipped_flawed(node, def, HostFlaw::CommitWithoutOutbox, config, image),
         Bug::AckBeforeEffect => shipped_flawed(node, def, HostFlaw::AckBeforeEffect, config, image),

@@ -12,8 +12,8 @@ use crate::check::{StockEffects, View};
 use crate::participants::SimParticipant;
 use sagamq::machine::Machine;
 use sagamq::saga::{
-    CommandOutcome, HostConfig, OrderBody, OutboxId, ParticipantInput, ParticipantOutput, ProductId,
-    ReleasedBody, topics,
+    CommandOutcome, HostConfig, OrderBody, OutboxId, ParticipantInput, ParticipantOutput, ProductId, ReleasedBody,
+    topics,
 };
 use sagamq::{GlobalId, Message, PublishRequest, SenderId, SubId, SubscribeRequest, Time, Topic};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -102,7 +102,11 @@ impl NaiveStock {
                     *level -= body.quantity;
                     entry.1 += body.quantity;
                 }
-                (topics::STOCK_OUTBOUND, "outbound", if ok { "1" } else { "0" }.to_string())
+                (
+                    topics::STOCK_OUTBOUND,
+                    "outbound",
+                    if ok { "1" } else { "0" }.to_string(),
+                )
             }
             topics::STOCK_RELEASE => {
                 let level = self.levels.entry(body.product_id.clone()).or_insert(0);
@@ -250,6 +254,7 @@ impl SimParticipant for NaiveStock {
         self.queue.is_empty()
     }
     fn reflects(&self, message: &Message) -> bool {
-        self.handled.contains(&(message.global_id.clone(), message.topic.clone()))
+        self.handled
+            .contains(&(message.global_id.clone(), message.topic.clone()))
     }
 }
