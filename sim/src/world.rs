@@ -215,8 +215,9 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         let plan_text = plan.to_string();
         s.line(WORKLOAD, || {
             format!(
-                "seed {seed} scenario {} plan:\n{}",
+                "seed {seed} scenario {}{} plan:\n{}",
                 cfg.scenario.name(),
+                cfg.bug.map(|b| format!(" bug {b}")).unwrap_or_default(),
                 plan_text.trim_end()
             )
         });
