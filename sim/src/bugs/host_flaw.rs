@@ -38,18 +38,22 @@ pub struct Flawed<P: Participant> {
     /// swallowed. Bounded by the host's `answers_waiting_max` (each entry waits
     /// for the host's answer, which the host gives or refuses).
     answered: BTreeSet<CallbackToken>,
-    /// `NoInbox`: deliveries seen by this incarnation (the key it wrongly dedups on).
+    /// `NoInbox`: deliveries seen by this incarnation (the key it wrongly dedups
+    /// on), salted with the records it recovered so incarnations differ.
     deliveries: u64,
+    salt: u64,
 }
 
 impl<P: Participant> Flawed<P> {
-    pub fn new(host: ParticipantHost<P>, flaw: HostFlaw) -> Flawed<P> {
+    /// `records`: how many records the host recovered (0 on a fresh start).
+    pub fn new(host: ParticipantHost<P>, flaw: HostFlaw, records: u64) -> Flawed<P> {
         Flawed {
             host,
             flaw,
             out: VecDeque::new(),
             answered: BTreeSet::new(),
             deliveries: 0,
+            salt: records,
         }
     }
 
@@ -130,7 +134,7 @@ impl<P: Participant> Machine for Flawed<P> {
             (HostFlaw::NoInbox, ParticipantInput::Deliver { token, mut message }) => {
                 self.deliveries += 1;
                 // Order ids leave 32 bytes of room after the SubID; this suffix fits.
-                message.sub_id = SubId::new(format!("{}#{}", message.sub_id, self.deliveries))
+                message.sub_id = SubId::new(format!("{}#{}.{}", message.sub_id, self.salt, self.deliveries))
                     .expect("the suffix fits the SubID bound");
                 self.host.handle(now, ParticipantInput::Deliver { token, message });
             }

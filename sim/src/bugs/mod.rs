@@ -159,7 +159,7 @@ where
     ParticipantHost<P>: SimParticipant,
 {
     let (h, len, records) = recover(logic, config, image)?;
-    Ok((Box::new(Flawed::new(h, flaw)), len, records))
+    Ok((Box::new(Flawed::new(h, flaw, records)), len, records))
 }
 
 /// The shipped participant of `node`, with `flaw` in its host.
