@@ -102,4 +102,8 @@ impl<P: Participant + Send + Sync> SimParticipant for Checked<P> {
     fn ready(&self) -> bool {
         self.host.subscribed()
     }
+    /// Remembered by the inbox, or a decision that would change nothing now.
+    fn reflects(&self, message: &sagamq::Message) -> bool {
+        self.host.consumed(&message.key()) || crate::participants::decides_nothing(self.host.logic(), message)
+    }
 }

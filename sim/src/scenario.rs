@@ -38,6 +38,7 @@ impl Scenario {
                 seed,
                 &shipped::SagaParams {
                     orders: orders as usize,
+                    order_deadline: order_deadline(seed),
                     ..Default::default()
                 },
             ),
@@ -88,6 +89,20 @@ impl FromStr for Scenario {
                 )),
             },
         }
+    }
+}
+
+/// The saga's order deadline for `seed` (swarm: drawn per seed). Half the
+/// seeds keep the shipped default, far beyond any fault; the other half draw a
+/// deadline shorter than the faults, so orders time out while their messages
+/// are still in flight and the compensations (null compensation, hanging
+/// deduction, payment cancel) run under faults.
+pub fn order_deadline(seed: u64) -> Duration {
+    let mut rng = sagamq::rng::Rng::new(seed ^ 0xDEAD_11FE_0000_0000);
+    if rng.chance(500_000) {
+        Duration::from_millis(rng.range_inclusive(300, 3_000))
+    } else {
+        shipped::SagaParams::default().order_deadline
     }
 }
 

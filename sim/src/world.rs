@@ -216,7 +216,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         faults,
         torn_armed: [false; NODES.len()],
         torn_signal: None,
-        check: Checker::new(&cfg.scenario),
+        check: Checker::new(&cfg.scenario, &def),
         deliveries: 0,
         wakeups: 0,
         cfg: cfg.clone(),
@@ -239,8 +239,9 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         });
         s.line(WORKLOAD, || {
             format!(
-                "seed {seed} scenario {} plan:\n{}",
+                "seed {seed} scenario {}{} plan:\n{}",
                 cfg.scenario.name(),
+                cfg.bug.map(|b| format!(" bug {b}")).unwrap_or_default(),
                 plan_text.trim_end()
             )
         });
@@ -325,7 +326,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                 if !is_end && !down[n] {
                     if torn_keep.is_some() {
                         // A torn write needs a write in flight: wait (bounded) for the
-                        // node to start one, then crash in that same instant.
+                        // node to start one, then crash right after that step, before the sync.
                         lock(&world).torn_armed[n] = true;
                         let within = madsim::time::Instant::now() + TORN_WAIT_MAX;
                         while let Some(ready) = recv_until(&torn_rx, Some(within)).await {
@@ -444,6 +445,11 @@ async fn sleep_until_ms(world: &World, ms: u64) {
 fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_keep: Option<u32>) {
     handle.kill(nodes[n].id());
     let mut s = lock(world);
+    // Judge the state the crash is about to erase (a node that keeps effects
+    // only in memory would otherwise hide them by forgetting).
+    let at_ms = s.elapsed_ns() / 1_000_000;
+    let Shared { check, slots, .. } = &mut *s;
+    check.safety(slots, at_ms);
     s.slots[n] = Slot::Down;
     s.fired("crash");
     let before = s.disks[n].len();
@@ -549,6 +555,9 @@ struct Driver {
     next_token: u64,
     /// Messages to send after this step.
     outgoing: Vec<(usize, Wire)>,
+    /// A torn-write crash is armed and this step began a write: signal it once
+    /// the step's messages are sent.
+    torn_after_step: bool,
 }
 
 enum Pending {
@@ -590,6 +599,13 @@ async fn node_main(world: World, i: usize) {
         };
         for (dst, wire) in out {
             send(&world, &ep, i, dst, wire).await;
+        }
+        if std::mem::take(&mut drv.torn_after_step)
+            && let Some(tx) = &lock(&world).torn_signal
+        {
+            // The step that began the write is over (what it sent is out) and
+            // the write is not synced yet: the torn-write crash strikes now.
+            let _ = tx.try_send(i);
         }
         let deadline = {
             let s = lock(&world);
@@ -797,14 +813,15 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
 /// Moves the machine's outputs to the disk, the checker and the outgoing queue.
 fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
+    let now = s.now(i);
     loop {
         let Shared {
+            cfg,
             slots,
             disks,
             check,
             trace,
             start,
-            cfg,
             ..
         } = &mut *s;
         let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
@@ -821,6 +838,9 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         disks[i].append(&frames);
                         drv.lsn_written = Some(lsn);
                         wrote = true;
+                        if crate::bugs::broker_durable_early(cfg.bug) {
+                            b.handle(now, BrokerInput::Durable { lsn });
+                        }
                     }
                     BrokerOutput::Rewrite { lsn, frames } => {
                         disks[i].replace(&frames);
@@ -894,7 +914,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     ParticipantOutput::Answer { token, ok } => {
                         if let Some((delivery, key)) = drv.callbacks.remove(&token) {
                             if ok {
-                                check.processed(crate::check::client_of(i, cfg), &key);
+                                check.processed(i, crate::check::client_of(i, cfg), &key);
                                 s.deliveries += 1;
                             }
                             drv.outgoing.push((BROKER, Wire::CallbackAnswer { delivery, ok }));
@@ -910,9 +930,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     }
     if wrote && s.torn_armed[i] {
         s.torn_armed[i] = false;
-        if let Some(tx) = &s.torn_signal {
-            let _ = tx.try_send(i);
-        }
+        drv.torn_after_step = true;
     }
     if wrote && drv.sync_due_ns.is_none() {
         drv.sync_due_ns = Some(s.elapsed_ns() + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
