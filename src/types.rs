@@ -70,16 +70,17 @@ impl fmt::Display for IdError {
 
 impl std::error::Error for IdError {}
 
+/// Defines a validated string id newtype (also used by `saga::ids`).
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $field:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
         #[serde(try_from = "String", into = "String")]
         pub struct $name(String);
 
         impl TryFrom<String> for $name {
-            type Error = IdError;
-            fn try_from(s: String) -> Result<Self, IdError> {
+            type Error = $crate::types::IdError;
+            fn try_from(s: String) -> Result<Self, $crate::types::IdError> {
                 Self::new(s)
             }
         }
@@ -94,16 +95,16 @@ macro_rules! string_id {
             pub const FIELD: &'static str = $field;
 
             /// Validates: non-empty, at most [`ID_LEN_MAX`] bytes, no control characters.
-            pub fn new(s: impl Into<String>) -> Result<Self, IdError> {
+            pub fn new(s: impl Into<String>) -> Result<Self, $crate::types::IdError> {
                 let s = s.into();
                 if s.is_empty() {
-                    return Err(IdError::Empty { field: $field });
+                    return Err($crate::types::IdError::Empty { field: $field });
                 }
-                if s.len() > ID_LEN_MAX {
-                    return Err(IdError::TooLong { field: $field, len: s.len() });
+                if s.len() > $crate::types::ID_LEN_MAX {
+                    return Err($crate::types::IdError::TooLong { field: $field, len: s.len() });
                 }
                 if s.chars().any(char::is_control) {
-                    return Err(IdError::ControlChar { field: $field });
+                    return Err($crate::types::IdError::ControlChar { field: $field });
                 }
                 Ok($name(s))
             }
@@ -118,13 +119,15 @@ macro_rules! string_id {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(&self.0)
             }
         }
     };
 }
+
+pub(crate) use string_id;
 
 string_id!(
     /// The saga's global transaction id (the Go design's `GlobalID`).

@@ -5,15 +5,22 @@
 //! - **no-lost-publish** (safety): every acknowledged publish reached every
 //!   subscriber entitled at acknowledgement time (2xx) or sits in its dead letters;
 //! - **dedup** (safety): one `(GlobalID, SubID)` never maps to two message ids;
-//! - **conservation** (safety): stock and money are conserved (initial = current + held),
-//!   which also catches any effect applied twice;
+//! - **effects-at-most-once** (safety): per order, stock deducted at most once (its
+//!   quantity or nothing) and given back at most what was deducted (a release
+//!   without a deduction must be a null compensation); payment charged at most
+//!   once and refunded at most what was charged;
+//! - **conservation** (safety): stock and money are conserved (initial = current + held);
 //! - **saga-outcome** (safety): a terminal order agrees with the participants' effects;
 //! - **recovery** (safety): a node refused to start from its own disk;
+//! - **no-lost-effect** (safety, judged once quiescent): every message a participant
+//!   answered 2xx is reflected in its state (it would not act on it again): a 2xx
+//!   that a crash then took back is a lost delivery, even when a deadline later
+//!   papers over its consequences;
 //! - **liveness**: after healing, every order terminal and every delivery settled in time.
 
 use crate::plan::NODES;
 use crate::scenario::Scenario;
-use crate::world::{BROKER, ORDER, PAYMENT, STOCK, Slot};
+use crate::world::{BROKER, CUSTOM, ORDER, PAYMENT, RunConfig, STOCK, Slot};
 use sagamq::{ClientId, Message, MessageKey, MsgId, Topic};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -93,15 +100,61 @@ pub enum View {
     Stock {
         initial: BTreeMap<String, u64>,
         level: BTreeMap<String, u64>,
-        /// order -> (product, quantity) deducted and not released.
-        held: BTreeMap<String, (String, u64)>,
+        /// order -> what stock did for it (only orders with an effect).
+        orders: BTreeMap<String, StockEffects>,
     },
     Payment {
         initial: BTreeMap<String, u64>,
         balance: BTreeMap<String, u64>,
-        /// order -> (customer, amount) charged and not refunded.
-        charged: BTreeMap<String, (String, u64)>,
+        /// order -> what payment did for it (only orders with an effect).
+        orders: BTreeMap<String, PaymentEffects>,
     },
+    /// A user's participant: its own invariant's verdict and a copy of its state.
+    Custom {
+        client: String,
+        problem: Option<String>,
+        state: std::sync::Arc<dyn std::any::Any + Send + Sync>,
+    },
+}
+
+impl View {
+    /// The state of a custom participant of type `P` (see [`crate::custom`]).
+    pub fn custom_state<P: 'static>(&self) -> Option<&P> {
+        match self {
+            View::Custom { state, .. } => state.downcast_ref::<P>(),
+            _ => None,
+        }
+    }
+}
+
+/// Units stock took from and gave back to the shelf for one order, summed over
+/// every time it did so: a participant that applies an effect twice shows it
+/// here (the shipped one cannot, by construction, and reports 0 or the quantity).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StockEffects {
+    pub product: String,
+    pub deducted: u64,
+    pub restocked: u64,
+}
+
+impl StockEffects {
+    pub fn held(&self) -> u64 {
+        self.deducted.saturating_sub(self.restocked)
+    }
+}
+
+/// Money payment took from and gave back to a customer for one order, summed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PaymentEffects {
+    pub customer: String,
+    pub charged: u64,
+    pub refunded: u64,
+}
+
+impl PaymentEffects {
+    pub fn held(&self) -> u64 {
+        self.charged.saturating_sub(self.refunded)
+    }
 }
 
 #[derive(Debug)]
@@ -116,30 +169,72 @@ pub struct Checker {
     acked: BTreeMap<MessageKey, Acked>,
     subscribers: BTreeMap<Topic, BTreeSet<ClientId>>,
     processed: BTreeSet<(ClientId, MessageKey)>,
+    /// The node each subscriber runs on (learned from its 2xx answers).
+    client_nodes: BTreeMap<ClientId, usize>,
     callback_ids: BTreeMap<MessageKey, MsgId>,
+    /// Each message delivered by callback, by key (for the no-lost-effect judgement).
+    messages: BTreeMap<MessageKey, Message>,
     orders_expected: u64,
+    /// order -> (quantity, amount) as the workload asks for it.
+    order_sizes: BTreeMap<String, (u64, u64)>,
     violations: Vec<Violation>,
 }
 
+/// Why a forward effect `done` (of an order sized `size`) and its undo `undone`
+/// break effects-at-most-once, if they do: the effect is all or nothing and
+/// happens at most once; the undo gives back at most what was taken, and
+/// nothing at all when nothing was taken (a null compensation).
+fn at_most_once(done: u64, size: u64, undone: u64) -> Option<&'static str> {
+    if done > size {
+        Some("applied more than once")
+    } else if done != 0 && done != size {
+        Some("applied partially")
+    } else if undone > 0 && done == 0 {
+        Some("compensated without the effect: a null compensation must give back nothing")
+    } else if undone > done {
+        Some("compensated more than once")
+    } else if undone != 0 && undone != done {
+        Some("compensated partially")
+    } else {
+        None
+    }
+}
+
 /// The client id each participant node subscribes as.
-pub fn client_of(node: usize) -> ClientId {
+pub fn client_of(node: usize, cfg: &RunConfig) -> ClientId {
     use sagamq::saga::topics;
-    ClientId::lit(match node {
-        ORDER => topics::ORDER_SERVICE,
-        STOCK => topics::STOCK_SERVICE,
-        PAYMENT => topics::PAYMENT_SERVICE,
-        _ => NODES[node],
-    })
+    match node {
+        ORDER => ClientId::lit(topics::ORDER_SERVICE),
+        STOCK => ClientId::lit(topics::STOCK_SERVICE),
+        PAYMENT => ClientId::lit(topics::PAYMENT_SERVICE),
+        CUSTOM => cfg
+            .custom
+            .as_ref()
+            .map_or_else(|| ClientId::lit(NODES[node]), |c| c.client_id().clone()),
+        _ => ClientId::lit(NODES[node]),
+    }
 }
 
 impl Checker {
-    pub fn new(scenario: &Scenario) -> Checker {
+    /// `def` is the run's workload: each order's quantity and amount bound what
+    /// stock and payment may take for it.
+    pub fn new(scenario: &Scenario, def: &sagamq::saga::scenario::Scenario) -> Checker {
         Checker {
             acked: BTreeMap::new(),
             subscribers: BTreeMap::new(),
             processed: BTreeSet::new(),
+            client_nodes: BTreeMap::new(),
             callback_ids: BTreeMap::new(),
+            messages: BTreeMap::new(),
             orders_expected: scenario.order_count(),
+            order_sizes: def
+                .orders
+                .iter()
+                .map(|o| {
+                    let s = &o.spec;
+                    (s.order_id.clone(), (s.quantity, s.quantity.saturating_mul(s.price)))
+                })
+                .collect(),
             violations: Vec::new(),
         }
     }
@@ -196,13 +291,15 @@ impl Checker {
             }
             Some(_) => {}
             None => {
-                self.callback_ids.insert(key, message.msg_id);
+                self.callback_ids.insert(key.clone(), message.msg_id);
+                self.messages.insert(key, message.clone());
             }
         }
     }
 
-    pub fn processed(&mut self, node: usize, key: &MessageKey) {
-        self.processed.insert((client_of(node), key.clone()));
+    pub fn processed(&mut self, node: usize, client: ClientId, key: &MessageKey) {
+        self.client_nodes.insert(client.clone(), node);
+        self.processed.insert((client, key.clone()));
     }
 
     fn views(slots: &[Slot]) -> Vec<View> {
@@ -218,44 +315,80 @@ impl Checker {
             .collect()
     }
 
-    /// Conservation and outcome consistency, judged on the current states.
+    /// Effects at most once, conservation and outcome consistency, judged on the current states.
     pub fn safety(&mut self, slots: &[Slot], at_ms: u64) {
         let views = Self::views(slots);
         let mut held_orders = BTreeSet::new();
         let mut charged_orders = BTreeSet::new();
         for v in &views {
             match v {
-                View::Stock { initial, level, held } => {
+                View::Stock { initial, level, orders } => {
+                    for (id, e) in orders {
+                        let quantity = self.order_sizes.get(id).map_or(0, |(q, _)| *q);
+                        if let Some(wrong) = at_most_once(e.deducted, quantity, e.restocked) {
+                            let detail = format!(
+                                "order {id}: stock deducted {} and restocked {} units of {} for an order of {quantity} ({wrong})",
+                                e.deducted, e.restocked, e.product
+                            );
+                            self.violation(Violation::safety("effects-at-most-once", detail, at_ms));
+                        }
+                    }
                     for (product, start) in initial {
                         let now = level.get(product).copied().unwrap_or(0);
-                        let out: u64 = held.values().filter(|(p, _)| p == product).map(|(_, q)| q).sum();
+                        let out: u64 = orders
+                            .values()
+                            .filter(|e| &e.product == product)
+                            .map(StockEffects::held)
+                            .sum();
                         if now + out != *start {
                             let detail = format!(
-                                "stock of {product}: initial {start} != level {now} + held {out} (an effect was lost or applied twice)"
+                                "stock of {product}: initial {start} != level {now} + held {out} (an effect was lost or invented)"
                             );
                             self.violation(Violation::safety("conservation", detail, at_ms));
                         }
                     }
-                    held_orders.extend(held.keys().cloned());
+                    held_orders.extend(orders.iter().filter(|(_, e)| e.held() > 0).map(|(id, _)| id.clone()));
                 }
                 View::Payment {
                     initial,
                     balance,
-                    charged,
+                    orders,
                 } => {
+                    for (id, e) in orders {
+                        let amount = self.order_sizes.get(id).map_or(0, |(_, a)| *a);
+                        if let Some(wrong) = at_most_once(e.charged, amount, e.refunded) {
+                            let detail = format!(
+                                "order {id}: payment charged {} and refunded {} to {} for an order of {amount} ({wrong})",
+                                e.charged, e.refunded, e.customer
+                            );
+                            self.violation(Violation::safety("effects-at-most-once", detail, at_ms));
+                        }
+                    }
                     for (customer, start) in initial {
                         let now = balance.get(customer).copied().unwrap_or(0);
-                        let out: u64 = charged.values().filter(|(c, _)| c == customer).map(|(_, a)| a).sum();
+                        let out: u64 = orders
+                            .values()
+                            .filter(|e| &e.customer == customer)
+                            .map(PaymentEffects::held)
+                            .sum();
                         if now + out != *start {
                             let detail = format!(
-                                "balance of {customer}: initial {start} != balance {now} + charged {out} (an effect was lost or applied twice)"
+                                "balance of {customer}: initial {start} != balance {now} + charged {out} (an effect was lost or invented)"
                             );
                             self.violation(Violation::safety("conservation", detail, at_ms));
                         }
                     }
-                    charged_orders.extend(charged.keys().cloned());
+                    charged_orders.extend(orders.iter().filter(|(_, e)| e.held() > 0).map(|(id, _)| id.clone()));
                 }
-                View::Order { .. } => {}
+                View::Custom {
+                    client,
+                    problem: Some(problem),
+                    ..
+                } => {
+                    let detail = format!("{client}: {problem}");
+                    self.violation(Violation::safety("custom-invariant", detail, at_ms));
+                }
+                View::Order { .. } | View::Custom { .. } => {}
             }
         }
         let stock_up = slots.get(STOCK).is_some_and(|s| matches!(s, Slot::Participant(_)));
@@ -306,6 +439,7 @@ impl Checker {
         for (i, slot) in slots.iter().enumerate() {
             match slot {
                 Slot::Down => out.push(format!("{} is down", NODES[i])),
+                Slot::Absent => {}
                 Slot::Broker(b) => {
                     for (client, st) in b.stats().subscribers {
                         if st.pending + st.in_flight > 0 {
@@ -383,6 +517,26 @@ impl Checker {
             }
         }
         for v in lost {
+            self.violation(v);
+        }
+        // Quiescent: every 2xx a participant gave is still reflected in its state.
+        let mut forgotten = Vec::new();
+        for (client, key) in &self.processed {
+            let Some(&node) = self.client_nodes.get(client) else {
+                continue;
+            };
+            let (Some(Slot::Participant(p)), Some(message)) = (slots.get(node), self.messages.get(key)) else {
+                continue;
+            };
+            if !p.reflects(message) {
+                let detail = format!(
+                    "{client} answered 2xx for {key} ({}, topic {}) but its state does not reflect it: the effect was lost after the acknowledgement",
+                    message.msg_id, message.topic
+                );
+                forgotten.push(Violation::safety("no-lost-effect", detail, at_ms));
+            }
+        }
+        for v in forgotten {
             self.violation(v);
         }
     }

@@ -4,11 +4,18 @@
 //! - [`plan`]: fault plans (swarm profiles drawn from the seed; explicit, printable, shrinkable).
 //! - [`world`]: the madsim world: nodes driving the shipped machines, faulty transport,
 //!   crash-surviving disks, skewed clocks, the chaos and heal phases.
-//! - [`participants`]: which participant implementation each node runs (shipped or a planted bug).
-//! - [`scenario`]: the `seed` and `saga` workloads.
+//! - [`participants`]: which participant implementation each node runs (shipped or a planted bug),
+//!   and the swarm-drawn host bounds (a tiny inbox on half the seeds).
+//! - [`bugs`]: the planted-bug catalogue (`--bug NAME`): host flaws around the shipped host,
+//!   stock/payment logic with one guard left out, the Go seed's naive stock, a broker-driver switch.
+//! - [`scenario`]: the `seed` and `saga` workloads (saga order deadlines swarm-drawn: half the
+//!   seeds short enough to fire while messages are still in flight).
+//! - [`custom`]: plug your own participant into the world, under the same faults.
 //! - [`check`]: the invariant checker (safety during and after chaos, liveness after healing).
 //! - [`runner`]: sweeps, summaries, shrinking, the benchmark.
 //! - [`trace`]: the canonical trace and its hash.
+//! - [`event`]: the structured event stream of a traced run (sends, receives, faults).
+//! - [`diagram`]: sequence diagrams (SVG, Mermaid) drawn from those events.
 //!
 //! **Invariant:** a seed (plus scenario and bug) determines the run: same seed, same build,
 //! same trace bytes, in any process.
@@ -17,6 +24,9 @@
 pub mod bugs;
 pub mod check;
 pub mod clock;
+pub mod custom;
+pub mod diagram;
+pub mod event;
 pub mod participants;
 pub mod plan;
 pub mod runner;

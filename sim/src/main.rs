@@ -6,8 +6,8 @@ use sagamq_sim::plan::FaultPlan;
 use sagamq_sim::runner::{self, Summary};
 use sagamq_sim::scenario::Scenario;
 use sagamq_sim::world::RunConfig;
-use sagamq_sim::{Bug, trace};
-use std::io::IsTerminal;
+use sagamq_sim::{Bug, diagram, trace};
+use std::io::{IsTerminal, Write as _};
 use std::ops::Range;
 use std::process::ExitCode;
 
@@ -50,6 +50,16 @@ enum Cmd {
         /// Replay an explicit plan (JSON, as printed by `shrink --json-plan`) instead of the seed's.
         #[arg(long)]
         plan: Option<std::path::PathBuf>,
+        /// Write a sequence diagram (self-contained SVG; an HTML page if FILE ends in .html)
+        /// of the run to this file instead of printing the trace.
+        #[arg(long)]
+        svg: Option<std::path::PathBuf>,
+        /// Write a Mermaid sequenceDiagram of the run to this file (`-`: stdout) instead of printing the trace.
+        #[arg(long)]
+        mermaid: Option<std::path::PathBuf>,
+        /// Diagrams show only this order's (GlobalID's) messages, plus crashes, partitions and violations.
+        #[arg(long)]
+        order: Option<String>,
     },
     /// Name the planted bugs with one line of explanation each.
     ListBugs,
@@ -103,7 +113,7 @@ fn main() -> ExitCode {
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let tty = std::io::stderr().is_terminal();
             let progress = move |done: u64, total: u64, failed: u64| {
-                if tty && (done % 50 == 0 || done == total) {
+                if tty && (done.is_multiple_of(50) || done == total) {
                     eprint!("\r{done}/{total} seeds, {failed} failed ");
                 }
             };
@@ -118,7 +128,15 @@ fn main() -> ExitCode {
             scenario,
             bug,
             plan,
+            svg,
+            mermaid,
+            order,
         } => {
+            if order.is_some() && svg.is_none() && mermaid.is_none() {
+                eprintln!("--order selects what a diagram shows: add --svg FILE or --mermaid FILE");
+                return ExitCode::from(2);
+            }
+            let plan_file = plan.clone();
             let mut cfg = RunConfig::new(scenario, bug);
             cfg.trace = true;
             let plan = match plan {
@@ -135,7 +153,56 @@ fn main() -> ExitCode {
                 None => runner::plan_for(seed, &cfg),
             };
             let r = sagamq_sim::world::run(seed, &plan, &cfg);
-            print!("{}", trace::render(&r.trace));
+            if svg.is_none() && mermaid.is_none() {
+                print!("{}", trace::render(&r.trace));
+            } else {
+                let mut command =
+                    runner::replay_command(seed, &cfg).replace("cargo run --release -p sagamq-sim --", "sagamq-sim");
+                if let Some(p) = &plan_file {
+                    command.push_str(&format!(" --plan {}", p.display()));
+                }
+                if let Some(o) = &order {
+                    command.push_str(&format!(" --order {o}"));
+                }
+                let opts = diagram::Options {
+                    order,
+                    command: Some(command),
+                };
+                for (path, is_svg) in [(&svg, true), (&mermaid, false)] {
+                    let Some(path) = path else { continue };
+                    let rendered = if is_svg {
+                        diagram::svg(&r.events, &opts)
+                    } else {
+                        diagram::mermaid(&r.events, &opts)
+                    };
+                    let mut text = match rendered {
+                        Ok(t) => t,
+                        Err(e) => {
+                            eprintln!("{e}");
+                            return ExitCode::from(2);
+                        }
+                    };
+                    if is_svg && path.extension().is_some_and(|e| e == "html" || e == "htm") {
+                        text = diagram::html_page(&text, opts.command.as_deref().unwrap_or("sagamq-sim"));
+                    }
+                    let written = if path.as_os_str() == "-" {
+                        std::io::stdout().write_all(text.as_bytes())
+                    } else {
+                        std::fs::write(path, &text)
+                    };
+                    if let Err(e) = written {
+                        eprintln!("cannot write {}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                    if path.as_os_str() != "-" {
+                        eprintln!("wrote {} ({} bytes)", path.display(), text.len());
+                    }
+                }
+                match r.violations.first() {
+                    None => eprintln!("seed {seed}: no invariant violated"),
+                    Some(v) => eprintln!("seed {seed}: FAIL {v}"),
+                }
+            }
             if r.violations.is_empty() {
                 ExitCode::SUCCESS
             } else {

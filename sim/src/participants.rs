@@ -2,16 +2,16 @@
 //! participants, or a planted bug's variant (see `bugs`), and how the checker
 //! reads each one's state.
 
-use crate::check::{OrderPhase, View};
-use crate::world::{ORDER, PAYMENT, RunConfig, STOCK, notify_url};
-use sagamq::Time;
+use crate::check::{OrderPhase, PaymentEffects, StockEffects, View};
+use crate::world::{CUSTOM, ORDER, PAYMENT, RunConfig, STOCK, notify_url};
 use sagamq::machine::Machine;
 use sagamq::saga::order::{Order, OrderFlow, OrderStatus};
-use sagamq::saga::payment::{Charge, Payment};
-use sagamq::saga::stock::{Deduction, Stock};
+use sagamq::saga::payment::{Charge, Payment, PaymentOrder, Refund};
+use sagamq::saga::stock::{Deduction, Release, Stock, StockOrder};
 use sagamq::saga::{
-    HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, scenario as shipped,
+    Decision, HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, scenario as shipped,
 };
+use sagamq::{Message, Time};
 use std::time::Duration;
 
 /// A participant as the world drives and the checker reads it.
@@ -20,6 +20,17 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn view(&self) -> View;
     /// Nothing left to do: no outbox entry waiting for the broker's acknowledgement.
     fn settled(&self) -> bool;
+    /// Whether the state already reflects `message` (a redelivery would cause no
+    /// new effect). Asked only of messages the participant answered 2xx.
+    fn reflects(&self, message: &Message) -> bool;
+    /// Every subscription confirmed by the broker (traffic may start).
+    fn ready(&self) -> bool;
+}
+
+/// For participants idempotent by state (the shipped ones): the state reflects a
+/// message iff deciding it again commits nothing. Their decisions ignore `now`.
+pub fn decides_nothing<P: Participant>(logic: &P, message: &Message) -> bool {
+    !matches!(logic.on_message(Time::ZERO, message), Decision::Commit { .. })
 }
 
 impl SimParticipant for ParticipantHost<Stock> {
@@ -32,21 +43,39 @@ impl SimParticipant for ParticipantHost<Stock> {
                 .map(|(p, n)| (p.to_string(), *n))
                 .collect(),
             level: self.logic().levels().iter().map(|(p, n)| (p.to_string(), *n)).collect(),
-            held: self
+            orders: self
                 .logic()
                 .orders()
                 .iter()
-                .filter(|(_, o)| o.held() > 0)
-                .filter_map(|(id, o)| match &o.deduction {
-                    Deduction::Deducted { product, .. } => Some((id.to_string(), (product.to_string(), o.held()))),
-                    _ => None,
-                })
+                .filter_map(|(id, o)| stock_effects(o).map(|e| (id.to_string(), e)))
                 .collect(),
         }
     }
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
+    fn reflects(&self, message: &Message) -> bool {
+        decides_nothing(self.logic(), message)
+    }
+    fn ready(&self) -> bool {
+        self.subscribed()
+    }
+}
+
+/// What the shipped stock did for one order (None: no effect on the shelf).
+fn stock_effects(o: &StockOrder) -> Option<StockEffects> {
+    let Deduction::Deducted { product, quantity } = &o.deduction else {
+        return None;
+    };
+    let restocked = match &o.release {
+        Release::Restocked { quantity, .. } => *quantity,
+        Release::NotSeen | Release::Null => 0,
+    };
+    Some(StockEffects {
+        product: product.to_string(),
+        deducted: *quantity,
+        restocked,
+    })
 }
 
 impl SimParticipant for ParticipantHost<Payment> {
@@ -64,21 +93,39 @@ impl SimParticipant for ParticipantHost<Payment> {
                 .iter()
                 .map(|(c, n)| (c.to_string(), *n))
                 .collect(),
-            charged: self
+            orders: self
                 .logic()
                 .orders()
                 .iter()
-                .filter(|(_, o)| o.held() > 0)
-                .filter_map(|(id, o)| match &o.charge {
-                    Charge::Charged { customer, .. } => Some((id.to_string(), (customer.to_string(), o.held()))),
-                    _ => None,
-                })
+                .filter_map(|(id, o)| payment_effects(o).map(|e| (id.to_string(), e)))
                 .collect(),
         }
     }
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
+    fn reflects(&self, message: &Message) -> bool {
+        decides_nothing(self.logic(), message)
+    }
+    fn ready(&self) -> bool {
+        self.subscribed()
+    }
+}
+
+/// What the shipped payment did for one order (None: no money moved).
+fn payment_effects(o: &PaymentOrder) -> Option<PaymentEffects> {
+    let Charge::Charged { customer, amount } = &o.charge else {
+        return None;
+    };
+    let refunded = match &o.refund {
+        Refund::Refunded { amount, .. } => *amount,
+        Refund::NotSeen | Refund::Null => 0,
+    };
+    Some(PaymentEffects {
+        customer: customer.to_string(),
+        charged: *amount,
+        refunded,
+    })
 }
 
 /// How the checker reads an order's status.
@@ -108,20 +155,44 @@ impl SimParticipant for ParticipantHost<Order> {
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
+    fn reflects(&self, message: &Message) -> bool {
+        decides_nothing(self.logic(), message)
+    }
+    fn ready(&self) -> bool {
+        self.subscribed()
+    }
 }
 
 /// The host configuration of node `node` in the simulator.
-pub fn host_config(node: usize, seed: u64) -> HostConfig {
-    let mut cfg = HostConfig::new(crate::check::client_of(node), notify_url(node));
+pub fn host_config(node: usize, seed: u64, run: &RunConfig) -> HostConfig {
+    let mut cfg = HostConfig::new(crate::check::client_of(node, run), notify_url(node));
     cfg.seed = seed ^ (node as u64).wrapping_mul(0x9E37_79B9);
     cfg.subscription_ttl = Duration::from_secs(30);
     cfg.subscribe_retry = Duration::from_millis(200);
     cfg.publish_retry_initial = Duration::from_millis(100);
     cfg.publish_retry_max = Duration::from_secs(1);
+    cfg.inbox_keys_max = inbox_keys_max(node, seed, &cfg);
     cfg
 }
 
-fn host<P>(logic: P, config: HostConfig, image: &[u8]) -> Result<(Box<dyn SimParticipant>, u64, u64), String>
+/// The inbox bound of node `node` for `seed` (swarm: drawn per seed and node).
+/// The host's inbox is bounded and forgets its oldest keys, so participants
+/// must stay idempotent per business key (the shipped ones key their state by
+/// order). Half the seeds run a tiny inbox so that old redeliveries reach the
+/// participant logic and that contract is exercised, not assumed.
+pub fn inbox_keys_max(node: usize, seed: u64, default: &HostConfig) -> usize {
+    let mut rng = sagamq::rng::Rng::new(seed ^ 0x1B0C_5EED_0000_0000 ^ node as u64);
+    if rng.chance(500_000) {
+        rng.range_inclusive(1, 8) as usize
+    } else {
+        default.inbox_keys_max
+    }
+}
+
+/// A participant built for a node: itself, the valid log length, the records replayed.
+pub type Built = Result<(Box<dyn SimParticipant>, u64, u64), String>;
+
+fn host<P>(logic: P, config: HostConfig, image: &[u8]) -> Built
 where
     P: Participant + Send,
     ParticipantHost<P>: SimParticipant,
@@ -135,21 +206,18 @@ where
 
 /// Builds node `node`'s participant from its disk image (empty: a fresh start).
 /// Returns the participant, the valid log length and the number of records replayed.
-pub fn build(
-    node: usize,
-    cfg: &RunConfig,
-    def: &shipped::Scenario,
-    seed: u64,
-    image: &[u8],
-    _now: Time,
-) -> Result<(Box<dyn SimParticipant>, u64, u64), String> {
-    let config = host_config(node, seed);
+pub fn build(node: usize, cfg: &RunConfig, def: &shipped::Scenario, seed: u64, image: &[u8], _now: Time) -> Built {
+    let config = host_config(node, seed, cfg);
     if let Some(bug) = cfg.bug
         && let Some(planted) = crate::bugs::build(bug, node, def, config.clone(), image)
     {
         return planted;
     }
     match node {
+        CUSTOM => match &cfg.custom {
+            Some(custom) => custom.build(config, image),
+            None => Err("no custom participant configured".to_string()),
+        },
         ORDER => host(def.order_participant(), config, image),
         STOCK => host(def.stock_participant(), config, image),
         PAYMENT => host(def.payment_participant(), config, image),

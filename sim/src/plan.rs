@@ -26,7 +26,11 @@ pub const FAULT_KINDS: [&str; 9] = [
 ];
 
 /// The nodes of the world, by name. Index = position here.
-pub const NODES: [&str; 5] = ["broker", "order", "stock", "payment", "workload"];
+pub const NODES: [&str; 6] = ["broker", "order", "stock", "payment", "workload", "custom"];
+
+/// Nodes the swarm crashes, partitions and skews when no custom participant runs
+/// (the workload models the outside world and never fails).
+pub const FAULTY_NODES: [u8; 4] = [0, 1, 2, 3];
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -185,6 +189,8 @@ pub struct FaultPlan {
 pub struct PlanShape {
     /// Faults are scheduled inside the chaos phase, `0..chaos_ms`.
     pub chaos_ms: u32,
+    /// Nodes that may crash, be partitioned or run a skewed clock.
+    pub faulty_nodes: Vec<u8>,
     /// Message-fault indices are drawn in `0..messages_max`.
     pub messages_max: u32,
 }
@@ -250,13 +256,14 @@ impl FaultPlan {
                 });
             }
         }
-        let node_count = NODES.len() as u64;
+        let faulty = &shape.faulty_nodes;
+        let pick = |rng: &mut Rng| faulty[rng.below(faulty.len() as u64) as usize];
         for _ in 0..profile.partitions {
-            let a = rng.below(node_count - 1) as u8; // the workload is never partitioned
+            let a = pick(rng);
             let b = if rng.chance(500_000) {
                 None
             } else {
-                let b = rng.below(node_count - 1) as u8;
+                let b = pick(rng);
                 if b == a { None } else { Some(b) }
             };
             faults.push(Fault::Partition {
@@ -267,7 +274,7 @@ impl FaultPlan {
             });
         }
         for _ in 0..profile.crashes {
-            let node = rng.below(node_count - 1) as u8; // the workload models the outside world
+            let node = pick(rng);
             let torn = rng.chance(profile.torn_ppm);
             faults.push(Fault::Crash {
                 at_ms: rng.below(u64::from(shape.chaos_ms)) as u32,
@@ -277,7 +284,7 @@ impl FaultPlan {
             });
         }
         if profile.clock_skew {
-            for node in 0..(node_count - 1) as u8 {
+            for &node in faulty {
                 faults.push(Fault::ClockSkew {
                     node,
                     offset_ms: rng.range_inclusive(0, 2_000) as i32 - 1_000,
@@ -335,16 +342,19 @@ impl fmt::Display for FaultPlan {
 mod tests {
     use super::*;
 
-    const SHAPE: PlanShape = PlanShape {
-        chaos_ms: 5_000,
-        messages_max: 500,
-    };
+    fn shape() -> PlanShape {
+        PlanShape {
+            chaos_ms: 5_000,
+            faulty_nodes: FAULTY_NODES.to_vec(),
+            messages_max: 500,
+        }
+    }
 
     #[test]
     fn same_seed_same_plan_and_plans_differ_across_seeds() {
-        assert_eq!(FaultPlan::from_seed(3, &SHAPE), FaultPlan::from_seed(3, &SHAPE));
+        assert_eq!(FaultPlan::from_seed(3, &shape()), FaultPlan::from_seed(3, &shape()));
         let distinct: std::collections::BTreeSet<String> =
-            (0..20).map(|s| FaultPlan::from_seed(s, &SHAPE).to_string()).collect();
+            (0..20).map(|s| FaultPlan::from_seed(s, &shape()).to_string()).collect();
         assert!(distinct.len() > 15, "swarm profiles should vary across seeds");
     }
 
@@ -353,7 +363,7 @@ mod tests {
         let mut kinds = std::collections::BTreeSet::new();
         let mut calm = 0;
         for s in 0..200 {
-            let p = FaultPlan::from_seed(s, &SHAPE);
+            let p = FaultPlan::from_seed(s, &shape());
             if p.faults.len() < 5 {
                 calm += 1;
             }
@@ -371,7 +381,7 @@ mod tests {
 
     #[test]
     fn plan_round_trips_through_json() {
-        let p = FaultPlan::from_seed(11, &SHAPE);
+        let p = FaultPlan::from_seed(11, &shape());
         let j = serde_json::to_string(&p).unwrap();
         assert_eq!(serde_json::from_str::<FaultPlan>(&j).unwrap(), p);
     }

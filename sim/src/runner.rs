@@ -18,12 +18,24 @@ impl RunConfig {
             scenario,
             bug,
             trace: false,
+            custom: None,
         }
     }
 
+    /// The same run with a user's participant on its own node (see [`crate::custom`]).
+    pub fn with_custom(mut self, custom: crate::custom::CustomNode) -> RunConfig {
+        self.custom = Some(custom);
+        self
+    }
+
     pub fn plan_shape(&self) -> PlanShape {
+        let mut faulty_nodes = crate::plan::FAULTY_NODES.to_vec();
+        if self.custom.is_some() {
+            faulty_nodes.push(crate::world::CUSTOM as u8);
+        }
         PlanShape {
             chaos_ms: self.chaos_ms,
+            faulty_nodes,
             messages_max: self.scenario.messages_estimate(),
         }
     }
@@ -164,21 +176,23 @@ pub fn sweep(
     let jobs = jobs.clamp(1, 64) as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
     let failed = std::sync::atomic::AtomicU64::new(0);
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    // With stop_at_first, the lowest failing seed so far: workers keep running
+    // seeds below it (another may fail first in seed order) and stop above it.
+    let first_fail = std::sync::atomic::AtomicU64::new(u64::MAX);
     let mut results: Vec<RunResult> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..jobs)
             .map(|j| {
-                let (done, failed, stop, seeds) = (&done, &failed, &stop, seeds.clone());
+                let (done, failed, first_fail, seeds) = (&done, &failed, &first_fail, seeds.clone());
                 scope.spawn(move || {
                     let mut out = Vec::new();
                     let mut seed = seeds.start + j;
-                    while seed < seeds.end && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    while seed < seeds.end && seed < first_fail.load(std::sync::atomic::Ordering::Relaxed) {
                         let mut r = run_seed(seed, cfg);
                         r.trace = Vec::new();
                         if !r.violations.is_empty() {
                             failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if stop_at_first {
-                                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                                first_fail.fetch_min(seed, std::sync::atomic::Ordering::Relaxed);
                             }
                         }
                         out.push(r);
@@ -202,7 +216,8 @@ pub fn sweep(
         ..Summary::default()
     };
     // With stop_at_first, other workers may have run seeds past the first
-    // failure; keep the prefix up to it so seeds-to-first-failure is exact.
+    // failure; keep the prefix up to it. Every seed below it ran, so
+    // seeds-to-first-failure is exact whatever the number of workers.
     if let Some(pos) = results.iter().position(|r| !r.violations.is_empty()) {
         summary.seeds_to_first_failure = Some(pos as u64 + 1);
         if stop_at_first {

@@ -38,6 +38,7 @@ impl Scenario {
                 seed,
                 &shipped::SagaParams {
                     orders: orders as usize,
+                    order_deadline: order_deadline(seed),
                     ..Default::default()
                 },
             ),
@@ -91,6 +92,20 @@ impl FromStr for Scenario {
     }
 }
 
+/// The saga's order deadline for `seed` (swarm: drawn per seed). Half the
+/// seeds keep the shipped default, far beyond any fault; the other half draw a
+/// deadline shorter than the faults, so orders time out while their messages
+/// are still in flight and the compensations (null compensation, hanging
+/// deduction, payment cancel) run under faults.
+pub fn order_deadline(seed: u64) -> Duration {
+    let mut rng = sagamq::rng::Rng::new(seed ^ 0xDEAD_11FE_0000_0000);
+    if rng.chance(500_000) {
+        Duration::from_millis(rng.range_inclusive(300, 3_000))
+    } else {
+        shipped::SagaParams::default().order_deadline
+    }
+}
+
 /// How long the workload waits for an answer before calling again.
 const RETRY: Duration = Duration::from_millis(300);
 
@@ -103,24 +118,48 @@ pub struct Workload {
     waiting: BTreeMap<String, (Time, OrderSpec)>,
     outbox: VecDeque<OrderSpec>,
     refused: u64,
+    /// Traffic starts once every service is subscribed (a readiness check, as a
+    /// deployment does); order times count from then. None: not yet.
+    started_at: Option<Time>,
+    last_readiness_check: Time,
 }
+
+/// How often the workload checks whether the services are ready.
+const READINESS_POLL: Duration = Duration::from_millis(10);
 
 impl Workload {
     pub fn new(def: &shipped::Scenario) -> Workload {
-        let scheduled = def
-            .orders
-            .iter()
-            .map(|o| (Time(CLOCK_BASE_NS + o.at.0), o.spec.clone()))
-            .collect();
+        // Offsets from the start of traffic (rebased in `start`).
+        let scheduled = def.orders.iter().map(|o| (o.at, o.spec.clone())).collect();
         Workload {
             scheduled,
             waiting: BTreeMap::new(),
             outbox: VecDeque::new(),
             refused: 0,
+            started_at: None,
+            last_readiness_check: Time(CLOCK_BASE_NS),
+        }
+    }
+
+    pub fn started(&self) -> bool {
+        self.started_at.is_some()
+    }
+
+    /// Notes a readiness check at `now`; starts traffic if `ready`.
+    pub fn readiness(&mut self, now: Time, ready: bool) {
+        self.last_readiness_check = now;
+        if ready && self.started_at.is_none() {
+            self.started_at = Some(now);
+            for (at, _) in &mut self.scheduled {
+                *at = Time(now.0 + at.0);
+            }
         }
     }
 
     pub fn poll_timeout(&self) -> Option<Time> {
+        if self.started_at.is_none() {
+            return Some(self.last_readiness_check.plus(READINESS_POLL));
+        }
         let next_new = self.scheduled.front().map(|(t, _)| *t);
         let next_retry = self.waiting.values().map(|(t, _)| *t).min();
         match (next_new, next_retry) {
@@ -130,6 +169,9 @@ impl Workload {
     }
 
     pub fn handle_timeout(&mut self, now: Time) {
+        if self.started_at.is_none() {
+            return;
+        }
         while self.scheduled.front().is_some_and(|(t, _)| *t <= now) {
             let (_, spec) = self.scheduled.pop_front().expect("front exists");
             self.waiting

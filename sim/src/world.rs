@@ -11,6 +11,7 @@
 use crate::Bug;
 use crate::check::{Checker, Violation};
 use crate::clock::Skew;
+use crate::event::{EventLog, Fate, Seq, What};
 use crate::participants::{self, SimParticipant};
 use crate::plan::{Fault, FaultPlan, NODES, PlanIndex};
 use crate::scenario::{Scenario, Workload};
@@ -38,6 +39,8 @@ pub const ORDER: usize = 1;
 pub const STOCK: usize = 2;
 pub const PAYMENT: usize = 3;
 pub const WORKLOAD: usize = 4;
+/// Runs the user's own participant when `RunConfig::custom` is set (see `custom`).
+pub const CUSTOM: usize = 5;
 const TAG: u64 = 7;
 /// A disk sync takes this long; writes issued meanwhile share it (group commit).
 const SYNC_LATENCY: Duration = Duration::from_micros(500);
@@ -54,13 +57,19 @@ pub struct RunConfig {
     pub chaos_ms: u32,
     /// After healing, every order must be terminal and every delivery settled within this.
     pub heal_ms_max: u32,
+    /// A user-written participant on its own node, under the same faults.
+    pub custom: Option<crate::custom::CustomNode>,
 }
 
 /// What one seed's run produced.
 #[derive(Debug, Default)]
 pub struct RunResult {
     pub seed: u64,
+    /// Each participant's final state, by node name.
+    pub views: BTreeMap<String, crate::check::View>,
     pub trace: Vec<String>,
+    /// The structured events behind the diagrams (empty unless tracing).
+    pub events: Vec<crate::event::Event>,
     pub violations: Vec<Violation>,
     /// Faults that actually fired, per kind.
     pub faults: BTreeMap<&'static str, u64>,
@@ -75,6 +84,8 @@ pub struct RunResult {
 /// A node's machine as the checker sees it; `Down` while crashed.
 pub enum Slot {
     Down,
+    /// A node this run does not use (the custom node without a custom participant).
+    Absent,
     Broker(Box<Broker>),
     Participant(Box<dyn SimParticipant>),
     Workload(Box<Workload>),
@@ -87,6 +98,7 @@ pub struct Shared {
     def: sagamq::saga::scenario::Scenario,
     seed: u64,
     pub trace: Trace,
+    pub events: EventLog,
     start: madsim::time::Instant,
     skews: [Skew; NODES.len()],
     pub disks: Vec<MemDisk>,
@@ -121,6 +133,10 @@ impl Shared {
         let t = self.elapsed_ns();
         self.trace.line(t, NODES[node], text);
     }
+    fn event(&mut self, what: impl FnOnce() -> What) {
+        let t = self.elapsed_ns();
+        self.events.push(t, what);
+    }
 }
 
 type World = Arc<Mutex<Shared>>;
@@ -153,7 +169,7 @@ pub fn broker_config() -> BrokerConfig {
         retry_backoff_initial: Duration::from_millis(20),
         retry_backoff_max: Duration::from_millis(500),
         attempts_max: 12,
-        compact_garbage_records_min: 64,
+        compact_garbage_records_min: 256,
         ..BrokerConfig::default()
     }
 }
@@ -187,6 +203,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     let workload = Workload::new(&def);
     let shared = Shared {
         trace: Trace::new(cfg.trace),
+        events: EventLog::new(cfg.trace),
         start: madsim::time::Instant::now(),
         skews,
         disks: vec![MemDisk::new(); NODES.len()],
@@ -199,7 +216,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         faults,
         torn_armed: [false; NODES.len()],
         torn_signal: None,
-        check: Checker::new(&cfg.scenario),
+        check: Checker::new(&cfg.scenario, &def),
         deliveries: 0,
         wakeups: 0,
         cfg: cfg.clone(),
@@ -213,10 +230,18 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         let mut s = lock(&world);
         s.slots[WORKLOAD] = Slot::Workload(Box::new(workload));
         let plan_text = plan.to_string();
+        s.event(|| What::Plan {
+            seed,
+            scenario: cfg.scenario.to_string(),
+            bug: cfg.bug.map(|b| b.to_string()),
+            profile: plan.profile.to_string(),
+            faults: plan.faults.iter().map(|f| f.to_string()).collect(),
+        });
         s.line(WORKLOAD, || {
             format!(
-                "seed {seed} scenario {} plan:\n{}",
+                "seed {seed} scenario {}{} plan:\n{}",
                 cfg.scenario.name(),
+                cfg.bug.map(|b| format!(" bug {b}")).unwrap_or_default(),
                 plan_text.trim_end()
             )
         });
@@ -279,6 +304,15 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                     s.fired("partition");
                 }
                 let f = plan.faults[k].clone();
+                let b = b.map(usize::from);
+                s.event(|| {
+                    let text = f.to_string();
+                    if is_end {
+                        What::PartitionHeal { id: k, a, b, text }
+                    } else {
+                        What::PartitionStart { id: k, a, b, text }
+                    }
+                });
                 s.line(a, || {
                     if is_end {
                         format!("heal: {f}")
@@ -292,7 +326,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                 if !is_end && !down[n] {
                     if torn_keep.is_some() {
                         // A torn write needs a write in flight: wait (bounded) for the
-                        // node to start one, then crash in that same instant.
+                        // node to start one, then crash right after that step, before the sync.
                         lock(&world).torn_armed[n] = true;
                         let within = madsim::time::Instant::now() + TORN_WAIT_MAX;
                         while let Some(ready) = recv_until(&torn_rx, Some(within)).await {
@@ -319,6 +353,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     {
         let mut s = lock(&world);
         s.chaos = false;
+        s.event(|| What::HealPhase);
         s.line(BROKER, || {
             "heal: faults off, partitions healed, crashed nodes restarted".to_string()
         });
@@ -363,10 +398,35 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     for text in texts {
         s.line(BROKER, || format!("VIOLATION {text}"));
     }
+    for (n, v) in s.check.violations().to_vec().into_iter().enumerate() {
+        s.events.push(v.at_ms.saturating_mul(1_000_000), || What::Violation {
+            kind: v.kind.as_str(),
+            invariant: v.invariant,
+            detail: v.detail,
+            first: n == 0,
+        });
+    }
     let shared = &mut *s;
+    let views = shared
+        .slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, slot)| match slot {
+            Slot::Participant(p) => Some((NODES[i].to_string(), p.view())),
+            _ => None,
+        })
+        .collect();
+    // madsim does not drop the tasks still parked when `block_on` returns, and
+    // they hold this world: free the machines and disks now so a long sweep
+    // does not keep every seed's state alive.
+    // (Tasks may still be polled once more, so keep the indices valid.)
+    shared.slots.iter_mut().for_each(|slot| *slot = Slot::Absent);
+    shared.disks.iter_mut().for_each(|disk| *disk = MemDisk::new());
     RunResult {
         seed,
+        views,
         trace: std::mem::take(&mut shared.trace).into_lines(),
+        events: std::mem::take(&mut shared.events).into_events(),
         violations: shared.check.violations().to_vec(),
         faults: std::mem::take(&mut shared.faults),
         orders: shared.check.orders_total(),
@@ -385,6 +445,11 @@ async fn sleep_until_ms(world: &World, ms: u64) {
 fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_keep: Option<u32>) {
     handle.kill(nodes[n].id());
     let mut s = lock(world);
+    // Judge the state the crash is about to erase (a node that keeps effects
+    // only in memory would otherwise hide them by forgetting).
+    let at_ms = s.elapsed_ns() / 1_000_000;
+    let Shared { check, slots, .. } = &mut *s;
+    check.safety(slots, at_ms);
     s.slots[n] = Slot::Down;
     s.fired("crash");
     let before = s.disks[n].len();
@@ -403,6 +468,7 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
     if torn {
         s.fired("torn_write");
     }
+    s.event(|| What::Crash { node: n, torn });
     s.line(n, || {
         format!(
             "CRASH (unsynced writes lost{})",
@@ -412,7 +478,10 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
 }
 
 fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {
-    lock(world).line(n, || "restart".to_string());
+    let mut s = lock(world);
+    s.event(|| What::Restart { node: n });
+    s.line(n, || "restart".to_string());
+    drop(s);
     handle.restart(nodes[n].id());
 }
 
@@ -437,13 +506,17 @@ fn redrive_all(s: &mut Shared) {
                 },
             );
         }
+        s.event(|| What::Note {
+            node: BROKER,
+            text: format!("operator: redrive dead letters of {client}"),
+        });
         s.line(BROKER, || format!("operator: redrive dead letters of {client}"));
     }
 }
 
 /// What woke a node: a message, or its next deadline passed.
 enum Wake {
-    Msg(SocketAddr, Wire),
+    Msg(SocketAddr, Seq, Wire),
     Timer,
 }
 
@@ -482,6 +555,9 @@ struct Driver {
     next_token: u64,
     /// Messages to send after this step.
     outgoing: Vec<(usize, Wire)>,
+    /// A torn-write crash is armed and this step began a write: signal it once
+    /// the step's messages are sent.
+    torn_after_step: bool,
 }
 
 enum Pending {
@@ -500,8 +576,8 @@ async fn node_main(world: World, i: usize) {
         let ep = ep.clone();
         madsim::task::spawn(async move {
             while let Ok((payload, from)) = ep.recv_from_raw(TAG).await {
-                let wire = *payload.downcast::<Wire>().expect("only Wire values travel");
-                if tx.send((from, wire)).await.is_err() {
+                let (seq, wire) = *payload.downcast::<(Seq, Wire)>().expect("only Wire values travel");
+                if tx.send((from, seq, wire)).await.is_err() {
                     break;
                 }
             }
@@ -515,7 +591,7 @@ async fn node_main(world: World, i: usize) {
             s.wakeups += 1;
             let now = s.now(i);
             match wake {
-                Wake::Msg(from, wire) => on_wire(&mut s, &mut drv, i, now, from, wire),
+                Wake::Msg(from, seq, wire) => on_wire(&mut s, &mut drv, i, now, from, seq, wire),
                 Wake::Timer => on_timer(&mut s, &mut drv, i, now),
             }
             drain(&mut s, &mut drv, i);
@@ -523,6 +599,13 @@ async fn node_main(world: World, i: usize) {
         };
         for (dst, wire) in out {
             send(&world, &ep, i, dst, wire).await;
+        }
+        if std::mem::take(&mut drv.torn_after_step)
+            && let Some(tx) = &lock(&world).torn_signal
+        {
+            // The step that began the write is over (what it sent is out) and
+            // the write is not synced yet: the torn-write crash strikes now.
+            let _ = tx.try_send(i);
         }
         let deadline = {
             let s = lock(&world);
@@ -534,7 +617,7 @@ async fn node_main(world: World, i: usize) {
             next.map(|ns| s.start + Duration::from_nanos(ns))
         };
         wake = match recv_until(&rx, deadline).await {
-            Some((from, wire)) => Wake::Msg(from, wire),
+            Some((from, seq, wire)) => Wake::Msg(from, seq, wire),
             None => Wake::Timer,
         };
     }
@@ -545,6 +628,10 @@ fn boot(world: &World, i: usize) -> bool {
     let mut s = lock(world);
     if i == WORKLOAD {
         return true; // the workload models the outside world: it never crashes
+    }
+    if i == CUSTOM && s.cfg.custom.is_none() {
+        s.slots[i] = Slot::Absent;
+        return false;
     }
     let image = s.disks[i].read_all();
     let now = s.now(i);
@@ -584,7 +671,7 @@ fn boot(world: &World, i: usize) -> bool {
 
 fn poll_timeout(slot: &Slot) -> Option<Time> {
     match slot {
-        Slot::Down => None,
+        Slot::Down | Slot::Absent => None,
         Slot::Broker(b) => b.poll_timeout(),
         Slot::Participant(p) => p.poll_timeout(),
         Slot::Workload(w) => w.poll_timeout(),
@@ -600,20 +687,39 @@ fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
             match &mut s.slots[i] {
                 Slot::Broker(b) => b.handle(now, BrokerInput::Durable { lsn }),
                 Slot::Participant(p) => p.handle(now, ParticipantInput::Durable { lsn }),
-                Slot::Down | Slot::Workload(_) => {}
+                Slot::Down | Slot::Absent | Slot::Workload(_) => {}
             }
         }
     }
+    if i == WORKLOAD && !matches!(&s.slots[i], Slot::Workload(w) if w.started()) {
+        let ready = s.slots.iter().all(|slot| match slot {
+            Slot::Participant(p) => p.ready(),
+            Slot::Broker(_) | Slot::Workload(_) | Slot::Absent => true,
+            Slot::Down => false,
+        });
+        if let Slot::Workload(w) = &mut s.slots[i] {
+            w.readiness(now, ready);
+        }
+        if ready {
+            s.event(|| What::Note {
+                node: WORKLOAD,
+                text: "every service subscribed: traffic starts".to_string(),
+            });
+            s.line(i, || "every service subscribed: traffic starts".to_string());
+        }
+    }
     match &mut s.slots[i] {
-        Slot::Down => {}
+        Slot::Down | Slot::Absent => {}
         Slot::Broker(b) => b.handle_timeout(now),
         Slot::Participant(p) => p.handle_timeout(now),
         Slot::Workload(w) => w.handle_timeout(now),
     }
 }
 
-fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAddr, wire: Wire) {
+#[allow(clippy::too_many_arguments)] // one more than clippy's limit: the message's sequence number
+fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAddr, seq: Seq, wire: Wire) {
     let Some(src) = node_of(from) else { return };
+    s.event(|| What::Recv { seq, from: src, to: i });
     if s.trace.enabled() {
         let text = wire.to_string();
         s.line(i, || format!("<- {} {text}", NODES[src]));
@@ -677,6 +783,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                 && let Some(&hang) = s.plan.callback_error.get(&nth)
             {
                 *s.faults.entry("callback_error").or_default() += 1;
+                s.event(|| What::CallbackFault { seq, node: i, hang });
                 if !hang {
                     drv.outgoing
                         .push((BROKER, Wire::CallbackAnswer { delivery, ok: false }));
@@ -706,8 +813,10 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
 /// Moves the machine's outputs to the disk, the checker and the outgoing queue.
 fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
+    let now = s.now(i);
     loop {
         let Shared {
+            cfg,
             slots,
             disks,
             check,
@@ -717,7 +826,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
         } = &mut *s;
         let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
         match &mut slots[i] {
-            Slot::Down => break,
+            Slot::Down | Slot::Absent => break,
             Slot::Broker(b) => {
                 let Some(out) = b.poll_output() else { break };
                 if trace.enabled() {
@@ -729,6 +838,9 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         disks[i].append(&frames);
                         drv.lsn_written = Some(lsn);
                         wrote = true;
+                        if crate::bugs::broker_durable_early(cfg.bug) {
+                            b.handle(now, BrokerInput::Durable { lsn });
+                        }
                     }
                     BrokerOutput::Rewrite { lsn, frames } => {
                         disks[i].replace(&frames);
@@ -802,7 +914,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     ParticipantOutput::Answer { token, ok } => {
                         if let Some((delivery, key)) = drv.callbacks.remove(&token) {
                             if ok {
-                                check.processed(i, &key);
+                                check.processed(i, crate::check::client_of(i, cfg), &key);
                                 s.deliveries += 1;
                             }
                             drv.outgoing.push((BROKER, Wire::CallbackAnswer { delivery, ok }));
@@ -818,9 +930,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     }
     if wrote && s.torn_armed[i] {
         s.torn_armed[i] = false;
-        if let Some(tx) = &s.torn_signal {
-            let _ = tx.try_send(i);
-        }
+        drv.torn_after_step = true;
     }
     if wrote && drv.sync_due_ns.is_none() {
         drv.sync_due_ns = Some(s.elapsed_ns() + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
@@ -828,9 +938,10 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
 }
 
 /// Sends through the faulty transport: the plan decides drop, lost callback
-/// answer, delay and duplicate by the message's sequence number.
+/// answer, delay and duplicate by the message's sequence number, which travels
+/// with the message so a receive can name its send (the diagrams' arrows).
 async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: Wire) {
-    let (delay_ms, copies) = {
+    let (seq, delay_ms, copies) = {
         let mut s = lock(world);
         let nth = s.sent_nth;
         s.sent_nth += 1;
@@ -840,14 +951,29 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
         } else {
             None
         };
+        let t = s.elapsed_ns();
+        let seq = Seq(nth);
         if !s.chaos {
-            (0, 1)
+            s.events.send(
+                t,
+                seq,
+                from,
+                dst,
+                &wire,
+                Fate::Sent {
+                    delay_ms: 0,
+                    duplicated: false,
+                },
+            );
+            (seq, 0, 1)
         } else if s.plan.drop.contains_key(&nth) {
             s.fired("drop");
+            s.events.send(t, seq, from, dst, &wire, Fate::Dropped);
             s.line(from, || format!("fault: drop -> {} {wire}", NODES[dst]));
             return;
         } else if answer_nth.is_some_and(|a| s.plan.ack_lost.contains_key(&a)) {
             s.fired("ack_lost");
+            s.events.send(t, seq, from, dst, &wire, Fate::AnswerLost);
             s.line(from, || format!("fault: lose answer -> {} {wire}", NODES[dst]));
             return;
         } else {
@@ -859,6 +985,11 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
             if dup {
                 s.fired("duplicate");
             }
+            let fate = Fate::Sent {
+                delay_ms: delay,
+                duplicated: dup,
+            };
+            s.events.send(t, seq, from, dst, &wire, fate);
             if delay > 0 || dup {
                 s.line(from, || {
                     format!(
@@ -868,7 +999,7 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
                     )
                 });
             }
-            (delay, 1 + usize::from(dup))
+            (seq, delay, 1 + usize::from(dup))
         }
     };
     let to = addr(dst);
@@ -877,13 +1008,13 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
         madsim::task::spawn(async move {
             madsim::time::sleep(Duration::from_millis(u64::from(delay_ms))).await;
             for _ in 0..copies {
-                let _ = ep.send_to_raw(to, TAG, Box::new(wire.clone())).await;
+                let _ = ep.send_to_raw(to, TAG, Box::new((seq, wire.clone()))).await;
             }
         });
     } else {
         for _ in 0..copies {
             // A send to a crashed node fails like a refused connection; the sender's retry logic covers it.
-            let _ = ep.send_to_raw(to, TAG, Box::new(wire.clone())).await;
+            let _ = ep.send_to_raw(to, TAG, Box::new((seq, wire.clone()))).await;
         }
     }
 }

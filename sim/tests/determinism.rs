@@ -53,14 +53,12 @@ fn same_seed_same_trace_in_another_process() {
 
 #[test]
 fn madsim_determinism_checker_agrees() {
-    fn one() -> impl std::future::Future<Output = ()> {
-        async {
-            let seed = madsim::runtime::Handle::current().seed();
-            let cfg = RunConfig::new(Scenario::Saga { orders: 6 }, None);
-            let plan = runner::plan_for(seed, &cfg);
-            let r = world::simulate(seed, plan, cfg).await;
-            assert!(r.violations.is_empty(), "{:?}", r.violations);
-        }
+    async fn one() {
+        let seed = madsim::runtime::Handle::current().seed();
+        let cfg = RunConfig::new(Scenario::Saga { orders: 6 }, None);
+        let plan = runner::plan_for(seed, &cfg);
+        let r = world::simulate(seed, plan, cfg).await;
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
     }
     for seed in [5u64, 6] {
         madsim::runtime::Runtime::check_determinism(seed, madsim::Config::default(), one);

@@ -4,13 +4,13 @@
 //! minimal plan, printed with its trace.
 
 use proptest::prelude::*;
-use sagamq_sim::plan::{Fault, FaultPlan, NODES};
+use sagamq_sim::plan::{FAULTY_NODES, Fault, FaultPlan};
 use sagamq_sim::scenario::Scenario;
 use sagamq_sim::trace;
 use sagamq_sim::world::{self, RunConfig};
 
 fn fault() -> impl Strategy<Value = Fault> {
-    let node = 0..(NODES.len() as u8 - 1);
+    let node = proptest::sample::select(FAULTY_NODES.to_vec());
     prop_oneof![
         (0..400u32).prop_map(|nth| Fault::Drop { nth }),
         (0..200u32).prop_map(|nth| Fault::AckLost { nth }),
