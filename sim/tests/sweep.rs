@@ -17,7 +17,7 @@ fn sweep(scenario: Scenario, default: std::ops::Range<u64>) -> Summary {
 
 #[test]
 fn saga_sweep_passes_and_every_fault_kind_fires() {
-    let s = sweep(Scenario::Saga { orders: 8 }, 0..150);
+    let s = sweep(Scenario::Saga { orders: 8 }, 0..400);
     assert_eq!(s.failed, 0, "{}", s.human());
     assert!(
         s.orders >= 8 * s.seeds && s.deliveries > s.orders,
@@ -35,7 +35,7 @@ fn saga_sweep_passes_and_every_fault_kind_fires() {
 
 #[test]
 fn seed_scenario_sweep_passes_and_every_fault_kind_fires() {
-    let s = sweep(Scenario::Seed, 1_000..1_150);
+    let s = sweep(Scenario::Seed, 1_000..1_400);
     assert_eq!(s.failed, 0, "{}", s.human());
     if common::default_seeds() {
         assert!(
