@@ -33,32 +33,48 @@ pub fn decides_nothing<P: Participant>(logic: &P, message: &Message) -> bool {
     !matches!(logic.on_message(Time::ZERO, message), Decision::Commit { .. })
 }
 
-impl SimParticipant for ParticipantHost<Stock> {
+/// What the checker needs from a hosted participant's logic; the host supplies
+/// the rest of [`SimParticipant`] (one blanket impl below).
+pub trait Observed: Participant + Send {
+    /// The state for the checker; `initial` is the participant before any record.
+    fn view(&self, initial: &Self) -> View;
+    /// See [`SimParticipant::reflects`]; by default, idempotent by state.
+    fn reflects(&self, message: &Message) -> bool {
+        decides_nothing(self, message)
+    }
+}
+
+impl<P: Observed> SimParticipant for ParticipantHost<P> {
     fn view(&self) -> View {
-        View::Stock {
-            initial: self
-                .initial()
-                .levels()
-                .iter()
-                .map(|(p, n)| (p.to_string(), *n))
-                .collect(),
-            level: self.logic().levels().iter().map(|(p, n)| (p.to_string(), *n)).collect(),
-            orders: self
-                .logic()
-                .orders()
-                .iter()
-                .filter_map(|(id, o)| stock_effects(o).map(|e| (id.to_string(), e)))
-                .collect(),
-        }
+        self.logic().view(self.initial())
     }
     fn settled(&self) -> bool {
         self.outbox_len() == 0
     }
     fn reflects(&self, message: &Message) -> bool {
-        decides_nothing(self.logic(), message)
+        self.logic().reflects(message)
     }
     fn ready(&self) -> bool {
         self.subscribed()
+    }
+}
+
+/// A business-id-keyed amount map as the checker reads it.
+pub fn by_name<K: ToString>(map: &std::collections::BTreeMap<K, u64>) -> std::collections::BTreeMap<String, u64> {
+    map.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+}
+
+impl Observed for Stock {
+    fn view(&self, initial: &Stock) -> View {
+        View::Stock {
+            initial: by_name(initial.levels()),
+            level: by_name(self.levels()),
+            orders: self
+                .orders()
+                .iter()
+                .filter_map(|(id, o)| stock_effects(o).map(|e| (id.to_string(), e)))
+                .collect(),
+        }
     }
 }
 
@@ -78,37 +94,17 @@ fn stock_effects(o: &StockOrder) -> Option<StockEffects> {
     })
 }
 
-impl SimParticipant for ParticipantHost<Payment> {
-    fn view(&self) -> View {
+impl Observed for Payment {
+    fn view(&self, initial: &Payment) -> View {
         View::Payment {
-            initial: self
-                .initial()
-                .balances()
-                .iter()
-                .map(|(c, n)| (c.to_string(), *n))
-                .collect(),
-            balance: self
-                .logic()
-                .balances()
-                .iter()
-                .map(|(c, n)| (c.to_string(), *n))
-                .collect(),
+            initial: by_name(initial.balances()),
+            balance: by_name(self.balances()),
             orders: self
-                .logic()
                 .orders()
                 .iter()
                 .filter_map(|(id, o)| payment_effects(o).map(|e| (id.to_string(), e)))
                 .collect(),
         }
-    }
-    fn settled(&self) -> bool {
-        self.outbox_len() == 0
-    }
-    fn reflects(&self, message: &Message) -> bool {
-        decides_nothing(self.logic(), message)
-    }
-    fn ready(&self) -> bool {
-        self.subscribed()
     }
 }
 
@@ -140,26 +136,16 @@ pub fn phase(status: OrderStatus, flow: OrderFlow) -> OrderPhase {
     }
 }
 
-impl SimParticipant for ParticipantHost<Order> {
-    fn view(&self) -> View {
-        let flow = self.logic().flow();
+impl Observed for Order {
+    fn view(&self, _initial: &Order) -> View {
+        let flow = self.flow();
         View::Order {
             orders: self
-                .logic()
                 .orders()
                 .iter()
                 .map(|(id, o)| (id.to_string(), (phase(o.status, flow), o.status.to_string())))
                 .collect(),
         }
-    }
-    fn settled(&self) -> bool {
-        self.outbox_len() == 0
-    }
-    fn reflects(&self, message: &Message) -> bool {
-        decides_nothing(self.logic(), message)
-    }
-    fn ready(&self) -> bool {
-        self.subscribed()
     }
 }
 

@@ -9,10 +9,9 @@
 //! shipped stock does (the `correct_ledger_stock_passes` test holds it to that).
 
 use crate::check::{PaymentEffects, StockEffects, View};
-use crate::participants::SimParticipant;
+use crate::participants::{Observed, by_name};
 use sagamq::saga::{
-    CancelledBody, CustomerId, Decision, OrderBody, Outgoing, Participant, ParticipantHost, PaymentBody, ProductId,
-    ReleasedBody, topics,
+    CancelledBody, CustomerId, Decision, OrderBody, Outgoing, Participant, PaymentBody, ProductId, ReleasedBody, topics,
 };
 use sagamq::{GlobalId, Message, SubId, Time, Topic};
 use serde::{Deserialize, Serialize};
@@ -237,14 +236,12 @@ impl Participant for LedgerStock {
     }
 }
 
-impl SimParticipant for ParticipantHost<LedgerStock> {
-    fn view(&self) -> View {
-        let levels = |s: &LedgerStock| s.levels.iter().map(|(p, n)| (p.to_string(), *n)).collect();
+impl Observed for LedgerStock {
+    fn view(&self, initial: &LedgerStock) -> View {
         View::Stock {
-            initial: levels(self.initial()),
-            level: levels(self.logic()),
+            initial: by_name(&initial.levels),
+            level: by_name(&self.levels),
             orders: self
-                .logic()
                 .orders
                 .iter()
                 .filter_map(|(id, e)| {
@@ -259,14 +256,8 @@ impl SimParticipant for ParticipantHost<LedgerStock> {
                 .collect(),
         }
     }
-    fn settled(&self) -> bool {
-        self.outbox_len() == 0
-    }
-    fn ready(&self) -> bool {
-        self.subscribed()
-    }
     fn reflects(&self, message: &Message) -> bool {
-        let entry = self.logic().orders.get(&message.global_id);
+        let entry = self.orders.get(&message.global_id);
         match message.topic.as_str() {
             topics::SALE_ORDER_CREATED => entry.is_some_and(|e| e.decided),
             topics::STOCK_RELEASE => entry.is_some_and(|e| e.released),
@@ -431,14 +422,12 @@ impl Participant for LedgerPayment {
     }
 }
 
-impl SimParticipant for ParticipantHost<LedgerPayment> {
-    fn view(&self) -> View {
-        let balances = |p: &LedgerPayment| p.balances.iter().map(|(c, n)| (c.to_string(), *n)).collect();
+impl Observed for LedgerPayment {
+    fn view(&self, initial: &LedgerPayment) -> View {
         View::Payment {
-            initial: balances(self.initial()),
-            balance: balances(self.logic()),
+            initial: by_name(&initial.balances),
+            balance: by_name(&self.balances),
             orders: self
-                .logic()
                 .orders
                 .iter()
                 .filter_map(|(id, e)| {
@@ -453,14 +442,8 @@ impl SimParticipant for ParticipantHost<LedgerPayment> {
                 .collect(),
         }
     }
-    fn settled(&self) -> bool {
-        self.outbox_len() == 0
-    }
-    fn ready(&self) -> bool {
-        self.subscribed()
-    }
     fn reflects(&self, message: &Message) -> bool {
-        let entry = self.logic().orders.get(&message.global_id);
+        let entry = self.orders.get(&message.global_id);
         match message.topic.as_str() {
             topics::PAYMENT_REQUESTED => entry.is_some(),
             topics::PAYMENT_CANCEL => entry.is_some_and(|e| e.cancelled),
