@@ -192,7 +192,7 @@ where
 
 /// Builds node `node`'s participant from its disk image (empty: a fresh start).
 /// Returns the participant, the valid log length and the number of records replayed.
-pub fn build(node: usize, cfg: &RunConfig, def: &shipped::Scenario, seed: u64, image: &[u8], _now: Time) -> Built {
+pub fn build(node: usize, cfg: &RunConfig, def: &shipped::Scenario, seed: u64, image: &[u8]) -> Built {
     let config = host_config(node, seed, cfg);
     if let Some(bug) = cfg.bug
         && let Some(planted) = crate::bugs::build(bug, node, def, config.clone(), image)

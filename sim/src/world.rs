@@ -634,7 +634,6 @@ fn boot(world: &World, i: usize) -> bool {
         return false;
     }
     let image = s.disks[i].read_all();
-    let now = s.now(i);
     let result: Result<(Slot, u64, u64), String> = if i == BROKER {
         let seed = s.seed ^ 0xB20C_E500;
         if image.is_empty() {
@@ -645,7 +644,7 @@ fn boot(world: &World, i: usize) -> bool {
                 .map_err(|e| e.to_string())
         }
     } else {
-        participants::build(i, &s.cfg, &s.def, s.seed, &image, now)
+        participants::build(i, &s.cfg, &s.def, s.seed, &image)
             .map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
     };
     match result {
