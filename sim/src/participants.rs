@@ -28,9 +28,13 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
 }
 
 /// For participants idempotent by state (the shipped ones): the state reflects a
-/// message iff deciding it again commits nothing. Their decisions ignore `now`.
+/// message iff deciding it again changes no state (it may publish, e.g. confirm
+/// a re-sent compensation again). Their decisions ignore `now`.
 pub fn decides_nothing<P: Participant>(logic: &P, message: &Message) -> bool {
-    !matches!(logic.on_message(Time::ZERO, message), Decision::Commit { .. })
+    !matches!(
+        logic.on_message(Time::ZERO, message),
+        Decision::Commit { change: Some(_), .. }
+    )
 }
 
 /// What the checker needs from a hosted participant's logic; the host supplies

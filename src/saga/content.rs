@@ -66,6 +66,31 @@ pub(crate) fn sub_id(order: &GlobalId, step: &str) -> SubId {
     SubId::new(format!("{order}.{step}")).expect("order ids leave room for the step suffix")
 }
 
+/// The SubID of attempt `attempt` (1-based) of a compensation step: the first
+/// is `<order>.<step>`, a re-send `<order>.<step>.<attempt>`. A re-send needs a
+/// new SubID because the broker dedups by (GlobalID, SubID).
+pub(crate) fn attempt_sub_id(order: &GlobalId, step: &str, attempt: u32) -> SubId {
+    if attempt <= 1 {
+        sub_id(order, step)
+    } else {
+        sub_id(order, &format!("{step}.{attempt}"))
+    }
+}
+
+/// Which attempt of compensation `step` a received SubID is (1 for anything
+/// that is not `<order>.<step>.<n>`, such as another publisher's SubID).
+pub(crate) fn attempt_of(order: &GlobalId, step: &str, received: &SubId) -> u32 {
+    received
+        .as_str()
+        .strip_prefix(order.as_str())
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.strip_prefix(step))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|n| n.parse::<u32>().ok())
+        .filter(|n| *n >= 2)
+        .unwrap_or(1)
+}
+
 /// The SubID suffixes, one per message of the flow.
 pub(crate) mod step {
     pub const CREATED: &str = "created";

@@ -6,14 +6,17 @@
 //! `Compensated`. In both flows an order still `Pending` (or, in the saga
 //! flow, waiting for payment) at its deadline cancels: it publishes a stock
 //! release (and a payment cancel if it asked for payment) and ends
-//! `Compensated` once every compensation is confirmed.
+//! `Compensated` once every compensation is confirmed. A compensation not
+//! confirmed in time is re-sent under a new SubID (`<order>.release.2`, ...),
+//! with doubling intervals, until it is: a lost or dead-lettered compensation
+//! or confirmation must not leave an order compensating forever.
 //!
 //! **Invariants:** an order is created by a durable command before anything is
 //! published for it; each order takes each transition at most once; a
 //! `Compensated` order has had every effect it may have caused undone (stock
 //! released; payment cancelled whenever payment was requested).
 
-use super::content::{ORDER_ID_LEN_MAX, OrderBody, PaymentBody, step, sub_id, to_json};
+use super::content::{ORDER_ID_LEN_MAX, OrderBody, PaymentBody, attempt_sub_id, step, sub_id, to_json};
 use super::ids::{CustomerId, ProductId};
 use super::participant::{Decision, Outgoing, Participant};
 use super::{Command, OrderSpec, topics};
@@ -79,6 +82,8 @@ pub struct Compensation {
     pub release_confirmed: bool,
     /// `None`: no payment cancel needed; `Some(confirmed)` otherwise.
     pub payment_cancel_confirmed: Option<bool>,
+    /// Sends so far of the unconfirmed compensations (1: the first).
+    pub attempt: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +95,8 @@ pub struct OrderState {
     pub amount: u64,
     pub status: OrderStatus,
     pub created_at: Time,
-    /// Cancel if still waiting at this time; `None` once no longer waiting.
+    /// While waiting: cancel at this time. While compensating: re-send the
+    /// unconfirmed compensations at this time. `None` once terminal.
     pub deadline: Option<Time>,
     pub payment_requested: bool,
     pub compensation: Option<Compensation>,
@@ -115,9 +121,19 @@ pub enum OrderChange {
     PaymentAnswered {
         order: GlobalId,
         ok: bool,
+        /// Refused: when to re-send the release if it is not confirmed by then.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resend_at: Option<Time>,
     },
     TimedOut {
         order: GlobalId,
+        resend_at: Time,
+    },
+    /// The unconfirmed compensations went out again as send `attempt`.
+    CompensationResent {
+        order: GlobalId,
+        attempt: u32,
+        next_at: Time,
     },
     ReleaseConfirmed {
         order: GlobalId,
@@ -132,21 +148,43 @@ pub struct Order {
     flow: OrderFlow,
     /// How long an order may wait for stock and payment before it cancels.
     deadline_after: Option<Duration>,
+    /// How long a compensation may go unconfirmed before it is re-sent (doubling).
+    resend_after: Duration,
     orders: BTreeMap<GlobalId, OrderState>,
     /// Index of `OrderState::deadline` for `next_deadline` (derived in `apply`).
     deadlines: BTreeSet<(Time, GlobalId)>,
     orders_max: usize,
 }
 
+/// Re-send interval of unconfirmed compensations when the order has no deadline.
+pub const COMPENSATION_RESEND_DEFAULT: Duration = Duration::from_secs(10);
+/// Re-send intervals double up to this multiple of the first.
+const RESEND_BACKOFF_FACTOR_MAX: u32 = 8;
+
 impl Order {
+    /// `deadline_after`: how long an order may wait before it cancels (None:
+    /// forever). Unconfirmed compensations are re-sent after the same interval
+    /// (or [`COMPENSATION_RESEND_DEFAULT`]), doubling per re-send.
     pub fn new(flow: OrderFlow, deadline_after: Option<Duration>) -> Order {
         Order {
             flow,
             deadline_after,
+            resend_after: deadline_after.unwrap_or(COMPENSATION_RESEND_DEFAULT),
             orders: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             orders_max: ORDERS_MAX,
         }
+    }
+
+    pub fn with_resend_after(mut self, resend_after: Duration) -> Order {
+        self.resend_after = resend_after.max(Duration::from_millis(1));
+        self
+    }
+
+    /// When send `attempt` of a compensation made at `now` is re-sent if unconfirmed.
+    fn resend_at(&self, now: Time, attempt: u32) -> Time {
+        let factor = (1u32 << attempt.saturating_sub(1).min(16)).min(RESEND_BACKOFF_FACTOR_MAX);
+        now.plus(self.resend_after.saturating_mul(factor))
     }
 
     pub fn with_orders_max(mut self, orders_max: usize) -> Order {
@@ -212,9 +250,22 @@ impl Order {
         }
     }
 
-    fn release(order: &GlobalId, o: &OrderState) -> Outgoing {
-        let body = to_json(&Self::body(order, o));
-        Self::outgoing(topics::STOCK_RELEASE, order, step::RELEASE, body)
+    fn release(order: &GlobalId, o: &OrderState, attempt: u32) -> Outgoing {
+        Outgoing {
+            topic: Topic::lit(topics::STOCK_RELEASE),
+            global_id: order.clone(),
+            sub_id: attempt_sub_id(order, step::RELEASE, attempt),
+            content: to_json(&Self::body(order, o)),
+        }
+    }
+
+    fn payment_cancel(order: &GlobalId, o: &OrderState, attempt: u32) -> Outgoing {
+        Outgoing {
+            topic: Topic::lit(topics::PAYMENT_CANCEL),
+            global_id: order.clone(),
+            sub_id: attempt_sub_id(order, step::PAYMENT_CANCEL, attempt),
+            content: Self::payment_body(order, o),
+        }
     }
 
     fn create(&self, now: Time, spec: &OrderSpec) -> Decision<OrderChange> {
@@ -315,7 +366,7 @@ impl Order {
         }
     }
 
-    fn on_payment_result(&self, order: &GlobalId, o: &OrderState, content: &str) -> Decision<OrderChange> {
+    fn on_payment_result(&self, now: Time, order: &GlobalId, o: &OrderState, content: &str) -> Decision<OrderChange> {
         if self.flow != OrderFlow::Saga || o.status != OrderStatus::StockOutboundDone {
             return Decision::Ignore;
         }
@@ -325,11 +376,12 @@ impl Order {
         let change = OrderChange::PaymentAnswered {
             order: order.clone(),
             ok,
+            resend_at: (!ok).then(|| self.resend_at(now, 1)),
         };
         if ok {
             Decision::change(change)
         } else {
-            Decision::change_and_publish(change, Self::release(order, o))
+            Decision::change_and_publish(change, Self::release(order, o, 1))
         }
     }
 }
@@ -346,7 +398,7 @@ impl Participant for Order {
         t
     }
 
-    fn on_message(&self, _now: Time, message: &Message) -> Decision<OrderChange> {
+    fn on_message(&self, now: Time, message: &Message) -> Decision<OrderChange> {
         let order = &message.global_id;
         let Some(o) = self.orders.get(order) else {
             return Decision::Ignore; // not one of ours
@@ -355,7 +407,7 @@ impl Participant for Order {
         let c = o.compensation.as_ref();
         match message.topic.as_str() {
             topics::STOCK_OUTBOUND => self.on_stock_outbound(order, o, &message.content),
-            topics::PAYMENT_RESULT => self.on_payment_result(order, o, &message.content),
+            topics::PAYMENT_RESULT => self.on_payment_result(now, order, o, &message.content),
             topics::STOCK_RELEASED if compensating && c.is_some_and(|c| !c.release_confirmed) => {
                 Decision::change(OrderChange::ReleaseConfirmed { order: order.clone() })
             }
@@ -376,13 +428,24 @@ impl Participant for Order {
 
     fn apply(&mut self, change: &OrderChange) {
         let flow = self.flow;
-        let set_deadline = |deadlines: &mut BTreeSet<(Time, GlobalId)>, order: &GlobalId, o: &mut OrderState| {
-            if let Some(d) = o.deadline
-                && (o.status.is_terminal(flow) || o.status == OrderStatus::Compensating)
-            {
+        // Moves `order`'s wake-up (deadline or re-send time) to `at`, index included.
+        let reschedule = |deadlines: &mut BTreeSet<(Time, GlobalId)>, order: &GlobalId, o: &mut OrderState, at| {
+            if let Some(d) = o.deadline.take() {
                 deadlines.remove(&(d, order.clone()));
-                o.deadline = None;
             }
+            if let Some(d) = at {
+                deadlines.insert((d, order.clone()));
+                o.deadline = Some(d);
+            }
+        };
+        let compensating = |o: &mut OrderState, reason, payment_cancel: bool| {
+            o.status = OrderStatus::Compensating;
+            o.compensation = Some(Compensation {
+                reason,
+                release_confirmed: false,
+                payment_cancel_confirmed: payment_cancel.then_some(false),
+                attempt: 1,
+            });
         };
         match change {
             OrderChange::Created {
@@ -396,7 +459,7 @@ impl Participant for Order {
                 deadline,
             } => {
                 assert!(!self.orders.contains_key(order), "order {order} created twice");
-                let state = OrderState {
+                let mut state = OrderState {
                     customer: customer.clone(),
                     product: product.clone(),
                     quantity: *quantity,
@@ -404,13 +467,11 @@ impl Participant for Order {
                     amount: *amount,
                     status: OrderStatus::Pending,
                     created_at: *at,
-                    deadline: *deadline,
+                    deadline: None,
                     payment_requested: false,
                     compensation: None,
                 };
-                if let Some(d) = deadline {
-                    self.deadlines.insert((*d, order.clone()));
-                }
+                reschedule(&mut self.deadlines, order, &mut state, *deadline);
                 self.orders.insert(order.clone(), state);
             }
             OrderChange::StockAnswered { order, ok } => {
@@ -422,33 +483,36 @@ impl Participant for Order {
                 } else {
                     o.status = OrderStatus::StockOutboundFailed;
                 }
-                set_deadline(&mut self.deadlines, order, o);
+                if o.status.is_terminal(flow) {
+                    reschedule(&mut self.deadlines, order, o, None);
+                }
             }
-            OrderChange::PaymentAnswered { order, ok } => {
+            OrderChange::PaymentAnswered { order, ok, resend_at } => {
                 let o = self.orders.get_mut(order).expect("payment answer for a known order");
                 assert_eq!(o.status, OrderStatus::StockOutboundDone);
                 if *ok {
                     o.status = OrderStatus::Completed;
                 } else {
-                    o.status = OrderStatus::Compensating;
-                    o.compensation = Some(Compensation {
-                        reason: CompensationReason::PaymentRefused,
-                        release_confirmed: false,
-                        payment_cancel_confirmed: None,
-                    });
+                    compensating(o, CompensationReason::PaymentRefused, false);
                 }
-                set_deadline(&mut self.deadlines, order, o);
+                reschedule(&mut self.deadlines, order, o, *resend_at);
             }
-            OrderChange::TimedOut { order } => {
+            OrderChange::TimedOut { order, resend_at } => {
                 let o = self.orders.get_mut(order).expect("deadline of a known order");
                 assert!(!o.status.is_terminal(flow) && o.status != OrderStatus::Compensating);
-                o.status = OrderStatus::Compensating;
-                o.compensation = Some(Compensation {
-                    reason: CompensationReason::Deadline,
-                    release_confirmed: false,
-                    payment_cancel_confirmed: o.payment_requested.then_some(false),
-                });
-                set_deadline(&mut self.deadlines, order, o);
+                let payment_cancel = o.payment_requested;
+                compensating(o, CompensationReason::Deadline, payment_cancel);
+                reschedule(&mut self.deadlines, order, o, Some(*resend_at));
+            }
+            OrderChange::CompensationResent {
+                order,
+                attempt,
+                next_at,
+            } => {
+                let o = self.orders.get_mut(order).expect("re-send for a known order");
+                let c = o.compensation.as_mut().expect("re-sent while compensating");
+                c.attempt = *attempt;
+                reschedule(&mut self.deadlines, order, o, Some(*next_at));
             }
             OrderChange::ReleaseConfirmed { order } => {
                 let o = self.orders.get_mut(order).expect("release of a known order");
@@ -456,6 +520,7 @@ impl Participant for Order {
                 c.release_confirmed = true;
                 if c.payment_cancel_confirmed != Some(false) {
                     o.status = OrderStatus::Compensated;
+                    reschedule(&mut self.deadlines, order, o, None);
                 }
             }
             OrderChange::PaymentCancelConfirmed { order } => {
@@ -464,6 +529,7 @@ impl Participant for Order {
                 c.payment_cancel_confirmed = Some(true);
                 if c.release_confirmed {
                     o.status = OrderStatus::Compensated;
+                    reschedule(&mut self.deadlines, order, o, None);
                 }
             }
         }
@@ -481,17 +547,34 @@ impl Participant for Order {
             return Decision::Ignore;
         }
         let o = &self.orders[order];
-        let mut publish = vec![Self::release(order, o)];
+        if let Some(c) = o.compensation.as_ref() {
+            // Compensating and still unconfirmed: send the missing ones again.
+            let attempt = c.attempt.saturating_add(1);
+            let mut publish = Vec::new();
+            if !c.release_confirmed {
+                publish.push(Self::release(order, o, attempt));
+            }
+            if c.payment_cancel_confirmed == Some(false) {
+                publish.push(Self::payment_cancel(order, o, attempt));
+            }
+            return Decision::Commit {
+                change: Some(OrderChange::CompensationResent {
+                    order: order.clone(),
+                    attempt,
+                    next_at: self.resend_at(now, attempt),
+                }),
+                publish,
+            };
+        }
+        let mut publish = vec![Self::release(order, o, 1)];
         if o.payment_requested {
-            publish.push(Self::outgoing(
-                topics::PAYMENT_CANCEL,
-                order,
-                step::PAYMENT_CANCEL,
-                Self::payment_body(order, o),
-            ));
+            publish.push(Self::payment_cancel(order, o, 1));
         }
         Decision::Commit {
-            change: Some(OrderChange::TimedOut { order: order.clone() }),
+            change: Some(OrderChange::TimedOut {
+                order: order.clone(),
+                resend_at: self.resend_at(now, 1),
+            }),
             publish,
         }
     }

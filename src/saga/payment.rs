@@ -9,7 +9,7 @@
 //! as a null compensation, so a charge request arriving after it (hanging) is
 //! refused. Money is conserved: `balance + charged - refunded == initial`.
 
-use super::content::{CancelledBody, PaymentBody, step, sub_id, to_json};
+use super::content::{CancelledBody, PaymentBody, attempt_of, attempt_sub_id, step, sub_id, to_json};
 use super::ids::CustomerId;
 use super::participant::{Decision, Outgoing, Participant};
 use super::topics;
@@ -155,7 +155,8 @@ impl Payment {
         }
     }
 
-    fn cancelled(order: &GlobalId, refunded: u64) -> Outgoing {
+    /// The confirmation of attempt `attempt` of the order's cancel.
+    fn cancelled(order: &GlobalId, refunded: u64, attempt: u32) -> Outgoing {
         let body = CancelledBody {
             order_id: order.clone(),
             refunded,
@@ -163,7 +164,7 @@ impl Payment {
         Outgoing {
             topic: Topic::lit(topics::PAYMENT_CANCELLED),
             global_id: order.clone(),
-            sub_id: sub_id(order, step::PAYMENT_CANCELLED),
+            sub_id: attempt_sub_id(order, step::PAYMENT_CANCELLED, attempt),
             content: to_json(&body),
         }
     }
@@ -213,25 +214,40 @@ impl Payment {
 
     fn on_cancel(&self, message: &Message) -> Decision<PaymentChange> {
         let order = message.global_id.clone();
+        let attempt = attempt_of(&order, step::PAYMENT_CANCEL, &message.sub_id);
         match self.orders.get(&order) {
-            Some(o) if o.refund != Refund::NotSeen => Decision::Ignore,
+            // Cancelled before: a re-sent cancel (its confirmation may have been
+            // lost, e.g. dead-lettered) is confirmed again, without a second refund.
+            Some(PaymentOrder {
+                refund: Refund::Refunded { amount, .. },
+                ..
+            }) => Decision::Commit {
+                change: None,
+                publish: vec![Self::cancelled(&order, *amount, attempt)],
+            },
+            Some(PaymentOrder {
+                refund: Refund::Null, ..
+            }) => Decision::Commit {
+                change: None,
+                publish: vec![Self::cancelled(&order, 0, attempt)],
+            },
             Some(PaymentOrder {
                 charge: Charge::Charged { amount, .. },
                 ..
             }) => Decision::change_and_publish(
                 PaymentChange::Refund { order: order.clone() },
-                Self::cancelled(&order, *amount),
+                Self::cancelled(&order, *amount, attempt),
             ),
             Some(_) => Decision::change_and_publish(
                 PaymentChange::NullCancel { order: order.clone() },
-                Self::cancelled(&order, 0),
+                Self::cancelled(&order, 0, attempt),
             ),
             None if self.orders.len() >= self.orders_max => {
                 Decision::Refuse("payment keeps PAYMENT_ORDERS_MAX orders; cannot record a null cancel".to_string())
             }
             None => Decision::change_and_publish(
                 PaymentChange::NullCancel { order: order.clone() },
-                Self::cancelled(&order, 0),
+                Self::cancelled(&order, 0, attempt),
             ),
         }
     }

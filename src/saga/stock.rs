@@ -9,7 +9,7 @@
 //! after it (hanging) is refused — DTM's sub-transaction barrier. Stock is
 //! conserved: `level + held == initial` for every product.
 
-use super::content::{OrderBody, ReleasedBody, step, sub_id, to_json};
+use super::content::{OrderBody, ReleasedBody, attempt_of, attempt_sub_id, step, sub_id, to_json};
 use super::ids::ProductId;
 use super::participant::{Decision, Outgoing, Participant};
 use super::topics;
@@ -163,7 +163,8 @@ impl Stock {
         }
     }
 
-    fn released(order: &GlobalId, restocked: u64) -> Outgoing {
+    /// The confirmation of attempt `attempt` of the order's release.
+    fn released(order: &GlobalId, restocked: u64, attempt: u32) -> Outgoing {
         let body = ReleasedBody {
             order_id: order.clone(),
             restocked,
@@ -171,7 +172,7 @@ impl Stock {
         Outgoing {
             topic: Topic::lit(topics::STOCK_RELEASED),
             global_id: order.clone(),
-            sub_id: sub_id(order, step::RELEASED),
+            sub_id: attempt_sub_id(order, step::RELEASED, attempt),
             content: to_json(&body),
         }
     }
@@ -226,26 +227,41 @@ impl Stock {
 
     fn on_release(&self, message: &Message) -> Decision<StockChange> {
         let order = message.global_id.clone();
+        let attempt = attempt_of(&order, step::RELEASE, &message.sub_id);
         let entry = self.orders.get(&order);
         match entry {
-            Some(o) if o.release != Release::NotSeen => Decision::Ignore,
+            // Released before: a re-sent release (its confirmation may have been
+            // lost, e.g. dead-lettered) is confirmed again, without a second effect.
+            Some(StockOrder {
+                release: Release::Restocked { quantity, .. },
+                ..
+            }) => Decision::Commit {
+                change: None,
+                publish: vec![Self::released(&order, *quantity, attempt)],
+            },
+            Some(StockOrder {
+                release: Release::Null, ..
+            }) => Decision::Commit {
+                change: None,
+                publish: vec![Self::released(&order, 0, attempt)],
+            },
             Some(StockOrder {
                 deduction: Deduction::Deducted { quantity, .. },
                 ..
             }) => Decision::change_and_publish(
                 StockChange::Restock { order: order.clone() },
-                Self::released(&order, *quantity),
+                Self::released(&order, *quantity, attempt),
             ),
             Some(_) => Decision::change_and_publish(
                 StockChange::NullRelease { order: order.clone() },
-                Self::released(&order, 0),
+                Self::released(&order, 0, attempt),
             ),
             None if self.orders.len() >= self.orders_max => {
                 Decision::Refuse("stock keeps STOCK_ORDERS_MAX orders; cannot record a null release".to_string())
             }
             None => Decision::change_and_publish(
                 StockChange::NullRelease { order: order.clone() },
-                Self::released(&order, 0),
+                Self::released(&order, 0, attempt),
             ),
         }
     }

@@ -239,6 +239,75 @@ fn deadline_after_payment_request_cancels_both() {
     assert_eq!(status(&b, "o1"), OrderStatus::Compensated);
 }
 
+/// A compensation whose confirmation never comes (lost, dead-lettered, or its
+/// subscriber cut off) is re-sent under a new SubID at doubling intervals,
+/// only the unconfirmed ones, until confirmed; then the re-sends stop.
+#[test]
+fn unconfirmed_compensations_are_resent_until_confirmed() {
+    let mut b = bench(OrderFlow::Saga);
+    create(&mut b, "o1", 1);
+    reply(&mut b, topics::STOCK_OUTBOUND, "o1", "outbound", "1");
+    b.at_ms(DEADLINE_MS);
+    let mut outs = b.tick();
+    outs.extend(b.sync());
+    b.ack_all(&outs);
+    assert_eq!(published(&outs).len(), 2, "release and payment cancel");
+    // Re-sends at 1x, then 2x the interval after each send.
+    let mut sent_at = DEADLINE_MS;
+    for (attempt, wait) in [(2, DEADLINE_MS), (3, 2 * DEADLINE_MS)] {
+        assert_eq!(b.host.poll_timeout(), Some(Time::from_millis(sent_at + wait)));
+        b.at_ms(sent_at + wait - 1);
+        assert!(published(&b.tick()).is_empty(), "nothing before the re-send time");
+        sent_at += wait;
+        b.at_ms(sent_at);
+        let mut outs = b.tick();
+        outs.extend(b.sync());
+        b.ack_all(&outs);
+        let subs: Vec<String> = published(&outs).into_iter().map(|p| p.1).collect();
+        assert_eq!(
+            subs,
+            vec![format!("o1.release.{attempt}"), format!("o1.payment-cancel.{attempt}")]
+        );
+    }
+    // The release is confirmed (by the answer to any send): only the cancel goes again.
+    reply(
+        &mut b,
+        topics::STOCK_RELEASED,
+        "o1",
+        "released.2",
+        r#"{"OrderID":"o1","Restocked":1}"#,
+    );
+    sent_at += 4 * DEADLINE_MS;
+    b.at_ms(sent_at);
+    let mut outs = b.tick();
+    outs.extend(b.sync());
+    b.ack_all(&outs);
+    let subs: Vec<String> = published(&outs).into_iter().map(|p| p.1).collect();
+    assert_eq!(subs, vec!["o1.payment-cancel.4".to_string()]);
+    reply(
+        &mut b,
+        topics::PAYMENT_CANCELLED,
+        "o1",
+        "payment-cancelled",
+        r#"{"OrderID":"o1","Refunded":100}"#,
+    );
+    assert_eq!(status(&b, "o1"), OrderStatus::Compensated);
+    assert_eq!(
+        b.host.logic().next_deadline(),
+        None,
+        "no re-send once every compensation is confirmed"
+    );
+    let c = b
+        .host
+        .logic()
+        .order(&GlobalId::lit("o1"))
+        .unwrap()
+        .compensation
+        .clone()
+        .unwrap();
+    assert_eq!(c.attempt, 4);
+}
+
 #[test]
 fn recovery_keeps_orders_deadlines_and_unacked_publishes() {
     let mut b = bench(OrderFlow::Saga);

@@ -88,10 +88,19 @@ fn cancel_refunds_the_charge_once() {
         )]
     );
     b.deliver(&c);
+    // A re-sent cancel (a new SubID) refunds nothing twice but is confirmed again.
     let mut again = c.clone();
-    again.sub_id = SubId::lit("o1.payment-cancel-2");
-    let (_, outs) = b.deliver(&again);
-    assert_eq!(persists(&outs), 0);
+    again.sub_id = SubId::lit("o1.payment-cancel.3");
+    b.deliver(&again);
+    let outs = b.sync();
+    assert_eq!(
+        published(&outs),
+        vec![(
+            topics::PAYMENT_CANCELLED.into(),
+            "o1.payment-cancelled.3".into(),
+            r#"{"OrderID":"o1","Refunded":200}"#.into()
+        )]
+    );
     assert_eq!(b.host.logic().balance(&c1()), 500);
 }
 
