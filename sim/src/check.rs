@@ -16,6 +16,10 @@
 //!   answered 2xx is reflected in its state (it would not act on it again): a 2xx
 //!   that a crash then took back is a lost delivery, even when a deadline later
 //!   papers over its consequences;
+//! - **no-lost-reply** (liveness, judged once quiescent): every request stock or
+//!   payment answered 2xx (`created`, `payment.requested`, `release`, `cancel`)
+//!   has its reply published: a reply lost after the commit is caught even when
+//!   the order's deadline and re-sends later paper over it;
 //! - **liveness**: after healing, every order terminal and every delivery settled in time.
 
 use crate::plan::NODES;
@@ -539,5 +543,39 @@ impl Checker {
         for v in forgotten {
             self.violation(v);
         }
+        if let Some(v) = self.lost_reply(at_ms) {
+            self.violation(v);
+        }
+    }
+
+    /// The first request stock or payment answered 2xx whose reply was never
+    /// published (acknowledged by the broker), if any.
+    fn lost_reply(&self, at_ms: u64) -> Option<Violation> {
+        use sagamq::saga::topics as t;
+        const REPLIES: [(&str, &str, &str); 4] = [
+            (t::STOCK_SERVICE, t::SALE_ORDER_CREATED, t::STOCK_OUTBOUND),
+            (t::STOCK_SERVICE, t::STOCK_RELEASE, t::STOCK_RELEASED),
+            (t::PAYMENT_SERVICE, t::PAYMENT_REQUESTED, t::PAYMENT_RESULT),
+            (t::PAYMENT_SERVICE, t::PAYMENT_CANCEL, t::PAYMENT_CANCELLED),
+        ];
+        let published: BTreeSet<(&str, &str)> = self
+            .acked
+            .iter()
+            .map(|(key, a)| (key.global_id.as_str(), a.topic.as_str()))
+            .collect();
+        self.processed.iter().find_map(|(client, key)| {
+            let message = self.messages.get(key)?;
+            let &(_, _, reply) = REPLIES
+                .iter()
+                .find(|(c, request, _)| client.as_str() == *c && message.topic.as_str() == *request)?;
+            if published.contains(&(key.global_id.as_str(), reply)) {
+                return None;
+            }
+            let detail = format!(
+                "{client} answered 2xx for {key} (topic {}) but never published its reply on {reply}: the reply was lost after the commit",
+                message.topic
+            );
+            Some(Violation::liveness("no-lost-reply", detail, at_ms))
+        })
     }
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// Every fault kind the simulator injects, in report order.
-pub const FAULT_KINDS: [&str; 9] = [
+pub const FAULT_KINDS: [&str; 11] = [
     "drop",
     "ack_lost",
     "duplicate",
@@ -23,6 +23,8 @@ pub const FAULT_KINDS: [&str; 9] = [
     "torn_write",
     "callback_error",
     "clock_skew",
+    "dead_letter",
+    "slow_operator",
 ];
 
 /// The nodes of the world, by name. Index = position here.
@@ -64,6 +66,10 @@ pub enum Fault {
     CallbackError { nth: u32, hang: bool },
     /// Node `node`'s clock runs `offset_ms` ahead (negative: behind) and drifts `drift_ppm`.
     ClockSkew { node: u8, offset_ms: i32, drift_ppm: i32 },
+    /// The operator redrives dead letters only after the liveness verdict (a
+    /// human answering a page hours later), not when the faults heal: until
+    /// then, a dead-lettered message is lost to whoever waits for it.
+    SlowOperator,
 }
 
 impl Fault {
@@ -77,6 +83,7 @@ impl Fault {
             Fault::Crash { .. } => "crash",
             Fault::CallbackError { .. } => "callback_error",
             Fault::ClockSkew { .. } => "clock_skew",
+            Fault::SlowOperator => "slow_operator",
         }
     }
 }
@@ -138,6 +145,7 @@ impl fmt::Display for Fault {
                     node_name(*node)
                 )
             }
+            Fault::SlowOperator => write!(f, "the operator redrives dead letters only after the liveness verdict"),
         }
     }
 }
@@ -157,6 +165,13 @@ pub struct FaultProfile {
     /// Of the crashes, per million that tear the last unsynced write.
     pub torn_ppm: u32,
     pub clock_skew: bool,
+    /// The broker's callback attempts per message before it dead-letters it;
+    /// `None`: the simulator's default (12, which the faults never exhaust).
+    #[serde(default)]
+    pub attempts_max: Option<u32>,
+    /// Whether the plan holds [`Fault::SlowOperator`].
+    #[serde(default)]
+    pub slow_operator: bool,
 }
 
 impl fmt::Display for FaultProfile {
@@ -164,7 +179,7 @@ impl fmt::Display for FaultProfile {
         let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
         write!(
             f,
-            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={}",
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} operator={}",
             pct(self.drop_ppm),
             pct(self.ack_lost_ppm),
             pct(self.duplicate_ppm),
@@ -173,7 +188,10 @@ impl fmt::Display for FaultProfile {
             self.partitions,
             self.crashes,
             pct(self.torn_ppm),
-            if self.clock_skew { "on" } else { "off" }
+            if self.clock_skew { "on" } else { "off" },
+            self.attempts_max
+                .map_or_else(|| "default".to_string(), |n| n.to_string()),
+            if self.slow_operator { "slow" } else { "prompt" }
         )
     }
 }
@@ -217,6 +235,8 @@ impl FaultPlan {
                 0
             }
         };
+        // Drawn apart, so adding them left every other draw of a seed unchanged.
+        let mut env = Rng::new(seed ^ 0x0DEA_D1E7_0000_0000);
         let profile = FaultProfile {
             drop_ppm: rate(60_000),
             ack_lost_ppm: rate(60_000),
@@ -227,6 +247,9 @@ impl FaultPlan {
             crashes: rate(3),
             torn_ppm: rate(1_000_000),
             clock_skew: rng.chance(500_000),
+            // A short retry budget (a quarter of the seeds) makes dead letters happen.
+            attempts_max: env.chance(250_000).then(|| env.range_inclusive(2, 4) as u32),
+            slow_operator: env.chance(500_000),
         };
         FaultPlan::from_profile(profile, &mut rng, shape)
     }
@@ -292,6 +315,9 @@ impl FaultPlan {
                 });
             }
         }
+        if profile.slow_operator {
+            faults.push(Fault::SlowOperator);
+        }
         FaultPlan { profile, faults }
     }
 
@@ -314,7 +340,7 @@ impl FaultPlan {
                 Fault::CallbackError { nth, hang } => {
                     ix.callback_error.insert(nth, hang);
                 }
-                Fault::Partition { .. } | Fault::Crash { .. } | Fault::ClockSkew { .. } => {}
+                Fault::Partition { .. } | Fault::Crash { .. } | Fault::ClockSkew { .. } | Fault::SlowOperator => {}
             }
         }
         ix
@@ -324,6 +350,7 @@ impl FaultPlan {
     pub fn without(&self, i: usize) -> FaultPlan {
         let mut p = self.clone();
         p.faults.remove(i);
+        p.profile.slow_operator = p.faults.contains(&Fault::SlowOperator);
         p
     }
 }
@@ -373,6 +400,9 @@ mod tests {
                 .any(|f| matches!(f, Fault::Crash { torn_keep: Some(_), .. }))
             {
                 kinds.insert("torn_write");
+            }
+            if p.profile.attempts_max.is_some() {
+                kinds.insert("dead_letter");
             }
         }
         assert!(calm > 0, "some seeds must be calm");

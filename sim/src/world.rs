@@ -104,6 +104,7 @@ pub struct Shared {
     pub disks: Vec<MemDisk>,
     pub slots: Vec<Slot>,
     plan: PlanIndex,
+    broker_config: BrokerConfig,
     /// Message faults apply only while true (the chaos phase).
     chaos: bool,
     sent_nth: u32,
@@ -162,13 +163,16 @@ fn node_of_url(url: &str) -> Option<usize> {
     NODES.iter().position(|n| *n == name)
 }
 
+/// Callback attempts per message unless the plan draws a shorter budget.
+pub const ATTEMPTS_MAX_DEFAULT: u32 = 12;
+
 /// Simulator-tuned broker bounds: short timers so a run settles in simulated seconds.
-pub fn broker_config() -> BrokerConfig {
+pub fn broker_config(attempts_max: Option<u32>) -> BrokerConfig {
     BrokerConfig {
         callback_timeout: Duration::from_millis(300),
         retry_backoff_initial: Duration::from_millis(20),
         retry_backoff_max: Duration::from_millis(500),
-        attempts_max: 12,
+        attempts_max: attempts_max.unwrap_or(ATTEMPTS_MAX_DEFAULT).max(1),
         compact_garbage_records_min: 256,
         ..BrokerConfig::default()
     }
@@ -209,6 +213,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         disks: vec![MemDisk::new(); NODES.len()],
         slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
         plan: plan.index(),
+        broker_config: broker_config(plan.profile.attempts_max),
         chaos: true,
         sent_nth: 0,
         answer_nth: 0,
@@ -372,22 +377,28 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
             restart(&world, &handle, &nodes, n);
         }
     }
-    let heal_deadline_ms = u64::from(cfg.chaos_ms) + u64::from(cfg.heal_ms_max);
-    let mut t_ms = u64::from(cfg.chaos_ms);
-    let mut redriven = false;
-    loop {
-        t_ms += 100;
-        sleep_until_ms(&world, t_ms).await;
-        let mut s = lock(&world);
-        if !redriven && t_ms >= u64::from(cfg.chaos_ms) + 1_000 {
-            redriven = true;
-            redrive_all(&mut s);
-        }
-        if s.check.quiescent(&s.slots) || t_ms >= heal_deadline_ms {
-            break;
+    // Orders are judged once everything settles, or at the liveness bound. A
+    // prompt operator redrives dead letters from 1 s after the heal, every
+    // second; a slow one only after that verdict, and then the run goes on
+    // until the redriven messages settle too.
+    let slow_operator = plan.faults.contains(&Fault::SlowOperator);
+    let heal_ms = u64::from(cfg.chaos_ms);
+    let mut t_ms = heal_ms;
+    settle(&world, &mut t_ms, heal_ms + u64::from(cfg.heal_ms_max), !slow_operator).await;
+    let mut s = lock(&world);
+    if slow_operator && s.check.violations().is_empty() {
+        let sim_ms = s.elapsed_ns() / 1_000_000;
+        let Shared { check, slots, .. } = &mut *s;
+        check.liveness(slots, sim_ms);
+        if check.violations().is_empty() && dead_letters(&s) > 0 {
+            s.fired("slow_operator");
+            s.line(BROKER, || "operator: late, redriving dead letters only now".to_string());
+            drop(s);
+            let verdict_ms = t_ms;
+            settle(&world, &mut t_ms, verdict_ms + u64::from(cfg.heal_ms_max), true).await;
+            s = lock(&world);
         }
     }
-    let mut s = lock(&world);
     let sim_ms = s.elapsed_ns() / 1_000_000;
     {
         let Shared { check, slots, .. } = &mut *s;
@@ -485,6 +496,34 @@ fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {
     handle.restart(nodes[n].id());
 }
 
+/// Runs the heal phase in 100 ms steps from `*t_ms` until everything is
+/// settled (with `operator`, dead letters included) or `until_ms`. With
+/// `operator`, dead letters are redriven every second.
+async fn settle(world: &World, t_ms: &mut u64, until_ms: u64, operator: bool) {
+    let from_ms = *t_ms;
+    loop {
+        *t_ms += 100;
+        sleep_until_ms(world, *t_ms).await;
+        let mut s = lock(world);
+        if operator && *t_ms >= from_ms + 1_000 && (*t_ms - from_ms) % 1_000 == 0 {
+            redrive_all(&mut s);
+        }
+        let done = s.check.quiescent(&s.slots) && (!operator || dead_letters(&s) == 0);
+        if done || *t_ms >= until_ms {
+            return;
+        }
+    }
+}
+
+/// Dead letters held by the broker (0 while it is down).
+fn dead_letters(s: &Shared) -> u64 {
+    match &s.slots[BROKER] {
+        Slot::Broker(b) => b.stats().subscribers.values().map(|st| st.dead_letters as u64).sum(),
+        _ => 0,
+    }
+}
+
+/// The operator redrives every subscriber's dead letters.
 fn redrive_all(s: &mut Shared) {
     let Slot::Broker(broker) = &mut s.slots[BROKER] else {
         return;
@@ -495,7 +534,8 @@ fn redrive_all(s: &mut Shared) {
         .into_iter()
         .filter(|(_, st)| st.dead_letters > 0)
         .collect();
-    for (client, _) in clients {
+    for (client, st) in clients {
+        *s.faults.entry("dead_letter").or_default() += st.dead_letters as u64;
         let now = s.now(BROKER);
         if let Slot::Broker(b) = &mut s.slots[BROKER] {
             b.handle(
@@ -508,9 +548,11 @@ fn redrive_all(s: &mut Shared) {
         }
         s.event(|| What::Note {
             node: BROKER,
-            text: format!("operator: redrive dead letters of {client}"),
+            text: format!("operator: redrive {} dead letters of {client}", st.dead_letters),
         });
-        s.line(BROKER, || format!("operator: redrive dead letters of {client}"));
+        s.line(BROKER, || {
+            format!("operator: redrive {} dead letters of {client}", st.dead_letters)
+        });
     }
 }
 
@@ -637,9 +679,9 @@ fn boot(world: &World, i: usize) -> bool {
     let result: Result<(Slot, u64, u64), String> = if i == BROKER {
         let seed = s.seed ^ 0xB20C_E500;
         if image.is_empty() {
-            Ok((Slot::Broker(Box::new(Broker::new(broker_config(), seed))), 0, 0))
+            Ok((Slot::Broker(Box::new(Broker::new(s.broker_config.clone(), seed))), 0, 0))
         } else {
-            Broker::recover(broker_config(), seed, &image)
+            Broker::recover(s.broker_config.clone(), seed, &image)
                 .map(|(b, r)| (Slot::Broker(Box::new(b)), r.valid_len, r.records))
                 .map_err(|e| e.to_string())
         }

@@ -69,7 +69,7 @@ pub(crate) fn sub_id(order: &GlobalId, step: &str) -> SubId {
 /// The SubID of attempt `attempt` (1-based) of a compensation step: the first
 /// is `<order>.<step>`, a re-send `<order>.<step>.<attempt>`. A re-send needs a
 /// new SubID because the broker dedups by (GlobalID, SubID).
-pub(crate) fn attempt_sub_id(order: &GlobalId, step: &str, attempt: u32) -> SubId {
+pub fn attempt_sub_id(order: &GlobalId, step: &str, attempt: u32) -> SubId {
     if attempt <= 1 {
         sub_id(order, step)
     } else {
@@ -79,7 +79,7 @@ pub(crate) fn attempt_sub_id(order: &GlobalId, step: &str, attempt: u32) -> SubI
 
 /// Which attempt of compensation `step` a received SubID is (1 for anything
 /// that is not `<order>.<step>.<n>`, such as another publisher's SubID).
-pub(crate) fn attempt_of(order: &GlobalId, step: &str, received: &SubId) -> u32 {
+pub fn attempt_of(order: &GlobalId, step: &str, received: &SubId) -> u32 {
     received
         .as_str()
         .strip_prefix(order.as_str())

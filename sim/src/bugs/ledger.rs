@@ -11,7 +11,8 @@
 use crate::check::{PaymentEffects, StockEffects, View};
 use crate::participants::{Observed, by_name};
 use sagamq::saga::{
-    CancelledBody, CustomerId, Decision, OrderBody, Outgoing, Participant, PaymentBody, ProductId, ReleasedBody, topics,
+    CancelledBody, CustomerId, Decision, OrderBody, Outgoing, Participant, PaymentBody, ProductId, ReleasedBody,
+    attempt_of, attempt_sub_id, topics,
 };
 use sagamq::{GlobalId, Message, SubId, Time, Topic};
 use serde::{Deserialize, Serialize};
@@ -110,12 +111,18 @@ impl LedgerStock {
         reply(topics::STOCK_OUTBOUND, order, "outbound", content)
     }
 
-    fn released(order: &GlobalId, restocked: u64) -> Outgoing {
+    /// The confirmation of attempt `attempt` of the order's release.
+    fn released(order: &GlobalId, restocked: u64, attempt: u32) -> Outgoing {
         let body = ReleasedBody {
             order_id: order.clone(),
             restocked,
         };
-        reply(topics::STOCK_RELEASED, order, "released", json(&body))
+        Outgoing {
+            topic: Topic::lit(topics::STOCK_RELEASED),
+            global_id: order.clone(),
+            sub_id: attempt_sub_id(order, "released", attempt),
+            content: json(&body),
+        }
     }
 
     fn on_created(&self, body: OrderBody) -> Decision<LedgerStockChange> {
@@ -147,11 +154,18 @@ impl LedgerStock {
         }
     }
 
-    fn on_release(&self, body: OrderBody) -> Decision<LedgerStockChange> {
+    fn on_release(&self, body: OrderBody, sub_id: &SubId) -> Decision<LedgerStockChange> {
         let order = body.order_id;
+        let attempt = attempt_of(&order, "release", sub_id);
         let entry = self.orders.get(&order);
-        if self.guards.release_once && entry.is_some_and(|e| e.released) {
-            return Decision::Ignore;
+        if self.guards.release_once
+            && let Some(e) = entry.filter(|e| e.released)
+        {
+            // A re-sent release: confirmed again, nothing given back twice.
+            return Decision::Commit {
+                change: None,
+                publish: vec![Self::released(&order, e.restocked, attempt)],
+            };
         }
         if entry.is_none() && self.orders.len() >= LEDGER_ORDERS_MAX {
             return Decision::Refuse("LEDGER_ORDERS_MAX reached".to_string());
@@ -164,7 +178,7 @@ impl LedgerStock {
             }) if *deducted > 0 => (product.clone(), *deducted),
             _ if self.guards.null_compensation => {
                 let change = LedgerStockChange::NullRelease { order: order.clone() };
-                return Decision::change_and_publish(change, Self::released(&order, 0));
+                return Decision::change_and_publish(change, Self::released(&order, 0, attempt));
             }
             // Assumes the deduction happened: gives back what the release names.
             _ => (body.product_id, body.quantity),
@@ -174,7 +188,7 @@ impl LedgerStock {
             product,
             quantity,
         };
-        Decision::change_and_publish(change, Self::released(&order, quantity))
+        Decision::change_and_publish(change, Self::released(&order, quantity, attempt))
     }
 }
 
@@ -195,7 +209,7 @@ impl Participant for LedgerStock {
         };
         match message.topic.as_str() {
             topics::SALE_ORDER_CREATED => self.on_created(body),
-            topics::STOCK_RELEASE => self.on_release(body),
+            topics::STOCK_RELEASE => self.on_release(body, &message.sub_id),
             _ => Decision::Ignore,
         }
     }
@@ -341,11 +355,30 @@ impl LedgerPayment {
         }
     }
 
-    fn on_cancel(&self, body: PaymentBody) -> Decision<LedgerPaymentChange> {
+    /// The confirmation of attempt `attempt` of the order's cancel.
+    fn cancelled(order: &GlobalId, refunded: u64, attempt: u32) -> Outgoing {
+        let body = CancelledBody {
+            order_id: order.clone(),
+            refunded,
+        };
+        Outgoing {
+            topic: Topic::lit(topics::PAYMENT_CANCELLED),
+            global_id: order.clone(),
+            sub_id: attempt_sub_id(order, "payment-cancelled", attempt),
+            content: json(&body),
+        }
+    }
+
+    fn on_cancel(&self, body: PaymentBody, sub_id: &SubId) -> Decision<LedgerPaymentChange> {
         let order = body.order_id;
+        let attempt = attempt_of(&order, "payment-cancel", sub_id);
         let entry = self.orders.get(&order);
-        if entry.is_some_and(|e| e.cancelled) {
-            return Decision::Ignore;
+        if let Some(e) = entry.filter(|e| e.cancelled) {
+            // A re-sent cancel: confirmed again, nothing refunded twice.
+            return Decision::Commit {
+                change: None,
+                publish: vec![Self::cancelled(&order, e.refunded, attempt)],
+            };
         }
         if entry.is_none() && self.orders.len() >= LEDGER_ORDERS_MAX {
             return Decision::Refuse("LEDGER_ORDERS_MAX reached".to_string());
@@ -359,12 +392,7 @@ impl LedgerPayment {
         } else {
             LedgerPaymentChange::NullCancel { order: order.clone() }
         };
-        let body = CancelledBody {
-            order_id: order.clone(),
-            refunded: held,
-        };
-        let cancelled = reply(topics::PAYMENT_CANCELLED, &order, "payment-cancelled", json(&body));
-        Decision::change_and_publish(change, cancelled)
+        Decision::change_and_publish(change, Self::cancelled(&order, held, attempt))
     }
 }
 
@@ -385,7 +413,7 @@ impl Participant for LedgerPayment {
         };
         match message.topic.as_str() {
             topics::PAYMENT_REQUESTED => self.on_requested(body),
-            topics::PAYMENT_CANCEL => self.on_cancel(body),
+            topics::PAYMENT_CANCEL => self.on_cancel(body, &message.sub_id),
             _ => Decision::Ignore,
         }
     }
