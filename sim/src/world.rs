@@ -114,6 +114,8 @@ pub struct Shared {
     /// A torn-write crash waits for node i to start a write; the node reports it here.
     torn_armed: [bool; NODES.len()],
     torn_signal: Option<async_channel::Sender<usize>>,
+    /// The live broker incarnation's inbound queue, for the operator's requests.
+    operator_tx: Option<async_channel::Sender<Inbound>>,
     pub check: Checker,
     pub deliveries: u64,
     wakeups: u64,
@@ -221,6 +223,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         faults,
         torn_armed: [false; NODES.len()],
         torn_signal: None,
+        operator_tx: None,
         check: Checker::new(&cfg.scenario, &def),
         deliveries: 0,
         wakeups: 0,
@@ -385,20 +388,11 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     let heal_ms = u64::from(cfg.chaos_ms);
     let mut t_ms = heal_ms;
     settle(&world, &mut t_ms, heal_ms + u64::from(cfg.heal_ms_max), !slow_operator).await;
-    let mut s = lock(&world);
-    if slow_operator && s.check.violations().is_empty() {
-        let sim_ms = s.elapsed_ns() / 1_000_000;
-        let Shared { check, slots, .. } = &mut *s;
-        check.liveness(slots, sim_ms);
-        if check.violations().is_empty() && dead_letters(&s) > 0 {
-            s.fired("slow_operator");
-            s.line(BROKER, || "operator: late, redriving dead letters only now".to_string());
-            drop(s);
-            let verdict_ms = t_ms;
-            settle(&world, &mut t_ms, verdict_ms + u64::from(cfg.heal_ms_max), true).await;
-            s = lock(&world);
-        }
+    if slow_operator && late_redrive_due(&mut lock(&world)) {
+        let verdict_ms = t_ms;
+        settle(&world, &mut t_ms, verdict_ms + u64::from(cfg.heal_ms_max), true).await;
     }
+    let mut s = lock(&world);
     let sim_ms = s.elapsed_ns() / 1_000_000;
     {
         let Shared { check, slots, .. } = &mut *s;
@@ -505,7 +499,7 @@ async fn settle(world: &World, t_ms: &mut u64, until_ms: u64, operator: bool) {
         *t_ms += 100;
         sleep_until_ms(world, *t_ms).await;
         let mut s = lock(world);
-        if operator && *t_ms >= from_ms + 1_000 && (*t_ms - from_ms) % 1_000 == 0 {
+        if operator && *t_ms >= from_ms + 1_000 && (*t_ms - from_ms).is_multiple_of(1_000) {
             redrive_all(&mut s);
         }
         let done = s.check.quiescent(&s.slots) && (!operator || dead_letters(&s) == 0);
@@ -513,6 +507,23 @@ async fn settle(world: &World, t_ms: &mut u64, until_ms: u64, operator: bool) {
             return;
         }
     }
+}
+
+/// With a slow operator: judges liveness now and, if it holds and dead letters
+/// wait, says the operator redrives them only now (the run then goes on).
+fn late_redrive_due(s: &mut Shared) -> bool {
+    if !s.check.violations().is_empty() {
+        return false;
+    }
+    let sim_ms = s.elapsed_ns() / 1_000_000;
+    let Shared { check, slots, .. } = &mut *s;
+    check.liveness(slots, sim_ms);
+    if !check.violations().is_empty() || dead_letters(s) == 0 {
+        return false;
+    }
+    s.fired("slow_operator");
+    s.line(BROKER, || "operator: late, redriving dead letters only now".to_string());
+    true
 }
 
 /// Dead letters held by the broker (0 while it is down).
@@ -523,9 +534,11 @@ fn dead_letters(s: &Shared) -> u64 {
     }
 }
 
-/// The operator redrives every subscriber's dead letters.
+/// The operator asks the broker to redrive every subscriber's dead letters.
+/// The request is queued to the broker's own task, which handles it as a step
+/// of its own (its clock, its outputs drained at once), as an HTTP request would be.
 fn redrive_all(s: &mut Shared) {
-    let Slot::Broker(broker) = &mut s.slots[BROKER] else {
+    let Slot::Broker(broker) = &s.slots[BROKER] else {
         return;
     };
     let clients: Vec<_> = broker
@@ -536,15 +549,8 @@ fn redrive_all(s: &mut Shared) {
         .collect();
     for (client, st) in clients {
         *s.faults.entry("dead_letter").or_default() += st.dead_letters as u64;
-        let now = s.now(BROKER);
-        if let Slot::Broker(b) = &mut s.slots[BROKER] {
-            b.handle(
-                now,
-                BrokerInput::Redrive {
-                    req: RequestId(u64::MAX),
-                    client: client.clone(),
-                },
-            );
+        if let Some(tx) = &s.operator_tx {
+            let _ = tx.try_send(Inbound::Redrive(client.clone()));
         }
         s.event(|| What::Note {
             node: BROKER,
@@ -556,9 +562,16 @@ fn redrive_all(s: &mut Shared) {
     }
 }
 
+/// What a node's task receives: a network message, or (broker) an operator's request.
+enum Inbound {
+    Net(SocketAddr, Seq, Wire),
+    Redrive(ClientId),
+}
+
 /// What woke a node: a message, or its next deadline passed.
 enum Wake {
     Msg(SocketAddr, Seq, Wire),
+    Redrive(ClientId),
     Timer,
 }
 
@@ -613,17 +626,21 @@ async fn node_main(world: World, i: usize) {
     }
     let ep = Arc::new(Endpoint::bind(addr(i)).await.expect("bind simulated endpoint"));
     let (tx, rx) = async_channel::unbounded();
+    let operator_tx = tx.clone();
     {
         // One receive task per endpoint feeding a channel: recv_from_raw is not cancel-safe.
         let ep = ep.clone();
         madsim::task::spawn(async move {
             while let Ok((payload, from)) = ep.recv_from_raw(TAG).await {
                 let (seq, wire) = *payload.downcast::<(Seq, Wire)>().expect("only Wire values travel");
-                if tx.send((from, seq, wire)).await.is_err() {
+                if tx.send(Inbound::Net(from, seq, wire)).await.is_err() {
                     break;
                 }
             }
         });
+    }
+    if i == BROKER {
+        lock(&world).operator_tx = Some(operator_tx);
     }
     let mut drv = Driver::default();
     let mut wake = Wake::Timer;
@@ -634,6 +651,12 @@ async fn node_main(world: World, i: usize) {
             let now = s.now(i);
             match wake {
                 Wake::Msg(from, seq, wire) => on_wire(&mut s, &mut drv, i, now, from, seq, wire),
+                Wake::Redrive(client) => {
+                    if let Slot::Broker(b) = &mut s.slots[i] {
+                        let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
+                        b.handle(now, BrokerInput::Redrive { req, client });
+                    }
+                }
                 Wake::Timer => on_timer(&mut s, &mut drv, i, now),
             }
             drain(&mut s, &mut drv, i);
@@ -659,7 +682,8 @@ async fn node_main(world: World, i: usize) {
             next.map(|ns| s.start + Duration::from_nanos(ns))
         };
         wake = match recv_until(&rx, deadline).await {
-            Some((from, seq, wire)) => Wake::Msg(from, seq, wire),
+            Some(Inbound::Net(from, seq, wire)) => Wake::Msg(from, seq, wire),
+            Some(Inbound::Redrive(client)) => Wake::Redrive(client),
             None => Wake::Timer,
         };
     }

@@ -1,10 +1,10 @@
 //! Any explicit fault plan must leave the invariants intact. proptest draws
 //! plans (crashes with torn writes, partitions, drops, duplicates, delays,
-//! lost answers, callback errors, skewed clocks); a failure shrinks to a
-//! minimal plan, printed with its trace.
+//! lost answers, callback errors, skewed clocks, short retry budgets and a
+//! slow operator); a failure shrinks to a minimal plan, printed with its trace.
 
 use proptest::prelude::*;
-use sagamq_sim::plan::{FAULTY_NODES, Fault, FaultPlan};
+use sagamq_sim::plan::{FAULTY_NODES, Fault, FaultPlan, FaultProfile};
 use sagamq_sim::scenario::Scenario;
 use sagamq_sim::trace;
 use sagamq_sim::world::{self, RunConfig};
@@ -37,6 +37,7 @@ fn fault() -> impl Strategy<Value = Fault> {
             offset_ms,
             drift_ppm
         }),
+        Just(Fault::SlowOperator),
     ]
 }
 
@@ -44,8 +45,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 200, ..ProptestConfig::default() })]
 
     #[test]
-    fn any_fault_plan_keeps_the_invariants(seed in 0..1_000u64, faults in proptest::collection::vec(fault(), 0..30)) {
-        let plan = FaultPlan { profile: Default::default(), faults };
+    fn any_fault_plan_keeps_the_invariants(
+        seed in 0..1_000u64,
+        faults in proptest::collection::vec(fault(), 0..30),
+        attempts_max in proptest::option::of(1..5u32),
+    ) {
+        let profile = FaultProfile { attempts_max, ..Default::default() };
+        let plan = FaultPlan { profile, faults };
         let mut cfg = RunConfig::new(Scenario::Saga { orders: 6 }, None);
         let r = world::run(seed, &plan, &cfg);
         if !r.violations.is_empty() {
