@@ -1,6 +1,7 @@
 //! The `sagamq` binary as a process: SIGKILL during a publishing load loses no
 //! acknowledged publish, a torn tail is cut, corruption in the middle is
-//! refused with its offset, SIGTERM shuts down cleanly, and the demo passes.
+//! refused with its offset, SIGTERM shuts down cleanly, a second broker on the
+//! same data directory is refused, and the demo passes.
 #![cfg(feature = "real")]
 
 mod real_support;
@@ -124,6 +125,38 @@ async fn sigkill_during_a_publishing_load_loses_no_acknowledged_publish() {
     sigterm(&child);
     assert!(wait_exit(&mut child, 10).success());
     rx.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_on_the_same_data_directory_is_refused() {
+    let dir = temp_dir("lock");
+    let mut b = spawn(&dir);
+    let c = BrokerClient::new(b.url.clone(), None);
+    c.publish(&publish("g1", "t", "x")).await.unwrap();
+    let log = dir.join("sagamq.log");
+    let before = std::fs::read(&log).unwrap();
+    let second = Command::new(BIN)
+        .args(["serve", "--addr", "127.0.0.1:0", "--data"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sagamq");
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second broker started: {stderr}");
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        before,
+        "the refused broker touched the log"
+    );
+    // The first one is unharmed and still serves.
+    let again = c.publish(&publish("g1", "t", "x")).await.unwrap();
+    assert!(again.duplicate);
+    sigterm(&b.child);
+    assert!(wait_exit(&mut b.child, 10).success());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -3,7 +3,9 @@
 //!
 //! **Invariant:** after `sync` returns, every byte appended before it survives
 //! a crash; after `replace` returns, the file holds either the old or the new
-//! content as a whole, never a mix (the rename is the commit point).
+//! content as a whole, never a mix (the rename is the commit point). One
+//! process at a time owns a data directory: an exclusive lock on its lock file,
+//! which the OS releases when the process dies (so `kill -9` leaves none behind).
 
 use crate::log::Disk;
 use std::fs::{self, File, OpenOptions};
@@ -14,6 +16,9 @@ use std::path::{Path, PathBuf};
 pub const LOG_FILE_NAME: &str = "sagamq.log";
 /// Compaction writes here first, then renames over [`LOG_FILE_NAME`].
 pub const LOG_TEMP_FILE_NAME: &str = "sagamq.log.tmp";
+/// Held locked (`flock`) while a process owns the directory. A file of its own:
+/// the log's inode changes at every compaction.
+pub const LOCK_FILE_NAME: &str = "sagamq.lock";
 
 /// An append-only log file with explicit durability points.
 #[derive(Debug)]
@@ -22,6 +27,31 @@ pub struct FileDisk {
     path: PathBuf,
     file: File,
     len: u64,
+    /// Locked for as long as this value lives.
+    _lock: File,
+}
+
+/// Takes the data directory's lock, or says who holds it.
+fn lock_dir(dir: &Path) -> io::Result<File> {
+    let path = dir.join(LOCK_FILE_NAME);
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "the data directory {} is in use by another process (it holds a lock on {})",
+                dir.display(),
+                path.display()
+            ),
+        )),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
 }
 
 impl FileDisk {
@@ -30,6 +60,9 @@ impl FileDisk {
     /// old log is still the committed one.
     pub fn open(dir: &Path) -> io::Result<FileDisk> {
         fs::create_dir_all(dir)?;
+        // First, before touching anything: another process's compaction may
+        // be writing the temp file this would remove.
+        let lock = lock_dir(dir)?;
         let tmp = dir.join(LOG_TEMP_FILE_NAME);
         if tmp.exists() {
             fs::remove_file(&tmp)?;
@@ -48,6 +81,7 @@ impl FileDisk {
             path,
             file,
             len,
+            _lock: lock,
         })
     }
 
@@ -176,6 +210,18 @@ mod tests {
         disk.truncate(3);
         assert_eq!(disk.read_all(), b"new");
         assert!(!d.join(LOG_TEMP_FILE_NAME).exists());
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_second_owner_of_the_directory_is_refused_until_the_first_is_gone() {
+        let d = temp_dir("lock");
+        let first = FileDisk::open(&d).unwrap();
+        let err = FileDisk::open(&d).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        assert!(err.to_string().contains("in use by another process"), "{err}");
+        drop(first);
+        FileDisk::open(&d).expect("the lock goes with its owner");
         fs::remove_dir_all(&d).unwrap();
     }
 
