@@ -169,7 +169,10 @@ impl Order {
         Order {
             flow,
             deadline_after,
-            resend_after: deadline_after.unwrap_or(COMPENSATION_RESEND_DEFAULT),
+            // Never zero: a re-send due at once would be due again at once.
+            resend_after: deadline_after
+                .unwrap_or(COMPENSATION_RESEND_DEFAULT)
+                .max(Duration::from_millis(1)),
             orders: BTreeMap::new(),
             deadlines: BTreeSet::new(),
             orders_max: ORDERS_MAX,
