@@ -189,6 +189,19 @@ impl Broker {
         Ok(())
     }
 
+    /// Replay of a Published record that entitled nobody: what
+    /// `apply_published` does for it, from its key alone. Bulk loading keeps no
+    /// hash index, so the live-duplicate and superseded-key checks are
+    /// `end_bulk`'s.
+    pub(super) fn replay_settled_at_once(&mut self, msg_id: MsgId, key: MessageKey) -> Result<(), String> {
+        if self.messages.contains_key(&msg_id) {
+            return Err(format!("{msg_id} published twice"));
+        }
+        self.next_msg_id = self.next_msg_id.max(msg_id.0 + 1);
+        self.dedup.remember(key, msg_id, Lsn(0), self.config.dedup_settled_max);
+        Ok(())
+    }
+
     fn apply_redriven(&mut self, client: ClientId) -> Result<(), String> {
         let q = self
             .clients

@@ -22,6 +22,7 @@
 //!   logged); dead letters, acks, subscriptions and dedup keys are durable.
 
 use super::dedup::Dedup;
+use super::record::ReplayRecord;
 use super::*;
 use crate::log::{LogError, decode_all};
 use crate::machine::Machine;
@@ -227,10 +228,13 @@ impl Broker {
         let mut broker = Broker::new(config, seed);
         broker.dedup.begin_bulk();
         for &(offset, payload) in &recovered.records {
-            let record = BrokerRecord::decode(payload).map_err(|reason| LogError::BadRecord { offset, reason })?;
-            broker
-                .apply(record, Origin::Replay)
-                .map_err(|reason| LogError::BadRecord { offset, reason })?;
+            let record =
+                BrokerRecord::decode_for_replay(payload).map_err(|reason| LogError::BadRecord { offset, reason })?;
+            match record {
+                ReplayRecord::Full(record) => broker.apply(record, Origin::Replay),
+                ReplayRecord::SettledAtOnce { msg_id, key } => broker.replay_settled_at_once(msg_id, key),
+            }
+            .map_err(|reason| LogError::BadRecord { offset, reason })?;
         }
         // A duplicate key cannot be pinned to one record: name the log's start.
         broker

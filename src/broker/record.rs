@@ -42,6 +42,15 @@ pub enum BrokerRecord {
     Settled { keys: Vec<(MessageKey, MsgId)> },
 }
 
+/// A record as recovery's replay needs it. A message nobody was entitled to
+/// settled at once, and replay keeps only its key: its sender, topic and
+/// content are skipped, not decoded and dropped (in a long log, most records).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ReplayRecord {
+    Full(BrokerRecord),
+    SettledAtOnce { msg_id: MsgId, key: MessageKey },
+}
+
 const TAG_EPOCH: u8 = 1;
 const TAG_SUBSCRIBED: u8 = 2;
 const TAG_UNSUBSCRIBED: u8 = 3;
@@ -188,10 +197,33 @@ impl BrokerRecord {
             }
             tag => return Err(format!("unknown record tag {tag}")),
         };
-        if r.pos != bytes.len() {
-            return Err(format!("{} trailing bytes after the record", bytes.len() - r.pos));
-        }
+        r.end()?;
         Ok(record)
+    }
+
+    /// Like [`BrokerRecord::decode`], for replay (see [`ReplayRecord`]).
+    pub(super) fn decode_for_replay(bytes: &[u8]) -> Result<ReplayRecord, String> {
+        if bytes.first() != Some(&TAG_PUBLISHED) {
+            return BrokerRecord::decode(bytes).map(ReplayRecord::Full);
+        }
+        let mut r = Reader { bytes, pos: 1 };
+        let msg_id = MsgId(r.u64()?);
+        let global_id = r.raw_str()?;
+        let sub_id = r.raw_str()?;
+        r.raw_str()?; // sender
+        r.u64()?; // create time
+        r.raw_str()?; // topic
+        r.raw_str()?; // content
+        if r.count()? != 0 {
+            // Entitled subscribers: the message lives on, decode it whole.
+            return BrokerRecord::decode(bytes).map(ReplayRecord::Full);
+        }
+        r.end()?;
+        let key = MessageKey {
+            global_id: Reader::id_of(global_id, GlobalId::new)?,
+            sub_id: Reader::id_of(sub_id, SubId::new)?,
+        };
+        Ok(ReplayRecord::SettledAtOnce { msg_id, key })
     }
 }
 
@@ -237,14 +269,30 @@ impl<'a> Reader<'a> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")) as usize)
     }
     fn string(&mut self) -> Result<String, String> {
-        let n = self.count()?;
-        let raw = self.take(n)?;
+        let raw = self.raw_str()?;
+        Self::string_of(raw)
+    }
+    fn string_of(raw: &[u8]) -> Result<String, String> {
         std::str::from_utf8(raw)
             .map(str::to_owned)
             .map_err(|e| format!("invalid UTF-8 in a string field: {e}"))
     }
+    /// A string field's bytes, not yet checked.
+    fn raw_str(&mut self) -> Result<&'a [u8], String> {
+        let n = self.count()?;
+        self.take(n)
+    }
+    fn end(&self) -> Result<(), String> {
+        match self.bytes.len() - self.pos {
+            0 => Ok(()),
+            n => Err(format!("{n} trailing bytes after the record")),
+        }
+    }
     fn id<T, E: std::fmt::Display>(&mut self, new: impl FnOnce(String) -> Result<T, E>) -> Result<T, String> {
         new(self.string()?).map_err(|e| e.to_string())
+    }
+    fn id_of<T, E: std::fmt::Display>(raw: &[u8], new: impl FnOnce(String) -> Result<T, E>) -> Result<T, String> {
+        new(Self::string_of(raw)?).map_err(|e| e.to_string())
     }
 }
 
@@ -281,6 +329,18 @@ mod tests {
                     content: "{\"qty\":1} é".into(),
                 },
                 entitled: vec![client.clone(), ClientId::lit("audit")],
+            },
+            BrokerRecord::Published {
+                message: Message {
+                    msg_id: MsgId(8),
+                    global_id: GlobalId::lit("order-2"),
+                    sub_id: SubId::lit("created"),
+                    sender_id: SenderId::lit("order-service"),
+                    create_time: 9,
+                    topic: Topic::lit("nobody-listens"),
+                    content: "ignored".into(),
+                },
+                entitled: vec![],
             },
             BrokerRecord::Acked {
                 client: client.clone(),
@@ -328,5 +388,41 @@ mod tests {
         let mut bytes = vec![TAG_REDRIVEN];
         bytes.extend_from_slice(&0u32.to_le_bytes());
         assert_eq!(BrokerRecord::decode(&bytes).unwrap_err(), "ClientID must not be empty");
+    }
+
+    /// Replay reads a message that entitled nobody as its key alone and every
+    /// other record as `decode` does; damage is refused the same way.
+    #[test]
+    fn replay_decoding_keeps_only_the_key_of_a_message_settled_at_once() {
+        for record in samples() {
+            let mut bytes = Vec::new();
+            record.encode(&mut bytes);
+            let expected = match &record {
+                BrokerRecord::Published { message, entitled } if entitled.is_empty() => ReplayRecord::SettledAtOnce {
+                    msg_id: message.msg_id,
+                    key: message.key(),
+                },
+                _ => ReplayRecord::Full(record.clone()),
+            };
+            assert_eq!(BrokerRecord::decode_for_replay(&bytes), Ok(expected));
+            for cut in 0..bytes.len() {
+                assert!(
+                    BrokerRecord::decode_for_replay(&bytes[..cut]).is_err(),
+                    "{record:?} cut at {cut}"
+                );
+            }
+            bytes.push(0);
+            assert!(
+                BrokerRecord::decode_for_replay(&bytes)
+                    .unwrap_err()
+                    .contains("trailing")
+            );
+        }
+        assert!(
+            samples()
+                .iter()
+                .any(|r| matches!(r, BrokerRecord::Published { entitled, .. } if entitled.is_empty())),
+            "the samples include a message settled at once"
+        );
     }
 }
