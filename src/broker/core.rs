@@ -24,7 +24,7 @@
 use super::dedup::Dedup;
 use super::record::ReplayRecord;
 use super::*;
-use crate::log::{LogError, decode_all};
+use crate::log::{FrameStream, LogError};
 use crate::machine::Machine;
 use crate::rng::Rng;
 use crate::types::{CONTENT_LEN_MAX, URL_LEN_MAX};
@@ -161,6 +161,57 @@ pub struct RecoveryReport {
     pub torn_bytes: u64,
 }
 
+/// A recovery in progress (see [`Broker::recovery`]): records are applied as
+/// their frames arrive.
+pub struct Recovery {
+    broker: Broker,
+    frames: FrameStream,
+}
+
+impl Recovery {
+    /// The next bytes of the log.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), LogError> {
+        let broker = &mut self.broker;
+        self.frames.feed(chunk, |offset, payload| {
+            let record =
+                BrokerRecord::decode_for_replay(payload).map_err(|reason| LogError::BadRecord { offset, reason })?;
+            match record {
+                ReplayRecord::Full(record) => broker.apply(record, Origin::Replay),
+                ReplayRecord::SettledAtOnce { msg_id, key } => broker.replay_settled_at_once(msg_id, key),
+            }
+            .map_err(|reason| LogError::BadRecord { offset, reason })
+        })
+    }
+
+    /// The recovered broker, once every byte was fed.
+    pub fn finish(self) -> Result<(Broker, RecoveryReport), LogError> {
+        let Recovery { mut broker, frames } = self;
+        let found = frames.finish();
+        // A duplicate key cannot be pinned to one record: name the log's start.
+        broker
+            .dedup
+            .end_bulk(&broker.messages)
+            .map_err(|reason| LogError::BadRecord { offset: 0, reason })?;
+        let report = RecoveryReport {
+            records: found.records,
+            valid_len: found.valid_len,
+            torn_bytes: found.torn_bytes,
+        };
+        broker.log_records = report.records;
+        broker.log_bytes = report.valid_len;
+        broker.incarnation += 1;
+        let epoch = BrokerRecord::Epoch {
+            incarnation: broker.incarnation,
+            next_msg_id: MsgId(broker.next_msg_id),
+        };
+        broker.persist(epoch);
+        broker.dispatch_after = Lsn(broker.next_lsn);
+        broker.dirty = broker.clients.keys().cloned().collect();
+        broker.flush();
+        Ok((broker, report))
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SubscriberStats {
     /// Queued and not in flight (waiting, backing off, or not yet durable).
@@ -224,40 +275,20 @@ impl Broker {
     /// refused with the offset. The recovered broker first persists an `Epoch`
     /// record (its first output) and sends no callback until that is durable.
     pub fn recover(config: BrokerConfig, seed: u64, image: &[u8]) -> Result<(Broker, RecoveryReport), LogError> {
-        let recovered = decode_all(image)?;
+        let mut recovery = Broker::recovery(config, seed, image.len() as u64);
+        recovery.feed(image)?;
+        recovery.finish()
+    }
+
+    /// [`Broker::recover`] for a log fed in chunks (a driver reading a large
+    /// file need not hold its image): feed every byte, then `finish`.
+    pub fn recovery(config: BrokerConfig, seed: u64, log_len: u64) -> Recovery {
         let mut broker = Broker::new(config, seed);
         broker.dedup.begin_bulk();
-        for &(offset, payload) in &recovered.records {
-            let record =
-                BrokerRecord::decode_for_replay(payload).map_err(|reason| LogError::BadRecord { offset, reason })?;
-            match record {
-                ReplayRecord::Full(record) => broker.apply(record, Origin::Replay),
-                ReplayRecord::SettledAtOnce { msg_id, key } => broker.replay_settled_at_once(msg_id, key),
-            }
-            .map_err(|reason| LogError::BadRecord { offset, reason })?;
+        Recovery {
+            broker,
+            frames: FrameStream::new(log_len),
         }
-        // A duplicate key cannot be pinned to one record: name the log's start.
-        broker
-            .dedup
-            .end_bulk(&broker.messages)
-            .map_err(|reason| LogError::BadRecord { offset: 0, reason })?;
-        let report = RecoveryReport {
-            records: recovered.records.len() as u64,
-            valid_len: recovered.valid_len,
-            torn_bytes: recovered.torn_bytes,
-        };
-        broker.log_records = report.records;
-        broker.log_bytes = report.valid_len;
-        broker.incarnation += 1;
-        let epoch = BrokerRecord::Epoch {
-            incarnation: broker.incarnation,
-            next_msg_id: MsgId(broker.next_msg_id),
-        };
-        broker.persist(epoch);
-        broker.dispatch_after = Lsn(broker.next_lsn);
-        broker.dirty = broker.clients.keys().cloned().collect();
-        broker.flush();
-        Ok((broker, report))
     }
 
     pub fn stats(&self) -> BrokerStats {

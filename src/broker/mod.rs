@@ -30,7 +30,7 @@ mod record;
 mod tests;
 
 pub use self::config::BrokerConfig;
-pub use self::core::{Broker, BrokerStats, RecoveryReport, SubscriberStats};
+pub use self::core::{Broker, BrokerStats, Recovery, RecoveryReport, SubscriberStats};
 pub use self::record::BrokerRecord;
 
 use crate::types::{ClientId, Message, MsgId, PublishRequest, SubscribeRequest, Time, Topic};

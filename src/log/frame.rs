@@ -107,6 +107,172 @@ pub fn decode_all(bytes: &[u8]) -> Result<Recovered<'_>, LogError> {
     })
 }
 
+/// What the bytes at a frame boundary hold, judged like [`decode_all`] does
+/// (knowing how many bytes the log has from there on).
+#[derive(Clone, Copy)]
+enum Step {
+    /// A whole valid frame, `end` bytes long (header included).
+    Frame {
+        end: usize,
+    },
+    /// Valid so far; the first `n` bytes are needed to judge it.
+    NeedMore(usize),
+    Torn,
+    Corrupt(&'static str),
+}
+
+/// [`decode_all`] for a log fed in chunks (a push parser: the caller does
+/// the reading), so a driver can replay a large log without holding its
+/// image. It classifies damage exactly as `decode_all` does, which needs the
+/// log's total length up front.
+///
+/// **Invariant:** fed every byte of a log in any chunking, it calls back the
+/// same frames, at the same offsets, and ends with the same verdict as
+/// `decode_all` on the whole image.
+pub struct FrameStream {
+    total: u64,
+    fed: u64,
+    /// Offset of the next frame.
+    pos: u64,
+    records: u64,
+    /// A frame split across chunks: its bytes so far.
+    carry: Vec<u8>,
+    /// A torn tail starts at `pos`; the rest is ignored.
+    torn: bool,
+}
+
+/// What a fully fed [`FrameStream`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamSummary {
+    pub records: u64,
+    pub valid_len: u64,
+    pub torn_bytes: u64,
+}
+
+impl FrameStream {
+    /// A stream for a log of `total` bytes.
+    pub fn new(total: u64) -> FrameStream {
+        FrameStream {
+            total,
+            fed: 0,
+            pos: 0,
+            records: 0,
+            carry: Vec::new(),
+            torn: false,
+        }
+    }
+
+    fn step(&self, buf: &[u8]) -> Step {
+        let rest = self.total - self.pos;
+        if rest < FRAME_HEADER_LEN as u64 {
+            return Step::Torn;
+        }
+        if buf.len() < FRAME_HEADER_LEN {
+            return Step::NeedMore(FRAME_HEADER_LEN);
+        }
+        let len = u32::from_le_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
+        let end = FRAME_HEADER_LEN + len;
+        if len > FRAME_PAYLOAD_MAX {
+            // As in decode_all: a garbage length at the tail is a torn header.
+            return if end as u64 >= rest {
+                Step::Torn
+            } else {
+                Step::Corrupt("impossible frame length")
+            };
+        }
+        if end as u64 > rest {
+            return Step::Torn;
+        }
+        if buf.len() < end {
+            return Step::NeedMore(end);
+        }
+        if crc32fast::hash(&buf[FRAME_HEADER_LEN..end]) != crc {
+            return if end as u64 == rest {
+                Step::Torn
+            } else {
+                Step::Corrupt("checksum mismatch")
+            };
+        }
+        Step::Frame { end }
+    }
+
+    /// Feeds the next bytes of the log; `record(offset, payload)` is called for
+    /// each valid frame, in order. Stops at the first error (corruption, or the
+    /// callback's).
+    pub fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        mut record: impl FnMut(u64, &[u8]) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
+        self.fed += chunk.len() as u64;
+        assert!(self.fed <= self.total, "fed more than the log's length");
+        // First complete a frame split across chunks, taking only its bytes.
+        while !self.torn && !self.carry.is_empty() {
+            match self.step(&self.carry) {
+                Step::NeedMore(n) => {
+                    let take = (n - self.carry.len()).min(chunk.len());
+                    if take == 0 {
+                        return Ok(());
+                    }
+                    self.carry.extend_from_slice(&chunk[..take]);
+                    chunk = &chunk[take..];
+                }
+                Step::Frame { end } => {
+                    record(self.pos, &self.carry[FRAME_HEADER_LEN..end])?;
+                    self.records += 1;
+                    self.pos += end as u64;
+                    self.carry.clear();
+                }
+                Step::Torn => self.torn = true,
+                Step::Corrupt(reason) => {
+                    return Err(LogError::CorruptMiddle {
+                        offset: self.pos,
+                        reason,
+                    });
+                }
+            }
+        }
+        // Then whole frames straight from the chunk.
+        let mut i = 0;
+        while !self.torn && i < chunk.len() {
+            match self.step(&chunk[i..]) {
+                Step::Frame { end } => {
+                    record(self.pos, &chunk[i + FRAME_HEADER_LEN..i + end])?;
+                    self.records += 1;
+                    self.pos += end as u64;
+                    i += end;
+                }
+                Step::NeedMore(_) => {
+                    self.carry.extend_from_slice(&chunk[i..]);
+                    break;
+                }
+                Step::Torn => self.torn = true,
+                Step::Corrupt(reason) => {
+                    return Err(LogError::CorruptMiddle {
+                        offset: self.pos,
+                        reason,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The verdict, once every byte was fed.
+    pub fn finish(&self) -> StreamSummary {
+        assert_eq!(self.fed, self.total, "finish before the whole log was fed");
+        // Fully fed, a frame still waiting for bytes is impossible: `step`
+        // judges one that the log's end cuts short as torn.
+        debug_assert!(self.torn || (self.pos == self.total && self.carry.is_empty()));
+        StreamSummary {
+            records: self.records,
+            valid_len: self.pos,
+            torn_bytes: self.total - self.pos,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +329,72 @@ mod tests {
             }
         );
         assert!(err.to_string().contains("offset 13"));
+    }
+
+    /// Frames (offset, payload) and the verdict, as both decoders report them.
+    type Decoded = Result<(Vec<(u64, Vec<u8>)>, StreamSummary), LogError>;
+
+    /// Everything a stream calls back and concludes, for comparison.
+    fn stream(bytes: &[u8], chunks: &[usize]) -> Decoded {
+        let mut s = FrameStream::new(bytes.len() as u64);
+        let mut got = Vec::new();
+        let mut rest = bytes;
+        let mut sizes = chunks.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*sizes.next().expect("cycle")).clamp(1, rest.len());
+            s.feed(&rest[..n], |off, p| {
+                got.push((off, p.to_vec()));
+                Ok(())
+            })?;
+            rest = &rest[n..];
+        }
+        Ok((got, s.finish()))
+    }
+
+    proptest::proptest! {
+        /// The streaming decoder agrees with `decode_all` on any log, damaged
+        /// or not, however it is chunked.
+        #[test]
+        fn stream_agrees_with_decode_all(
+            payloads in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 0..8),
+            damage in 0..4u8,
+            at in 0..10_000usize,
+            byte in proptest::num::u8::ANY,
+            chunks in proptest::collection::vec(1..50usize, 1..6),
+        ) {
+            let mut bytes = Vec::new();
+            for p in &payloads {
+                encode_frame(p, &mut bytes);
+            }
+            match damage {
+                1 if !bytes.is_empty() => bytes.truncate(at % bytes.len()),
+                2 if !bytes.is_empty() => {
+                    let i = at % bytes.len();
+                    bytes[i] ^= byte | 1;
+                }
+                3 => bytes.extend_from_slice(&[byte, 0xFF, 0xFF, 0xFF, 1, 2]),
+                _ => {}
+            }
+            let whole = decode_all(&bytes).map(|r| {
+                let frames: Vec<(u64, Vec<u8>)> = r.records.iter().map(|(o, p)| (*o, p.to_vec())).collect();
+                (frames, StreamSummary { records: r.records.len() as u64, valid_len: r.valid_len, torn_bytes: r.torn_bytes })
+            });
+            proptest::prop_assert_eq!(stream(&bytes, &chunks), whole);
+        }
+    }
+
+    #[test]
+    fn stream_chunked_byte_by_byte_finds_every_frame() {
+        let bytes = log_of(&[b"one", b"", b"three"]);
+        let (frames, summary) = stream(&bytes, &[1]).unwrap();
+        assert_eq!(frames.len(), 3);
+        assert_eq!(
+            summary,
+            StreamSummary {
+                records: 3,
+                valid_len: bytes.len() as u64,
+                torn_bytes: 0
+            }
+        );
     }
 }

@@ -10,4 +10,6 @@ mod disk;
 mod frame;
 
 pub use disk::{Disk, MemDisk};
-pub use frame::{FRAME_HEADER_LEN, FRAME_PAYLOAD_MAX, LogError, Recovered, decode_all, encode_frame};
+pub use frame::{
+    FRAME_HEADER_LEN, FRAME_PAYLOAD_MAX, FrameStream, LogError, Recovered, StreamSummary, decode_all, encode_frame,
+};

@@ -247,6 +247,9 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     })
 }
 
+/// Bytes of log read per step of recovery.
+const RECOVERY_CHUNK: usize = 4 << 20;
+
 /// Opens the log, rebuilds the broker from it, and cuts a torn tail.
 pub fn recover(
     dir: &std::path::Path,
@@ -254,10 +257,8 @@ pub fn recover(
     seed: u64,
 ) -> Result<(Broker, FileDisk, RecoveryReport), ServeError> {
     let mut disk = FileDisk::open(dir).map_err(io_err(format!("open the log in {}", dir.display())))?;
-    let image = disk
-        .try_read_all()
-        .map_err(io_err(format!("read {}", disk.path().display())))?;
-    let (broker, report) = if image.is_empty() {
+    let log_len = disk.len();
+    let (broker, report) = if log_len == 0 {
         (
             Broker::new(config, seed),
             RecoveryReport {
@@ -267,10 +268,35 @@ pub fn recover(
             },
         )
     } else {
-        Broker::recover(config, seed, &image).map_err(|err| ServeError::Recovery {
-            path: disk.path().to_path_buf(),
+        // Streamed in chunks: replay overlaps nothing, but it never holds the
+        // whole image (no allocation and page faults the size of the log).
+        let path = disk.path().to_path_buf();
+        let read_err = io_err(format!("read {}", path.display()));
+        let recovery_err = |err| ServeError::Recovery {
+            path: path.clone(),
             err,
-        })?
+        };
+        let mut file = std::fs::File::open(&path).map_err(io_err(format!("open {}", path.display())))?;
+        let mut recovery = Broker::recovery(config, seed, log_len);
+        let mut buf = vec![0u8; RECOVERY_CHUNK];
+        let mut fed = 0u64;
+        while fed < log_len {
+            let want = usize::try_from(log_len - fed).unwrap_or(usize::MAX).min(buf.len());
+            let n = match std::io::Read::read(&mut file, &mut buf[..want]) {
+                Ok(0) => {
+                    return Err(read_err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the log ended at byte {fed} of {log_len} while being read"),
+                    )));
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read_err(e)),
+            };
+            recovery.feed(&buf[..n]).map_err(recovery_err)?;
+            fed += n as u64;
+        }
+        recovery.finish().map_err(recovery_err)?
     };
     if report.torn_bytes > 0 {
         tracing::warn!(
