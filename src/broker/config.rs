@@ -28,6 +28,11 @@ pub struct BrokerConfig {
     pub retry_backoff_max: Duration,
     /// Attempts per (subscriber, message) before it becomes a dead letter.
     pub attempts_max: u32,
+    /// How long after its `ExpireTime` a subscription is still entitled to new
+    /// messages (queued, delivery paused until it renews). A subscriber cut
+    /// off for longer than its TTL then misses nothing published within the
+    /// grace. Zero: an expired subscription gets nothing new.
+    pub subscription_grace: Duration,
     /// Compact when the log holds more than this many records beyond the live
     /// state (and, to keep the snapshot cost amortised, more than the live state).
     pub compact_garbage_records_min: u64,
@@ -47,6 +52,7 @@ impl Default for BrokerConfig {
             retry_backoff_initial: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(30),
             attempts_max: 10,
+            subscription_grace: Duration::ZERO,
             compact_garbage_records_min: 100_000,
         }
     }

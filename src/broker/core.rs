@@ -11,10 +11,12 @@
 //!   slot free and later messages of the same subscriber proceed. Each dispatch
 //!   picks the earliest ready message in `(CreateTime, MsgId)` order, so first
 //!   attempts (and retries that are due) go out in that order.
-//! - **Expiry pauses delivery.** An expired subscription (and an unsubscribed
-//!   one past its `ExpireTime`) gets no new entitlements and no callbacks; its
-//!   queued messages and dead letters are kept and delivery resumes when the
-//!   client subscribes again. Callbacks already in flight finish normally.
+//! - **Expiry pauses delivery.** An expired subscription gets no callbacks;
+//!   its queued messages and dead letters are kept and delivery resumes when
+//!   the client subscribes again. Callbacks already in flight finish normally.
+//!   It is still entitled to new messages for `subscription_grace` after its
+//!   `ExpireTime` (queued, paused), then gets nothing new; an unsubscribed one
+//!   gets nothing new at once.
 //! - **Unsubscribe** ends new entitlements at once; already queued messages
 //!   are still delivered until the subscription's `ExpireTime`.
 //! - **After a restart** in-flight and backing-off deliveries are simply
@@ -98,9 +100,10 @@ pub(super) struct Subscription {
 }
 
 impl Subscription {
-    /// Gets new messages published at `now`.
-    pub(super) fn entitles(&self, now: Time) -> bool {
-        !self.retired && now < self.expire_time
+    /// Gets new messages published at `now`: until `grace` after its expiry
+    /// (queued while expired, delivered once it renews).
+    pub(super) fn entitles(&self, now: Time, grace: std::time::Duration) -> bool {
+        !self.retired && now < self.expire_time.plus(grace)
     }
     /// Gets callbacks for queued messages at `now` (paused once expired).
     pub(super) fn deliverable(&self, now: Time) -> bool {
@@ -353,7 +356,7 @@ impl Broker {
         let entitled: Vec<ClientId> = match self.subs.get(&publish.topic) {
             Some(subs) => subs
                 .iter()
-                .filter(|(_, s)| s.entitles(now))
+                .filter(|(_, s)| s.entitles(now, self.config.subscription_grace))
                 .map(|(c, _)| c.clone())
                 .collect(),
             None => Vec::new(),
@@ -424,7 +427,7 @@ impl Broker {
             .iter()
             .flat_map(|(topic, m)| {
                 m.iter()
-                    .filter(|(_, s)| !s.retired && s.refs == 0 && !s.deliverable(now))
+                    .filter(|(_, s)| !s.retired && s.refs == 0 && !s.entitles(now, self.config.subscription_grace))
                     .map(|(client, _)| (client.clone(), topic.clone()))
             })
             .collect();

@@ -72,7 +72,8 @@ pub struct ServeArgs {
     pub tuning: Tuning,
 }
 
-/// The core's bounds and timings ([`BrokerConfig`]); defaults are the core's, except the callback window (64).
+/// The core's bounds and timings ([`BrokerConfig`]); defaults are the core's, except the callback window (64)
+/// and the subscription grace (300 s).
 #[derive(Args, Debug, Clone)]
 pub struct Tuning {
     /// Callback with no answer after this many ms counts as timed out.
@@ -99,6 +100,9 @@ pub struct Tuning {
     /// Compact when the log holds this many records beyond the live state.
     #[arg(long)]
     pub compact_garbage_records_min: Option<u64>,
+    /// An expired subscription still gets new messages (queued, paused) for this many ms [default: 300000].
+    #[arg(long)]
+    pub subscription_grace_ms: Option<u64>,
 }
 
 impl Tuning {
@@ -114,6 +118,9 @@ impl Tuning {
         }
         if let Some(v) = self.attempts_max {
             c.attempts_max = v;
+        }
+        if let Some(v) = self.subscription_grace_ms {
+            c.subscription_grace = Duration::from_millis(v);
         }
         if let Some(v) = self.inflight_per_subscriber {
             c.inflight_per_subscriber_max = v;

@@ -43,6 +43,9 @@ pub struct ServeOptions {
     pub lazy_sync_delay: std::time::Duration,
 }
 
+/// How long `serve` keeps entitling an expired subscription (delivery paused).
+pub const SUBSCRIPTION_GRACE_DEFAULT: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl ServeOptions {
     pub fn new(addr: SocketAddr, data_dir: PathBuf) -> ServeOptions {
         let broker = BrokerConfig {
@@ -50,6 +53,9 @@ impl ServeOptions {
             // of 16 caps one subscriber near 10k msgs/s, below what publishers
             // reach, so the real runtime opens it to 64.
             inflight_per_subscriber_max: INFLIGHT_PER_SUBSCRIBER_DEFAULT,
+            // A subscriber restarting, or cut off, past its ExpireTime loses
+            // nothing published within this.
+            subscription_grace: SUBSCRIPTION_GRACE_DEFAULT,
             ..BrokerConfig::default()
         };
         ServeOptions {

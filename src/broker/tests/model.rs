@@ -99,6 +99,8 @@ fn config() -> BrokerConfig {
         retry_backoff_initial: Duration::from_millis(10),
         retry_backoff_max: Duration::from_millis(40),
         attempts_max: 3,
+        // The model's entitlement is "live at the publish" (grace: see the scenario test).
+        subscription_grace: Duration::ZERO,
         compact_garbage_records_min: 8,
     }
 }

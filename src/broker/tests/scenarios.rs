@@ -412,6 +412,34 @@ fn expired_subscriber_gets_nothing_new_and_keeps_its_queue_paused_until_renewal(
     assert_eq!(got, ["m1/s@stock-service", "m2/s@stock-service"]);
 }
 
+/// With a grace, a subscriber whose subscription lapsed (cut off past its
+/// ExpireTime) misses nothing published within the grace: it is queued,
+/// paused, and delivered once it renews. Past the grace, nothing new.
+#[test]
+fn within_the_grace_an_expired_subscriber_still_gets_new_messages_paused() {
+    let config = BrokerConfig {
+        subscription_grace: Duration::from_millis(500),
+        ..small_config()
+    };
+    let mut h = Harness::new(config, 7);
+    h.subscribe(STOCK, T, ms(100));
+    h.advance_to(ms(200));
+    let m1 = h.publish("m1", "s", T, 1);
+    assert!(!published(&h, m1).1);
+    assert!(h.take_callbacks().is_empty(), "expired: delivery paused");
+    assert_eq!(h.sub_stats(STOCK).pending, 1, "m1 is queued for stock within the grace");
+    h.advance_to(ms(700));
+    h.publish("m2", "s", T, 2);
+    assert_eq!(h.sub_stats(STOCK).pending, 1, "past the grace: m2 is not entitled");
+    h.subscribe(STOCK, T, LONG);
+    let mut got = Vec::new();
+    while !h.callbacks.is_empty() {
+        got.extend(keys(&h.callbacks));
+        h.answer_all(CallbackResult::Delivered);
+    }
+    assert_eq!(got, ["m1/s@stock-service"]);
+}
+
 #[test]
 fn subscribing_again_renews_and_changes_the_url() {
     let mut h = Harness::new(small_config(), 7);
