@@ -3,7 +3,8 @@
 //! participant's state through a [`View`], then judges:
 //!
 //! - **no-lost-publish** (safety): every acknowledged publish reached every
-//!   subscriber entitled at acknowledgement time (2xx) or sits in its dead letters;
+//!   subscriber entitled to it (2xx) or sits in its dead letters; entitled:
+//!   subscribed, or expired less than the broker's grace ago, at every receipt;
 //! - **dedup** (safety): one `(GlobalID, SubID)` never maps to two message ids;
 //! - **effects-at-most-once** (safety): per order, stock deducted at most once (its
 //!   quantity or nothing) and given back at most what was deducted (a release
@@ -25,9 +26,10 @@
 use crate::plan::NODES;
 use crate::scenario::Scenario;
 use crate::world::{BROKER, CUSTOM, ORDER, PAYMENT, RunConfig, STOCK, Slot};
-use sagamq::{ClientId, Message, MessageKey, MsgId, Topic};
+use sagamq::{ClientId, Message, MessageKey, MsgId, Time, Topic};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -171,7 +173,10 @@ struct Acked {
 #[derive(Debug)]
 pub struct Checker {
     acked: BTreeMap<MessageKey, Acked>,
-    subscribers: BTreeMap<Topic, BTreeSet<ClientId>>,
+    /// Confirmed subscriptions: topic -> client -> expiry (broker clock).
+    subscribers: BTreeMap<Topic, BTreeMap<ClientId, Time>>,
+    /// Per published key, the subscribers live at every receipt of it.
+    owed: BTreeMap<MessageKey, BTreeSet<ClientId>>,
     processed: BTreeSet<(ClientId, MessageKey)>,
     /// The node each subscriber runs on (learned from its 2xx answers).
     client_nodes: BTreeMap<ClientId, usize>,
@@ -226,6 +231,7 @@ impl Checker {
         Checker {
             acked: BTreeMap::new(),
             subscribers: BTreeMap::new(),
+            owed: BTreeMap::new(),
             processed: BTreeSet::new(),
             client_nodes: BTreeMap::new(),
             callback_ids: BTreeMap::new(),
@@ -258,11 +264,42 @@ impl Checker {
         }
     }
 
-    pub fn subscribed(&mut self, client: &ClientId, topic: &Topic) {
-        self.subscribers
+    /// The broker confirmed `client`'s subscription to `topic` until `until`
+    /// (broker clock).
+    pub fn subscribed(&mut self, client: &ClientId, topic: &Topic, until: Time) {
+        let t = self
+            .subscribers
             .entry(topic.clone())
             .or_default()
-            .insert(client.clone());
+            .entry(client.clone())
+            .or_insert(until);
+        *t = (*t).max(until);
+    }
+
+    /// The broker received a publish of `key` at `now` (its clock). Returns
+    /// how many confirmed subscribers of the topic had lapsed (expired; still
+    /// owed the message within `grace`).
+    ///
+    /// A message is owed to the subscribers entitled when the broker stored it.
+    /// Which receipt stored it is not always visible (a crash can eat the
+    /// reply), so the checker owes it to those live at *every* receipt of its
+    /// key: never more than the broker owes, and, without lapses, all of them.
+    pub fn publish_received(&mut self, key: &MessageKey, topic: &Topic, now: Time, grace: Duration) -> usize {
+        let subs = self.subscribers.get(topic);
+        let lapsed = subs.map_or(0, |m| m.values().filter(|until| now >= **until).count());
+        let live: BTreeSet<ClientId> = subs
+            .iter()
+            .flat_map(|m| m.iter())
+            .filter(|(_, until)| now < until.plus(grace))
+            .map(|(c, _)| c.clone())
+            .collect();
+        match self.owed.get_mut(key) {
+            Some(owed) => owed.retain(|c| live.contains(c)),
+            None => {
+                self.owed.insert(key.clone(), live);
+            }
+        }
+        lapsed
     }
 
     pub fn publish_acked(&mut self, key: &MessageKey, msg_id: MsgId, topic: &Topic, at_ms: u64) {
@@ -273,7 +310,7 @@ impl Checker {
             }
             Some(_) => {}
             None => {
-                let entitled = self.subscribers.get(topic).cloned().unwrap_or_default();
+                let entitled = self.owed.get(key).cloned().unwrap_or_default();
                 self.acked.insert(
                     key.clone(),
                     Acked {

@@ -153,11 +153,14 @@ impl Observed for Order {
     }
 }
 
+/// The subscription TTL unless the plan draws a short one.
+pub const SUBSCRIPTION_TTL_DEFAULT: Duration = Duration::from_secs(30);
+
 /// The host configuration of node `node` in the simulator.
-pub fn host_config(node: usize, seed: u64, run: &RunConfig) -> HostConfig {
+pub fn host_config(node: usize, seed: u64, run: &RunConfig, ttl: Option<Duration>) -> HostConfig {
     let mut cfg = HostConfig::new(crate::check::client_of(node, run), notify_url(node));
     cfg.seed = seed ^ (node as u64).wrapping_mul(0x9E37_79B9);
-    cfg.subscription_ttl = Duration::from_secs(30);
+    cfg.subscription_ttl = ttl.unwrap_or(SUBSCRIPTION_TTL_DEFAULT);
     cfg.subscribe_retry = Duration::from_millis(200);
     cfg.publish_retry_initial = Duration::from_millis(100);
     cfg.publish_retry_max = Duration::from_secs(1);
@@ -196,8 +199,15 @@ where
 
 /// Builds node `node`'s participant from its disk image (empty: a fresh start).
 /// Returns the participant, the valid log length and the number of records replayed.
-pub fn build(node: usize, cfg: &RunConfig, def: &shipped::Scenario, seed: u64, image: &[u8]) -> Built {
-    let config = host_config(node, seed, cfg);
+pub fn build(
+    node: usize,
+    cfg: &RunConfig,
+    def: &shipped::Scenario,
+    seed: u64,
+    ttl: Option<Duration>,
+    image: &[u8],
+) -> Built {
+    let config = host_config(node, seed, cfg, ttl);
     if let Some(bug) = cfg.bug
         && let Some(planted) = crate::bugs::build(bug, node, def, config.clone(), image)
     {

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// Every fault kind the simulator injects, in report order.
-pub const FAULT_KINDS: [&str; 11] = [
+pub const FAULT_KINDS: [&str; 12] = [
     "drop",
     "ack_lost",
     "duplicate",
@@ -25,6 +25,7 @@ pub const FAULT_KINDS: [&str; 11] = [
     "clock_skew",
     "dead_letter",
     "slow_operator",
+    "subscription_lapse",
 ];
 
 /// The nodes of the world, by name. Index = position here.
@@ -172,6 +173,11 @@ pub struct FaultProfile {
     /// Whether the plan holds [`Fault::SlowOperator`].
     #[serde(default)]
     pub slow_operator: bool,
+    /// The subscription TTL participants ask for (renewing at half of it);
+    /// `None`: the simulator's default (30 s, which no fault outlasts). A short
+    /// one lets a partition or a crash outlast a subscription.
+    #[serde(default)]
+    pub subscription_ttl_ms: Option<u32>,
 }
 
 impl fmt::Display for FaultProfile {
@@ -179,7 +185,7 @@ impl fmt::Display for FaultProfile {
         let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
         write!(
             f,
-            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} operator={}",
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} operator={} subscription_ttl={}",
             pct(self.drop_ppm),
             pct(self.ack_lost_ppm),
             pct(self.duplicate_ppm),
@@ -191,7 +197,9 @@ impl fmt::Display for FaultProfile {
             if self.clock_skew { "on" } else { "off" },
             self.attempts_max
                 .map_or_else(|| "default".to_string(), |n| n.to_string()),
-            if self.slow_operator { "slow" } else { "prompt" }
+            if self.slow_operator { "slow" } else { "prompt" },
+            self.subscription_ttl_ms
+                .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms"))
         )
     }
 }
@@ -250,7 +258,23 @@ impl FaultPlan {
             // A short retry budget (a quarter of the seeds) makes dead letters happen.
             attempts_max: env.chance(250_000).then(|| env.range_inclusive(2, 4) as u32),
             slow_operator: env.chance(500_000),
+            subscription_ttl_ms: None,
         };
+        // A short TTL (a quarter of the seeds) lets a partition or a crash
+        // outlast a subscription. The expiry is the subscriber's clock plus the
+        // TTL, judged on the broker's clock, so a TTL must exceed the skew
+        // between them: with skewed clocks (up to 2 s apart) the TTL stays above
+        // 5 s. (Drawn shorter, every subscription of a skewed node was "in the
+        // past" on arrival and the services never started.)
+        let mut profile = profile;
+        if env.chance(250_000) {
+            let (lo, hi) = if profile.clock_skew {
+                (5_000, 8_000)
+            } else {
+                (300, 1_000)
+            };
+            profile.subscription_ttl_ms = Some(env.range_inclusive(lo, hi) as u32);
+        }
         FaultPlan::from_profile(profile, &mut rng, shape)
     }
 
@@ -403,6 +427,9 @@ mod tests {
             }
             if p.profile.attempts_max.is_some() {
                 kinds.insert("dead_letter");
+            }
+            if p.profile.subscription_ttl_ms.is_some() {
+                kinds.insert("subscription_lapse");
             }
         }
         assert!(calm > 0, "some seeds must be calm");

@@ -105,6 +105,8 @@ pub struct Shared {
     pub slots: Vec<Slot>,
     plan: PlanIndex,
     broker_config: BrokerConfig,
+    /// The TTL participants subscribe with (`None`: the default).
+    subscription_ttl: Option<Duration>,
     /// Message faults apply only while true (the chaos phase).
     chaos: bool,
     sent_nth: u32,
@@ -167,6 +169,9 @@ fn node_of_url(url: &str) -> Option<usize> {
 
 /// Callback attempts per message unless the plan draws a shorter budget.
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 12;
+/// How long an expired subscription is still entitled (longer than any outage
+/// the chaos phase can cause, so a lapse loses nothing).
+pub const SUBSCRIPTION_GRACE: Duration = Duration::from_secs(60);
 
 /// Simulator-tuned broker bounds: short timers so a run settles in simulated seconds.
 pub fn broker_config(attempts_max: Option<u32>) -> BrokerConfig {
@@ -175,6 +180,7 @@ pub fn broker_config(attempts_max: Option<u32>) -> BrokerConfig {
         retry_backoff_initial: Duration::from_millis(20),
         retry_backoff_max: Duration::from_millis(500),
         attempts_max: attempts_max.unwrap_or(ATTEMPTS_MAX_DEFAULT).max(1),
+        subscription_grace: SUBSCRIPTION_GRACE,
         compact_garbage_records_min: 256,
         ..BrokerConfig::default()
     }
@@ -216,6 +222,10 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
         plan: plan.index(),
         broker_config: broker_config(plan.profile.attempts_max),
+        subscription_ttl: plan
+            .profile
+            .subscription_ttl_ms
+            .map(|ms| Duration::from_millis(u64::from(ms))),
         chaos: true,
         sent_nth: 0,
         answer_nth: 0,
@@ -710,7 +720,7 @@ fn boot(world: &World, i: usize) -> bool {
                 .map_err(|e| e.to_string())
         }
     } else {
-        participants::build(i, &s.cfg, &s.def, s.seed, &image)
+        participants::build(i, &s.cfg, &s.def, s.seed, s.subscription_ttl, &image)
             .map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
     };
     match result {
@@ -790,7 +800,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
         s.line(i, || format!("<- {} {text}", NODES[src]));
     }
     match (&mut s.slots[i], wire) {
-        (Slot::Broker(b), Wire::Publish { req, publish }) => {
+        (Slot::Broker(_), Wire::Publish { req, publish }) => {
             let id = RequestId(drv.next_request);
             drv.next_request += 1;
             drv.requests.insert(
@@ -804,6 +814,13 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                     },
                 ),
             );
+            let grace = s.broker_config.subscription_grace;
+            if s.check.publish_received(&publish.key(), &publish.topic, now, grace) > 0 {
+                s.fired("subscription_lapse");
+            }
+            let Slot::Broker(b) = &mut s.slots[i] else {
+                unreachable!("matched a broker")
+            };
             b.handle(now, BrokerInput::Publish { req: id, publish });
         }
         (Slot::Broker(b), Wire::Subscribe { subscribe }) => {
@@ -920,8 +937,8 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                             drv.outgoing.push((src, Wire::PublishReply { req, reply }));
                         }
                         Some((src, Pending::Subscribe { topic, client })) => {
-                            if matches!(reply, Reply::Subscribed { .. }) {
-                                check.subscribed(&client, &topic);
+                            if let Reply::Subscribed { expire_time } = reply {
+                                check.subscribed(&client, &topic, expire_time);
                             }
                             drv.outgoing.push((src, Wire::SubscribeReply { topic, reply }));
                         }
