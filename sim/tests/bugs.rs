@@ -147,8 +147,8 @@ fn no_hanging_guard() {
 fn no_deadline() {
     caught(&Case {
         bug: Bug::NoDeadline,
-        scenario: Scenario::Seed,
-        budget: 120,
+        scenario: SAGA10,
+        budget: 150,
         invariant: "liveness",
     });
 }
