@@ -86,6 +86,9 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
+/// An expired subscription stays entitled this long (delivery paused).
+const GRACE: Duration = Duration::from_millis(20);
+
 fn config() -> BrokerConfig {
     BrokerConfig {
         subscriptions_max: 4,
@@ -99,8 +102,7 @@ fn config() -> BrokerConfig {
         retry_backoff_initial: Duration::from_millis(10),
         retry_backoff_max: Duration::from_millis(40),
         attempts_max: 3,
-        // The model's entitlement is "live at the publish" (grace: see the scenario test).
-        subscription_grace: Duration::ZERO,
+        subscription_grace: GRACE,
         compact_garbage_records_min: 8,
     }
 }
@@ -157,10 +159,10 @@ impl Model {
     fn may(&self, client: &ClientId, topic: &Topic, t: Time) -> bool {
         let ops: Vec<&SubOp> = self.ops_for(client, topic).collect();
         ops.iter().enumerate().any(|(i, e)| {
-            e.expire.is_some_and(|x| x > t)
+            e.expire.is_some_and(|x| x.plus(GRACE) > t)
                 && !ops[i + 1..].iter().any(|o| {
                     let certain = matches!(o.status, Status::Pending | Status::Confirmed);
-                    certain && o.expire.is_none_or(|x| x <= t)
+                    certain && o.expire.is_none_or(|x| x.plus(GRACE) <= t)
                 })
         })
     }
@@ -168,7 +170,8 @@ impl Model {
     /// Must the broker entitle `client` to a publish on `topic` at `t`?
     fn sure(&self, client: &ClientId, topic: &Topic, t: Time) -> bool {
         let ops: Vec<&SubOp> = self.ops_for(client, topic).collect();
-        ops.iter().all(|o| o.status != Status::InDoubt) && ops.last().is_some_and(|o| o.expire.is_some_and(|x| x > t))
+        ops.iter().all(|o| o.status != Status::InDoubt)
+            && ops.last().is_some_and(|o| o.expire.is_some_and(|x| x.plus(GRACE) > t))
     }
 
     /// Follows what the harness saw since the last call, checking as it goes.
