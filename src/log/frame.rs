@@ -54,61 +54,33 @@ pub struct Recovered<'a> {
     pub torn_bytes: u64,
 }
 
-/// Splits a log image into frames, classifying any damage.
+/// Splits a log image into frames, classifying any damage: the whole image
+/// fed to a [`FrameStream`] at once (one classification for both).
 pub fn decode_all(bytes: &[u8]) -> Result<Recovered<'_>, LogError> {
-    let mut records = Vec::new();
-    let mut pos = 0usize;
-    while pos < bytes.len() {
-        let rest = &bytes[pos..];
-        let offset = pos as u64;
-        let torn = |records| Recovered {
-            records,
-            valid_len: offset,
-            torn_bytes: (bytes.len() - pos) as u64,
-        };
-        if rest.len() < FRAME_HEADER_LEN {
-            return Ok(torn(records));
-        }
-        let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
-        if len > FRAME_PAYLOAD_MAX {
-            // A garbage length. If it is the tail (a torn header), it cannot be
-            // told apart from the end of a torn write: anything after it is part
-            // of that same frame's claimed extent or beyond the file.
-            if FRAME_HEADER_LEN + len >= rest.len() {
-                return Ok(torn(records));
-            }
-            return Err(LogError::CorruptMiddle {
-                offset,
-                reason: "impossible frame length",
-            });
-        }
-        let end = FRAME_HEADER_LEN + len;
-        if end > rest.len() {
-            return Ok(torn(records));
-        }
-        let payload = &rest[FRAME_HEADER_LEN..end];
-        if crc32fast::hash(payload) != crc {
-            if end == rest.len() {
-                return Ok(torn(records));
-            }
-            return Err(LogError::CorruptMiddle {
-                offset,
-                reason: "checksum mismatch",
-            });
-        }
-        records.push((offset, payload));
-        pos += end;
-    }
+    let mut frames = Vec::new();
+    let mut stream = FrameStream::new(bytes.len() as u64);
+    stream.feed(bytes, |offset, payload| {
+        frames.push((offset, payload.len()));
+        Ok(())
+    })?;
+    let summary = stream.finish();
+    let records = frames
+        .into_iter()
+        .map(|(offset, len)| {
+            let at = offset as usize + FRAME_HEADER_LEN;
+            (offset, &bytes[at..at + len])
+        })
+        .collect();
     Ok(Recovered {
         records,
-        valid_len: bytes.len() as u64,
-        torn_bytes: 0,
+        valid_len: summary.valid_len,
+        torn_bytes: summary.torn_bytes,
     })
 }
 
-/// What the bytes at a frame boundary hold, judged like [`decode_all`] does
-/// (knowing how many bytes the log has from there on).
+/// What the bytes at a frame boundary hold, knowing how many bytes the log has
+/// from there on. A failing frame is a torn tail if nothing follows what it
+/// claims, corruption otherwise.
 #[derive(Clone, Copy)]
 enum Step {
     /// A whole valid frame, `end` bytes long (header included).
@@ -121,14 +93,13 @@ enum Step {
     Corrupt(&'static str),
 }
 
-/// [`decode_all`] for a log fed in chunks (a push parser: the caller does
-/// the reading), so a driver can replay a large log without holding its
-/// image. It classifies damage exactly as `decode_all` does, which needs the
-/// log's total length up front.
+/// Splits a log fed in chunks into frames (a push parser: the caller does the
+/// reading), so a driver can replay a large log without holding its image.
+/// Telling a torn tail from corruption needs the log's total length up front.
 ///
 /// **Invariant:** fed every byte of a log in any chunking, it calls back the
-/// same frames, at the same offsets, and ends with the same verdict as
-/// `decode_all` on the whole image.
+/// same frames, at the same offsets, and ends with the same verdict as when
+/// fed the whole image at once ([`decode_all`]).
 pub struct FrameStream {
     total: u64,
     fed: u64,
@@ -174,7 +145,9 @@ impl FrameStream {
         let crc = u32::from_le_bytes(buf[4..8].try_into().expect("4 bytes"));
         let end = FRAME_HEADER_LEN + len;
         if len > FRAME_PAYLOAD_MAX {
-            // As in decode_all: a garbage length at the tail is a torn header.
+            // A garbage length. If it is the tail (a torn header), it cannot be
+            // told apart from the end of a torn write: anything after it is part
+            // of that same frame's claimed extent or beyond the file.
             return if end as u64 >= rest {
                 Step::Torn
             } else {
@@ -352,8 +325,8 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The streaming decoder agrees with `decode_all` on any log, damaged
-        /// or not, however it is chunked.
+        /// Any chunking of any log, damaged or not, gives what the whole image
+        /// fed at once gives (`decode_all`).
         #[test]
         fn stream_agrees_with_decode_all(
             payloads in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 0..8),
