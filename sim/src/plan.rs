@@ -170,9 +170,6 @@ pub struct FaultProfile {
     /// `None`: the simulator's default (12, which the faults never exhaust).
     #[serde(default)]
     pub attempts_max: Option<u32>,
-    /// Whether the plan holds [`Fault::SlowOperator`].
-    #[serde(default)]
-    pub slow_operator: bool,
     /// The subscription TTL participants ask for (renewing at half of it);
     /// `None`: the simulator's default (30 s, which no fault outlasts). A short
     /// one lets a partition or a crash outlast a subscription.
@@ -185,7 +182,7 @@ impl fmt::Display for FaultProfile {
         let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
         write!(
             f,
-            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} operator={} subscription_ttl={}",
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}",
             pct(self.drop_ppm),
             pct(self.ack_lost_ppm),
             pct(self.duplicate_ppm),
@@ -197,7 +194,6 @@ impl fmt::Display for FaultProfile {
             if self.clock_skew { "on" } else { "off" },
             self.attempts_max
                 .map_or_else(|| "default".to_string(), |n| n.to_string()),
-            if self.slow_operator { "slow" } else { "prompt" },
             self.subscription_ttl_ms
                 .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms"))
         )
@@ -245,6 +241,9 @@ impl FaultPlan {
         };
         // Drawn apart, so adding them left every other draw of a seed unchanged.
         let mut env = Rng::new(seed ^ 0x0DEA_D1E7_0000_0000);
+        // A short retry budget (a quarter of the seeds) makes dead letters happen.
+        let attempts_max = env.chance(250_000).then(|| env.range_inclusive(2, 4) as u32);
+        let slow_operator = env.chance(500_000);
         let profile = FaultProfile {
             drop_ppm: rate(60_000),
             ack_lost_ppm: rate(60_000),
@@ -255,9 +254,7 @@ impl FaultPlan {
             crashes: rate(3),
             torn_ppm: rate(1_000_000),
             clock_skew: rng.chance(500_000),
-            // A short retry budget (a quarter of the seeds) makes dead letters happen.
-            attempts_max: env.chance(250_000).then(|| env.range_inclusive(2, 4) as u32),
-            slow_operator: env.chance(500_000),
+            attempts_max,
             subscription_ttl_ms: None,
         };
         // A short TTL (a quarter of the seeds) lets a partition or a crash
@@ -275,7 +272,11 @@ impl FaultPlan {
             };
             profile.subscription_ttl_ms = Some(env.range_inclusive(lo, hi) as u32);
         }
-        FaultPlan::from_profile(profile, &mut rng, shape)
+        let mut plan = FaultPlan::from_profile(profile, &mut rng, shape);
+        if slow_operator {
+            plan.faults.push(Fault::SlowOperator);
+        }
+        plan
     }
 
     pub fn from_profile(profile: FaultProfile, rng: &mut Rng, shape: &PlanShape) -> FaultPlan {
@@ -339,9 +340,6 @@ impl FaultPlan {
                 });
             }
         }
-        if profile.slow_operator {
-            faults.push(Fault::SlowOperator);
-        }
         FaultPlan { profile, faults }
     }
 
@@ -374,7 +372,6 @@ impl FaultPlan {
     pub fn without(&self, i: usize) -> FaultPlan {
         let mut p = self.clone();
         p.faults.remove(i);
-        p.profile.slow_operator = p.faults.contains(&Fault::SlowOperator);
         p
     }
 }

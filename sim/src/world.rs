@@ -578,13 +578,6 @@ enum Inbound {
     Redrive(ClientId),
 }
 
-/// What woke a node: a message, or its next deadline passed.
-enum Wake {
-    Msg(SocketAddr, Seq, Wire),
-    Redrive(ClientId),
-    Timer,
-}
-
 /// Waits for the first of a message and a deadline (None: the deadline passed).
 /// Biased toward the message so the order of events depends only on the
 /// simulation, not on polling luck.
@@ -653,21 +646,22 @@ async fn node_main(world: World, i: usize) {
         lock(&world).operator_tx = Some(operator_tx);
     }
     let mut drv = Driver::default();
-    let mut wake = Wake::Timer;
+    // What woke the node: something received, or (None) its next deadline passed.
+    let mut wake: Option<Inbound> = None;
     loop {
         let out = {
             let mut s = lock(&world);
             s.wakeups += 1;
             let now = s.now(i);
             match wake {
-                Wake::Msg(from, seq, wire) => on_wire(&mut s, &mut drv, i, now, from, seq, wire),
-                Wake::Redrive(client) => {
+                Some(Inbound::Net(from, seq, wire)) => on_wire(&mut s, &mut drv, i, now, from, seq, wire),
+                Some(Inbound::Redrive(client)) => {
                     if let Slot::Broker(b) = &mut s.slots[i] {
                         let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
                         b.handle(now, BrokerInput::Redrive { req, client });
                     }
                 }
-                Wake::Timer => on_timer(&mut s, &mut drv, i, now),
+                None => on_timer(&mut s, &mut drv, i, now),
             }
             drain(&mut s, &mut drv, i);
             std::mem::take(&mut drv.outgoing)
@@ -691,11 +685,7 @@ async fn node_main(world: World, i: usize) {
             };
             next.map(|ns| s.start + Duration::from_nanos(ns))
         };
-        wake = match recv_until(&rx, deadline).await {
-            Some(Inbound::Net(from, seq, wire)) => Wake::Msg(from, seq, wire),
-            Some(Inbound::Redrive(client)) => Wake::Redrive(client),
-            None => Wake::Timer,
-        };
+        wake = recv_until(&rx, deadline).await;
     }
 }
 

@@ -179,11 +179,6 @@ impl Order {
         }
     }
 
-    pub fn with_resend_after(mut self, resend_after: Duration) -> Order {
-        self.resend_after = resend_after.max(Duration::from_millis(1));
-        self
-    }
-
     /// When send `attempt` of a compensation made at `now` is re-sent if unconfirmed.
     fn resend_at(&self, now: Time, attempt: u32) -> Time {
         let factor = (1u32 << attempt.saturating_sub(1).min(16)).min(RESEND_BACKOFF_FACTOR_MAX);

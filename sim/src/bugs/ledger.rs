@@ -22,15 +22,13 @@ use std::collections::BTreeMap;
 /// (answered not-ok: the broker retries, then dead-letters it).
 pub const LEDGER_ORDERS_MAX: usize = 1_000_000;
 
-fn sub_id(order: &GlobalId, step: &str) -> SubId {
-    SubId::new(format!("{order}.{step}")).expect("order ids leave room for the step suffix")
-}
-
-fn reply(topic: &str, order: &GlobalId, step: &str, content: String) -> Outgoing {
+/// A reply under `<order>.<step>` (attempt 1) or `<order>.<step>.<attempt>`,
+/// as the shipped participants name theirs.
+fn reply(topic: &str, order: &GlobalId, step: &str, attempt: u32, content: String) -> Outgoing {
     Outgoing {
         topic: Topic::lit(topic),
         global_id: order.clone(),
-        sub_id: sub_id(order, step),
+        sub_id: attempt_sub_id(order, step, attempt),
         content,
     }
 }
@@ -108,7 +106,7 @@ impl LedgerStock {
 
     fn outbound(order: &GlobalId, ok: bool) -> Outgoing {
         let content = if ok { "1" } else { "0" }.to_string();
-        reply(topics::STOCK_OUTBOUND, order, "outbound", content)
+        reply(topics::STOCK_OUTBOUND, order, "outbound", 1, content)
     }
 
     /// The confirmation of attempt `attempt` of the order's release.
@@ -117,12 +115,7 @@ impl LedgerStock {
             order_id: order.clone(),
             restocked,
         };
-        Outgoing {
-            topic: Topic::lit(topics::STOCK_RELEASED),
-            global_id: order.clone(),
-            sub_id: attempt_sub_id(order, "released", attempt),
-            content: json(&body),
-        }
+        reply(topics::STOCK_RELEASED, order, "released", attempt, json(&body))
     }
 
     fn on_created(&self, body: OrderBody) -> Decision<LedgerStockChange> {
@@ -327,7 +320,7 @@ impl LedgerPayment {
 
     fn result(order: &GlobalId, ok: bool) -> Outgoing {
         let content = if ok { "1" } else { "0" }.to_string();
-        reply(topics::PAYMENT_RESULT, order, "payment", content)
+        reply(topics::PAYMENT_RESULT, order, "payment", 1, content)
     }
 
     fn on_requested(&self, body: PaymentBody) -> Decision<LedgerPaymentChange> {
@@ -361,12 +354,13 @@ impl LedgerPayment {
             order_id: order.clone(),
             refunded,
         };
-        Outgoing {
-            topic: Topic::lit(topics::PAYMENT_CANCELLED),
-            global_id: order.clone(),
-            sub_id: attempt_sub_id(order, "payment-cancelled", attempt),
-            content: json(&body),
-        }
+        reply(
+            topics::PAYMENT_CANCELLED,
+            order,
+            "payment-cancelled",
+            attempt,
+            json(&body),
+        )
     }
 
     fn on_cancel(&self, body: PaymentBody, sub_id: &SubId) -> Decision<LedgerPaymentChange> {
