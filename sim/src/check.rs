@@ -1,32 +1,50 @@
-//! The invariant checker. It watches the world from outside the machines
-//! (acknowledged publishes, callbacks sent, callbacks processed) and reads each
-//! participant's state through a [`View`], then judges:
+//! The invariant checker: a pure function of the run's history (see
+//! [`crate::history`]) and of the participants' views at the points where it
+//! judges state. It never touches the world, madsim or a machine.
 //!
-//! - **no-lost-publish** (safety): every acknowledged publish reached every
-//!   subscriber entitled to it (2xx) or sits in its dead letters; entitled:
-//!   subscribed, or expired less than the broker's grace ago, at every receipt;
-//! - **dedup** (safety): one `(GlobalID, SubID)` never maps to two message ids;
-//! - **effects-at-most-once** (safety): per order, stock deducted at most once (its
-//!   quantity or nothing) and given back at most what was deducted (a release
-//!   without a deduction must be a null compensation); payment charged at most
-//!   once and refunded at most what was charged;
-//! - **conservation** (safety): stock and money are conserved (initial = current + held);
-//! - **saga-outcome** (safety): a terminal order agrees with the participants' effects;
-//! - **recovery** (safety): a node refused to start from its own disk;
-//! - **no-lost-effect** (safety, judged once quiescent): every message a participant
-//!   answered 2xx is reflected in its state (it would not act on it again): a 2xx
-//!   that a crash then took back is a lost delivery, even when a deadline later
-//!   papers over its consequences;
-//! - **no-lost-reply** (liveness, judged once quiescent): every request stock or
-//!   payment answered 2xx (`created`, `payment.requested`, `release`, `cancel`)
-//!   has its reply published: a reply lost after the commit is caught even when
-//!   the order's deadline and re-sends later paper over it;
-//! - **liveness**: after healing, every order terminal and every delivery settled in time.
+//! It judges **outcomes** as well as contradictions. Safety (any time):
+//!
+//! - **dedup**: one `(GlobalID, SubID)` maps to one message id *and* one message
+//!   id to one key; a repeated publish is answered with the original id;
+//! - **fidelity**: every callback carries the topic, content, sender and
+//!   create time published under its key (a key published twice with different
+//!   content keeps its first stored version), and nothing never published is delivered;
+//! - **one-answer**: a participant never publishes one key with two contents
+//!   (a redelivery must not change a decision);
+//! - **entitlement**: a callback goes only to a client whose subscription to
+//!   the topic was live (or within the broker's grace) when the message was stored;
+//! - **delivery-order**: per subscriber, first attempts follow `(CreateTime, MsgID)`
+//!   among the messages already stored for it and never attempted;
+//! - **redelivery**: once the broker received a 2xx for a message, it sends it
+//!   again only after a crash of its own or a redrive;
+//! - **dead-letter**: a dead letter is preceded by `attempts_max` attempts on the wire;
+//! - **request-content**: the order's requests name the order's product, customer,
+//!   quantity and amount;
+//! - **decision**: stock deducts only what it has and refuses only what it lacks
+//!   (or an order whose release it already saw); payment alike, against a shadow
+//!   ledger kept from the replies themselves;
+//! - **effects-at-most-once** / **conservation** / **saga-outcome**: on the views,
+//!   per order, of the right product and customer;
+//! - **saga-progress**: an order that gives up at its deadline was waiting for
+//!   something: some message of it was still queued, unanswered or unsent.
+//!
+//! Liveness (once the faults heal): **progress** (a subscriber with queued
+//! messages gets an attempt within the callback timeout plus the backoff cap),
+//! **liveness** (everything settles within the bound), **no-lost-publish**,
+//! **no-lost-request** (every committed publish acknowledged), **no-lost-reply**,
+//! **no-lost-effect**, and terminal states justified by the messages the order heard.
+//!
+//! Every judgement also counts what it saw ([`Checker::coverage`]), so a sweep
+//! can prove that it reached the paths that matter.
 
-use crate::plan::NODES;
-use crate::scenario::Scenario;
-use crate::world::{BROKER, CUSTOM, ORDER, PAYMENT, RunConfig, STOCK, Slot};
-use sagamq::{ClientId, Message, MessageKey, MsgId, Time, Topic};
+use crate::history::Event;
+use crate::topology::{NODES, ORDER, PAYMENT, STOCK};
+pub use crate::view::{OrderPhase, PaymentEffects, StockEffects, View};
+use sagamq::broker::{BrokerConfig, BrokerError, Reply};
+use sagamq::saga::order::OrderFlow;
+use sagamq::saga::{OrderBody, PaymentBody, ReleasedBody, CancelledBody, attempt_of, step, topics as t};
+use sagamq::{ClientId, Message, MessageKey, MsgId, PublishRequest, Time, Topic};
+use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
@@ -86,107 +104,241 @@ impl fmt::Display for Violation {
     }
 }
 
-/// Where an order stands, as the checker needs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OrderPhase {
-    InProgress,
-    /// `seed` scenario success: stock deducted, saga ends here.
-    StockOutboundDone,
-    StockOutboundFailed,
-    Completed,
-    Compensated,
+/// The named paths a sweep must reach ([`Checker::coverage`]); the default
+/// test sweep fails if one of them stays at zero.
+pub const COVERAGE: [&str; 19] = [
+    "stock_refused",
+    "payment_refused",
+    "hanging_refused",
+    "null_compensation",
+    "deadline_cancel",
+    "resent_compensation",
+    "duplicate_publish",
+    "dedup_after_recovery",
+    "dedup_after_compaction",
+    "dedup_of_settled",
+    "redelivered",
+    "dead_letter",
+    "redrive",
+    "compaction",
+    "recovery_broker",
+    "recovery_participant",
+    "torn_tail_truncated",
+    "backpressure_refused",
+    "delivery_paused",
+];
+
+/// A per-subscriber account in the spirit of Jepsen's total-queue checker.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Account {
+    /// Acknowledged, owed, never processed and not a dead letter (judged once quiescent).
+    pub lost: u64,
+    /// Processed (2xx) more than once: allowed (at-least-once), counted.
+    pub duplicated: u64,
+    /// Delivered but never published, or to a client never entitled.
+    pub unexpected: u64,
+    /// First attempts out of `(CreateTime, MsgID)` order.
+    pub out_of_order: u64,
 }
 
-/// A participant's state, read by the checker.
+impl Account {
+    pub fn add(&mut self, other: &Account) {
+        self.lost += other.lost;
+        self.duplicated += other.duplicated;
+        self.unexpected += other.unexpected;
+        self.out_of_order += other.out_of_order;
+    }
+}
+
+/// What the workload asks of one order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderFacts {
+    pub customer: String,
+    pub product: String,
+    pub quantity: u64,
+    pub price: u64,
+    pub amount: u64,
+}
+
+/// What the checker is told before the run.
 #[derive(Clone, Debug)]
-pub enum View {
-    Order {
-        orders: BTreeMap<String, (OrderPhase, String)>,
-    },
-    Stock {
-        initial: BTreeMap<String, u64>,
-        level: BTreeMap<String, u64>,
-        /// order -> what stock did for it (only orders with an effect).
-        orders: BTreeMap<String, StockEffects>,
-    },
-    Payment {
-        initial: BTreeMap<String, u64>,
-        balance: BTreeMap<String, u64>,
-        /// order -> what payment did for it (only orders with an effect).
-        orders: BTreeMap<String, PaymentEffects>,
-    },
-    /// A user's participant: its own invariant's verdict and a copy of its state.
-    Custom {
-        client: String,
-        problem: Option<String>,
-        state: std::sync::Arc<dyn std::any::Any + Send + Sync>,
-    },
+pub struct Spec {
+    pub flow: OrderFlow,
+    pub orders: BTreeMap<String, OrderFacts>,
+    pub stock: BTreeMap<String, u64>,
+    pub balances: BTreeMap<String, u64>,
+    pub attempts_max: u32,
+    pub grace: Duration,
+    /// The longest a subscriber with queued messages may legitimately wait
+    /// for the next attempt: one callback timeout plus the backoff cap.
+    pub dispatch_gap_max: Duration,
 }
 
-impl View {
-    /// The state of a custom participant of type `P` (see [`crate::custom`]).
-    pub fn custom_state<P: 'static>(&self) -> Option<&P> {
-        match self {
-            View::Custom { state, .. } => state.downcast_ref::<P>(),
-            _ => None,
+impl Spec {
+    pub fn new(def: &sagamq::saga::scenario::Scenario, broker: &BrokerConfig) -> Spec {
+        Spec {
+            flow: def.flow,
+            orders: def
+                .orders
+                .iter()
+                .map(|o| {
+                    let s = &o.spec;
+                    let facts = OrderFacts {
+                        customer: s.customer_id.clone(),
+                        product: s.product_id.clone(),
+                        quantity: s.quantity,
+                        price: s.price,
+                        amount: s.quantity.saturating_mul(s.price),
+                    };
+                    (s.order_id.clone(), facts)
+                })
+                .collect(),
+            stock: def.stock.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+            balances: def.balances.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
+            attempts_max: broker.attempts_max,
+            grace: broker.subscription_grace,
+            dispatch_gap_max: broker.callback_timeout + broker.retry_backoff_max,
         }
     }
 }
 
-/// Units stock took from and gave back to the shelf for one order, summed over
-/// every time it did so: a participant that applies an effect twice shows it
-/// here (the shipped one cannot, by construction, and reports 0 or the quantity).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct StockEffects {
-    pub product: String,
-    pub deducted: u64,
-    pub restocked: u64,
+/// The broker's state as the checker needs it at a judgement point.
+#[derive(Clone, Debug, Default)]
+pub struct BrokerSnapshot {
+    /// The broker's clock.
+    pub now: Time,
+    /// Per subscriber: messages queued (pending, backing off or in flight).
+    pub queued: BTreeMap<ClientId, usize>,
+    /// Per subscriber: its dead letters.
+    pub dead: BTreeMap<ClientId, Vec<MsgId>>,
 }
 
-impl StockEffects {
-    pub fn held(&self) -> u64 {
-        self.deducted.saturating_sub(self.restocked)
-    }
-}
-
-/// Money payment took from and gave back to a customer for one order, summed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PaymentEffects {
-    pub customer: String,
-    pub charged: u64,
-    pub refunded: u64,
-}
-
-impl PaymentEffects {
-    pub fn held(&self) -> u64 {
-        self.charged.saturating_sub(self.refunded)
-    }
+/// The world at a judgement point: who is down, the broker, the participants.
+pub struct Snapshot<'a> {
+    pub at_ms: u64,
+    pub down: Vec<usize>,
+    /// None while the broker is down.
+    pub broker: Option<BrokerSnapshot>,
+    /// Each running participant's node and view.
+    pub views: Vec<(usize, View)>,
+    /// Running participants with outbox entries not yet acknowledged, or work unanswered.
+    pub unsettled: Vec<usize>,
+    /// The workload still waits for create-order answers.
+    pub workload_waiting: bool,
+    /// Whether the participant on `node` already reflects `message` (None: not running).
+    pub reflects: &'a dyn Fn(usize, &Message) -> Option<bool>,
 }
 
 #[derive(Debug)]
-struct Acked {
+struct Ack {
     msg_id: MsgId,
-    topic: Topic,
+    incarnation: u64,
+    compactions: u64,
     entitled: BTreeSet<ClientId>,
 }
 
 #[derive(Debug)]
+struct KeyState {
+    /// Every distinct version received under this key (the first is stored).
+    versions: Vec<PublishRequest>,
+    /// Broker clock at the first and the latest receipt.
+    first_now: Time,
+    last_now: Time,
+    /// Subscribers live at every receipt (the checker's lower bound of who is owed).
+    owed: BTreeSet<ClientId>,
+    ack: Option<Ack>,
+    /// Content of the first emission by a participant.
+    emitted: Option<String>,
+    /// The message as first delivered.
+    delivered: Option<Message>,
+}
+
+#[derive(Debug, Default)]
+struct Sub {
+    /// Requests received by the broker: (its clock, requested expiry).
+    requests: Vec<(Time, Time)>,
+    /// Latest confirmed expiry (broker clock).
+    until: Option<Time>,
+}
+
+/// One (subscriber, message) pair.
+#[derive(Debug, Default)]
+struct Pair {
+    /// Attempts since the last redrive.
+    attempts: u32,
+    attempted: bool,
+    processed: u32,
+    /// The broker incarnation that received a 2xx for it (redelivery needs a crash or redrive).
+    acked_in: Option<u64>,
+}
+
+/// One order's story as the messages tell it.
+#[derive(Debug, Default)]
+struct Story {
+    /// Messages of this order not yet settled: committed and not acknowledged, or
+    /// acknowledged and owed to a subscriber that has not processed them.
+    open: u32,
+    quiet_since_ms: Option<u64>,
+    heard_stock: Option<bool>,
+    heard_payment: Option<bool>,
+    heard_released: bool,
+    heard_cancelled: bool,
+    refusal_delivered: bool,
+    payment_requested: bool,
+    compensating: bool,
+    stock_saw_release: bool,
+    payment_saw_cancel: bool,
+    deducted: bool,
+    restocked: bool,
+    charged: bool,
+    refunded: bool,
+}
+
+/// How long an order may sit with nothing in flight before giving up is a stall
+/// (a participant turns a processed message into its next publish within one
+/// disk sync; 100 ms leaves room for group commits and scheduling).
+const STALL_MS: u64 = 100;
+
+#[derive(Debug)]
 pub struct Checker {
-    acked: BTreeMap<MessageKey, Acked>,
-    /// Confirmed subscriptions: topic -> client -> expiry (broker clock).
-    subscribers: BTreeMap<Topic, BTreeMap<ClientId, Time>>,
-    /// Per published key, the subscribers live at every receipt of it.
-    owed: BTreeMap<MessageKey, BTreeSet<ClientId>>,
-    processed: BTreeSet<(ClientId, MessageKey)>,
-    /// The node each subscriber runs on (learned from its 2xx answers).
+    spec: Spec,
+    keys: BTreeMap<MessageKey, KeyState>,
+    msg_keys: BTreeMap<MsgId, MessageKey>,
+    subs: BTreeMap<(Topic, ClientId), Sub>,
+    pairs: BTreeMap<(ClientId, MessageKey), Pair>,
+    deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64)>,
+    /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
+    unattempted: BTreeMap<ClientId, BTreeMap<(i64, MsgId), Topic>>,
+    /// Committed publishes not yet acknowledged.
+    unacked: BTreeSet<MessageKey>,
+    stories: BTreeMap<String, Story>,
+    shadow_stock: BTreeMap<String, u64>,
+    shadow_balance: BTreeMap<String, u64>,
     client_nodes: BTreeMap<ClientId, usize>,
-    callback_ids: BTreeMap<MessageKey, MsgId>,
-    /// Each message delivered by callback, by key (for the no-lost-effect judgement).
-    messages: BTreeMap<MessageKey, Message>,
-    orders_expected: u64,
-    /// order -> (quantity, amount) as the workload asks for it.
-    order_sizes: BTreeMap<String, (u64, u64)>,
+    down: BTreeSet<usize>,
+    last_boot_ms: u64,
+    broker_boot_ms: u64,
+    incarnation: u64,
+    compactions: u64,
+    last_callback_ms: BTreeMap<ClientId, u64>,
+    waiting_since_ms: BTreeMap<ClientId, u64>,
+    healed_ms: Option<u64>,
+    quiescent_ms: Option<u64>,
+    coverage: BTreeMap<&'static str, u64>,
+    account: Account,
     violations: Vec<Violation>,
+}
+
+fn yes_no(content: &str) -> Option<bool> {
+    match content {
+        "1" => Some(true),
+        "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn same_message(p: &PublishRequest, m: &Message) -> bool {
+    p.topic == m.topic && p.content == m.content && p.sender_id == m.sender_id && p.create_time == m.create_time
 }
 
 /// Why a forward effect `done` (of an order sized `size`) and its undo `undone`
@@ -209,42 +361,32 @@ fn at_most_once(done: u64, size: u64, undone: u64) -> Option<&'static str> {
     }
 }
 
-/// The client id each participant node subscribes as.
-pub fn client_of(node: usize, cfg: &RunConfig) -> ClientId {
-    use sagamq::saga::topics;
-    match node {
-        ORDER => ClientId::lit(topics::ORDER_SERVICE),
-        STOCK => ClientId::lit(topics::STOCK_SERVICE),
-        PAYMENT => ClientId::lit(topics::PAYMENT_SERVICE),
-        CUSTOM => cfg
-            .custom
-            .as_ref()
-            .map_or_else(|| ClientId::lit(NODES[node]), |c| c.client_id().clone()),
-        _ => ClientId::lit(NODES[node]),
-    }
-}
-
 impl Checker {
-    /// `def` is the run's workload: each order's quantity and amount bound what
-    /// stock and payment may take for it.
-    pub fn new(scenario: &Scenario, def: &sagamq::saga::scenario::Scenario) -> Checker {
+    pub fn new(spec: Spec) -> Checker {
         Checker {
-            acked: BTreeMap::new(),
-            subscribers: BTreeMap::new(),
-            owed: BTreeMap::new(),
-            processed: BTreeSet::new(),
+            shadow_stock: spec.stock.clone(),
+            shadow_balance: spec.balances.clone(),
+            spec,
+            keys: BTreeMap::new(),
+            msg_keys: BTreeMap::new(),
+            subs: BTreeMap::new(),
+            pairs: BTreeMap::new(),
+            deliveries: BTreeMap::new(),
+            unattempted: BTreeMap::new(),
+            unacked: BTreeSet::new(),
+            stories: BTreeMap::new(),
             client_nodes: BTreeMap::new(),
-            callback_ids: BTreeMap::new(),
-            messages: BTreeMap::new(),
-            orders_expected: scenario.order_count(),
-            order_sizes: def
-                .orders
-                .iter()
-                .map(|o| {
-                    let s = &o.spec;
-                    (s.order_id.clone(), (s.quantity, s.quantity.saturating_mul(s.price)))
-                })
-                .collect(),
+            down: BTreeSet::new(),
+            last_boot_ms: 0,
+            broker_boot_ms: 0,
+            incarnation: 0,
+            compactions: 0,
+            last_callback_ms: BTreeMap::new(),
+            waiting_since_ms: BTreeMap::new(),
+            healed_ms: None,
+            quiescent_ms: None,
+            coverage: COVERAGE.iter().map(|k| (*k, 0)).collect(),
+            account: Account::default(),
             violations: Vec::new(),
         }
     }
@@ -253,8 +395,22 @@ impl Checker {
         &self.violations
     }
 
-    pub fn orders_total(&self) -> u64 {
-        self.orders_expected
+    /// How often each named path happened (see [`COVERAGE`]).
+    pub fn coverage(&self) -> &BTreeMap<&'static str, u64> {
+        &self.coverage
+    }
+
+    pub fn account(&self) -> &Account {
+        &self.account
+    }
+
+    /// Simulated time from healing to quiescence, once reached.
+    pub fn quiescence_ms(&self) -> Option<u64> {
+        Some(self.quiescent_ms?.saturating_sub(self.healed_ms?))
+    }
+
+    fn covered(&mut self, path: &'static str) {
+        *self.coverage.entry(path).or_default() += 1;
     }
 
     /// Records a violation once per invariant (the first occurrence is the informative one).
@@ -264,114 +420,711 @@ impl Checker {
         }
     }
 
-    /// The broker confirmed `client`'s subscription to `topic` until `until`
-    /// (broker clock).
-    pub fn subscribed(&mut self, client: &ClientId, topic: &Topic, until: Time) {
-        let t = self
-            .subscribers
-            .entry(topic.clone())
-            .or_default()
-            .entry(client.clone())
-            .or_insert(until);
-        *t = (*t).max(until);
+    /// Confirmed subscribers of `topic` whose subscription has expired at `now`
+    /// (broker clock): still owed new messages within the grace.
+    pub fn lapsed(&self, topic: &Topic, now: Time) -> usize {
+        self.subs
+            .iter()
+            .filter(|((tp, _), s)| tp == topic && s.until.is_some_and(|u| now >= u))
+            .count()
     }
 
-    /// The broker received a publish of `key` at `now` (its clock). Returns
-    /// how many confirmed subscribers of the topic had lapsed (expired; still
-    /// owed the message within `grace`).
-    ///
-    /// A message is owed to the subscribers entitled when the broker stored it.
-    /// Which receipt stored it is not always visible (a crash can eat the
-    /// reply), so the checker owes it to those live at *every* receipt of its
-    /// key: never more than the broker owes, and, without lapses, all of them.
-    pub fn publish_received(&mut self, key: &MessageKey, topic: &Topic, now: Time, grace: Duration) -> usize {
-        let subs = self.subscribers.get(topic);
-        let lapsed = subs.map_or(0, |m| m.values().filter(|until| now >= **until).count());
-        let live: BTreeSet<ClientId> = subs
-            .iter()
-            .flat_map(|m| m.iter())
-            .filter(|(_, until)| now < until.plus(grace))
-            .map(|(c, _)| c.clone())
-            .collect();
-        match self.owed.get_mut(key) {
-            Some(owed) => owed.retain(|c| live.contains(c)),
-            None => {
-                self.owed.insert(key.clone(), live);
+    fn story(&mut self, key: &MessageKey) -> &mut Story {
+        self.stories.entry(key.global_id.to_string()).or_default()
+    }
+
+    /// One more (or one fewer) unsettled message of `key`'s order.
+    fn open(&mut self, key: &MessageKey, up: bool, at_ms: u64) {
+        let s = self.story(key);
+        if up {
+            s.open += 1;
+            s.quiet_since_ms = None;
+        } else {
+            s.open = s.open.saturating_sub(1);
+            if s.open == 0 {
+                s.quiet_since_ms = Some(at_ms);
             }
         }
-        lapsed
     }
 
-    pub fn publish_acked(&mut self, key: &MessageKey, msg_id: MsgId, topic: &Topic, at_ms: u64) {
-        match self.acked.get(key) {
-            Some(old) if old.msg_id != msg_id => {
-                let detail = format!("{key} acknowledged as {} and later as {msg_id}", old.msg_id);
-                self.violation(Violation::safety("dedup", detail, at_ms));
+    /// Takes one event of the history.
+    pub fn observe(&mut self, at_ms: u64, event: Event<'_>) {
+        match event {
+            Event::SubscribeReceived {
+                client,
+                topic,
+                expire,
+                now,
+            } => {
+                let sub = self.subs.entry((topic.clone(), client.clone())).or_default();
+                if sub.requests.last() != Some(&(now, expire)) {
+                    sub.requests.push((now, expire));
+                }
             }
-            Some(_) => {}
+            Event::Subscribed { client, topic, until } => {
+                let sub = self.subs.entry((topic.clone(), client.clone())).or_default();
+                sub.until = Some(sub.until.map_or(until, |u| u.max(until)));
+            }
+            Event::Emitted { node, publish } => self.emitted(at_ms, node, publish),
+            Event::PublishReceived { publish, now } => self.publish_received(publish, now),
+            Event::PublishAnswered { key, reply } => self.publish_answered(at_ms, key, reply),
+            Event::CallbackSent { callback, now } => self.callback_sent(at_ms, callback, now),
+            Event::AnswerReceived { delivery, ok } => {
+                if let Some((client, key, inc)) = self.deliveries.get(&delivery)
+                    && ok
+                    && *inc == self.incarnation
+                {
+                    let inc = *inc;
+                    self.pairs.entry((client.clone(), key.clone())).or_default().acked_in = Some(inc);
+                }
+            }
+            Event::CallbackReceived { node, message } => {
+                let key = message.key();
+                let topic = message.topic.as_str();
+                let story = self.story(&key);
+                match (node, topic) {
+                    (STOCK, t::STOCK_RELEASE) => story.stock_saw_release = true,
+                    (PAYMENT, t::PAYMENT_CANCEL) => story.payment_saw_cancel = true,
+                    (ORDER, t::PAYMENT_RESULT) if message.content == "0" => story.refusal_delivered = true,
+                    _ => {}
+                }
+            }
+            Event::Processed { node, client, key } => self.processed(at_ms, node, client, key),
+            Event::Crashed { node } => {
+                self.down.insert(node);
+                if node == crate::topology::BROKER {
+                    self.incarnation += 1;
+                }
+            }
+            Event::Booted {
+                node,
+                records,
+                torn_bytes,
+            } => {
+                self.down.remove(&node);
+                self.last_boot_ms = at_ms;
+                if node == crate::topology::BROKER {
+                    self.broker_boot_ms = at_ms;
+                }
+                if records > 0 {
+                    self.covered(if node == crate::topology::BROKER {
+                        "recovery_broker"
+                    } else {
+                        "recovery_participant"
+                    });
+                }
+                if torn_bytes > 0 {
+                    self.covered("torn_tail_truncated");
+                }
+            }
+            Event::Compacted => {
+                self.compactions += 1;
+                self.covered("compaction");
+            }
+            Event::Redrive { client, dead } => {
+                self.judge_dead_letters(at_ms, client, dead, true);
+                if !dead.is_empty() {
+                    self.covered("redrive");
+                }
+            }
+            Event::Healed => self.healed_ms = Some(at_ms),
+        }
+    }
+
+    fn emitted(&mut self, at_ms: u64, node: usize, publish: &PublishRequest) {
+        let key = publish.key();
+        let ks = self.keys.entry(key.clone()).or_insert_with(|| KeyState {
+            versions: Vec::new(),
+            first_now: Time::MAX,
+            last_now: Time::ZERO,
+            owed: BTreeSet::new(),
+            ack: None,
+            emitted: None,
+            delivered: None,
+        });
+        match &ks.emitted {
+            Some(first) if *first != publish.content => {
+                let detail = format!(
+                    "{} published {key} (topic {}) twice with different content: {first:?} then {:?}; a redelivery changed its decision",
+                    NODES[node], publish.topic, publish.content
+                );
+                self.violation(Violation::safety("one-answer", detail, at_ms));
+                return;
+            }
+            Some(_) => return, // a re-send after a recovery or a lost reply
+            None => ks.emitted = Some(publish.content.clone()),
+        }
+        if ks.ack.is_none() && self.unacked.insert(key.clone()) {
+            // Judge what the emission means before it counts as in flight.
+            self.judge_emission(at_ms, node, publish);
+            self.open(&key, true, at_ms);
+        } else {
+            self.judge_emission(at_ms, node, publish);
+        }
+    }
+
+    /// The meaning of a participant's first publish of a key: the order's
+    /// requests carry its facts, stock and payment decide against the shadow ledger.
+    fn judge_emission(&mut self, at_ms: u64, node: usize, publish: &PublishRequest) {
+        let key = publish.key();
+        let order = key.global_id.to_string();
+        let Some(facts) = self.spec.orders.get(&order).cloned() else {
+            return;
+        };
+        let topic = publish.topic.as_str();
+        let content = publish.content.as_str();
+        match (node, topic) {
+            (ORDER, t::SALE_ORDER_CREATED | t::STOCK_RELEASE) => {
+                let ok = serde_json::from_str::<OrderBody>(content).is_ok_and(|b| {
+                    b.order_id.as_str() == order
+                        && b.customer_id.as_str() == facts.customer
+                        && b.product_id.as_str() == facts.product
+                        && b.quantity == facts.quantity
+                        && b.price == facts.price
+                        && b.amount == facts.amount
+                });
+                if !ok {
+                    let detail = format!(
+                        "order published {key} on {topic} with {content} but the order is {} x {} at {} for {}",
+                        facts.quantity, facts.product, facts.price, facts.customer
+                    );
+                    self.violation(Violation::safety("request-content", detail, at_ms));
+                }
+                if topic == t::STOCK_RELEASE {
+                    self.compensation(at_ms, &key, step::RELEASE);
+                }
+            }
+            (ORDER, t::PAYMENT_REQUESTED | t::PAYMENT_CANCEL) => {
+                let ok = serde_json::from_str::<PaymentBody>(content).is_ok_and(|b| {
+                    b.order_id.as_str() == order
+                        && b.customer_id.as_str() == facts.customer
+                        && b.amount == facts.amount
+                });
+                if !ok {
+                    let detail = format!(
+                        "order published {key} on {topic} with {content} but the order charges {} to {}",
+                        facts.amount, facts.customer
+                    );
+                    self.violation(Violation::safety("request-content", detail, at_ms));
+                }
+                if topic == t::PAYMENT_REQUESTED {
+                    self.story(&key).payment_requested = true;
+                } else {
+                    self.compensation(at_ms, &key, step::PAYMENT_CANCEL);
+                }
+            }
+            (STOCK, t::STOCK_OUTBOUND) => {
+                let level = self.shadow_stock.get(&facts.product).copied().unwrap_or(0);
+                let story = self.story(&key);
+                let saw_release = story.stock_saw_release;
+                match yes_no(content) {
+                    Some(true) if level < facts.quantity => {
+                        let detail = format!(
+                            "stock deducted {} of {} for {order} with only {level} left",
+                            facts.quantity, facts.product
+                        );
+                        self.violation(Violation::safety("decision", detail, at_ms));
+                    }
+                    Some(true) => {
+                        story.deducted = true;
+                        self.shadow_stock.insert(facts.product.clone(), level - facts.quantity);
+                    }
+                    Some(false) if saw_release => self.covered("hanging_refused"),
+                    Some(false) if level < facts.quantity => self.covered("stock_refused"),
+                    Some(false) => {
+                        let detail = format!(
+                            "stock refused {order} ({} of {}) with {level} in stock and no release of it seen",
+                            facts.quantity, facts.product
+                        );
+                        self.violation(Violation::safety("decision", detail, at_ms));
+                    }
+                    None => {
+                        let detail = format!("stock answered {order} with {content:?}, neither \"1\" nor \"0\"");
+                        self.violation(Violation::safety("decision", detail, at_ms));
+                    }
+                }
+            }
+            (STOCK, t::STOCK_RELEASED) => {
+                let restocked = serde_json::from_str::<ReleasedBody>(content).map(|b| b.restocked);
+                let story = self.story(&key);
+                match restocked {
+                    Ok(0) => {
+                        if !story.deducted {
+                            self.covered("null_compensation");
+                        }
+                    }
+                    Ok(n) if n == facts.quantity && story.deducted => {
+                        if !story.restocked {
+                            story.restocked = true;
+                            *self.shadow_stock.entry(facts.product.clone()).or_default() += n;
+                        }
+                    }
+                    _ => {
+                        let detail = format!(
+                            "stock confirmed the release of {order} with {content} but {} (order of {})",
+                            if story.deducted { "had deducted" } else { "had deducted nothing" },
+                            facts.quantity
+                        );
+                        self.violation(Violation::safety("decision", detail, at_ms));
+                    }
+                }
+            }
+            (PAYMENT, t::PAYMENT_RESULT) => {
+                let balance = self.shadow_balance.get(&facts.customer).copied().unwrap_or(0);
+                let story = self.story(&key);
+                let saw_cancel = story.payment_saw_cancel;
+                match yes_no(content) {
+                    Some(true) if balance < facts.amount => {
+                        let detail = format!(
+                            "payment charged {} to {} for {order} with a balance of {balance}",
+                            facts.amount, facts.customer
+                        );
+                        self.violation(Violation::safety("decision", detail, at_ms));
+                    }
+                    Some(true) => {
+                        story.charged = true;
+                        self.shadow_balance
+                            .insert(facts.customer.clone(), balance - facts.amount);
+                    }
+                    Some(false) if saw_cancel || balance < facts.amount => self.covered("payment_refused"),
+                    Some(false) => {
+                        let detail = format!(
+                            "payment refused {order} ({} to {}) with a balance of {balance} and no cancel of it seen",
+                            facts.amount, facts.customer
+                        );
+                        self.violation(Violation::safety("decision", detail, at_ms));
+                    }
+                    None => {
+                        let detail = format!("payment answered {order} with {content:?}, neither \"1\" nor \"0\"");
+                        self.violation(Violation::safety("decision", detail, at_ms));
+                    }
+                }
+            }
+            (PAYMENT, t::PAYMENT_CANCELLED) => {
+                let refunded = serde_json::from_str::<CancelledBody>(content).map(|b| b.refunded);
+                let story = self.story(&key);
+                match refunded {
+                    Ok(0) => {
+                        if !story.charged {
+                            self.covered("null_compensation");
+                        }
+                    }
+                    Ok(n) if n == facts.amount && story.charged => {
+                        if !story.refunded {
+                            story.refunded = true;
+                            *self.shadow_balance.entry(facts.customer.clone()).or_default() += n;
+                        }
+                    }
+                    _ => {
+                        let detail = format!(
+                            "payment confirmed the cancel of {order} with {content} but {} (order of {})",
+                            if story.charged { "had charged" } else { "had charged nothing" },
+                            facts.amount
+                        );
+                        self.violation(Violation::safety("decision", detail, at_ms));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The order publishes a compensation step: a re-send, a reaction to a
+    /// refused payment, or its deadline giving up, which must have been waiting
+    /// for something.
+    fn compensation(&mut self, at_ms: u64, key: &MessageKey, step_name: &str) {
+        if attempt_of(&key.global_id, step_name, &key.sub_id) > 1 {
+            self.covered("resent_compensation");
+            return;
+        }
+        let nobody_down = self.down.is_empty();
+        let last_boot = self.last_boot_ms;
+        let story = self.story(key);
+        if story.compensating {
+            return;
+        }
+        story.compensating = true;
+        if story.refusal_delivered {
+            return;
+        }
+        let quiet = match story.quiet_since_ms {
+            Some(since) if story.open == 0 && nobody_down && last_boot <= since => at_ms.saturating_sub(since),
+            _ => 0,
+        };
+        self.covered("deadline_cancel");
+        if quiet >= STALL_MS {
+            let detail = format!(
+                "order {} gave up at its deadline after {quiet}ms in which nothing of it was in flight: every message of it was settled, no participant had an unsent reply; it waited for something nobody was going to send",
+                key.global_id
+            );
+            self.violation(Violation::liveness("saga-progress", detail, at_ms));
+        }
+    }
+
+    fn publish_received(&mut self, publish: &PublishRequest, now: Time) {
+        let grace = self.spec.grace;
+        let live: BTreeSet<ClientId> = self
+            .subs
+            .iter()
+            .filter(|((tp, _), s)| *tp == publish.topic && s.until.is_some_and(|u| now < u.plus(grace)))
+            .map(|((_, c), _)| c.clone())
+            .collect();
+        let key = publish.key();
+        match self.keys.get_mut(&key) {
+            Some(ks) => {
+                if ks.versions.is_empty() {
+                    ks.owed = live;
+                    ks.first_now = now;
+                } else {
+                    ks.owed.retain(|c| live.contains(c));
+                }
+                ks.first_now = ks.first_now.min(now);
+                ks.last_now = ks.last_now.max(now);
+                if ks.versions.len() < 4 && !ks.versions.contains(publish) {
+                    ks.versions.push(publish.clone());
+                }
+            }
             None => {
-                let entitled = self.owed.get(key).cloned().unwrap_or_default();
-                self.acked.insert(
-                    key.clone(),
-                    Acked {
-                        msg_id,
-                        topic: topic.clone(),
-                        entitled,
+                self.keys.insert(
+                    key,
+                    KeyState {
+                        versions: vec![publish.clone()],
+                        first_now: now,
+                        last_now: now,
+                        owed: live,
+                        ack: None,
+                        emitted: None,
+                        delivered: None,
                     },
                 );
             }
         }
     }
 
-    pub fn callback_sent(&mut self, _client: &ClientId, message: &Message, at_ms: u64) {
-        let key = message.key();
-        match self.callback_ids.get(&key) {
-            Some(old) if *old != message.msg_id => {
-                let detail = format!("{key} delivered as {old} and as {}", message.msg_id);
+    fn publish_answered(&mut self, at_ms: u64, key: &MessageKey, reply: &Reply) {
+        let (msg_id, duplicate) = match reply {
+            Reply::Published { msg_id, duplicate } => (*msg_id, *duplicate),
+            Reply::Rejected(
+                BrokerError::QueueFull { .. }
+                | BrokerError::DeadLettersFull { .. }
+                | BrokerError::TooManyMessages
+                | BrokerError::TooManyUnsyncedPublishes,
+            ) => {
+                self.covered("backpressure_refused");
+                return;
+            }
+            _ => return,
+        };
+        match self.msg_keys.get(&msg_id) {
+            Some(other) if other != key => {
+                let detail = format!("message id {msg_id} answers both {other} and {key}");
                 self.violation(Violation::safety("dedup", detail, at_ms));
+                return;
             }
             Some(_) => {}
             None => {
-                self.callback_ids.insert(key.clone(), message.msg_id);
-                self.messages.insert(key, message.clone());
+                self.msg_keys.insert(msg_id, key.clone());
+            }
+        }
+        if duplicate {
+            self.covered("duplicate_publish");
+        }
+        let Some(ks) = self.keys.get_mut(key) else {
+            return;
+        };
+        if let Some(ack) = &ks.ack {
+            if ack.msg_id != msg_id {
+                let detail = format!("{key} acknowledged as {} and later as {msg_id}", ack.msg_id);
+                self.violation(Violation::safety("dedup", detail, at_ms));
+                return;
+            }
+            if duplicate {
+                let (inc, comp) = (ack.incarnation, ack.compactions);
+                let settled = ack
+                    .entitled
+                    .iter()
+                    .all(|c| self.pairs.get(&(c.clone(), key.clone())).is_some_and(|p| p.processed > 0));
+                if inc < self.incarnation {
+                    self.covered("dedup_after_recovery");
+                }
+                if comp < self.compactions {
+                    self.covered("dedup_after_compaction");
+                }
+                if settled {
+                    self.covered("dedup_of_settled");
+                }
+            }
+            return;
+        }
+        let entitled = ks.owed.clone();
+        let create_time = ks.versions.first().map_or(0, |p| p.create_time);
+        let topic = ks.versions.first().map(|p| p.topic.clone());
+        ks.ack = Some(Ack {
+            msg_id,
+            incarnation: self.incarnation,
+            compactions: self.compactions,
+            entitled: entitled.clone(),
+        });
+        if self.unacked.remove(key) {
+            self.open(key, false, at_ms);
+        }
+        for client in entitled {
+            let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+            if pair.processed == 0 {
+                self.open(key, true, at_ms);
+            }
+            let pair = &self.pairs[&(client.clone(), key.clone())];
+            if !pair.attempted
+                && let Some(topic) = &topic
+            {
+                self.unattempted
+                    .entry(client)
+                    .or_default()
+                    .insert((create_time, msg_id), topic.clone());
             }
         }
     }
 
-    pub fn processed(&mut self, node: usize, client: ClientId, key: &MessageKey) {
-        self.client_nodes.insert(client.clone(), node);
-        self.processed.insert((client, key.clone()));
-    }
-
-    fn views(slots: &[Slot]) -> Vec<View> {
-        slots
+    /// Whether `client` may receive a message of `topic` stored at one of the
+    /// receipts in `[first, last]` (broker clock): some subscription request
+    /// received by then, live (or in its grace) at a receipt.
+    fn entitled(&self, client: &ClientId, topic: &Topic, first: Time, last: Time) -> bool {
+        let Some(sub) = self.subs.get(&(topic.clone(), client.clone())) else {
+            return false;
+        };
+        sub.requests
             .iter()
-            .filter_map(|s| {
-                if let Slot::Participant(p) = s {
-                    Some(p.view())
-                } else {
-                    None
-                }
-            })
-            .collect()
+            .any(|(at, expire)| *at <= last && expire.plus(self.spec.grace) > (*at).max(first))
     }
 
-    /// Effects at most once, conservation and outcome consistency, judged on the current states.
-    pub fn safety(&mut self, slots: &[Slot], at_ms: u64) {
-        let views = Self::views(slots);
+    fn callback_sent(&mut self, at_ms: u64, cb: &sagamq::broker::Callback, now: Time) {
+        let client = &cb.client;
+        let message = &cb.message;
+        let key = message.key();
+        self.last_callback_ms.insert(client.clone(), at_ms);
+        self.deliveries
+            .insert(cb.delivery, (client.clone(), key.clone(), self.incarnation));
+        let mut found = Vec::new();
+        let Some(ks) = self.keys.get(&key) else {
+            self.account.unexpected += 1;
+            let detail = format!("{client} got {key} ({}) which nobody published", message.msg_id);
+            self.violation(Violation::safety("fidelity", detail, at_ms));
+            return;
+        };
+        if let Some(ack) = &ks.ack
+            && ack.msg_id != message.msg_id
+        {
+            let detail = format!("{key} acknowledged as {} but delivered as {}", ack.msg_id, message.msg_id);
+            found.push(Violation::safety("dedup", detail, at_ms));
+        }
+        match self.msg_keys.get(&message.msg_id) {
+            Some(other) if *other != key => {
+                let detail = format!("message id {} delivered for {key} but it answers {other}", message.msg_id);
+                found.push(Violation::safety("dedup", detail, at_ms));
+            }
+            Some(_) => {}
+            None => {
+                self.msg_keys.insert(message.msg_id, key.clone());
+            }
+        }
+        let faithful = ks.versions.iter().any(|p| same_message(p, message))
+            && ks.delivered.as_ref().is_none_or(|d| d == message);
+        if !faithful {
+            let published = ks.versions.first().map(|p| format!("{} {:?} from {}", p.topic, p.content, p.sender_id));
+            let detail = format!(
+                "{client} got {key} as {} {:?} from {} (create time {}) but it was published as {}",
+                message.topic,
+                message.content,
+                message.sender_id,
+                message.create_time,
+                published.unwrap_or_default()
+            );
+            found.push(Violation::safety("fidelity", detail, at_ms));
+        }
+        if !self.entitled(client, &message.topic, ks.first_now, ks.last_now) {
+            self.account.unexpected += 1;
+            let detail = format!(
+                "{client} got {key} on topic {} but had no live subscription to it when the message was stored",
+                message.topic
+            );
+            found.push(Violation::safety("entitlement", detail, at_ms));
+        }
+        if ks.delivered.is_none() {
+            let m = message.clone();
+            self.keys.get_mut(&key).expect("present").delivered = Some(m);
+        }
+        let incarnation = self.incarnation;
+        let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+        pair.attempts += 1;
+        if pair.acked_in == Some(incarnation) {
+            let detail = format!(
+                "{client} got {key} again after the broker had received its 2xx, with no broker crash or redrive in between"
+            );
+            found.push(Violation::safety("redelivery", detail, at_ms));
+        }
+        let first = !pair.attempted;
+        pair.attempted = true;
+        for v in found {
+            self.violation(v);
+        }
+        if first {
+            self.first_attempt(at_ms, client, message, now);
+        }
+    }
+
+    /// Per subscriber, first attempts follow `(CreateTime, MsgID)` among the
+    /// messages stored for it, never attempted, whose subscription is live.
+    fn first_attempt(&mut self, at_ms: u64, client: &ClientId, message: &Message, now: Time) {
+        let this = (message.create_time, message.msg_id);
+        let Some(waiting) = self.unattempted.get_mut(client) else {
+            return;
+        };
+        waiting.remove(&this);
+        let earlier: Vec<((i64, MsgId), Topic)> = waiting
+            .range(..this)
+            .map(|(k, tp)| (*k, tp.clone()))
+            .take(64)
+            .collect();
+        for ((ct, id), topic) in earlier {
+            let live = self
+                .subs
+                .get(&(topic.clone(), client.clone()))
+                .and_then(|s| s.until)
+                .is_some_and(|u| now < u);
+            if live {
+                self.account.out_of_order += 1;
+                let detail = format!(
+                    "{client} got its first attempt of {} (create time {}) while {id} (create time {ct}, topic {topic}) was stored for it earlier and never attempted",
+                    message.msg_id, message.create_time
+                );
+                self.violation(Violation::safety("delivery-order", detail, at_ms));
+                return;
+            }
+        }
+    }
+
+    fn processed(&mut self, at_ms: u64, node: usize, client: &ClientId, key: &MessageKey) {
+        self.client_nodes.insert(client.clone(), node);
+        let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+        pair.processed += 1;
+        let first = pair.processed == 1;
+        if !first {
+            self.account.duplicated += 1;
+            self.covered("redelivered");
+            return;
+        }
+        let owed = self
+            .keys
+            .get(key)
+            .and_then(|ks| ks.ack.as_ref())
+            .is_some_and(|a| a.entitled.contains(client));
+        if owed {
+            self.open(key, false, at_ms);
+        }
+        if node != ORDER {
+            return;
+        }
+        let Some(message) = self.keys.get(key).and_then(|ks| ks.delivered.clone()) else {
+            return;
+        };
+        let story = self.story(key);
+        match message.topic.as_str() {
+            t::STOCK_OUTBOUND => story.heard_stock = story.heard_stock.or(yes_no(&message.content)),
+            t::PAYMENT_RESULT => story.heard_payment = story.heard_payment.or(yes_no(&message.content)),
+            t::STOCK_RELEASED => story.heard_released = true,
+            t::PAYMENT_CANCELLED => story.heard_cancelled = true,
+            _ => {}
+        }
+    }
+
+    fn judge_dead_letters(&mut self, at_ms: u64, client: &ClientId, dead: &[MsgId], redrive: bool) {
+        for msg_id in dead {
+            let Some(key) = self.msg_keys.get(msg_id).cloned() else {
+                continue;
+            };
+            let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+            let attempts = pair.attempts;
+            if redrive {
+                pair.attempts = 0;
+                pair.acked_in = None;
+            }
+            if attempts < self.spec.attempts_max {
+                let detail = format!(
+                    "{key} ({msg_id}) is a dead letter of {client} after {attempts} attempts on the wire; the budget is {}",
+                    self.spec.attempts_max
+                );
+                self.violation(Violation::safety("dead-letter", detail, at_ms));
+            }
+            if redrive {
+                self.covered("dead_letter");
+            }
+        }
+    }
+
+    /// Called on a steady tick: a subscriber with queued messages must get an
+    /// attempt within one callback timeout plus the backoff cap, unless one of
+    /// its subscriptions has lapsed (delivery paused until it renews).
+    pub fn progress(&mut self, at_ms: u64, broker: &BrokerSnapshot) {
+        let gap_max = u64::try_from(self.spec.dispatch_gap_max.as_millis()).unwrap_or(u64::MAX) + STALL_MS;
+        let mut stalled = None;
+        self.waiting_since_ms.retain(|c, _| broker.queued.get(c).is_some_and(|n| *n > 0));
+        for (client, queued) in &broker.queued {
+            if *queued == 0 {
+                continue;
+            }
+            let paused = self
+                .subs
+                .iter()
+                .any(|((_, c), s)| c == client && s.until.is_none_or(|u| broker.now >= u));
+            if paused {
+                self.waiting_since_ms.insert(client.clone(), at_ms);
+                *self.coverage.entry("delivery_paused").or_default() += 1;
+                continue;
+            }
+            let waiting = *self.waiting_since_ms.entry(client.clone()).or_insert(at_ms);
+            let last = self.last_callback_ms.get(client).copied().unwrap_or(0);
+            let since = last.max(waiting).max(self.broker_boot_ms);
+            if at_ms.saturating_sub(since) > gap_max && stalled.is_none() {
+                stalled = Some(format!(
+                    "{client} has {queued} messages queued but the broker sent it no callback for {}ms (callback timeout + backoff cap = {}ms)",
+                    at_ms - since,
+                    gap_max - STALL_MS
+                ));
+            }
+        }
+        if let Some(detail) = stalled {
+            self.violation(Violation::liveness("progress", detail, at_ms));
+        }
+    }
+
+    /// Effects at most once and of the right thing, conservation and outcome
+    /// consistency, judged on the current states.
+    pub fn safety(&mut self, snap: &Snapshot<'_>) {
+        let at_ms = snap.at_ms;
         let mut held_orders = BTreeSet::new();
         let mut charged_orders = BTreeSet::new();
-        for v in &views {
+        let mut found = Vec::new();
+        for (_, v) in &snap.views {
             match v {
                 View::Stock { initial, level, orders } => {
                     for (id, e) in orders {
-                        let quantity = self.order_sizes.get(id).map_or(0, |(q, _)| *q);
+                        let facts = self.spec.orders.get(id);
+                        let quantity = facts.map_or(0, |f| f.quantity);
+                        if let Some(f) = facts
+                            && f.product != e.product
+                        {
+                            found.push(Violation::safety(
+                                "effects-at-most-once",
+                                format!("order {id}: stock took {} of {} but the order is for {}", e.deducted, e.product, f.product),
+                                at_ms,
+                            ));
+                        }
                         if let Some(wrong) = at_most_once(e.deducted, quantity, e.restocked) {
                             let detail = format!(
                                 "order {id}: stock deducted {} and restocked {} units of {} for an order of {quantity} ({wrong})",
                                 e.deducted, e.restocked, e.product
                             );
-                            self.violation(Violation::safety("effects-at-most-once", detail, at_ms));
+                            found.push(Violation::safety("effects-at-most-once", detail, at_ms));
                         }
                     }
                     for (product, start) in initial {
@@ -385,7 +1138,7 @@ impl Checker {
                             let detail = format!(
                                 "stock of {product}: initial {start} != level {now} + held {out} (an effect was lost or invented)"
                             );
-                            self.violation(Violation::safety("conservation", detail, at_ms));
+                            found.push(Violation::safety("conservation", detail, at_ms));
                         }
                     }
                     held_orders.extend(orders.iter().filter(|(_, e)| e.held() > 0).map(|(id, _)| id.clone()));
@@ -396,13 +1149,23 @@ impl Checker {
                     orders,
                 } => {
                     for (id, e) in orders {
-                        let amount = self.order_sizes.get(id).map_or(0, |(_, a)| *a);
+                        let facts = self.spec.orders.get(id);
+                        let amount = facts.map_or(0, |f| f.amount);
+                        if let Some(f) = facts
+                            && f.customer != e.customer
+                        {
+                            found.push(Violation::safety(
+                                "effects-at-most-once",
+                                format!("order {id}: payment charged {} but the order is {}'s", e.customer, f.customer),
+                                at_ms,
+                            ));
+                        }
                         if let Some(wrong) = at_most_once(e.charged, amount, e.refunded) {
                             let detail = format!(
                                 "order {id}: payment charged {} and refunded {} to {} for an order of {amount} ({wrong})",
                                 e.charged, e.refunded, e.customer
                             );
-                            self.violation(Violation::safety("effects-at-most-once", detail, at_ms));
+                            found.push(Violation::safety("effects-at-most-once", detail, at_ms));
                         }
                     }
                     for (customer, start) in initial {
@@ -416,7 +1179,7 @@ impl Checker {
                             let detail = format!(
                                 "balance of {customer}: initial {start} != balance {now} + charged {out} (an effect was lost or invented)"
                             );
-                            self.violation(Violation::safety("conservation", detail, at_ms));
+                            found.push(Violation::safety("conservation", detail, at_ms));
                         }
                     }
                     charged_orders.extend(orders.iter().filter(|(_, e)| e.held() > 0).map(|(id, _)| id.clone()));
@@ -427,14 +1190,14 @@ impl Checker {
                     ..
                 } => {
                     let detail = format!("{client}: {problem}");
-                    self.violation(Violation::safety("custom-invariant", detail, at_ms));
+                    found.push(Violation::safety("custom-invariant", detail, at_ms));
                 }
                 View::Order { .. } | View::Custom { .. } => {}
             }
         }
-        let stock_up = slots.get(STOCK).is_some_and(|s| matches!(s, Slot::Participant(_)));
-        let payment_up = slots.get(PAYMENT).is_some_and(|s| matches!(s, Slot::Participant(_)));
-        for v in &views {
+        let stock_up = snap.views.iter().any(|(n, _)| *n == STOCK);
+        let payment_up = snap.views.iter().any(|(n, _)| *n == PAYMENT);
+        for (_, v) in &snap.views {
             let View::Order { orders } = v else { continue };
             for (id, (phase, state)) in orders {
                 let held = held_orders.contains(id);
@@ -463,132 +1226,175 @@ impl Checker {
                 };
                 if let Some(wrong) = wrong {
                     let detail = format!("order {id} is {state} but {wrong}");
-                    self.violation(Violation::safety("saga-outcome", detail, at_ms));
+                    found.push(Violation::safety("saga-outcome", detail, at_ms));
                 }
             }
         }
-    }
-
-    /// Everything settled: all orders terminal, no delivery pending anywhere.
-    pub fn quiescent(&self, slots: &[Slot]) -> bool {
-        self.unsettled(slots).is_empty()
+        for v in found {
+            self.violation(v);
+        }
     }
 
     /// What is still unfinished (empty when quiescent), for the liveness report.
-    fn unsettled(&self, slots: &[Slot]) -> Vec<String> {
+    fn unsettled(&self, snap: &Snapshot<'_>, orders_expected: u64) -> Vec<String> {
+        let mut out: Vec<String> = snap.down.iter().map(|n| format!("{} is down", NODES[*n])).collect();
+        if let Some(b) = &snap.broker {
+            for (client, n) in &b.queued {
+                if *n > 0 {
+                    out.push(format!("broker still has {n} undelivered for {client}"));
+                }
+            }
+        }
+        for n in &snap.unsettled {
+            out.push(format!(
+                "{} has unacknowledged outbox entries or unanswered work",
+                NODES[*n]
+            ));
+        }
+        for (_, v) in &snap.views {
+            if let View::Order { orders } = v {
+                let open: Vec<_> = orders
+                    .iter()
+                    .filter(|(_, (ph, _))| *ph == OrderPhase::InProgress)
+                    .map(|(id, _)| id)
+                    .collect();
+                if !open.is_empty() {
+                    out.push(format!("{} orders not terminal (first: {})", open.len(), open[0]));
+                }
+                if (orders.len() as u64) < orders_expected {
+                    out.push(format!("only {} of {} orders created", orders.len(), orders_expected));
+                }
+            }
+        }
+        if snap.workload_waiting {
+            out.push("workload still waiting for create-order answers".to_string());
+        }
+        out
+    }
+
+    /// Everything settled: all orders terminal, no delivery pending anywhere.
+    pub fn quiescent(&mut self, snap: &Snapshot<'_>) -> bool {
+        let quiet = self.unsettled(snap, self.spec.orders.len() as u64).is_empty();
+        if quiet && self.quiescent_ms.is_none() && self.healed_ms.is_some() {
+            self.quiescent_ms = Some(snap.at_ms);
+        }
+        quiet
+    }
+
+    /// Called once the run is over (quiescent, or the liveness bound passed).
+    pub fn liveness(&mut self, snap: &Snapshot<'_>) {
+        let at_ms = snap.at_ms;
+        let unsettled = self.unsettled(snap, self.spec.orders.len() as u64);
+        if !unsettled.is_empty() {
+            let detail = format!("not settled {at_ms}ms into the run: {}", unsettled.join("; "));
+            self.violation(Violation::liveness("liveness", detail, at_ms));
+            return;
+        }
+        let Some(broker) = &snap.broker else {
+            return;
+        };
+        // Quiescent: every acknowledged publish reached each entitled subscriber.
+        let mut found = Vec::new();
+        for (key, ks) in &self.keys {
+            let Some(ack) = &ks.ack else { continue };
+            for client in &ack.entitled {
+                if self.pairs.get(&(client.clone(), key.clone())).is_some_and(|p| p.processed > 0) {
+                    continue;
+                }
+                let dead = broker.dead.get(client).is_some_and(|d| d.contains(&ack.msg_id));
+                if !dead {
+                    self.account.lost += 1;
+                    let topic = ks.versions.first().map(|p| p.topic.to_string()).unwrap_or_default();
+                    let detail = format!(
+                        "{key} ({}, topic {topic}) was acknowledged but {client} never processed it and it is not a dead letter",
+                        ack.msg_id
+                    );
+                    found.push(Violation::safety("no-lost-publish", detail, at_ms));
+                }
+            }
+        }
+        if let Some(key) = self.unacked.first() {
+            let detail = format!("{key} was committed by a participant but the broker never acknowledged it");
+            found.push(Violation::liveness("no-lost-request", detail, at_ms));
+        }
+        // Every 2xx a participant gave is still reflected in its state.
+        for ((client, key), pair) in &self.pairs {
+            if pair.processed == 0 {
+                continue;
+            }
+            let (Some(&node), Some(message)) = (
+                self.client_nodes.get(client),
+                self.keys.get(key).and_then(|k| k.delivered.as_ref()),
+            ) else {
+                continue;
+            };
+            if (snap.reflects)(node, message) == Some(false) {
+                let detail = format!(
+                    "{client} answered 2xx for {key} ({}, topic {}) but its state does not reflect it: deciding it again would change its state (the effect was lost after the acknowledgement, or the logic is not idempotent)",
+                    message.msg_id, message.topic
+                );
+                found.push(Violation::safety("no-lost-effect", detail, at_ms));
+            }
+        }
+        if let Some(v) = self.lost_reply(at_ms) {
+            found.push(v);
+        }
+        found.extend(self.outcomes_justified(snap));
+        for v in found {
+            self.violation(v);
+        }
+        let dead: Vec<(ClientId, Vec<MsgId>)> = broker.dead.iter().map(|(c, d)| (c.clone(), d.clone())).collect();
+        for (client, d) in dead {
+            self.judge_dead_letters(at_ms, &client, &d, false);
+        }
+    }
+
+    /// Each terminal order is explained by what it heard.
+    fn outcomes_justified(&self, snap: &Snapshot<'_>) -> Vec<Violation> {
         let mut out = Vec::new();
-        for (i, slot) in slots.iter().enumerate() {
-            match slot {
-                Slot::Down => out.push(format!("{} is down", NODES[i])),
-                Slot::Absent => {}
-                Slot::Broker(b) => {
-                    for (client, st) in b.stats().subscribers {
-                        if st.pending + st.in_flight > 0 {
-                            out.push(format!(
-                                "broker still has {} undelivered for {client}",
-                                st.pending + st.in_flight
-                            ));
+        for (node, v) in &snap.views {
+            let View::Order { orders } = v else { continue };
+            if *node != ORDER {
+                continue;
+            }
+            for (id, (phase, state)) in orders {
+                let s = self.stories.get(id);
+                let heard_stock = s.and_then(|s| s.heard_stock);
+                let heard_payment = s.and_then(|s| s.heard_payment);
+                let why = match phase {
+                    OrderPhase::InProgress => None,
+                    OrderPhase::StockOutboundFailed => {
+                        (heard_stock != Some(false)).then_some("never heard a refusal from stock")
+                    }
+                    OrderPhase::StockOutboundDone => {
+                        (heard_stock != Some(true)).then_some("never heard a deduction from stock")
+                    }
+                    OrderPhase::Completed => (heard_payment != Some(true)).then_some("never heard a charge from payment"),
+                    OrderPhase::Compensated => {
+                        let s = s.expect("a compensated order published");
+                        if !s.compensating {
+                            Some("never published a compensation")
+                        } else if !s.heard_released {
+                            Some("never heard stock confirm the release")
+                        } else if s.payment_requested && s.heard_payment != Some(false) && !s.heard_cancelled {
+                            Some("asked for payment but never heard payment confirm the cancel")
+                        } else {
+                            None
                         }
                     }
-                }
-                Slot::Participant(p) => {
-                    if !p.settled() {
-                        out.push(format!(
-                            "{} has unacknowledged outbox entries or unanswered work",
-                            NODES[i]
-                        ));
-                    }
-                    if let View::Order { orders } = p.view() {
-                        let open: Vec<_> = orders
-                            .iter()
-                            .filter(|(_, (ph, _))| *ph == OrderPhase::InProgress)
-                            .map(|(id, _)| id)
-                            .collect();
-                        if !open.is_empty() {
-                            out.push(format!("{} orders not terminal (first: {})", open.len(), open[0]));
-                        }
-                        if (orders.len() as u64) < self.orders_expected {
-                            out.push(format!(
-                                "only {} of {} orders created",
-                                orders.len(),
-                                self.orders_expected
-                            ));
-                        }
-                    }
-                }
-                Slot::Workload(w) => {
-                    if !w.all_answered() {
-                        out.push("workload still waiting for create-order answers".to_string());
-                    }
+                };
+                if let Some(why) = why {
+                    let detail = format!("order {id} is {state} but {why}");
+                    out.push(Violation::safety("saga-outcome", detail, snap.at_ms));
                 }
             }
         }
         out
     }
 
-    /// Called once at the end of the heal phase.
-    pub fn liveness(&mut self, slots: &[Slot], at_ms: u64) {
-        let unsettled = self.unsettled(slots);
-        if !unsettled.is_empty() {
-            let detail = format!("not settled {at_ms}ms into the run: {}", unsettled.join("; "));
-            self.violation(Violation::liveness("liveness", detail, at_ms));
-            return;
-        }
-        // Quiescent: every acknowledged publish must have reached each entitled subscriber.
-        let Some(Slot::Broker(broker)) = slots.get(BROKER) else {
-            return;
-        };
-        let mut dead: BTreeMap<ClientId, BTreeSet<MsgId>> = BTreeMap::new();
-        let mut lost = Vec::new();
-        for (key, acked) in &self.acked {
-            for client in &acked.entitled {
-                if self.processed.contains(&(client.clone(), key.clone())) {
-                    continue;
-                }
-                let dl = dead
-                    .entry(client.clone())
-                    .or_insert_with(|| broker.dead_letters(client).iter().map(|m| m.msg_id).collect());
-                if !dl.contains(&acked.msg_id) {
-                    let detail = format!(
-                        "{key} ({}, topic {}) was acknowledged but {client} never processed it and it is not a dead letter",
-                        acked.msg_id, acked.topic
-                    );
-                    lost.push(Violation::safety("no-lost-publish", detail, at_ms));
-                }
-            }
-        }
-        for v in lost {
-            self.violation(v);
-        }
-        // Quiescent: every 2xx a participant gave is still reflected in its state.
-        let mut forgotten = Vec::new();
-        for (client, key) in &self.processed {
-            let Some(&node) = self.client_nodes.get(client) else {
-                continue;
-            };
-            let (Some(Slot::Participant(p)), Some(message)) = (slots.get(node), self.messages.get(key)) else {
-                continue;
-            };
-            if !p.reflects(message) {
-                let detail = format!(
-                    "{client} answered 2xx for {key} ({}, topic {}) but its state does not reflect it: the effect was lost after the acknowledgement",
-                    message.msg_id, message.topic
-                );
-                forgotten.push(Violation::safety("no-lost-effect", detail, at_ms));
-            }
-        }
-        for v in forgotten {
-            self.violation(v);
-        }
-        if let Some(v) = self.lost_reply(at_ms) {
-            self.violation(v);
-        }
-    }
-
     /// The first request stock or payment answered 2xx whose reply was never
     /// published (acknowledged by the broker), if any.
     fn lost_reply(&self, at_ms: u64) -> Option<Violation> {
-        use sagamq::saga::topics as t;
         const REPLIES: [(&str, &str, &str); 4] = [
             (t::STOCK_SERVICE, t::SALE_ORDER_CREATED, t::STOCK_OUTBOUND),
             (t::STOCK_SERVICE, t::STOCK_RELEASE, t::STOCK_RELEASED),
@@ -596,12 +1402,16 @@ impl Checker {
             (t::PAYMENT_SERVICE, t::PAYMENT_CANCEL, t::PAYMENT_CANCELLED),
         ];
         let published: BTreeSet<(&str, &str)> = self
-            .acked
+            .keys
             .iter()
-            .map(|(key, a)| (key.global_id.as_str(), a.topic.as_str()))
+            .filter(|(_, ks)| ks.ack.is_some())
+            .filter_map(|(key, ks)| Some((key.global_id.as_str(), ks.versions.first()?.topic.as_str())))
             .collect();
-        self.processed.iter().find_map(|(client, key)| {
-            let message = self.messages.get(key)?;
+        self.pairs.iter().find_map(|((client, key), pair)| {
+            if pair.processed == 0 {
+                return None;
+            }
+            let message = self.keys.get(key)?.delivered.as_ref()?;
             let &(_, _, reply) = REPLIES
                 .iter()
                 .find(|(c, request, _)| client.as_str() == *c && message.topic.as_str() == *request)?;

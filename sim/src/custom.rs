@@ -6,7 +6,7 @@
 //! See `sim/tests/custom_participant.rs` (and the README) for a complete example:
 //! a shipping service that must ship every paid order exactly once.
 
-use crate::check::View;
+use crate::view::View;
 use crate::participants::{Built, SimParticipant};
 use sagamq::machine::Machine;
 use sagamq::saga::{HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput};

@@ -27,11 +27,14 @@ pub mod clock;
 pub mod custom;
 pub mod diagram;
 pub mod event;
+pub mod history;
 pub mod participants;
 pub mod plan;
 pub mod runner;
 pub mod scenario;
+pub mod topology;
 pub mod trace;
+pub mod view;
 pub mod wire;
 pub mod world;
 

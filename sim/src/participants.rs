@@ -2,8 +2,9 @@
 //! participants, or a planted bug's variant (see `bugs`), and how the checker
 //! reads each one's state.
 
-use crate::check::{OrderPhase, PaymentEffects, StockEffects, View};
-use crate::world::{CUSTOM, ORDER, PAYMENT, RunConfig, STOCK, notify_url};
+use crate::topology::{CUSTOM, ORDER, PAYMENT, STOCK, client_of, notify_url};
+use crate::view::{OrderPhase, PaymentEffects, StockEffects, View};
+use crate::world::RunConfig;
 use sagamq::machine::Machine;
 use sagamq::saga::order::{Order, OrderFlow, OrderStatus};
 use sagamq::saga::payment::{Charge, Payment, PaymentOrder, Refund};
@@ -158,7 +159,10 @@ pub const SUBSCRIPTION_TTL_DEFAULT: Duration = Duration::from_secs(30);
 
 /// The host configuration of node `node` in the simulator.
 pub fn host_config(node: usize, seed: u64, run: &RunConfig, ttl: Option<Duration>) -> HostConfig {
-    let mut cfg = HostConfig::new(crate::check::client_of(node, run), notify_url(node));
+    let mut cfg = HostConfig::new(
+        client_of(node, run.custom.as_ref().map(|c| c.client_id())),
+        notify_url(node),
+    );
     cfg.seed = seed ^ (node as u64).wrapping_mul(0x9E37_79B9);
     cfg.subscription_ttl = ttl.unwrap_or(SUBSCRIPTION_TTL_DEFAULT);
     cfg.subscribe_retry = Duration::from_millis(200);

@@ -28,12 +28,7 @@ pub const FAULT_KINDS: [&str; 12] = [
     "subscription_lapse",
 ];
 
-/// The nodes of the world, by name. Index = position here.
-pub const NODES: [&str; 6] = ["broker", "order", "stock", "payment", "workload", "custom"];
-
-/// Nodes the swarm crashes, partitions and skews when no custom participant runs
-/// (the workload models the outside world and never fails).
-pub const FAULTY_NODES: [u8; 4] = [0, 1, 2, 3];
+pub use crate::topology::{FAULTY_NODES, NODES};
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -9,11 +9,14 @@
 //! the scenario. Nothing reads the wall clock or an OS random source.
 
 use crate::Bug;
-use crate::check::{Checker, Violation};
+use crate::check::{BrokerSnapshot, Checker, Snapshot, Spec, Violation};
+use crate::history::Event;
 use crate::clock::Skew;
 use crate::event::{EventLog, Fate, Seq, What};
 use crate::participants::{self, SimParticipant};
-use crate::plan::{Fault, FaultPlan, NODES, PlanIndex};
+use crate::plan::{Fault, FaultPlan, PlanIndex};
+pub use crate::topology::{BROKER, CUSTOM, NODES, ORDER, PAYMENT, STOCK, WORKLOAD, notify_url};
+use crate::topology::node_of_url;
 use crate::scenario::{Scenario, Workload};
 use crate::trace::Trace;
 use crate::wire::Wire;
@@ -34,13 +37,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
-pub const BROKER: usize = 0;
-pub const ORDER: usize = 1;
-pub const STOCK: usize = 2;
-pub const PAYMENT: usize = 3;
-pub const WORKLOAD: usize = 4;
-/// Runs the user's own participant when `RunConfig::custom` is set (see `custom`).
-pub const CUSTOM: usize = 5;
 const TAG: u64 = 7;
 /// A disk sync takes this long; writes issued meanwhile share it (group commit).
 const SYNC_LATENCY: Duration = Duration::from_micros(500);
@@ -138,6 +134,11 @@ impl Shared {
         let t = self.elapsed_ns();
         self.trace.line(t, NODES[node], text);
     }
+    /// Reports one event of the history to the checker.
+    fn observe(&mut self, event: Event<'_>) {
+        let at_ms = self.elapsed_ns() / 1_000_000;
+        self.check.observe(at_ms, event);
+    }
     fn event(&mut self, what: impl FnOnce() -> What) {
         let t = self.elapsed_ns();
         self.events.push(t, what);
@@ -158,14 +159,6 @@ fn node_of(a: SocketAddr) -> Option<usize> {
     (0..NODES.len()).find(|&i| addr(i).ip() == a.ip())
 }
 
-/// The callback URL a participant subscribes with, and its inverse.
-pub fn notify_url(node: usize) -> String {
-    format!("sim://{}", NODES[node])
-}
-fn node_of_url(url: &str) -> Option<usize> {
-    let name = url.strip_prefix("sim://")?;
-    NODES.iter().position(|n| *n == name)
-}
 
 /// Callback attempts per message unless the plan draws a shorter budget.
 pub const ATTEMPTS_MAX_DEFAULT: u32 = 12;
@@ -234,7 +227,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         torn_armed: [false; NODES.len()],
         torn_signal: None,
         operator_tx: None,
-        check: Checker::new(&cfg.scenario, &def),
+        check: Checker::new(Spec::new(&def, &broker_config(plan.profile.attempts_max))),
         deliveries: 0,
         wakeups: 0,
         cfg: cfg.clone(),
@@ -278,6 +271,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         })
         .collect();
 
+    madsim::task::spawn(monitor(world.clone()));
     // The chaos phase: scheduled faults in time order.
     let mut events: Vec<(u32, usize, bool)> = Vec::new(); // (at_ms, fault index, is_end)
     for (k, f) in plan.faults.iter().enumerate() {
@@ -375,8 +369,8 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         s.line(BROKER, || {
             "heal: faults off, partitions healed, crashed nodes restarted".to_string()
         });
-        let Shared { check, slots, .. } = &mut *s;
-        check.safety(slots, cfg.chaos_ms.into());
+        judge_safety(&mut s, cfg.chaos_ms.into());
+        s.observe(Event::Healed);
     }
     for x in 0..NODES.len() {
         for y in 0..NODES.len() {
@@ -404,11 +398,8 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     }
     let mut s = lock(&world);
     let sim_ms = s.elapsed_ns() / 1_000_000;
-    {
-        let Shared { check, slots, .. } = &mut *s;
-        check.safety(slots, sim_ms);
-        check.liveness(slots, sim_ms);
-    }
+    judge_safety(&mut s, sim_ms);
+    judge_liveness(&mut s, sim_ms);
     let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
     for text in texts {
         s.line(BROKER, || format!("VIOLATION {text}"));
@@ -422,7 +413,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         });
     }
     let shared = &mut *s;
-    let views = shared
+    let views: BTreeMap<String, crate::check::View> = shared
         .slots
         .iter()
         .enumerate()
@@ -437,6 +428,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     // (Tasks may still be polled once more, so keep the indices valid.)
     shared.slots.iter_mut().for_each(|slot| *slot = Slot::Absent);
     shared.disks.iter_mut().for_each(|disk| *disk = MemDisk::new());
+    let orders = orders_created(&views);
     RunResult {
         seed,
         views,
@@ -444,12 +436,103 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         events: std::mem::take(&mut shared.events).into_events(),
         violations: shared.check.violations().to_vec(),
         faults: std::mem::take(&mut shared.faults),
-        orders: shared.check.orders_total(),
+        orders,
         deliveries: shared.deliveries,
         messages: u64::from(shared.sent_nth),
         wakeups: shared.wakeups,
         sim_ms,
     }
+}
+
+/// Shows the checker the world as it stands (views, queues, who is down) and
+/// lets `f` judge it.
+fn judge<R>(s: &mut Shared, at_ms: u64, f: impl FnOnce(&mut Checker, &Snapshot<'_>) -> R) -> R {
+    let broker_now = s.now(BROKER);
+    let Shared { check, slots, .. } = s;
+    let slots: &[Slot] = slots;
+    let reflects = |node: usize, m: &sagamq::Message| match slots.get(node) {
+        Some(Slot::Participant(p)) => Some(p.reflects(m)),
+        _ => None,
+    };
+    let mut snap = Snapshot {
+        at_ms,
+        down: Vec::new(),
+        broker: None,
+        views: Vec::new(),
+        unsettled: Vec::new(),
+        workload_waiting: false,
+        reflects: &reflects,
+    };
+    for (i, slot) in slots.iter().enumerate() {
+        match slot {
+            Slot::Down => snap.down.push(i),
+            Slot::Absent => {}
+            Slot::Broker(b) => snap.broker = Some(broker_snapshot(b, broker_now, true)),
+            Slot::Participant(p) => {
+                snap.views.push((i, p.view()));
+                if !p.settled() {
+                    snap.unsettled.push(i);
+                }
+            }
+            Slot::Workload(w) => snap.workload_waiting = !w.all_answered(),
+        }
+    }
+    f(check, &snap)
+}
+
+/// The broker's queues as the checker reads them (`dead`: with dead-letter ids).
+fn broker_snapshot(b: &Broker, now: Time, dead: bool) -> BrokerSnapshot {
+    let stats = b.stats().subscribers;
+    BrokerSnapshot {
+        now,
+        queued: stats
+            .iter()
+            .map(|(c, st)| (c.clone(), st.pending + st.in_flight))
+            .collect(),
+        dead: if dead {
+            stats
+                .iter()
+                .filter(|(_, st)| st.dead_letters > 0)
+                .map(|(c, _)| (c.clone(), b.dead_letters(c).iter().map(|m| m.msg_id).collect()))
+                .collect()
+        } else {
+            BTreeMap::new()
+        },
+    }
+}
+
+fn judge_safety(s: &mut Shared, at_ms: u64) {
+    judge(s, at_ms, |check, snap| check.safety(snap));
+}
+
+fn judge_liveness(s: &mut Shared, at_ms: u64) {
+    judge(s, at_ms, |check, snap| check.liveness(snap));
+}
+
+/// Every 100 ms of the whole run: a subscriber with queued messages must be
+/// getting attempts (see [`Checker::progress`]).
+async fn monitor(world: World) {
+    loop {
+        madsim::time::sleep(Duration::from_millis(100)).await;
+        let mut s = lock(&world);
+        let at_ms = s.elapsed_ns() / 1_000_000;
+        let now = s.now(BROKER);
+        let Shared { check, slots, .. } = &mut *s;
+        if let Slot::Broker(b) = &slots[BROKER] {
+            check.progress(at_ms, &broker_snapshot(b, now, false));
+        }
+    }
+}
+
+/// Orders the order service knows at the end (measured, not configured).
+fn orders_created(views: &BTreeMap<String, crate::check::View>) -> u64 {
+    views
+        .values()
+        .map(|v| match v {
+            crate::check::View::Order { orders } => orders.len() as u64,
+            _ => 0,
+        })
+        .sum()
 }
 
 async fn sleep_until_ms(world: &World, ms: u64) {
@@ -463,8 +546,8 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
     // Judge the state the crash is about to erase (a node that keeps effects
     // only in memory would otherwise hide them by forgetting).
     let at_ms = s.elapsed_ns() / 1_000_000;
-    let Shared { check, slots, .. } = &mut *s;
-    check.safety(slots, at_ms);
+    judge_safety(&mut s, at_ms);
+    s.observe(Event::Crashed { node: n });
     s.slots[n] = Slot::Down;
     s.fired("crash");
     let before = s.disks[n].len();
@@ -512,7 +595,9 @@ async fn settle(world: &World, t_ms: &mut u64, until_ms: u64, operator: bool) {
         if operator && *t_ms >= from_ms + 1_000 && (*t_ms - from_ms).is_multiple_of(1_000) {
             redrive_all(&mut s);
         }
-        let done = s.check.quiescent(&s.slots) && (!operator || dead_letters(&s) == 0);
+        let at_ms = s.elapsed_ns() / 1_000_000;
+        let quiet = judge(&mut s, at_ms, |check, snap| check.quiescent(snap));
+        let done = quiet && (!operator || dead_letters(&s) == 0);
         if done || *t_ms >= until_ms {
             return;
         }
@@ -526,9 +611,8 @@ fn late_redrive_due(s: &mut Shared) -> bool {
         return false;
     }
     let sim_ms = s.elapsed_ns() / 1_000_000;
-    let Shared { check, slots, .. } = &mut *s;
-    check.liveness(slots, sim_ms);
-    if !check.violations().is_empty() || dead_letters(s) == 0 {
+    judge_liveness(s, sim_ms);
+    if !s.check.violations().is_empty() || dead_letters(s) == 0 {
         return false;
     }
     s.fired("slow_operator");
@@ -559,6 +643,11 @@ fn redrive_all(s: &mut Shared) {
         .collect();
     for (client, st) in clients {
         *s.faults.entry("dead_letter").or_default() += st.dead_letters as u64;
+        let dead: Vec<sagamq::MsgId> = match &s.slots[BROKER] {
+            Slot::Broker(b) => b.dead_letters(&client).iter().map(|m| m.msg_id).collect(),
+            _ => Vec::new(),
+        };
+        s.observe(Event::Redrive { client: &client, dead: &dead });
         if let Some(tx) = &s.operator_tx {
             let _ = tx.try_send(Inbound::Redrive(client.clone()));
         }
@@ -619,7 +708,7 @@ struct Driver {
 }
 
 enum Pending {
-    Publish { req: u64, key: MessageKey, topic: Topic },
+    Publish { req: u64, key: MessageKey },
     Subscribe { topic: Topic, client: ClientId },
 }
 
@@ -715,6 +804,12 @@ fn boot(world: &World, i: usize) -> bool {
     };
     match result {
         Ok((slot, valid_len, records)) => {
+            let torn_bytes = image.len() as u64 - valid_len.min(image.len() as u64);
+            s.observe(Event::Booted {
+                node: i,
+                records,
+                torn_bytes,
+            });
             s.disks[i].truncate(valid_len);
             s.slots[i] = slot;
             if !image.is_empty() {
@@ -797,23 +892,28 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                 id,
                 (
                     src,
-                    Pending::Publish {
-                        req,
-                        key: publish.key(),
-                        topic: publish.topic.clone(),
-                    },
+                    Pending::Publish { req, key: publish.key() },
                 ),
             );
-            let grace = s.broker_config.subscription_grace;
-            if s.check.publish_received(&publish.key(), &publish.topic, now, grace) > 0 {
+            if s.check.lapsed(&publish.topic, now) > 0 {
                 s.fired("subscription_lapse");
             }
+            s.observe(Event::PublishReceived { publish: &publish, now });
             let Slot::Broker(b) = &mut s.slots[i] else {
                 unreachable!("matched a broker")
             };
             b.handle(now, BrokerInput::Publish { req: id, publish });
         }
-        (Slot::Broker(b), Wire::Subscribe { subscribe }) => {
+        (Slot::Broker(_), Wire::Subscribe { subscribe }) => {
+            s.observe(Event::SubscribeReceived {
+                client: &subscribe.client_id,
+                topic: &subscribe.topic,
+                expire: subscribe.expire_time,
+                now,
+            });
+            let Slot::Broker(b) = &mut s.slots[i] else {
+                unreachable!("matched a broker")
+            };
             let id = RequestId(drv.next_request);
             drv.next_request += 1;
             let pending = Pending::Subscribe {
@@ -823,7 +923,11 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
             drv.requests.insert(id, (src, pending));
             b.handle(now, BrokerInput::Subscribe { req: id, subscribe });
         }
-        (Slot::Broker(b), Wire::CallbackAnswer { delivery, ok }) => {
+        (Slot::Broker(_), Wire::CallbackAnswer { delivery, ok }) => {
+            s.observe(Event::AnswerReceived { delivery, ok });
+            let Slot::Broker(b) = &mut s.slots[i] else {
+                unreachable!("matched a broker")
+            };
             let result = if ok {
                 CallbackResult::Delivered
             } else {
@@ -848,7 +952,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
         ) => {
             p.handle(now, ParticipantInput::Subscribed { topic });
         }
-        (Slot::Participant(p), Wire::Callback { delivery, message }) => {
+        (Slot::Participant(_), Wire::Callback { delivery, message }) => {
             let nth = s.callback_nth;
             s.callback_nth += 1;
             if s.chaos
@@ -869,6 +973,10 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                 });
                 return;
             }
+            s.observe(Event::CallbackReceived { node: i, message: &message });
+            let Slot::Participant(p) = &mut s.slots[i] else {
+                unreachable!("matched a participant")
+            };
             let token = CallbackToken(drv.next_token);
             drv.next_token += 1;
             drv.callbacks.insert(token, (delivery, message.key()));
@@ -915,27 +1023,27 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         }
                     }
                     BrokerOutput::Rewrite { lsn, frames } => {
+                        check.observe(t / 1_000_000, Event::Compacted);
                         disks[i].replace(&frames);
                         drv.lsn_written = Some(lsn);
                         wrote = true;
                     }
                     BrokerOutput::Reply { req, reply } => match drv.requests.remove(&req) {
-                        Some((src, Pending::Publish { req, key, topic })) => {
-                            if let Reply::Published { msg_id, .. } = &reply {
-                                check.publish_acked(&key, *msg_id, &topic, t / 1_000_000);
-                            }
+                        Some((src, Pending::Publish { req, key })) => {
+                            check.observe(t / 1_000_000, Event::PublishAnswered { key: &key, reply: &reply });
                             drv.outgoing.push((src, Wire::PublishReply { req, reply }));
                         }
                         Some((src, Pending::Subscribe { topic, client })) => {
                             if let Reply::Subscribed { expire_time } = reply {
-                                check.subscribed(&client, &topic, expire_time);
+                                let until = expire_time;
+                                check.observe(t / 1_000_000, Event::Subscribed { client: &client, topic: &topic, until });
                             }
                             drv.outgoing.push((src, Wire::SubscribeReply { topic, reply }));
                         }
                         None => {} // an operator request (redrive)
                     },
                     BrokerOutput::Callback(cb) => {
-                        check.callback_sent(&cb.client, &cb.message, t / 1_000_000);
+                        check.observe(t / 1_000_000, Event::CallbackSent { callback: &cb, now });
                         if let Some(dst) = node_of_url(&cb.url) {
                             drv.outgoing.push((
                                 dst,
@@ -961,6 +1069,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         wrote = true;
                     }
                     ParticipantOutput::Publish { outbox, publish } => {
+                        check.observe(t / 1_000_000, Event::Emitted { node: i, publish: &publish });
                         drv.outgoing.push((BROKER, Wire::Publish { req: outbox.0, publish }));
                     }
                     ParticipantOutput::Subscribe(subscribe) => {
@@ -986,7 +1095,8 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     ParticipantOutput::Answer { token, ok } => {
                         if let Some((delivery, key)) = drv.callbacks.remove(&token) {
                             if ok {
-                                check.processed(i, crate::check::client_of(i, cfg), &key);
+                                let client = crate::topology::client_of(i, cfg.custom.as_ref().map(|c| c.client_id()));
+                                check.observe(t / 1_000_000, Event::Processed { node: i, client: &client, key: &key });
                                 s.deliveries += 1;
                             }
                             drv.outgoing.push((BROKER, Wire::CallbackAnswer { delivery, ok }));

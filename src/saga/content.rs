@@ -91,8 +91,9 @@ pub fn attempt_of(order: &GlobalId, step: &str, received: &SubId) -> u32 {
         .unwrap_or(1)
 }
 
-/// The SubID suffixes, one per message of the flow.
-pub(crate) mod step {
+/// The SubID suffixes, one per message of the flow (`<order>.<step>`; a re-sent
+/// compensation `<order>.<step>.<attempt>`).
+pub mod step {
     pub const CREATED: &str = "created";
     pub const OUTBOUND: &str = "outbound";
     pub const PAYMENT_REQUESTED: &str = "payment-requested";

@@ -7,7 +7,7 @@
 //! **Invariant:** with a flaw the wrapper changes only the one thing the flaw
 //! names; everything else reaches the host and the driver unchanged.
 
-use crate::check::View;
+use crate::view::View;
 use crate::participants::SimParticipant;
 use sagamq::log::{decode_all, encode_frame};
 use sagamq::machine::Machine;

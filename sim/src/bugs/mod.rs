@@ -16,7 +16,7 @@ pub mod ledger;
 pub mod naive_stock;
 
 use crate::participants::SimParticipant;
-use crate::world::{ORDER, PAYMENT, STOCK};
+use crate::topology::{ORDER, PAYMENT, STOCK};
 use host_flaw::{Flawed, HostFlaw};
 use ledger::{LedgerPayment, LedgerStock, StockGuards};
 use sagamq::saga::order::Order;

@@ -8,7 +8,7 @@
 //! The per-order ledger exists only so the checker can see what it did; it is
 //! memory too and is lost with the rest.
 
-use crate::check::{StockEffects, View};
+use crate::view::{StockEffects, View};
 use crate::participants::SimParticipant;
 use sagamq::machine::Machine;
 use sagamq::saga::{

@@ -6,7 +6,7 @@
 
 use super::{Arrow, DiagramError, End, Model, Options, clip, fmt_ms};
 use crate::event::{Event, Node, What};
-use crate::plan::NODES;
+use crate::topology::NODES;
 use std::fmt::Write as _;
 
 /// Renders the Mermaid diagram of `events`.

@@ -20,8 +20,8 @@ pub use svg::{html_page, svg};
 pub use xml::escape as xml_escape;
 
 use crate::event::{Event, Fate, MsgInfo, Node, Seq, What};
-use crate::plan::NODES;
-use crate::world::{BROKER, CUSTOM, ORDER, PAYMENT, STOCK, WORKLOAD};
+use crate::topology::NODES;
+use crate::topology::{BROKER, CUSTOM, ORDER, PAYMENT, STOCK, WORKLOAD};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 

@@ -14,7 +14,7 @@
 use super::xml::escape;
 use super::{Arrow, DiagramError, End, Loss, Model, Options, clip, fmt_ms, partition_nodes};
 use crate::event::{Event, MsgKind, Node, What};
-use crate::plan::NODES;
+use crate::topology::NODES;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
