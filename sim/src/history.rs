@@ -51,8 +51,13 @@ pub enum Event<'a> {
     Booted { node: usize, records: u64, torn_bytes: u64 },
     /// The broker rewrote its log (compaction).
     Compacted,
-    /// The operator redrives `client`'s dead letters (the broker's list).
-    Redrive { client: &'a ClientId, dead: &'a [MsgId] },
+    /// The operator asked the broker to redrive `client`'s dead letters: its
+    /// list before, and those it moved back to the queue (what fits).
+    Redrive {
+        client: &'a ClientId,
+        dead: &'a [MsgId],
+        moved: &'a [MsgId],
+    },
     /// The chaos phase ended: faults off, everything healed and restarted.
     Healed,
 }

@@ -170,6 +170,35 @@ pub struct FaultProfile {
     /// one lets a partition or a crash outlast a subscription.
     #[serde(default)]
     pub subscription_ttl_ms: Option<u32>,
+    /// Small broker bounds (BUGGIFY-style; a quarter of the seeds) so that
+    /// backpressure refusals and frequent compactions happen; `None`: the
+    /// simulator's roomy defaults, which never refuse.
+    #[serde(default)]
+    pub bounds: Option<Bounds>,
+}
+
+/// Broker bounds a seed may shrink (see [`FaultProfile::bounds`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bounds {
+    pub pending_per_subscriber_max: u32,
+    pub messages_max: u32,
+    pub publishes_unsynced_max: u32,
+    pub inflight_per_subscriber_max: u32,
+    pub compact_garbage_records_min: u32,
+}
+
+impl fmt::Display for Bounds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "queue<={} messages<={} unsynced<={} window={} compact>{}",
+            self.pending_per_subscriber_max,
+            self.messages_max,
+            self.publishes_unsynced_max,
+            self.inflight_per_subscriber_max,
+            self.compact_garbage_records_min
+        )
+    }
 }
 
 impl fmt::Display for FaultProfile {
@@ -177,7 +206,7 @@ impl fmt::Display for FaultProfile {
         let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
         write!(
             f,
-            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}",
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={} bounds={}",
             pct(self.drop_ppm),
             pct(self.ack_lost_ppm),
             pct(self.duplicate_ppm),
@@ -190,7 +219,8 @@ impl fmt::Display for FaultProfile {
             self.attempts_max
                 .map_or_else(|| "default".to_string(), |n| n.to_string()),
             self.subscription_ttl_ms
-                .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms"))
+                .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms")),
+            self.bounds.map_or_else(|| "default".to_string(), |b| format!("({b})"))
         )
     }
 }
@@ -251,6 +281,7 @@ impl FaultPlan {
             clock_skew: rng.chance(500_000),
             attempts_max,
             subscription_ttl_ms: None,
+            bounds: None,
         };
         // A short TTL (a quarter of the seeds) lets a partition or a crash
         // outlast a subscription. The expiry is the subscriber's clock plus the
@@ -266,6 +297,18 @@ impl FaultPlan {
                 (300, 1_000)
             };
             profile.subscription_ttl_ms = Some(env.range_inclusive(lo, hi) as u32);
+        }
+        // Small bounds, drawn from a stream of their own so every other draw
+        // of a seed is unchanged.
+        let mut small = Rng::new(seed ^ 0xB0B0_5EED_0000_0000);
+        if small.chance(250_000) {
+            profile.bounds = Some(Bounds {
+                pending_per_subscriber_max: small.range_inclusive(2, 12) as u32,
+                messages_max: small.range_inclusive(4, 24) as u32,
+                publishes_unsynced_max: small.range_inclusive(1, 6) as u32,
+                inflight_per_subscriber_max: small.range_inclusive(1, 4) as u32,
+                compact_garbage_records_min: small.range_inclusive(4, 32) as u32,
+            });
         }
         let mut plan = FaultPlan::from_profile(profile, &mut rng, shape);
         if slow_operator {

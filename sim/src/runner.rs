@@ -88,6 +88,25 @@ pub struct Summary {
     pub sim_ms: u64,
     pub wall_ms: u64,
     pub faults: BTreeMap<String, u64>,
+    /// Terminal order states, counted from the order service's final view.
+    pub outcomes: BTreeMap<String, u64>,
+    /// How often each named path happened (see `check::COVERAGE`).
+    pub coverage: BTreeMap<String, u64>,
+    /// Per-subscriber account over the sweep (Jepsen's total-queue categories).
+    pub account: crate::check::Account,
+    /// Simulated ms from healing to quiescence: median, 99th percentile, max.
+    pub quiescence_ms: Quantiles,
+    /// Seeds whose run panicked (each also counts as a failure).
+    pub panics: u64,
+    #[serde(skip)]
+    quiescence: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Quantiles {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
 }
 
 impl Summary {
@@ -99,6 +118,17 @@ impl Summary {
         for (k, n) in &r.faults {
             *self.faults.entry((*k).to_string()).or_default() += n;
         }
+        for (k, n) in &r.outcomes {
+            *self.outcomes.entry(k.clone()).or_default() += n;
+        }
+        for (k, n) in &r.coverage {
+            *self.coverage.entry((*k).to_string()).or_default() += n;
+        }
+        self.account.add(&r.account);
+        self.panics += u64::from(r.panicked);
+        if let Some(q) = r.quiescence_ms {
+            self.quiescence.push(q);
+        }
         match r.violations.first() {
             None => self.passed += 1,
             Some(v) => {
@@ -106,6 +136,32 @@ impl Summary {
                 self.failures.push(failure(r.seed, v, cfg));
             }
         }
+    }
+
+    fn finish(&mut self) {
+        self.quiescence.sort_unstable();
+        let at = |q: f64| {
+            let n = self.quiescence.len();
+            if n == 0 {
+                0
+            } else {
+                self.quiescence[((n - 1) as f64 * q).round() as usize]
+            }
+        };
+        self.quiescence_ms = Quantiles {
+            p50: at(0.5),
+            p99: at(0.99),
+            max: at(1.0),
+        };
+    }
+
+    /// Named paths (see `check::COVERAGE`) the sweep never reached.
+    pub fn uncovered(&self) -> Vec<&'static str> {
+        crate::check::COVERAGE
+            .iter()
+            .copied()
+            .filter(|k| self.coverage.get(*k).copied().unwrap_or(0) == 0)
+            .collect()
     }
 
     /// Kinds that never fired in the whole sweep.
@@ -134,6 +190,19 @@ impl Summary {
         for k in FAULT_KINDS {
             s.push_str(&format!(" {k}={}", self.faults.get(k).copied().unwrap_or(0)));
         }
+        s.push_str("\noutcomes:");
+        for (k, n) in &self.outcomes {
+            s.push_str(&format!(" {k}={n}"));
+        }
+        s.push_str("\ncoverage:");
+        for (k, n) in &self.coverage {
+            s.push_str(&format!(" {k}={n}"));
+        }
+        let a = &self.account;
+        s.push_str(&format!(
+            "\naccount: lost={} duplicated={} unexpected={} out_of_order={}; heal->quiescence p50={}ms p99={}ms max={}ms; panics={}",
+            a.lost, a.duplicated, a.unexpected, a.out_of_order, self.quiescence_ms.p50, self.quiescence_ms.p99, self.quiescence_ms.max, self.panics
+        ));
         if let Some(n) = self.seeds_to_first_failure {
             s.push_str(&format!("\nfirst failure after {n} seeds"));
         }
@@ -227,6 +296,7 @@ pub fn sweep(
     for r in &results {
         summary.absorb(r, cfg);
     }
+    summary.finish();
     summary.wall_ms = started.elapsed().as_millis() as u64;
     summary
 }

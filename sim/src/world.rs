@@ -75,6 +75,16 @@ pub struct RunResult {
     pub messages: u64,
     pub wakeups: u64,
     pub sim_ms: u64,
+    /// Named paths the run reached (see [`crate::check::COVERAGE`]).
+    pub coverage: BTreeMap<&'static str, u64>,
+    /// Terminal order states at the end, from the order service's view.
+    pub outcomes: BTreeMap<String, u64>,
+    /// The per-subscriber account (lost, duplicated, unexpected, out of order).
+    pub account: crate::check::Account,
+    /// Simulated time from healing to quiescence (None: never quiescent).
+    pub quiescence_ms: Option<u64>,
+    /// The run panicked (a node or the checker): the panic is its violation.
+    pub panicked: bool,
 }
 
 /// A node's machine as the checker sees it; `Down` while crashed.
@@ -167,26 +177,51 @@ pub const ATTEMPTS_MAX_DEFAULT: u32 = 12;
 pub const SUBSCRIPTION_GRACE: Duration = Duration::from_secs(60);
 
 /// Simulator-tuned broker bounds: short timers so a run settles in simulated seconds.
-pub fn broker_config(attempts_max: Option<u32>) -> BrokerConfig {
-    BrokerConfig {
+/// The profile's retry budget and small bounds, when it draws them, apply on top.
+pub fn broker_config(profile: &crate::plan::FaultProfile) -> BrokerConfig {
+    let mut c = BrokerConfig {
         callback_timeout: Duration::from_millis(300),
         retry_backoff_initial: Duration::from_millis(20),
         retry_backoff_max: Duration::from_millis(500),
-        attempts_max: attempts_max.unwrap_or(ATTEMPTS_MAX_DEFAULT).max(1),
+        attempts_max: profile.attempts_max.unwrap_or(ATTEMPTS_MAX_DEFAULT).max(1),
         subscription_grace: SUBSCRIPTION_GRACE,
         compact_garbage_records_min: 256,
         ..BrokerConfig::default()
+    };
+    if let Some(b) = profile.bounds {
+        c.pending_per_subscriber_max = b.pending_per_subscriber_max.max(1) as usize;
+        c.messages_max = b.messages_max.max(1) as usize;
+        c.publishes_unsynced_max = b.publishes_unsynced_max.max(1) as usize;
+        c.inflight_per_subscriber_max = b.inflight_per_subscriber_max.max(1) as usize;
+        c.compact_garbage_records_min = u64::from(b.compact_garbage_records_min);
     }
+    c
 }
 
 /// Runs one seed under `plan` and judges it.
 pub fn run(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> RunResult {
     let mut net = madsim::Config::default();
     net.net.send_latency = Duration::from_micros(200)..Duration::from_millis(3);
-    let rt = Runtime::with_seed_and_config(seed, net);
-    let plan = plan.clone();
-    let cfg = cfg.clone();
-    rt.block_on(simulate(seed, plan, cfg))
+    let (plan, cfg) = (plan.clone(), cfg.clone());
+    // A panic anywhere (a node's machine, an assertion, the checker) fails this
+    // seed with its replay command instead of aborting the sweep.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let rt = Runtime::with_seed_and_config(seed, net);
+        rt.block_on(simulate(seed, plan, cfg))
+    }));
+    outcome.unwrap_or_else(|payload| {
+        let text = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_string()))
+            .unwrap_or_else(|| "non-string panic payload".to_string());
+        RunResult {
+            seed,
+            violations: vec![Violation::safety("panic", format!("the run panicked: {text}"), 0)],
+            panicked: true,
+            ..RunResult::default()
+        }
+    })
 }
 
 /// The run itself, inside a madsim runtime (exposed for madsim's determinism checker).
@@ -214,7 +249,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         disks: vec![MemDisk::new(); NODES.len()],
         slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
         plan: plan.index(),
-        broker_config: broker_config(plan.profile.attempts_max),
+        broker_config: broker_config(&plan.profile),
         subscription_ttl: plan
             .profile
             .subscription_ttl_ms
@@ -227,7 +262,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         torn_armed: [false; NODES.len()],
         torn_signal: None,
         operator_tx: None,
-        check: Checker::new(Spec::new(&def, &broker_config(plan.profile.attempts_max))),
+        check: Checker::new(Spec::new(&def, &broker_config(&plan.profile))),
         deliveries: 0,
         wakeups: 0,
         cfg: cfg.clone(),
@@ -400,6 +435,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     let sim_ms = s.elapsed_ns() / 1_000_000;
     judge_safety(&mut s, sim_ms);
     judge_liveness(&mut s, sim_ms);
+    final_state_lines(&mut s);
     let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
     for text in texts {
         s.line(BROKER, || format!("VIOLATION {text}"));
@@ -429,6 +465,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     shared.slots.iter_mut().for_each(|slot| *slot = Slot::Absent);
     shared.disks.iter_mut().for_each(|disk| *disk = MemDisk::new());
     let orders = orders_created(&views);
+    let outcomes = outcomes(&views);
     RunResult {
         seed,
         views,
@@ -441,6 +478,11 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         messages: u64::from(shared.sent_nth),
         wakeups: shared.wakeups,
         sim_ms,
+        coverage: shared.check.coverage().clone(),
+        outcomes,
+        account: shared.check.account().clone(),
+        quiescence_ms: shared.check.quiescence_ms(),
+        panicked: false,
     }
 }
 
@@ -521,6 +563,50 @@ async fn monitor(world: World) {
         if let Slot::Broker(b) = &slots[BROKER] {
             check.progress(at_ms, &broker_snapshot(b, now, false));
         }
+    }
+}
+
+/// Each order's terminal state, counted (from the order service's view).
+fn outcomes(views: &BTreeMap<String, crate::check::View>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for v in views.values() {
+        if let crate::check::View::Order { orders } = v {
+            for (_, state) in orders.values() {
+                *out.entry(state.clone()).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The trace ends with how the story ended: each order's state and every
+/// participant's levels and balances.
+fn final_state_lines(s: &mut Shared) {
+    if !s.trace.enabled() {
+        return;
+    }
+    let mut lines = Vec::new();
+    for (i, slot) in s.slots.iter().enumerate() {
+        let Slot::Participant(p) = slot else { continue };
+        match p.view() {
+            crate::check::View::Order { orders } => {
+                for (id, (_, state)) in orders {
+                    lines.push((i, format!("final: order {id} {state}")));
+                }
+            }
+            crate::check::View::Stock { level, .. } => {
+                let text: Vec<String> = level.iter().map(|(p, n)| format!("{p}={n}")).collect();
+                lines.push((i, format!("final: stock {}", text.join(" "))));
+            }
+            crate::check::View::Payment { balance, .. } => {
+                let text: Vec<String> = balance.iter().map(|(c, n)| format!("{c}={n}")).collect();
+                lines.push((i, format!("final: balances {}", text.join(" "))));
+            }
+            crate::check::View::Custom { client, .. } => lines.push((i, format!("final: {client} (custom)"))),
+        }
+    }
+    for (i, text) in lines {
+        s.line(i, || text);
     }
 }
 
@@ -643,11 +729,6 @@ fn redrive_all(s: &mut Shared) {
         .collect();
     for (client, st) in clients {
         *s.faults.entry("dead_letter").or_default() += st.dead_letters as u64;
-        let dead: Vec<sagamq::MsgId> = match &s.slots[BROKER] {
-            Slot::Broker(b) => b.dead_letters(&client).iter().map(|m| m.msg_id).collect(),
-            _ => Vec::new(),
-        };
-        s.observe(Event::Redrive { client: &client, dead: &dead });
         if let Some(tx) = &s.operator_tx {
             let _ = tx.try_send(Inbound::Redrive(client.clone()));
         }
@@ -746,8 +827,22 @@ async fn node_main(world: World, i: usize) {
                 Some(Inbound::Net(from, seq, wire)) => on_wire(&mut s, &mut drv, i, now, from, seq, wire),
                 Some(Inbound::Redrive(client)) => {
                     if let Slot::Broker(b) = &mut s.slots[i] {
+                        let dead = |b: &Broker| -> Vec<sagamq::MsgId> {
+                            b.dead_letters(&client).iter().map(|m| m.msg_id).collect()
+                        };
+                        let before = dead(b);
                         let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
-                        b.handle(now, BrokerInput::Redrive { req, client });
+                        b.handle(now, BrokerInput::Redrive {
+                            req,
+                            client: client.clone(),
+                        });
+                        let after = dead(b);
+                        let moved: Vec<sagamq::MsgId> = before.iter().filter(|m| !after.contains(m)).copied().collect();
+                        s.observe(Event::Redrive {
+                            client: &client,
+                            dead: &before,
+                            moved: &moved,
+                        });
                     }
                 }
                 None => on_timer(&mut s, &mut drv, i, now),

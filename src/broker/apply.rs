@@ -48,7 +48,8 @@ impl Broker {
                 self.dirty.insert(client);
                 Ok(())
             }
-            BrokerRecord::Redriven { client } => self.apply_redriven(client),
+            BrokerRecord::Redriven { client } => self.apply_redriven(client, usize::MAX),
+            BrokerRecord::RedrivenOldest { client, count } => self.apply_redriven(client, count as usize),
             BrokerRecord::Settled { keys } => {
                 for (key, msg_id) in keys {
                     self.dedup.remember(key, msg_id, Lsn(0), self.config.dedup_settled_max);
@@ -202,12 +203,19 @@ impl Broker {
         Ok(())
     }
 
-    fn apply_redriven(&mut self, client: ClientId) -> Result<(), String> {
+    /// Moves the `count` oldest dead letters of `client` (all of them with
+    /// `usize::MAX`) back to its queue.
+    fn apply_redriven(&mut self, client: ClientId, count: usize) -> Result<(), String> {
         let q = self
             .clients
             .get_mut(&client)
             .ok_or_else(|| format!("redrive of unknown subscriber {client}"))?;
-        let dead = std::mem::take(&mut q.dead);
+        let dead = if count >= q.dead.len() {
+            std::mem::take(&mut q.dead)
+        } else {
+            let rest = q.dead.split_off(&q.dead.iter().nth(count).copied().expect("count < len"));
+            std::mem::replace(&mut q.dead, rest)
+        };
         self.dead_total -= dead.len();
         for key in dead {
             let entry = Entry {

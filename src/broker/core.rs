@@ -461,15 +461,25 @@ impl Broker {
         if dead == 0 {
             return self.reply(req, Reply::Redriven { count: 0 });
         }
-        if queued + dead > self.config.pending_per_subscriber_max {
+        // Move what the queue has room for, oldest first: refusing the whole
+        // redrive whenever there are more dead letters than the queue bound
+        // would leave them stuck forever (found by the simulator's small bounds).
+        let room = self.config.pending_per_subscriber_max.saturating_sub(queued);
+        if room == 0 {
             return self.reject(req, BrokerError::QueueFull { client });
         }
         if self.waiting_count >= self.config.publishes_unsynced_max {
             return self.reject(req, BrokerError::TooManyUnsyncedPublishes);
         }
         let lsn = self.batch_lsn();
-        self.record(BrokerRecord::Redriven { client });
-        self.wait(lsn, req, Reply::Redriven { count: dead });
+        let count = dead.min(room);
+        if count == dead {
+            self.record(BrokerRecord::Redriven { client });
+        } else {
+            let n = u32::try_from(count).expect("bounded by the queue bound");
+            self.record(BrokerRecord::RedrivenOldest { client, count: n });
+        }
+        self.wait(lsn, req, Reply::Redriven { count });
     }
 
     fn handle_durable(&mut self, lsn: Lsn) {

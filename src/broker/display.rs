@@ -181,6 +181,7 @@ impl fmt::Display for BrokerRecord {
             BrokerRecord::Acked { client, msg_id } => write!(f, "acked {msg_id} by {client}"),
             BrokerRecord::DeadLettered { client, msg_id } => write!(f, "dead-lettered {msg_id} for {client}"),
             BrokerRecord::Redriven { client } => write!(f, "redriven {client}"),
+            BrokerRecord::RedrivenOldest { client, count } => write!(f, "redriven {count} oldest of {client}"),
             BrokerRecord::Settled { keys } => write!(f, "settled-keys count={}", keys.len()),
         }
     }

@@ -38,6 +38,9 @@ pub enum BrokerRecord {
     DeadLettered { client: ClientId, msg_id: MsgId },
     /// Every dead letter of `client` went back to its queue.
     Redriven { client: ClientId },
+    /// The `count` oldest dead letters of `client` went back to its queue (a
+    /// redrive of more than the queue has room for moves what fits).
+    RedrivenOldest { client: ClientId, count: u32 },
     /// Dedup keys of settled messages, oldest first (snapshots only).
     Settled { keys: Vec<(MessageKey, MsgId)> },
 }
@@ -59,6 +62,7 @@ const TAG_ACKED: u8 = 5;
 const TAG_DEAD_LETTERED: u8 = 6;
 const TAG_REDRIVEN: u8 = 7;
 const TAG_SETTLED: u8 = 8;
+const TAG_REDRIVEN_OLDEST: u8 = 9;
 
 impl BrokerRecord {
     /// Appends this record's payload (no frame) to `out`.
@@ -117,6 +121,11 @@ impl BrokerRecord {
             BrokerRecord::Redriven { client } => {
                 w.u8(TAG_REDRIVEN);
                 w.str(client.as_str());
+            }
+            BrokerRecord::RedrivenOldest { client, count } => {
+                w.u8(TAG_REDRIVEN_OLDEST);
+                w.str(client.as_str());
+                w.u64(u64::from(*count));
             }
             BrokerRecord::Settled { keys } => {
                 w.u8(TAG_SETTLED);
@@ -182,6 +191,10 @@ impl BrokerRecord {
             },
             TAG_REDRIVEN => BrokerRecord::Redriven {
                 client: r.id(ClientId::new)?,
+            },
+            TAG_REDRIVEN_OLDEST => BrokerRecord::RedrivenOldest {
+                client: r.id(ClientId::new)?,
+                count: u32::try_from(r.u64()?).map_err(|_| "redrive count out of range".to_string())?,
             },
             TAG_SETTLED => {
                 let n = r.count()?;
@@ -350,7 +363,8 @@ mod tests {
                 client: client.clone(),
                 msg_id: MsgId(7),
             },
-            BrokerRecord::Redriven { client },
+            BrokerRecord::Redriven { client: client.clone() },
+            BrokerRecord::RedrivenOldest { client, count: 3 },
             BrokerRecord::Settled {
                 keys: vec![(
                     MessageKey {
