@@ -84,7 +84,7 @@ fn no_inbox() {
         bug: Bug::NoInbox,
         scenario: SAGA6,
         budget: 40,
-        invariant: "effects-at-most-once",
+        invariant: "one-answer",
     });
 }
 
@@ -94,7 +94,7 @@ fn publish_before_commit() {
         bug: Bug::PublishBeforeCommit,
         scenario: Scenario::Seed,
         budget: 500,
-        invariant: "saga-outcome",
+        invariant: "saga-progress",
     });
 }
 
@@ -104,7 +104,7 @@ fn commit_without_outbox() {
         bug: Bug::CommitWithoutOutbox,
         scenario: SAGA10,
         budget: 300,
-        invariant: "no-lost-reply",
+        invariant: "no-lost-request",
     });
 }
 
@@ -124,7 +124,7 @@ fn no_null_compensation() {
         bug: Bug::NoNullCompensation,
         scenario: SAGA6,
         budget: 60,
-        invariant: "effects-at-most-once",
+        invariant: "decision",
     });
 }
 
@@ -169,7 +169,7 @@ fn ack_before_durable() {
         bug: Bug::AckBeforeDurable,
         scenario: SAGA6,
         budget: 80,
-        invariant: "no-lost-publish",
+        invariant: "dedup",
     });
 }
 
@@ -218,7 +218,7 @@ fn canary_simulator_still_catches_planted_bugs() {
         bug: Bug::NoInbox,
         scenario: SAGA6,
         budget: 40,
-        invariant: "effects-at-most-once",
+        invariant: "one-answer",
     });
     let fired = |k: &str| s.faults.get(k).copied().unwrap_or(0);
     assert!(
