@@ -518,7 +518,10 @@ mod tests {
                 };
                 // Answered only after fsync: the record is already in the file.
                 let file = std::fs::read(&path).unwrap();
-                let on_disk = decode_all(&file).expect("a log mid-append is at worst torn").records.len() as u64;
+                let on_disk = decode_all(&file)
+                    .expect("a log mid-append is at worst torn")
+                    .records
+                    .len() as u64;
                 assert!(
                     on_disk >= msg_id.0,
                     "msg {} answered with {on_disk} records on disk",

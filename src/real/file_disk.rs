@@ -6,6 +6,8 @@
 //! content as a whole, never a mix (the rename is the commit point). One
 //! process at a time owns a data directory: an exclusive lock on its lock file,
 //! which the OS releases when the process dies (so `kill -9` leaves none behind).
+//! As every [`Disk`], it writes the log's file header itself: on the first
+//! append to an empty log (in the same `write`) and ahead of every `replace`.
 
 use crate::log::{self, Disk};
 use std::fs::{self, File, OpenOptions};
