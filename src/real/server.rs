@@ -85,7 +85,8 @@ pub enum ServeError {
         what: String,
         err: std::io::Error,
     },
-    /// The log is damaged in the middle (or holds an undecodable record).
+    /// The log is damaged in the middle, holds an undecodable record, or is in
+    /// a format version this build does not read.
     Recovery {
         path: PathBuf,
         err: LogError,
