@@ -25,7 +25,7 @@ fn message(i: u64) -> Message {
 type MakeLog = fn(u64) -> (Vec<u8>, u64);
 
 fn log(records: impl Iterator<Item = BrokerRecord>) -> (Vec<u8>, u64) {
-    let (mut out, mut scratch, mut n) = (Vec::new(), Vec::new(), 0);
+    let (mut out, mut scratch, mut n) = (sagamq::log::empty_log(), Vec::new(), 0);
     for r in records {
         r.encode_framed(&mut scratch, &mut out);
         n += 1;

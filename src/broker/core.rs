@@ -562,6 +562,10 @@ impl Broker {
         let lsn = Lsn(self.next_lsn);
         self.next_lsn += 1;
         self.log_records += self.batch_records;
+        if self.log_bytes == 0 {
+            // The disk opens a new log with its file header.
+            self.log_bytes = crate::log::FILE_HEADER_LEN as u64;
+        }
         self.log_bytes += self.batch.len() as u64;
         self.batch_records = 0;
         let frames = std::mem::take(&mut self.batch);
@@ -573,7 +577,7 @@ impl Broker {
             // The snapshot already holds this batch's effects.
             let (frames, records) = self.snapshot();
             self.log_records = records;
-            self.log_bytes = frames.len() as u64;
+            self.log_bytes = (crate::log::FILE_HEADER_LEN + frames.len()) as u64;
             self.outputs.push_back(BrokerOutput::Rewrite { lsn, frames });
         } else {
             self.outputs.push_back(BrokerOutput::Persist { lsn, frames });

@@ -2,7 +2,7 @@
 //! records, for the traces drivers print (never `Debug` dumps).
 
 use super::*;
-use crate::log::decode_all;
+use crate::log::decode_frames;
 use std::fmt;
 
 /// Longest `Content` shown in a trace line, in characters.
@@ -135,7 +135,7 @@ impl fmt::Display for BrokerOutput {
 
 /// The records in `frames`, or a placeholder naming what could not be read.
 fn decoded(frames: &[u8]) -> Vec<String> {
-    match decode_all(frames) {
+    match decode_frames(frames) {
         Ok(r) => r
             .records
             .iter()

@@ -6,8 +6,10 @@
 //! content as a whole, never a mix (the rename is the commit point). One
 //! process at a time owns a data directory: an exclusive lock on its lock file,
 //! which the OS releases when the process dies (so `kill -9` leaves none behind).
+//! As every [`Disk`], it writes the log's file header itself: on the first
+//! append to an empty log (in the same `write`) and ahead of every `replace`.
 
-use crate::log::Disk;
+use crate::log::{self, Disk};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -105,8 +107,16 @@ impl FileDisk {
         Ok(out)
     }
 
-    /// Appends; volatile until [`FileDisk::try_sync`].
+    /// Appends (after the file header if the log is empty, in the same
+    /// write); volatile until [`FileDisk::try_sync`].
     pub fn try_append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.len == 0 && !bytes.is_empty() {
+            let mut first = log::empty_log();
+            first.extend_from_slice(bytes);
+            self.file.write_all(&first)?;
+            self.len = first.len() as u64;
+            return Ok(());
+        }
         self.file.write_all(bytes)?;
         self.len += bytes.len() as u64;
         Ok(())
@@ -125,11 +135,13 @@ impl FileDisk {
         Ok(())
     }
 
-    /// Atomically replaces the whole content and makes it durable before returning.
+    /// Atomically replaces the whole content by the file header and `bytes`,
+    /// and makes it durable before returning.
     pub fn try_replace(&mut self, bytes: &[u8]) -> io::Result<()> {
         let tmp = self.dir.join(LOG_TEMP_FILE_NAME);
         {
             let mut t = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            t.write_all(&log::empty_log())?;
             t.write_all(bytes)?;
             t.sync_data()?;
         }
@@ -137,7 +149,7 @@ impl FileDisk {
         // The rename is durable only once the directory is.
         sync_dir(&self.dir)?;
         self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
-        self.len = bytes.len() as u64;
+        self.len = (log::FILE_HEADER_LEN + bytes.len()) as u64;
         Ok(())
     }
 }
@@ -177,6 +189,13 @@ impl Disk for FileDisk {
 mod tests {
     use super::*;
 
+    /// What the file holds after appending `rest` to an empty log.
+    fn with_header(rest: &[u8]) -> Vec<u8> {
+        let mut out = log::empty_log();
+        out.extend_from_slice(rest);
+        out
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("sagamq-filedisk-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
@@ -192,8 +211,8 @@ mod tests {
         disk.sync();
         drop(disk);
         let disk = FileDisk::open(&d).unwrap();
-        assert_eq!(disk.read_all(), b"abcdef");
-        assert_eq!(disk.len(), 6);
+        assert_eq!(disk.read_all(), with_header(b"abcdef"));
+        assert_eq!(disk.len(), 18);
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -206,9 +225,12 @@ mod tests {
         disk.replace(b"new");
         disk.append(b"+tail");
         disk.sync();
-        assert_eq!(disk.read_all(), b"new+tail");
-        disk.truncate(3);
-        assert_eq!(disk.read_all(), b"new");
+        assert_eq!(disk.read_all(), with_header(b"new+tail"));
+        disk.truncate(15);
+        assert_eq!(disk.read_all(), with_header(b"new"));
+        disk.truncate(0);
+        disk.append(b"again");
+        assert_eq!(disk.read_all(), with_header(b"again"));
         assert!(!d.join(LOG_TEMP_FILE_NAME).exists());
         fs::remove_dir_all(&d).unwrap();
     }
@@ -234,7 +256,7 @@ mod tests {
         drop(disk);
         fs::write(d.join(LOG_TEMP_FILE_NAME), b"half-written compaction").unwrap();
         let disk = FileDisk::open(&d).unwrap();
-        assert_eq!(disk.read_all(), b"committed");
+        assert_eq!(disk.read_all(), with_header(b"committed"));
         assert!(!d.join(LOG_TEMP_FILE_NAME).exists());
         fs::remove_dir_all(&d).unwrap();
     }

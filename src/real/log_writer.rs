@@ -201,7 +201,7 @@ pub fn count_frames(mut bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::{decode_all, encode_frame};
+    use crate::log::{decode_all, decode_frames, encode_frame};
 
     #[test]
     fn pending_merges_appends_and_a_replace_supersedes_them() {
@@ -225,7 +225,7 @@ mod tests {
             encode_frame(p, &mut buf);
         }
         assert_eq!(count_frames(&buf), 3);
-        assert_eq!(decode_all(&buf).unwrap().records.len(), 3);
+        assert_eq!(decode_frames(&buf).unwrap().records.len(), 3);
     }
 
     #[test]

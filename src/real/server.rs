@@ -85,7 +85,8 @@ pub enum ServeError {
         what: String,
         err: std::io::Error,
     },
-    /// The log is damaged in the middle (or holds an undecodable record).
+    /// The log is damaged in the middle, holds an undecodable record, or is in
+    /// a format version this build does not read.
     Recovery {
         path: PathBuf,
         err: LogError,
@@ -314,4 +315,74 @@ pub fn recover(
             .map_err(io_err(format!("truncate {}", disk.path().display())))?;
     }
     Ok((broker, disk, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::BrokerRecord;
+    use crate::log::{FILE_HEADER_LEN, empty_log};
+    use crate::types::MsgId;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sagamq-server-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn epoch(incarnation: u64) -> BrokerRecord {
+        BrokerRecord::Epoch {
+            incarnation,
+            next_msg_id: MsgId(1),
+        }
+    }
+
+    /// The error `recover` gives for a log file holding `bytes`, which it
+    /// must leave as it was.
+    fn refusal(name: &str, bytes: &[u8]) -> String {
+        let dir = temp_dir(name);
+        let log = dir.join(super::super::file_disk::LOG_FILE_NAME);
+        std::fs::write(&log, bytes).unwrap();
+        let err = match recover(&dir, BrokerConfig::default(), 1) {
+            Ok(_) => panic!("{name}: recovered"),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(std::fs::read(&log).unwrap(), bytes, "{name}: the log was changed");
+        std::fs::remove_dir_all(&dir).unwrap();
+        err
+    }
+
+    #[test]
+    fn a_version_1_log_is_refused_by_name_and_left_untouched() {
+        let mut v1 = Vec::new();
+        for i in 1..=3 {
+            let mut payload = Vec::new();
+            epoch(i).encode(&mut payload);
+            v1.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            v1.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            v1.extend_from_slice(&payload);
+        }
+        let err = refusal("v1", &v1);
+        assert!(err.contains("log format version 1 is not supported"), "{err}");
+    }
+
+    #[test]
+    fn a_flipped_length_in_the_middle_is_refused_and_the_log_left_untouched() {
+        let (mut image, mut scratch) = (empty_log(), Vec::new());
+        let mut offsets = Vec::new();
+        for i in 1..=3 {
+            offsets.push(image.len());
+            epoch(i).encode_framed(&mut scratch, &mut image);
+        }
+        assert_eq!(offsets[0], FILE_HEADER_LEN);
+        // The length's top byte: it now points far past the end of the file.
+        image[offsets[1] + 3] ^= 0x40;
+        let err = refusal("flip", &image);
+        assert!(err.contains(&format!("corrupt at byte offset {}", offsets[1])), "{err}");
+        assert!(
+            err.contains(&format!("valid frame after it at byte offset {}", offsets[2])),
+            "{err}"
+        );
+    }
 }

@@ -13,7 +13,7 @@
 use super::participant::{Decision, Outgoing, Participant};
 use super::{CallbackToken, Command, CommandOutcome, OutboxId, ParticipantInput, ParticipantOutput};
 use crate::broker::Lsn;
-use crate::log::{LogError, decode_all, encode_frame};
+use crate::log::{LogError, decode_all, decode_frames, encode_frame};
 use crate::machine::Machine;
 use crate::rng::Rng;
 use crate::types::{ClientId, Message, MessageKey, PublishRequest, SenderId, SubscribeRequest, Time, Topic};
@@ -338,10 +338,16 @@ impl<P: Participant> ParticipantHost<P> {
         (self.lsn_last, self.lsn_durable)
     }
 
-    /// Readable lines for the records in `frames` (a `Persist` output or a
-    /// whole log image), for traces and debugging.
+    /// Readable lines for the records in `frames` (a `Persist` output, or a
+    /// whole log image: it starts with the file header), for traces and
+    /// debugging.
     pub fn describe_frames(frames: &[u8]) -> Vec<String> {
-        let recovered = match decode_all(frames) {
+        let decoded = if frames.starts_with(crate::log::FILE_MAGIC) {
+            decode_all(frames)
+        } else {
+            decode_frames(frames)
+        };
+        let recovered = match decoded {
             Ok(r) => r,
             Err(e) => return vec![format!("undecodable frames: {e}")],
         };

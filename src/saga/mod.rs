@@ -206,7 +206,7 @@ impl fmt::Display for ParticipantOutput {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ParticipantOutput::Persist { lsn, frames } => {
-                let records = crate::log::decode_all(frames).map_or(0, |r| r.records.len());
+                let records = crate::log::decode_frames(frames).map_or(0, |r| r.records.len());
                 write!(f, "persist lsn={} records={records} bytes={}", lsn.0, frames.len())
             }
             ParticipantOutput::Publish { outbox, publish } => write!(

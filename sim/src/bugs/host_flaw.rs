@@ -9,7 +9,7 @@
 
 use crate::view::View;
 use crate::participants::SimParticipant;
-use sagamq::log::{decode_all, encode_frame};
+use sagamq::log::{decode_frames, encode_frame};
 use sagamq::machine::Machine;
 use sagamq::saga::{CallbackToken, HostRecord, Participant, ParticipantHost, ParticipantInput, ParticipantOutput};
 use sagamq::{SubId, Time};
@@ -87,7 +87,7 @@ impl<P: Participant> Flawed<P> {
 
 /// The outbox entries of the `Effect` records in `frames`.
 fn effect_outbox<P: Participant>(frames: &[u8]) -> Vec<(sagamq::saga::OutboxId, sagamq::PublishRequest)> {
-    let Ok(recovered) = decode_all(frames) else {
+    let Ok(recovered) = decode_frames(frames) else {
         return Vec::new();
     };
     recovered
@@ -103,7 +103,7 @@ fn effect_outbox<P: Participant>(frames: &[u8]) -> Vec<(sagamq::saga::OutboxId, 
 
 /// `frames` with every `Effect` record's outbox emptied (same records, same order).
 fn without_outbox<P: Participant>(frames: &[u8]) -> Vec<u8> {
-    let recovered = decode_all(frames).expect("the host writes whole frames");
+    let recovered = decode_frames(frames).expect("the host writes whole frames");
     let mut out = Vec::with_capacity(frames.len());
     for (_, payload) in &recovered.records {
         let record: HostRecord<P::Change> = serde_json::from_slice(payload).expect("the host's own record");

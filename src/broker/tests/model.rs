@@ -19,7 +19,7 @@
 use super::harness::*;
 use crate::Machine;
 use crate::broker::*;
-use crate::log::decode_all;
+use crate::log::{Recovered, decode_all, decode_frames};
 use crate::types::*;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -179,7 +179,7 @@ impl Model {
         for event in std::mem::take(&mut h.observed) {
             match event {
                 Observed::Output(BrokerOutput::Persist { frames, .. }) => {
-                    for record in records(&frames) {
+                    for record in records(decode_frames(&frames)) {
                         if let BrokerRecord::Published { message, entitled } = record {
                             let written = Written {
                                 id: message.msg_id,
@@ -192,7 +192,7 @@ impl Model {
                     }
                 }
                 Observed::Output(BrokerOutput::Rewrite { frames, .. }) => {
-                    for record in records(&frames) {
+                    for record in records(decode_frames(&frames)) {
                         match record {
                             BrokerRecord::Published { message, .. } => {
                                 let id = message.msg_id;
@@ -244,7 +244,7 @@ impl Model {
                 Observed::Restarted { image } => {
                     // Unanswered requests: lost, or maybe kept by a torn write.
                     let mut written = std::mem::take(&mut self.written);
-                    for record in records(&image) {
+                    for record in records(decode_all(&image)) {
                         let kept: Vec<MsgId> = match record {
                             BrokerRecord::Published { message, .. } => vec![message.msg_id],
                             BrokerRecord::Settled { keys } => keys.into_iter().map(|(_, id)| id).collect(),
@@ -367,8 +367,9 @@ struct Written {
     entitled: Vec<ClientId>,
 }
 
-fn records(frames: &[u8]) -> Vec<BrokerRecord> {
-    let decoded = decode_all(frames).expect("the broker writes valid frames");
+/// The records of decoded frames (a `Persist`/`Rewrite` output, or a log image).
+fn records(decoded: Result<Recovered<'_>, crate::log::LogError>) -> Vec<BrokerRecord> {
+    let decoded = decoded.expect("the broker writes valid frames");
     decoded
         .records
         .iter()

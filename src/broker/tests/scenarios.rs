@@ -4,7 +4,7 @@
 use super::harness::*;
 use crate::Machine;
 use crate::broker::*;
-use crate::log::{Disk, LogError, encode_frame};
+use crate::log::{Disk, FILE_HEADER_LEN, FRAME_HEADER_LEN, LogError, decode_all, empty_log, encode_frame};
 use crate::types::*;
 use std::time::Duration;
 
@@ -695,13 +695,15 @@ fn recovery_refuses_corruption_in_the_middle_naming_the_offset() {
     h.publish("m1", "s", T, 1);
     h.publish("m2", "s", T, 2);
     let mut image = h.disk.read_all();
-    image[10] ^= 0x40; // inside the first record's payload
+    let second = decode_all(&image).unwrap().records[1].0;
+    image[FILE_HEADER_LEN + FRAME_HEADER_LEN + 2] ^= 0x40; // inside the first record's payload
     let err = Broker::recover(small_config(), 7, &image).err().expect("refused");
     assert_eq!(
         err,
         LogError::CorruptMiddle {
-            offset: 0,
-            reason: "checksum mismatch"
+            offset: FILE_HEADER_LEN as u64,
+            reason: "payload checksum mismatch",
+            next_valid: second,
         }
     );
 
@@ -742,7 +744,7 @@ fn recovery_rebuilds_the_dedup_index_and_refuses_a_key_stored_twice() {
         entitled: vec![client.clone()],
     };
     let image = |records: &[BrokerRecord]| {
-        let (mut out, mut scratch) = (Vec::new(), Vec::new());
+        let (mut out, mut scratch) = (empty_log(), Vec::new());
         for r in records {
             r.encode_framed(&mut scratch, &mut out);
         }

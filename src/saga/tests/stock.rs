@@ -263,10 +263,11 @@ fn corruption_in_the_middle_is_refused() {
     }
     b.sync();
     let mut image = b.disk.read_all();
-    image[12] ^= 0xFF;
+    // Inside the first record's payload (after the file and frame headers).
+    image[crate::log::FILE_HEADER_LEN + crate::log::FRAME_HEADER_LEN] ^= 0xFF;
     let err = ParticipantHost::recover(b.host.initial().clone(), b.host.config().clone(), &image).unwrap_err();
     assert!(
-        matches!(err, crate::log::LogError::CorruptMiddle { offset: 0, .. }),
+        matches!(err, crate::log::LogError::CorruptMiddle { offset: 12, .. }),
         "{err}"
     );
 }
