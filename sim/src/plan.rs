@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// Every fault kind the simulator injects, in report order.
-pub const FAULT_KINDS: [&str; 12] = [
+pub const FAULT_KINDS: [&str; 14] = [
     "drop",
     "ack_lost",
     "duplicate",
@@ -26,6 +26,8 @@ pub const FAULT_KINDS: [&str; 12] = [
     "dead_letter",
     "slow_operator",
     "subscription_lapse",
+    "garbage_tail",
+    "bit_flip",
 ];
 
 pub use crate::topology::{FAULTY_NODES, NODES};
@@ -56,7 +58,16 @@ pub enum Fault {
         down_ms: u32,
         node: u8,
         torn_keep: Option<u32>,
+        /// After the kept bytes of a torn write, what the file holds beyond
+        /// them: blocks the write extended but never filled.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tail: Option<CrashTail>,
     },
+    /// A recovery probe: after each crash of `node`, bit `bit` of the byte at
+    /// `where_ppm` of its log image is flipped in a *copy*, and the node's own
+    /// recovery runs on it. It must refuse (naming the offset), or, when the
+    /// flip is in the last record, cut only that record.
+    BitFlip { node: u8, where_ppm: u32, bit: u8 },
     /// The n-th callback a subscriber receives is answered with an error (`hang = false`)
     /// or never answered (`hang = true`), without being processed.
     CallbackError { nth: u32, hang: bool },
@@ -79,6 +90,7 @@ impl Fault {
             Fault::Crash { .. } => "crash",
             Fault::CallbackError { .. } => "callback_error",
             Fault::ClockSkew { .. } => "clock_skew",
+            Fault::BitFlip { .. } => "bit_flip",
             Fault::SlowOperator => "slow_operator",
         }
     }
@@ -121,13 +133,25 @@ impl fmt::Display for Fault {
                 down_ms,
                 node,
                 torn_keep,
+                tail,
             } => {
                 write!(f, "crash {} at {at_ms}ms, down {down_ms}ms", node_name(*node))?;
                 if let Some(k) = torn_keep {
                     write!(f, ", torn write keeps {k} unsynced bytes")?;
                 }
+                match tail {
+                    Some(CrashTail::Zeros { len }) => write!(f, " then {len} zero bytes")?,
+                    Some(CrashTail::Garbage { len, .. }) => write!(f, " then {len} bytes of garbage")?,
+                    None => {}
+                }
                 Ok(())
             }
+            Fault::BitFlip { node, where_ppm, bit } => write!(
+                f,
+                "probe: at each crash of {}, recovery of a copy with bit {bit} flipped at {:.1}% of its log",
+                node_name(*node),
+                f64::from(*where_ppm) / 10_000.0
+            ),
             Fault::CallbackError { nth, hang: false } => write!(f, "callback #{nth} answered with an error"),
             Fault::CallbackError { nth, hang: true } => write!(f, "callback #{nth} never answered"),
             Fault::ClockSkew {
@@ -142,6 +166,28 @@ impl fmt::Display for Fault {
                 )
             }
             Fault::SlowOperator => write!(f, "the operator redrives dead letters only after the liveness verdict"),
+        }
+    }
+}
+
+/// What a torn write leaves beyond its kept bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CrashTail {
+    Zeros { len: u32 },
+    /// `len` bytes drawn from `seed` (stale blocks).
+    Garbage { len: u32, seed: u64 },
+}
+
+impl CrashTail {
+    /// The tail's bytes (garbage drawn from its seed).
+    pub fn bytes(self) -> Vec<u8> {
+        match self {
+            CrashTail::Zeros { len } => vec![0; len as usize],
+            CrashTail::Garbage { len, seed } => {
+                let mut rng = Rng::new(seed);
+                (0..len).map(|_| rng.below(256) as u8).collect()
+            }
         }
     }
 }
@@ -250,6 +296,8 @@ pub struct PlanIndex {
     pub duplicate: BTreeMap<u32, ()>,
     pub delay: BTreeMap<u32, u32>,
     pub callback_error: BTreeMap<u32, bool>,
+    /// node -> (where in its log, which bit) of its recovery probe.
+    pub bit_flip: BTreeMap<u8, (u32, u8)>,
 }
 
 impl FaultPlan {
@@ -314,6 +362,33 @@ impl FaultPlan {
         if slow_operator {
             plan.faults.push(Fault::SlowOperator);
         }
+        // Disk damage, drawn from a stream of its own so that every other draw
+        // of a seed is unchanged: a torn write may leave zeros or garbage
+        // beyond its kept bytes, and half the crashed nodes get a recovery probe.
+        let mut disk = Rng::new(seed ^ 0xD15C_DA3A_0000_0000);
+        let mut probed = Vec::new();
+        for f in &mut plan.faults {
+            if let Fault::Crash { node, torn_keep, tail, .. } = f {
+                if torn_keep.is_some() && disk.chance(666_667) {
+                    let len = disk.range_inclusive(1, 64) as u32;
+                    *tail = Some(if disk.chance(500_000) {
+                        CrashTail::Zeros { len }
+                    } else {
+                        CrashTail::Garbage { len, seed: disk.next_u64() }
+                    });
+                }
+                if disk.chance(500_000) && !probed.contains(node) {
+                    probed.push(*node);
+                }
+            }
+        }
+        for node in probed {
+            plan.faults.push(Fault::BitFlip {
+                node,
+                where_ppm: disk.below(1_000_000) as u32,
+                bit: disk.below(8) as u8,
+            });
+        }
         plan
     }
 
@@ -367,6 +442,7 @@ impl FaultPlan {
                 down_ms: rng.range_inclusive(10, 1_500) as u32,
                 node,
                 torn_keep: torn.then(|| rng.range_inclusive(1, 200) as u32),
+                tail: None,
             });
         }
         if profile.clock_skew {
@@ -399,6 +475,9 @@ impl FaultPlan {
                 }
                 Fault::CallbackError { nth, hang } => {
                     ix.callback_error.insert(nth, hang);
+                }
+                Fault::BitFlip { node, where_ppm, bit } => {
+                    ix.bit_flip.insert(node, (where_ppm, bit));
                 }
                 Fault::Partition { .. } | Fault::Crash { .. } | Fault::ClockSkew { .. } | Fault::SlowOperator => {}
             }
@@ -459,6 +538,9 @@ mod tests {
                 .any(|f| matches!(f, Fault::Crash { torn_keep: Some(_), .. }))
             {
                 kinds.insert("torn_write");
+            }
+            if p.faults.iter().any(|f| matches!(f, Fault::Crash { tail: Some(_), .. })) {
+                kinds.insert("garbage_tail");
             }
             if p.profile.attempts_max.is_some() {
                 kinds.insert("dead_letter");

@@ -368,7 +368,9 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                     }
                 });
             }
-            Fault::Crash { node, torn_keep, .. } => {
+            Fault::Crash {
+                node, torn_keep, tail, ..
+            } => {
                 let n = usize::from(node);
                 if !is_end && !down[n] {
                     if torn_keep.is_some() {
@@ -383,7 +385,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                         }
                         lock(&world).torn_armed[n] = false;
                     }
-                    crash(&world, &handle, &nodes, n, torn_keep);
+                    crash(&world, &handle, &nodes, n, torn_keep, tail);
                     down[n] = true;
                 } else if is_end && down[n] {
                     restart(&world, &handle, &nodes, n);
@@ -626,7 +628,14 @@ async fn sleep_until_ms(world: &World, ms: u64) {
     madsim::time::sleep_until(start + Duration::from_millis(ms)).await;
 }
 
-fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_keep: Option<u32>) {
+fn crash(
+    world: &World,
+    handle: &Handle,
+    nodes: &[NodeHandle],
+    n: usize,
+    torn_keep: Option<u32>,
+    tail: Option<crate::plan::CrashTail>,
+) {
     handle.kill(nodes[n].id());
     let mut s = lock(world);
     // Judge the state the crash is about to erase (a node that keeps effects
@@ -638,6 +647,18 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
     s.fired("crash");
     let before = s.disks[n].len();
     let torn = match torn_keep {
+        Some(k) if tail.is_some() => {
+            let bytes = tail.map(|t| t.bytes()).unwrap_or_default();
+            let tail = match tail {
+                Some(crate::plan::CrashTail::Zeros { len }) => sagamq::log::Tail::Zeros(len as usize),
+                _ => sagamq::log::Tail::Garbage(&bytes),
+            };
+            if s.disks[n].crash_with_tail(k as usize, tail) {
+                s.fired("garbage_tail");
+            }
+            let kept = s.disks[n].len();
+            kept > 0 && sagamq::log::decode_all(&s.disks[n].read_all()).is_ok_and(|r| r.torn_bytes > 0)
+        }
         Some(k) => {
             s.disks[n].crash_torn(k as usize);
             // A torn write fired only if a partial unsynced write survived.
@@ -652,6 +673,7 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
     if torn {
         s.fired("torn_write");
     }
+    probe_recovery(&mut s, n);
     s.event(|| What::Crash { node: n, torn });
     s.line(n, || {
         format!(
@@ -659,6 +681,61 @@ fn crash(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize, torn_ke
             if torn { ", last write torn" } else { "" }
         )
     });
+}
+
+/// Node `i`'s recovery run on `image` (not installed): the records it
+/// replayed, or why it refused.
+fn recover_copy(s: &Shared, i: usize, image: &[u8]) -> Result<u64, String> {
+    if i == BROKER {
+        Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, image)
+            .map(|(_, r)| r.records)
+            .map_err(|e| e.to_string())
+    } else {
+        participants::build(i, &s.cfg, &s.def, s.seed, s.subscription_ttl, image).map(|(_, _, records)| records)
+    }
+}
+
+/// The recovery probe (see [`Fault::BitFlip`]): the node's own recovery on a
+/// copy of the log its crash left, with one bit flipped. Refusing is right;
+/// accepting is right only when the flip is in the last record and only that
+/// record is cut (a torn write of it would look the same).
+fn probe_recovery(s: &mut Shared, n: usize) {
+    let Some(&(where_ppm, bit)) = s.plan.bit_flip.get(&(n as u8)) else {
+        return;
+    };
+    let image = s.disks[n].read_all();
+    let Ok(found) = sagamq::log::decode_all(&image) else {
+        return;
+    };
+    let Some(&(last_offset, _)) = found.records.last() else {
+        return;
+    };
+    let frames = found.records.len() as u64;
+    let valid = usize::try_from(found.valid_len).expect("a log in memory");
+    let offset = usize::try_from(found.valid_len * u64::from(where_ppm) / 1_000_000).expect("within the log");
+    let mut copy = image[..valid].to_vec();
+    copy[offset] ^= 1 << (bit % 8);
+    s.fired("bit_flip");
+    let in_last = offset as u64 >= last_offset;
+    let wrong = match recover_copy(s, n, &copy) {
+        Err(_) => None,
+        Ok(records) if in_last && records + 1 >= frames => None,
+        Ok(records) => Some(format!(
+            "{} recovered {records} of {frames} records from its log with bit {bit} flipped at byte {offset}{}: acknowledged records after the damage were cut instead of refused",
+            NODES[n],
+            if in_last { " (in the last record)" } else { " (before the last record)" }
+        )),
+    };
+    s.line(n, || {
+        format!(
+            "probe: recovery of a copy with bit {bit} flipped at byte {offset} of {valid}: {}",
+            if wrong.is_some() { "ACCEPTED damage" } else { "refused or cut only the last record" }
+        )
+    });
+    if let Some(detail) = wrong {
+        let at = s.elapsed_ns() / 1_000_000;
+        s.check.violation(Violation::safety("recovery-probe", detail, at));
+    }
 }
 
 fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {

@@ -184,6 +184,16 @@ fn strict_recovery() {
 }
 
 #[test]
+fn lenient_recovery() {
+    caught(&Case {
+        bug: Bug::LenientRecovery,
+        scenario: SAGA6,
+        budget: 40,
+        invariant: "recovery-probe",
+    });
+}
+
+#[test]
 fn every_bug_has_a_case_and_a_name_that_parses() {
     let covered = [
         Bug::NaiveStock,
@@ -197,6 +207,7 @@ fn every_bug_has_a_case_and_a_name_that_parses() {
         Bug::DoubleRelease,
         Bug::AckBeforeDurable,
         Bug::StrictRecovery,
+        Bug::LenientRecovery,
     ];
     assert_eq!(covered.len(), Bug::ALL.len(), "a new bug needs a test above");
     for b in Bug::ALL {

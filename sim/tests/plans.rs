@@ -29,7 +29,8 @@ fn fault() -> impl Strategy<Value = Fault> {
                 at_ms,
                 down_ms,
                 node,
-                torn_keep
+                torn_keep,
+                tail: None
             }
         ),
         (node, -1_000..1_000i32, -1_000..1_000i32).prop_map(|(node, offset_ms, drift_ppm)| Fault::ClockSkew {

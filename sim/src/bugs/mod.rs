@@ -37,10 +37,11 @@ pub enum Bug {
     DoubleRelease,
     AckBeforeDurable,
     StrictRecovery,
+    LenientRecovery,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 11] = [
+    pub const ALL: [Bug; 12] = [
         Bug::NaiveStock,
         Bug::NoInbox,
         Bug::PublishBeforeCommit,
@@ -52,6 +53,7 @@ impl Bug {
         Bug::DoubleRelease,
         Bug::AckBeforeDurable,
         Bug::StrictRecovery,
+        Bug::LenientRecovery,
     ];
 
     pub fn name(self) -> &'static str {
@@ -67,6 +69,7 @@ impl Bug {
             Bug::DoubleRelease => "double-release",
             Bug::AckBeforeDurable => "ack-before-durable",
             Bug::StrictRecovery => "strict-recovery",
+            Bug::LenientRecovery => "lenient-recovery",
         }
     }
 
@@ -102,6 +105,9 @@ impl Bug {
             }
             Bug::StrictRecovery => {
                 "participants refuse to start from a log whose last record is torn (a crash mid-write), treating it as corruption instead of truncating"
+            }
+            Bug::LenientRecovery => {
+                "participants treat any damaged record as a torn tail and cut the log there (the version-1 habit): a flipped bit in the middle silently drops every acknowledged record after it"
             }
         }
     }
@@ -245,6 +251,18 @@ pub fn build(
         ),
         Bug::NoDeadline => (node == ORDER).then(|| boxed(Order::new(def.flow, None), config, image)),
         Bug::AckBeforeDurable => None,
+        Bug::LenientRecovery => match sagamq::log::decode_all(image) {
+            Err(sagamq::log::LogError::CorruptMiddle { offset, .. }) if matches!(node, ORDER | STOCK | PAYMENT) => {
+                let prefix = &image[..usize::try_from(offset).expect("an offset in the image")];
+                let built = match node {
+                    ORDER => boxed(def.order_participant(), config, prefix),
+                    STOCK => boxed(def.stock_participant(), config, prefix),
+                    _ => boxed(def.payment_participant(), config, prefix),
+                };
+                Some(built)
+            }
+            _ => None,
+        },
         Bug::StrictRecovery => {
             let torn = !image.is_empty() && sagamq::log::decode_all(image).is_ok_and(|r| r.torn_bytes > 0);
             (torn && matches!(node, ORDER | STOCK | PAYMENT)).then(|| {
