@@ -34,7 +34,7 @@ BUGS = [
      "the broker dead-letters on the first failed attempt"),
     ("no-dispatch-after-restart", "src/broker/core.rs",
      "broker.dirty = broker.clients.keys().cloned().collect();",
-     "",
+     "broker.dirty.clear();",
      "after a restart the broker dispatches nothing until a request wakes a queue"),
     ("compaction-drops-dedup-keys", "src/broker/compact.rs",
      "for chunk in settled.chunks(SETTLED_PER_RECORD) {",
