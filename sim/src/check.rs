@@ -42,7 +42,7 @@ use crate::topology::{NODES, ORDER, PAYMENT, STOCK};
 pub use crate::view::{OrderPhase, PaymentEffects, StockEffects, View};
 use sagamq::broker::{BrokerConfig, BrokerError, Reply};
 use sagamq::saga::order::OrderFlow;
-use sagamq::saga::{OrderBody, PaymentBody, ReleasedBody, CancelledBody, attempt_of, step, topics as t};
+use sagamq::saga::{CancelledBody, OrderBody, PaymentBody, ReleasedBody, attempt_of, step, topics as t};
 use sagamq::{ClientId, Message, MessageKey, MsgId, PublishRequest, Time, Topic};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -597,9 +597,7 @@ impl Checker {
             }
             (ORDER, t::PAYMENT_REQUESTED | t::PAYMENT_CANCEL) => {
                 let ok = serde_json::from_str::<PaymentBody>(content).is_ok_and(|b| {
-                    b.order_id.as_str() == order
-                        && b.customer_id.as_str() == facts.customer
-                        && b.amount == facts.amount
+                    b.order_id.as_str() == order && b.customer_id.as_str() == facts.customer && b.amount == facts.amount
                 });
                 if !ok {
                     let detail = format!(
@@ -663,7 +661,11 @@ impl Checker {
                     _ => {
                         let detail = format!(
                             "stock confirmed the release of {order} with {content} but {} (order of {})",
-                            if story.deducted { "had deducted" } else { "had deducted nothing" },
+                            if story.deducted {
+                                "had deducted"
+                            } else {
+                                "had deducted nothing"
+                            },
                             facts.quantity
                         );
                         self.violation(Violation::safety("decision", detail, at_ms));
@@ -719,7 +721,11 @@ impl Checker {
                     _ => {
                         let detail = format!(
                             "payment confirmed the cancel of {order} with {content} but {} (order of {})",
-                            if story.charged { "had charged" } else { "had charged nothing" },
+                            if story.charged {
+                                "had charged"
+                            } else {
+                                "had charged nothing"
+                            },
                             facts.amount
                         );
                         self.violation(Violation::safety("decision", detail, at_ms));
@@ -841,10 +847,11 @@ impl Checker {
             }
             if duplicate {
                 let (inc, comp) = (ack.incarnation, ack.compactions);
-                let settled = ack
-                    .entitled
-                    .iter()
-                    .all(|c| self.pairs.get(&(c.clone(), key.clone())).is_some_and(|p| p.processed > 0));
+                let settled = ack.entitled.iter().all(|c| {
+                    self.pairs
+                        .get(&(c.clone(), key.clone()))
+                        .is_some_and(|p| p.processed > 0)
+                });
                 if inc < self.incarnation {
                     self.covered("dedup_after_recovery");
                 }
@@ -861,7 +868,11 @@ impl Checker {
         let create_time = ks.versions.first().map_or(0, |p| p.create_time);
         // With two versions received, which one is stored (and its create
         // time) is unknown until delivery: such a message is not ordered.
-        let topic = ks.versions.first().filter(|_| ks.versions.len() == 1).map(|p| p.topic.clone());
+        let topic = ks
+            .versions
+            .first()
+            .filter(|_| ks.versions.len() == 1)
+            .map(|p| p.topic.clone());
         ks.ack = Some(Ack {
             msg_id,
             incarnation: self.incarnation,
@@ -917,12 +928,18 @@ impl Checker {
         if let Some(ack) = &ks.ack
             && ack.msg_id != message.msg_id
         {
-            let detail = format!("{key} acknowledged as {} but delivered as {}", ack.msg_id, message.msg_id);
+            let detail = format!(
+                "{key} acknowledged as {} but delivered as {}",
+                ack.msg_id, message.msg_id
+            );
             found.push(Violation::safety("dedup", detail, at_ms));
         }
         match self.msg_keys.get(&message.msg_id) {
             Some(other) if *other != key => {
-                let detail = format!("message id {} delivered for {key} but it answers {other}", message.msg_id);
+                let detail = format!(
+                    "message id {} delivered for {key} but it answers {other}",
+                    message.msg_id
+                );
                 found.push(Violation::safety("dedup", detail, at_ms));
             }
             Some(_) => {}
@@ -930,10 +947,13 @@ impl Checker {
                 self.msg_keys.insert(message.msg_id, key.clone());
             }
         }
-        let faithful = ks.versions.iter().any(|p| same_message(p, message))
-            && ks.delivered.as_ref().is_none_or(|d| d == message);
+        let faithful =
+            ks.versions.iter().any(|p| same_message(p, message)) && ks.delivered.as_ref().is_none_or(|d| d == message);
         if !faithful {
-            let published = ks.versions.first().map(|p| format!("{} {:?} from {}", p.topic, p.content, p.sender_id));
+            let published = ks
+                .versions
+                .first()
+                .map(|p| format!("{} {:?} from {}", p.topic, p.content, p.sender_id));
             let detail = format!(
                 "{client} got {key} as {} {:?} from {} (create time {}) but it was published as {}",
                 message.topic,
@@ -983,11 +1003,8 @@ impl Checker {
             return;
         };
         waiting.remove(&this);
-        let earlier: Vec<((i64, MsgId), Topic)> = waiting
-            .range(..this)
-            .map(|(k, tp)| (*k, tp.clone()))
-            .take(64)
-            .collect();
+        let earlier: Vec<((i64, MsgId), Topic)> =
+            waiting.range(..this).map(|(k, tp)| (*k, tp.clone())).take(64).collect();
         for ((ct, id), topic) in earlier {
             let live = self
                 .subs
@@ -1075,7 +1092,8 @@ impl Checker {
     pub fn progress(&mut self, at_ms: u64, broker: &BrokerSnapshot) {
         let gap_max = u64::try_from(self.spec.dispatch_gap_max.as_millis()).unwrap_or(u64::MAX) + STALL_MS;
         let mut stalled = None;
-        self.waiting_since_ms.retain(|c, _| broker.queued.get(c).is_some_and(|n| *n > 0));
+        self.waiting_since_ms
+            .retain(|c, _| broker.queued.get(c).is_some_and(|n| *n > 0));
         for (client, queued) in &broker.queued {
             if *queued == 0 {
                 continue;
@@ -1123,7 +1141,10 @@ impl Checker {
                         {
                             found.push(Violation::safety(
                                 "effects-at-most-once",
-                                format!("order {id}: stock took {} of {} but the order is for {}", e.deducted, e.product, f.product),
+                                format!(
+                                    "order {id}: stock took {} of {} but the order is for {}",
+                                    e.deducted, e.product, f.product
+                                ),
                                 at_ms,
                             ));
                         }
@@ -1164,7 +1185,10 @@ impl Checker {
                         {
                             found.push(Violation::safety(
                                 "effects-at-most-once",
-                                format!("order {id}: payment charged {} but the order is {}'s", e.customer, f.customer),
+                                format!(
+                                    "order {id}: payment charged {} but the order is {}'s",
+                                    e.customer, f.customer
+                                ),
                                 at_ms,
                             ));
                         }
@@ -1306,7 +1330,11 @@ impl Checker {
         for (key, ks) in &self.keys {
             let Some(ack) = &ks.ack else { continue };
             for client in &ack.entitled {
-                if self.pairs.get(&(client.clone(), key.clone())).is_some_and(|p| p.processed > 0) {
+                if self
+                    .pairs
+                    .get(&(client.clone(), key.clone()))
+                    .is_some_and(|p| p.processed > 0)
+                {
                     continue;
                 }
                 let dead = broker.dead.get(client).is_some_and(|d| d.contains(&ack.msg_id));
@@ -1377,7 +1405,9 @@ impl Checker {
                     OrderPhase::StockOutboundDone => {
                         (heard_stock != Some(true)).then_some("never heard a deduction from stock")
                     }
-                    OrderPhase::Completed => (heard_payment != Some(true)).then_some("never heard a charge from payment"),
+                    OrderPhase::Completed => {
+                        (heard_payment != Some(true)).then_some("never heard a charge from payment")
+                    }
                     OrderPhase::Compensated => {
                         let s = s.expect("a compensated order published");
                         if !s.compensating {

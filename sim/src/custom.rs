@@ -6,8 +6,8 @@
 //! See `sim/tests/custom_participant.rs` (and the README) for a complete example:
 //! a shipping service that must ship every paid order exactly once.
 
-use crate::view::View;
 use crate::participants::{Built, SimParticipant};
+use crate::view::View;
 use sagamq::machine::Machine;
 use sagamq::saga::{HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput};
 use sagamq::{ClientId, Time};

@@ -1,6 +1,9 @@
 //! sagamq-sim: the deterministic simulation testbed.
 //!
 //! Code map:
+//! - [`topology`], [`view`], [`history`]: node names and ids; what the checker reads of a
+//!   participant; the events it judges (the bottom layer).
+//! - [`config`]: what a run is configured with (below the world).
 //! - [`plan`]: fault plans (swarm profiles drawn from the seed; explicit, printable, shrinkable).
 //! - [`world`]: the madsim world: nodes driving the shipped machines, faulty transport,
 //!   crash-surviving disks, skewed clocks, the chaos and heal phases.
@@ -24,6 +27,7 @@
 pub mod bugs;
 pub mod check;
 pub mod clock;
+pub mod config;
 pub mod custom;
 pub mod diagram;
 pub mod event;

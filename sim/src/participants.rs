@@ -2,16 +2,13 @@
 //! participants, or a planted bug's variant (see `bugs`), and how the checker
 //! reads each one's state.
 
-use crate::topology::{CUSTOM, ORDER, PAYMENT, STOCK, client_of, notify_url};
+use crate::topology::{client_of, notify_url};
 use crate::view::{OrderPhase, PaymentEffects, StockEffects, View};
-use crate::world::RunConfig;
 use sagamq::machine::Machine;
 use sagamq::saga::order::{Order, OrderFlow, OrderStatus};
 use sagamq::saga::payment::{Charge, Payment, PaymentOrder, Refund};
 use sagamq::saga::stock::{Deduction, Release, Stock, StockOrder};
-use sagamq::saga::{
-    Decision, HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, scenario as shipped,
-};
+use sagamq::saga::{Decision, HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput};
 use sagamq::{Message, Time};
 use std::time::Duration;
 
@@ -158,11 +155,9 @@ impl Observed for Order {
 pub const SUBSCRIPTION_TTL_DEFAULT: Duration = Duration::from_secs(30);
 
 /// The host configuration of node `node` in the simulator.
-pub fn host_config(node: usize, seed: u64, run: &RunConfig, ttl: Option<Duration>) -> HostConfig {
-    let mut cfg = HostConfig::new(
-        client_of(node, run.custom.as_ref().map(|c| c.client_id())),
-        notify_url(node),
-    );
+/// `custom` is the client id of the user's participant, when one runs.
+pub fn host_config(node: usize, seed: u64, custom: Option<&sagamq::ClientId>, ttl: Option<Duration>) -> HostConfig {
+    let mut cfg = HostConfig::new(client_of(node, custom), notify_url(node));
     cfg.seed = seed ^ (node as u64).wrapping_mul(0x9E37_79B9);
     cfg.subscription_ttl = ttl.unwrap_or(SUBSCRIPTION_TTL_DEFAULT);
     cfg.subscribe_retry = Duration::from_millis(200);
@@ -189,7 +184,7 @@ pub fn inbox_keys_max(node: usize, seed: u64, default: &HostConfig) -> usize {
 /// A participant built for a node: itself, the valid log length, the records replayed.
 pub type Built = Result<(Box<dyn SimParticipant>, u64, u64), String>;
 
-fn host<P>(logic: P, config: HostConfig, image: &[u8]) -> Built
+pub fn host<P>(logic: P, config: HostConfig, image: &[u8]) -> Built
 where
     P: Participant + Send,
     ParticipantHost<P>: SimParticipant,
@@ -199,32 +194,4 @@ where
     }
     let (h, report) = ParticipantHost::recover(logic, config, image).map_err(|e| e.to_string())?;
     Ok((Box::new(h), report.valid_len, report.records))
-}
-
-/// Builds node `node`'s participant from its disk image (empty: a fresh start).
-/// Returns the participant, the valid log length and the number of records replayed.
-pub fn build(
-    node: usize,
-    cfg: &RunConfig,
-    def: &shipped::Scenario,
-    seed: u64,
-    ttl: Option<Duration>,
-    image: &[u8],
-) -> Built {
-    let config = host_config(node, seed, cfg, ttl);
-    if let Some(bug) = cfg.bug
-        && let Some(planted) = crate::bugs::build(bug, node, def, config.clone(), image)
-    {
-        return planted;
-    }
-    match node {
-        CUSTOM => match &cfg.custom {
-            Some(custom) => custom.build(config, image),
-            None => Err("no custom participant configured".to_string()),
-        },
-        ORDER => host(def.order_participant(), config, image),
-        STOCK => host(def.stock_participant(), config, image),
-        PAYMENT => host(def.payment_participant(), config, image),
-        _ => Err(format!("node {node} runs no participant")),
-    }
 }

@@ -174,9 +174,14 @@ impl fmt::Display for Fault {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CrashTail {
-    Zeros { len: u32 },
+    Zeros {
+        len: u32,
+    },
     /// `len` bytes drawn from `seed` (stale blocks).
-    Garbage { len: u32, seed: u64 },
+    Garbage {
+        len: u32,
+        seed: u64,
+    },
 }
 
 impl CrashTail {
@@ -368,13 +373,19 @@ impl FaultPlan {
         let mut disk = Rng::new(seed ^ 0xD15C_DA3A_0000_0000);
         let mut probed = Vec::new();
         for f in &mut plan.faults {
-            if let Fault::Crash { node, torn_keep, tail, .. } = f {
+            if let Fault::Crash {
+                node, torn_keep, tail, ..
+            } = f
+            {
                 if torn_keep.is_some() && disk.chance(666_667) {
                     let len = disk.range_inclusive(1, 64) as u32;
                     *tail = Some(if disk.chance(500_000) {
                         CrashTail::Zeros { len }
                     } else {
-                        CrashTail::Garbage { len, seed: disk.next_u64() }
+                        CrashTail::Garbage {
+                            len,
+                            seed: disk.next_u64(),
+                        }
                     });
                 }
                 if disk.chance(500_000) && !probed.contains(node) {

@@ -1,45 +1,14 @@
 //! Sweeps, summaries and shrinking: what the CLI and the tests call.
 
-use crate::Bug;
 use crate::check::Violation;
-use crate::plan::{FAULT_KINDS, FaultPlan, PlanShape};
+pub use crate::config::RunConfig;
+use crate::plan::{FAULT_KINDS, FaultPlan};
 use crate::scenario::Scenario;
-use crate::world::{self, RunConfig, RunResult};
+use crate::world::{self, RunResult};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::time::Instant;
-
-impl RunConfig {
-    pub fn new(scenario: Scenario, bug: Option<Bug>) -> RunConfig {
-        RunConfig {
-            chaos_ms: scenario.chaos_ms(),
-            heal_ms_max: 60_000,
-            scenario,
-            bug,
-            trace: false,
-            custom: None,
-        }
-    }
-
-    /// The same run with a user's participant on its own node (see [`crate::custom`]).
-    pub fn with_custom(mut self, custom: crate::custom::CustomNode) -> RunConfig {
-        self.custom = Some(custom);
-        self
-    }
-
-    pub fn plan_shape(&self) -> PlanShape {
-        let mut faulty_nodes = crate::plan::FAULTY_NODES.to_vec();
-        if self.custom.is_some() {
-            faulty_nodes.push(crate::world::CUSTOM as u8);
-        }
-        PlanShape {
-            chaos_ms: self.chaos_ms,
-            faulty_nodes,
-            messages_max: self.scenario.messages_estimate(),
-        }
-    }
-}
 
 /// The plan a seed draws for this configuration.
 pub fn plan_for(seed: u64, cfg: &RunConfig) -> FaultPlan {

@@ -8,16 +8,16 @@
 //! latencies from the madsim seed, faults from the [`FaultPlan`], workload from
 //! the scenario. Nothing reads the wall clock or an OS random source.
 
-use crate::Bug;
 use crate::check::{BrokerSnapshot, Checker, Snapshot, Spec, Violation};
-use crate::history::Event;
 use crate::clock::Skew;
+pub use crate::config::{ATTEMPTS_MAX_DEFAULT, RunConfig, SUBSCRIPTION_GRACE, broker_config};
 use crate::event::{EventLog, Fate, Seq, What};
-use crate::participants::{self, SimParticipant};
+use crate::history::Event;
+use crate::participants::{self, Built, SimParticipant, host};
 use crate::plan::{Fault, FaultPlan, PlanIndex};
-pub use crate::topology::{BROKER, CUSTOM, NODES, ORDER, PAYMENT, STOCK, WORKLOAD, notify_url};
+use crate::scenario::Workload;
 use crate::topology::node_of_url;
-use crate::scenario::{Scenario, Workload};
+pub use crate::topology::{BROKER, CUSTOM, NODES, ORDER, PAYMENT, STOCK, WORKLOAD, notify_url};
 use crate::trace::Trace;
 use crate::wire::Wire;
 use madsim::net::{Endpoint, NetSim};
@@ -42,20 +42,6 @@ const TAG: u64 = 7;
 const SYNC_LATENCY: Duration = Duration::from_micros(500);
 /// How long a torn-write crash waits for its node to start a write.
 const TORN_WAIT_MAX: Duration = Duration::from_millis(500);
-
-#[derive(Clone, Debug)]
-pub struct RunConfig {
-    pub scenario: Scenario,
-    pub bug: Option<Bug>,
-    /// Record the canonical trace (costs time; sweeps leave it off).
-    pub trace: bool,
-    /// Length of the chaos phase (faults on), simulated.
-    pub chaos_ms: u32,
-    /// After healing, every order must be terminal and every delivery settled within this.
-    pub heal_ms_max: u32,
-    /// A user-written participant on its own node, under the same faults.
-    pub custom: Option<crate::custom::CustomNode>,
-}
 
 /// What one seed's run produced.
 #[derive(Debug, Default)]
@@ -169,35 +155,6 @@ fn node_of(a: SocketAddr) -> Option<usize> {
     (0..NODES.len()).find(|&i| addr(i).ip() == a.ip())
 }
 
-
-/// Callback attempts per message unless the plan draws a shorter budget.
-pub const ATTEMPTS_MAX_DEFAULT: u32 = 12;
-/// How long an expired subscription is still entitled (longer than any outage
-/// the chaos phase can cause, so a lapse loses nothing).
-pub const SUBSCRIPTION_GRACE: Duration = Duration::from_secs(60);
-
-/// Simulator-tuned broker bounds: short timers so a run settles in simulated seconds.
-/// The profile's retry budget and small bounds, when it draws them, apply on top.
-pub fn broker_config(profile: &crate::plan::FaultProfile) -> BrokerConfig {
-    let mut c = BrokerConfig {
-        callback_timeout: Duration::from_millis(300),
-        retry_backoff_initial: Duration::from_millis(20),
-        retry_backoff_max: Duration::from_millis(500),
-        attempts_max: profile.attempts_max.unwrap_or(ATTEMPTS_MAX_DEFAULT).max(1),
-        subscription_grace: SUBSCRIPTION_GRACE,
-        compact_garbage_records_min: 256,
-        ..BrokerConfig::default()
-    };
-    if let Some(b) = profile.bounds {
-        c.pending_per_subscriber_max = b.pending_per_subscriber_max.max(1) as usize;
-        c.messages_max = b.messages_max.max(1) as usize;
-        c.publishes_unsynced_max = b.publishes_unsynced_max.max(1) as usize;
-        c.inflight_per_subscriber_max = b.inflight_per_subscriber_max.max(1) as usize;
-        c.compact_garbage_records_min = u64::from(b.compact_garbage_records_min);
-    }
-    c
-}
-
 /// Runs one seed under `plan` and judges it.
 pub fn run(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> RunResult {
     let mut net = madsim::Config::default();
@@ -226,6 +183,17 @@ pub fn run(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> RunResult {
 
 /// The run itself, inside a madsim runtime (exposed for madsim's determinism checker).
 pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
+    let (world, torn_rx) = setup(seed, &plan, &cfg);
+    let nodes = spawn_nodes(&world);
+    madsim::task::spawn(monitor(world.clone()));
+    let down = chaos_phase(&world, &plan, &cfg, &nodes, &torn_rx).await;
+    heal_phase(&world, &plan, &cfg, &nodes, down).await;
+    finish(&world, seed)
+}
+
+/// The shared world of one run: clocks, disks, the plan's index, the checker,
+/// the workload; the plan printed at the top of the trace.
+fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel::Receiver<usize>) {
     let mut skews = [Skew::default(); NODES.len()];
     let mut faults = BTreeMap::new();
     for f in &plan.faults {
@@ -293,6 +261,11 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         });
     }
 
+    (world, torn_rx)
+}
+
+/// One madsim node per entry of `NODES`, each running [`node_main`].
+fn spawn_nodes(world: &World) -> Vec<NodeHandle> {
     let handle = Handle::current();
     let nodes: Vec<NodeHandle> = (0..NODES.len())
         .map(|i| {
@@ -305,9 +278,18 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                 .build()
         })
         .collect();
+    nodes
+}
 
-    madsim::task::spawn(monitor(world.clone()));
-    // The chaos phase: scheduled faults in time order.
+/// The chaos phase: the plan's partitions and crashes in time order. Returns
+/// which nodes are still down at its end.
+async fn chaos_phase(
+    world: &World,
+    plan: &FaultPlan,
+    cfg: &RunConfig,
+    nodes: &[NodeHandle],
+    torn_rx: &async_channel::Receiver<usize>,
+) -> [bool; NODES.len()] {
     let mut events: Vec<(u32, usize, bool)> = Vec::new(); // (at_ms, fault index, is_end)
     for (k, f) in plan.faults.iter().enumerate() {
         match *f {
@@ -323,51 +305,11 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
         }
     }
     events.sort();
-    let net = NetSim::current();
     let mut down = [false; NODES.len()];
     for (at_ms, k, is_end) in events {
-        sleep_until_ms(&world, u64::from(at_ms)).await;
+        sleep_until_ms(world, u64::from(at_ms)).await;
         match plan.faults[k] {
-            Fault::Partition { a, b, .. } => {
-                let a = usize::from(a);
-                let links: Vec<(usize, usize)> = match b {
-                    Some(b) => vec![(a, usize::from(b))],
-                    None => (0..NODES.len())
-                        .filter(|&j| j != a && j != WORKLOAD)
-                        .map(|j| (a, j))
-                        .collect(),
-                };
-                for (x, y) in links {
-                    if is_end {
-                        net.unclog_link(nodes[x].id(), nodes[y].id());
-                        net.unclog_link(nodes[y].id(), nodes[x].id());
-                    } else {
-                        net.clog_link(nodes[x].id(), nodes[y].id());
-                        net.clog_link(nodes[y].id(), nodes[x].id());
-                    }
-                }
-                let mut s = lock(&world);
-                if !is_end {
-                    s.fired("partition");
-                }
-                let f = plan.faults[k].clone();
-                let b = b.map(usize::from);
-                s.event(|| {
-                    let text = f.to_string();
-                    if is_end {
-                        What::PartitionHeal { id: k, a, b, text }
-                    } else {
-                        What::PartitionStart { id: k, a, b, text }
-                    }
-                });
-                s.line(a, || {
-                    if is_end {
-                        format!("heal: {f}")
-                    } else {
-                        format!("fault: {f}")
-                    }
-                });
-            }
+            Fault::Partition { a, b, .. } => partition(world, plan, nodes, k, a, b, is_end),
             Fault::Crash {
                 node, torn_keep, tail, ..
             } => {
@@ -376,31 +318,79 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
                     if torn_keep.is_some() {
                         // A torn write needs a write in flight: wait (bounded) for the
                         // node to start one, then crash right after that step, before the sync.
-                        lock(&world).torn_armed[n] = true;
+                        lock(world).torn_armed[n] = true;
                         let within = madsim::time::Instant::now() + TORN_WAIT_MAX;
-                        while let Some(ready) = recv_until(&torn_rx, Some(within)).await {
+                        while let Some(ready) = recv_until(torn_rx, Some(within)).await {
                             if ready == n {
                                 break;
                             }
                         }
-                        lock(&world).torn_armed[n] = false;
+                        lock(world).torn_armed[n] = false;
                     }
-                    crash(&world, &handle, &nodes, n, torn_keep, tail);
+                    crash(world, &Handle::current(), nodes, n, torn_keep, tail);
                     down[n] = true;
                 } else if is_end && down[n] {
-                    restart(&world, &handle, &nodes, n);
+                    restart(world, &Handle::current(), nodes, n);
                     down[n] = false;
                 }
             }
             _ => {}
         }
     }
-    sleep_until_ms(&world, u64::from(cfg.chaos_ms)).await;
+    sleep_until_ms(world, u64::from(cfg.chaos_ms)).await;
+    down
+}
 
-    // The heal phase: faults off, links healed, crashed nodes restarted,
-    // dead letters redriven by the operator; then liveness is required.
+/// Cuts (or, `is_end`, heals) partition fault `k` between `a` and `b` (None: everyone).
+fn partition(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, a: u8, b: Option<u8>, is_end: bool) {
+    let net = NetSim::current();
+    let a = usize::from(a);
+    let links: Vec<(usize, usize)> = match b {
+        Some(b) => vec![(a, usize::from(b))],
+        None => (0..NODES.len())
+            .filter(|&j| j != a && j != WORKLOAD)
+            .map(|j| (a, j))
+            .collect(),
+    };
+    for (x, y) in links {
+        if is_end {
+            net.unclog_link(nodes[x].id(), nodes[y].id());
+            net.unclog_link(nodes[y].id(), nodes[x].id());
+        } else {
+            net.clog_link(nodes[x].id(), nodes[y].id());
+            net.clog_link(nodes[y].id(), nodes[x].id());
+        }
+    }
+    let mut s = lock(world);
+    if !is_end {
+        s.fired("partition");
+    }
+    let f = plan.faults[k].clone();
+    let b = b.map(usize::from);
+    s.event(|| {
+        let text = f.to_string();
+        if is_end {
+            What::PartitionHeal { id: k, a, b, text }
+        } else {
+            What::PartitionStart { id: k, a, b, text }
+        }
+    });
+    s.line(a, || {
+        if is_end {
+            format!("heal: {f}")
+        } else {
+            format!("fault: {f}")
+        }
+    });
+}
+
+/// The heal phase: faults off, links healed, crashed nodes restarted, dead
+/// letters redriven by the operator; then liveness is required.
+async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[NodeHandle], down: [bool; NODES.len()]) {
+    let handle = Handle::current();
+    let net = NetSim::current();
     {
-        let mut s = lock(&world);
+        let mut s = lock(world);
         s.chaos = false;
         s.event(|| What::HealPhase);
         s.line(BROKER, || {
@@ -418,7 +408,7 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     }
     for (n, was_down) in down.iter().enumerate() {
         if *was_down {
-            restart(&world, &handle, &nodes, n);
+            restart(world, &handle, nodes, n);
         }
     }
     // Orders are judged once everything settles, or at the liveness bound. A
@@ -428,12 +418,16 @@ pub async fn simulate(seed: u64, plan: FaultPlan, cfg: RunConfig) -> RunResult {
     let slow_operator = plan.faults.contains(&Fault::SlowOperator);
     let heal_ms = u64::from(cfg.chaos_ms);
     let mut t_ms = heal_ms;
-    settle(&world, &mut t_ms, heal_ms + u64::from(cfg.heal_ms_max), !slow_operator).await;
-    if slow_operator && late_redrive_due(&mut lock(&world)) {
+    settle(world, &mut t_ms, heal_ms + u64::from(cfg.heal_ms_max), !slow_operator).await;
+    if slow_operator && late_redrive_due(&mut lock(world)) {
         let verdict_ms = t_ms;
-        settle(&world, &mut t_ms, verdict_ms + u64::from(cfg.heal_ms_max), true).await;
+        settle(world, &mut t_ms, verdict_ms + u64::from(cfg.heal_ms_max), true).await;
     }
-    let mut s = lock(&world);
+}
+
+/// Final judgement, the trace's ending and the run's result; frees the machines.
+fn finish(world: &World, seed: u64) -> RunResult {
+    let mut s = lock(world);
     let sim_ms = s.elapsed_ns() / 1_000_000;
     judge_safety(&mut s, sim_ms);
     judge_liveness(&mut s, sim_ms);
@@ -683,6 +677,30 @@ fn crash(
     });
 }
 
+/// Builds node `node`'s participant from its disk image (empty: a fresh start):
+/// the shipped participant, a planted bug's variant, or the user's own.
+/// Returns the participant, the valid log length and the number of records replayed.
+fn build_participant(s: &Shared, node: usize, image: &[u8]) -> Built {
+    let custom = s.cfg.custom.as_ref().map(|c| c.client_id());
+    let config = participants::host_config(node, s.seed, custom, s.subscription_ttl);
+    let def = &s.def;
+    if let Some(bug) = s.cfg.bug
+        && let Some(planted) = crate::bugs::build(bug, node, def, config.clone(), image)
+    {
+        return planted;
+    }
+    match node {
+        CUSTOM => match &s.cfg.custom {
+            Some(custom) => custom.build(config, image),
+            None => Err("no custom participant configured".to_string()),
+        },
+        ORDER => host(def.order_participant(), config, image),
+        STOCK => host(def.stock_participant(), config, image),
+        PAYMENT => host(def.payment_participant(), config, image),
+        _ => Err(format!("node {node} runs no participant")),
+    }
+}
+
 /// Node `i`'s recovery run on `image` (not installed): the records it
 /// replayed, or why it refused.
 fn recover_copy(s: &Shared, i: usize, image: &[u8]) -> Result<u64, String> {
@@ -691,7 +709,7 @@ fn recover_copy(s: &Shared, i: usize, image: &[u8]) -> Result<u64, String> {
             .map(|(_, r)| r.records)
             .map_err(|e| e.to_string())
     } else {
-        participants::build(i, &s.cfg, &s.def, s.seed, s.subscription_ttl, image).map(|(_, _, records)| records)
+        build_participant(s, i, image).map(|(_, _, records)| records)
     }
 }
 
@@ -723,13 +741,21 @@ fn probe_recovery(s: &mut Shared, n: usize) {
         Ok(records) => Some(format!(
             "{} recovered {records} of {frames} records from its log with bit {bit} flipped at byte {offset}{}: acknowledged records after the damage were cut instead of refused",
             NODES[n],
-            if in_last { " (in the last record)" } else { " (before the last record)" }
+            if in_last {
+                " (in the last record)"
+            } else {
+                " (before the last record)"
+            }
         )),
     };
     s.line(n, || {
         format!(
             "probe: recovery of a copy with bit {bit} flipped at byte {offset} of {valid}: {}",
-            if wrong.is_some() { "ACCEPTED damage" } else { "refused or cut only the last record" }
+            if wrong.is_some() {
+                "ACCEPTED damage"
+            } else {
+                "refused or cut only the last record"
+            }
         )
     });
     if let Some(detail) = wrong {
@@ -909,10 +935,13 @@ async fn node_main(world: World, i: usize) {
                         };
                         let before = dead(b);
                         let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
-                        b.handle(now, BrokerInput::Redrive {
-                            req,
-                            client: client.clone(),
-                        });
+                        b.handle(
+                            now,
+                            BrokerInput::Redrive {
+                                req,
+                                client: client.clone(),
+                            },
+                        );
                         let after = dead(b);
                         let moved: Vec<sagamq::MsgId> = before.iter().filter(|m| !after.contains(m)).copied().collect();
                         s.observe(Event::Redrive {
@@ -971,8 +1000,7 @@ fn boot(world: &World, i: usize) -> bool {
                 .map_err(|e| e.to_string())
         }
     } else {
-        participants::build(i, &s.cfg, &s.def, s.seed, s.subscription_ttl, &image)
-            .map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
+        build_participant(&s, i, &image).map(|(p, valid_len, records)| (Slot::Participant(p), valid_len, records))
     };
     match result {
         Ok((slot, valid_len, records)) => {
@@ -1064,7 +1092,10 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                 id,
                 (
                     src,
-                    Pending::Publish { req, key: publish.key() },
+                    Pending::Publish {
+                        req,
+                        key: publish.key(),
+                    },
                 ),
             );
             if s.check.lapsed(&publish.topic, now) > 0 {
@@ -1145,7 +1176,10 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                 });
                 return;
             }
-            s.observe(Event::CallbackReceived { node: i, message: &message });
+            s.observe(Event::CallbackReceived {
+                node: i,
+                message: &message,
+            });
             let Slot::Participant(p) = &mut s.slots[i] else {
                 unreachable!("matched a participant")
             };
@@ -1202,13 +1236,26 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     }
                     BrokerOutput::Reply { req, reply } => match drv.requests.remove(&req) {
                         Some((src, Pending::Publish { req, key })) => {
-                            check.observe(t / 1_000_000, Event::PublishAnswered { key: &key, reply: &reply });
+                            check.observe(
+                                t / 1_000_000,
+                                Event::PublishAnswered {
+                                    key: &key,
+                                    reply: &reply,
+                                },
+                            );
                             drv.outgoing.push((src, Wire::PublishReply { req, reply }));
                         }
                         Some((src, Pending::Subscribe { topic, client })) => {
                             if let Reply::Subscribed { expire_time } = reply {
                                 let until = expire_time;
-                                check.observe(t / 1_000_000, Event::Subscribed { client: &client, topic: &topic, until });
+                                check.observe(
+                                    t / 1_000_000,
+                                    Event::Subscribed {
+                                        client: &client,
+                                        topic: &topic,
+                                        until,
+                                    },
+                                );
                             }
                             drv.outgoing.push((src, Wire::SubscribeReply { topic, reply }));
                         }
@@ -1241,7 +1288,13 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         wrote = true;
                     }
                     ParticipantOutput::Publish { outbox, publish } => {
-                        check.observe(t / 1_000_000, Event::Emitted { node: i, publish: &publish });
+                        check.observe(
+                            t / 1_000_000,
+                            Event::Emitted {
+                                node: i,
+                                publish: &publish,
+                            },
+                        );
                         drv.outgoing.push((BROKER, Wire::Publish { req: outbox.0, publish }));
                     }
                     ParticipantOutput::Subscribe(subscribe) => {
@@ -1268,7 +1321,14 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         if let Some((delivery, key)) = drv.callbacks.remove(&token) {
                             if ok {
                                 let client = crate::topology::client_of(i, cfg.custom.as_ref().map(|c| c.client_id()));
-                                check.observe(t / 1_000_000, Event::Processed { node: i, client: &client, key: &key });
+                                check.observe(
+                                    t / 1_000_000,
+                                    Event::Processed {
+                                        node: i,
+                                        client: &client,
+                                        key: &key,
+                                    },
+                                );
                                 s.deliveries += 1;
                             }
                             drv.outgoing.push((BROKER, Wire::CallbackAnswer { delivery, ok }));

@@ -13,8 +13,7 @@ use sagamq_sim::topology::{ORDER, PAYMENT, STOCK};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-const ORDER_JSON: &str =
-    r#"{"OrderID":"o1","CustomerID":"c1","ProductID":"p1","Quantity":2,"Price":10,"Amount":20}"#;
+const ORDER_JSON: &str = r#"{"OrderID":"o1","CustomerID":"c1","ProductID":"p1","Quantity":2,"Price":10,"Amount":20}"#;
 
 fn spec() -> Spec {
     Spec {
@@ -76,18 +75,54 @@ fn subscribed() -> Checker {
     let (client, topic) = (ClientId::lit(t::STOCK_SERVICE), Topic::lit(t::SALE_ORDER_CREATED));
     let expire = Time::from_millis(10_000);
     let now = Time::from_millis(1);
-    c.observe(1, Event::SubscribeReceived { client: &client, topic: &topic, expire, now });
-    c.observe(2, Event::Subscribed { client: &client, topic: &topic, until: expire });
+    c.observe(
+        1,
+        Event::SubscribeReceived {
+            client: &client,
+            topic: &topic,
+            expire,
+            now,
+        },
+    );
+    c.observe(
+        2,
+        Event::Subscribed {
+            client: &client,
+            topic: &topic,
+            until: expire,
+        },
+    );
     c
 }
 
 /// The order's `created` for o1, emitted, received, acknowledged as msg#1.
 fn created(c: &mut Checker) -> Message {
     let p = publish("o1.created", t::SALE_ORDER_CREATED, ORDER_JSON, t::ORDER_SERVICE);
-    c.observe(10, Event::Emitted { node: ORDER, publish: &p });
-    c.observe(11, Event::PublishReceived { publish: &p, now: Time::from_millis(11) });
-    let reply = Reply::Published { msg_id: MsgId(1), duplicate: false };
-    c.observe(12, Event::PublishAnswered { key: &p.key(), reply: &reply });
+    c.observe(
+        10,
+        Event::Emitted {
+            node: ORDER,
+            publish: &p,
+        },
+    );
+    c.observe(
+        11,
+        Event::PublishReceived {
+            publish: &p,
+            now: Time::from_millis(11),
+        },
+    );
+    let reply = Reply::Published {
+        msg_id: MsgId(1),
+        duplicate: false,
+    };
+    c.observe(
+        12,
+        Event::PublishAnswered {
+            key: &p.key(),
+            reply: &reply,
+        },
+    );
     message(&p, 1)
 }
 
@@ -99,9 +134,22 @@ fn first(c: &Checker) -> Option<&'static str> {
 fn a_clean_delivery_passes() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(13) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
     let stock = ClientId::lit(t::STOCK_SERVICE);
-    c.observe(14, Event::Processed { node: STOCK, client: &stock, key: &m.key() });
+    c.observe(
+        14,
+        Event::Processed {
+            node: STOCK,
+            client: &stock,
+            key: &m.key(),
+        },
+    );
     assert_eq!(c.violations(), &[]);
 }
 
@@ -110,8 +158,17 @@ fn dedup_one_message_id_for_two_keys() {
     let mut c = subscribed();
     created(&mut c);
     let other = publish("o1.release", t::STOCK_RELEASE, ORDER_JSON, t::ORDER_SERVICE);
-    let reply = Reply::Published { msg_id: MsgId(1), duplicate: true };
-    c.observe(20, Event::PublishAnswered { key: &other.key(), reply: &reply });
+    let reply = Reply::Published {
+        msg_id: MsgId(1),
+        duplicate: true,
+    };
+    c.observe(
+        20,
+        Event::PublishAnswered {
+            key: &other.key(),
+            reply: &reply,
+        },
+    );
     assert_eq!(first(&c), Some("dedup"));
 }
 
@@ -119,8 +176,17 @@ fn dedup_one_message_id_for_two_keys() {
 fn dedup_one_key_two_message_ids() {
     let mut c = subscribed();
     let m = created(&mut c);
-    let reply = Reply::Published { msg_id: MsgId(2), duplicate: false };
-    c.observe(20, Event::PublishAnswered { key: &m.key(), reply: &reply });
+    let reply = Reply::Published {
+        msg_id: MsgId(2),
+        duplicate: false,
+    };
+    c.observe(
+        20,
+        Event::PublishAnswered {
+            key: &m.key(),
+            reply: &reply,
+        },
+    );
     assert_eq!(first(&c), Some("dedup"));
 }
 
@@ -129,7 +195,13 @@ fn fidelity_content_changed_in_delivery() {
     let mut c = subscribed();
     let mut m = created(&mut c);
     m.content = "{}".into();
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(13) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
     assert_eq!(first(&c), Some("fidelity"));
 }
 
@@ -137,7 +209,13 @@ fn fidelity_content_changed_in_delivery() {
 fn fidelity_a_message_nobody_published() {
     let mut c = subscribed();
     let p = publish("o1.ghost", t::SALE_ORDER_CREATED, ORDER_JSON, t::ORDER_SERVICE);
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &message(&p, 9), 1), now: Time::from_millis(13) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &message(&p, 9), 1),
+            now: Time::from_millis(13),
+        },
+    );
     assert_eq!(first(&c), Some("fidelity"));
     assert_eq!(c.account().unexpected, 1);
 }
@@ -146,7 +224,13 @@ fn fidelity_a_message_nobody_published() {
 fn entitlement_a_client_that_never_subscribed() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(13, Event::CallbackSent { callback: &callback(t::PAYMENT_SERVICE, &m, 1), now: Time::from_millis(13) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::PAYMENT_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
     assert_eq!(first(&c), Some("entitlement"));
 }
 
@@ -154,9 +238,27 @@ fn entitlement_a_client_that_never_subscribed() {
 fn redelivery_after_the_broker_got_its_2xx() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(13) });
-    c.observe(14, Event::AnswerReceived { delivery: DeliveryId(1), ok: true });
-    c.observe(15, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 2), now: Time::from_millis(15) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
+    c.observe(
+        14,
+        Event::AnswerReceived {
+            delivery: DeliveryId(1),
+            ok: true,
+        },
+    );
+    c.observe(
+        15,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 2),
+            now: Time::from_millis(15),
+        },
+    );
     assert_eq!(first(&c), Some("redelivery"));
 }
 
@@ -164,11 +266,36 @@ fn redelivery_after_the_broker_got_its_2xx() {
 fn redelivery_after_a_broker_crash_is_fine() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(13) });
-    c.observe(14, Event::AnswerReceived { delivery: DeliveryId(1), ok: true });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
+    c.observe(
+        14,
+        Event::AnswerReceived {
+            delivery: DeliveryId(1),
+            ok: true,
+        },
+    );
     c.observe(15, Event::Crashed { node: 0 });
-    c.observe(16, Event::Booted { node: 0, records: 3, torn_bytes: 0 });
-    c.observe(17, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 2), now: Time::from_millis(17) });
+    c.observe(
+        16,
+        Event::Booted {
+            node: 0,
+            records: 3,
+            torn_bytes: 0,
+        },
+    );
+    c.observe(
+        17,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 2),
+            now: Time::from_millis(17),
+        },
+    );
     assert_eq!(c.violations(), &[]);
 }
 
@@ -178,21 +305,60 @@ fn delivery_order_skips_an_older_stored_message() {
     let older = created(&mut c);
     let mut newer = publish("o1.again", t::SALE_ORDER_CREATED, ORDER_JSON, t::ORDER_SERVICE);
     newer.create_time = 2_000;
-    c.observe(20, Event::PublishReceived { publish: &newer, now: Time::from_millis(20) });
-    let reply = Reply::Published { msg_id: MsgId(2), duplicate: false };
-    c.observe(21, Event::PublishAnswered { key: &newer.key(), reply: &reply });
+    c.observe(
+        20,
+        Event::PublishReceived {
+            publish: &newer,
+            now: Time::from_millis(20),
+        },
+    );
+    let reply = Reply::Published {
+        msg_id: MsgId(2),
+        duplicate: false,
+    };
+    c.observe(
+        21,
+        Event::PublishAnswered {
+            key: &newer.key(),
+            reply: &reply,
+        },
+    );
     let m = message(&newer, 2);
-    c.observe(22, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(22) });
-    assert_eq!(first(&c), Some("delivery-order"), "{} should have gone first", older.msg_id);
+    c.observe(
+        22,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(22),
+        },
+    );
+    assert_eq!(
+        first(&c),
+        Some("delivery-order"),
+        "{} should have gone first",
+        older.msg_id
+    );
 }
 
 #[test]
 fn dead_letter_before_the_budget() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(13) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
     let stock = ClientId::lit(t::STOCK_SERVICE);
-    c.observe(20, Event::Redrive { client: &stock, dead: &[MsgId(1)], moved: &[MsgId(1)] });
+    c.observe(
+        20,
+        Event::Redrive {
+            client: &stock,
+            dead: &[MsgId(1)],
+            moved: &[MsgId(1)],
+        },
+    );
     assert_eq!(first(&c), Some("dead-letter"));
 }
 
@@ -201,7 +367,13 @@ fn request_content_names_the_wrong_product() {
     let mut c = subscribed();
     let wrong = ORDER_JSON.replace("p1", "p2");
     let p = publish("o1.created", t::SALE_ORDER_CREATED, &wrong, t::ORDER_SERVICE);
-    c.observe(10, Event::Emitted { node: ORDER, publish: &p });
+    c.observe(
+        10,
+        Event::Emitted {
+            node: ORDER,
+            publish: &p,
+        },
+    );
     assert_eq!(first(&c), Some("request-content"));
 }
 
@@ -209,7 +381,13 @@ fn request_content_names_the_wrong_product() {
 fn decision_stock_refuses_with_stock_on_the_shelf() {
     let mut c = subscribed();
     let p = publish("o1.outbound", t::STOCK_OUTBOUND, "0", t::STOCK_SERVICE);
-    c.observe(10, Event::Emitted { node: STOCK, publish: &p });
+    c.observe(
+        10,
+        Event::Emitted {
+            node: STOCK,
+            publish: &p,
+        },
+    );
     assert_eq!(first(&c), Some("decision"));
 }
 
@@ -219,7 +397,13 @@ fn decision_payment_charges_more_than_the_balance() {
     s.balances.insert("c1".into(), 5);
     let mut c = Checker::new(s);
     let p = publish("o1.payment", t::PAYMENT_RESULT, "1", t::PAYMENT_SERVICE);
-    c.observe(10, Event::Emitted { node: PAYMENT, publish: &p });
+    c.observe(
+        10,
+        Event::Emitted {
+            node: PAYMENT,
+            publish: &p,
+        },
+    );
     assert_eq!(first(&c), Some("decision"));
 }
 
@@ -228,8 +412,20 @@ fn one_answer_a_redelivery_changes_the_decision() {
     let mut c = subscribed();
     let yes = publish("o1.outbound", t::STOCK_OUTBOUND, "1", t::STOCK_SERVICE);
     let no = publish("o1.outbound", t::STOCK_OUTBOUND, "0", t::STOCK_SERVICE);
-    c.observe(10, Event::Emitted { node: STOCK, publish: &yes });
-    c.observe(20, Event::Emitted { node: STOCK, publish: &no });
+    c.observe(
+        10,
+        Event::Emitted {
+            node: STOCK,
+            publish: &yes,
+        },
+    );
+    c.observe(
+        20,
+        Event::Emitted {
+            node: STOCK,
+            publish: &no,
+        },
+    );
     assert_eq!(first(&c), Some("one-answer"));
 }
 
@@ -237,12 +433,31 @@ fn one_answer_a_redelivery_changes_the_decision() {
 fn saga_progress_an_order_that_waited_for_nothing() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(13) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
     let stock = ClientId::lit(t::STOCK_SERVICE);
-    c.observe(14, Event::Processed { node: STOCK, client: &stock, key: &m.key() });
+    c.observe(
+        14,
+        Event::Processed {
+            node: STOCK,
+            client: &stock,
+            key: &m.key(),
+        },
+    );
     // Nothing of o1 in flight from t=14 ms; the order gives up at 5 s.
     let release = publish("o1.release", t::STOCK_RELEASE, ORDER_JSON, t::ORDER_SERVICE);
-    c.observe(5_000, Event::Emitted { node: ORDER, publish: &release });
+    c.observe(
+        5_000,
+        Event::Emitted {
+            node: ORDER,
+            publish: &release,
+        },
+    );
     assert_eq!(first(&c), Some("saga-progress"));
 }
 
@@ -251,9 +466,21 @@ fn saga_progress_an_order_waiting_on_a_queued_reply_may_give_up() {
     let mut c = subscribed();
     let m = created(&mut c);
     // Stock never processed it: it is still owed, so the deadline is legitimate.
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(13) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
     let release = publish("o1.release", t::STOCK_RELEASE, ORDER_JSON, t::ORDER_SERVICE);
-    c.observe(5_000, Event::Emitted { node: ORDER, publish: &release });
+    c.observe(
+        5_000,
+        Event::Emitted {
+            node: ORDER,
+            publish: &release,
+        },
+    );
     assert_eq!(c.violations(), &[]);
 }
 
@@ -261,7 +488,13 @@ fn saga_progress_an_order_waiting_on_a_queued_reply_may_give_up() {
 fn progress_a_queue_the_broker_stopped_serving() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(13, Event::CallbackSent { callback: &callback(t::STOCK_SERVICE, &m, 1), now: Time::from_millis(13) });
+    c.observe(
+        13,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 1),
+            now: Time::from_millis(13),
+        },
+    );
     let broker = BrokerSnapshot {
         now: Time::from_millis(100),
         queued: BTreeMap::from([(ClientId::lit(t::STOCK_SERVICE), 1)]),
@@ -291,7 +524,13 @@ fn judge_end(c: &mut Checker, views: Vec<(usize, View)>) {
 fn no_lost_request_a_committed_publish_never_acknowledged() {
     let mut c = subscribed();
     let p = publish("o1.created", t::SALE_ORDER_CREATED, ORDER_JSON, t::ORDER_SERVICE);
-    c.observe(10, Event::Emitted { node: ORDER, publish: &p });
+    c.observe(
+        10,
+        Event::Emitted {
+            node: ORDER,
+            publish: &p,
+        },
+    );
     judge_end(&mut c, vec![]);
     assert_eq!(first(&c), Some("no-lost-request"));
 }

@@ -31,7 +31,12 @@ fn saga_sweep_passes_and_every_fault_kind_fires() {
             s.silent_fault_kinds()
         );
         // Antithesis' `sometimes`: every named path must have happened.
-        assert!(s.uncovered().is_empty(), "paths never reached: {:?}\n{}", s.uncovered(), s.human());
+        assert!(
+            s.uncovered().is_empty(),
+            "paths never reached: {:?}\n{}",
+            s.uncovered(),
+            s.human()
+        );
     }
     // Outcomes, not only the absence of contradictions: orders complete, and
     // every terminal state occurs (a sweep where nothing completes is a failure).
@@ -43,7 +48,11 @@ fn saga_sweep_passes_and_every_fault_kind_fires() {
         );
     }
     let completed = s.outcomes.get("Completed").copied().unwrap_or(0);
-    assert!(completed * 5 >= s.orders, "only {completed} of {} orders completed", s.orders);
+    assert!(
+        completed * 5 >= s.orders,
+        "only {completed} of {} orders completed",
+        s.orders
+    );
     assert_eq!(s.orders, 8 * s.seeds, "every order was created");
     assert_eq!(s.panics, 0);
 }

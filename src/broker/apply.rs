@@ -213,7 +213,9 @@ impl Broker {
         let dead = if count >= q.dead.len() {
             std::mem::take(&mut q.dead)
         } else {
-            let rest = q.dead.split_off(&q.dead.iter().nth(count).copied().expect("count < len"));
+            let rest = q
+                .dead
+                .split_off(&q.dead.iter().nth(count).copied().expect("count < len"));
             std::mem::replace(&mut q.dead, rest)
         };
         self.dead_total -= dead.len();

@@ -7,8 +7,8 @@
 //! **Invariant:** with a flaw the wrapper changes only the one thing the flaw
 //! names; everything else reaches the host and the driver unchanged.
 
-use crate::view::View;
 use crate::participants::SimParticipant;
+use crate::view::View;
 use sagamq::log::{decode_frames, encode_frame};
 use sagamq::machine::Machine;
 use sagamq::saga::{CallbackToken, HostRecord, Participant, ParticipantHost, ParticipantInput, ParticipantOutput};

@@ -8,8 +8,8 @@
 //! **Invariant:** with every guard on, [`LedgerStock`] decides exactly as the
 //! shipped stock does (the `correct_ledger_stock_passes` test holds it to that).
 
-use crate::view::{PaymentEffects, StockEffects, View};
 use crate::participants::{Observed, by_name};
+use crate::view::{PaymentEffects, StockEffects, View};
 use sagamq::saga::{
     CancelledBody, CustomerId, Decision, OrderBody, Outgoing, Participant, PaymentBody, ProductId, ReleasedBody,
     attempt_of, attempt_sub_id, topics,

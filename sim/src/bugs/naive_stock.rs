@@ -8,8 +8,8 @@
 //! The per-order ledger exists only so the checker can see what it did; it is
 //! memory too and is lost with the rest.
 
-use crate::view::{StockEffects, View};
 use crate::participants::SimParticipant;
+use crate::view::{StockEffects, View};
 use sagamq::machine::Machine;
 use sagamq::saga::{
     CommandOutcome, HostConfig, OrderBody, OutboxId, ParticipantInput, ParticipantOutput, ProductId, ReleasedBody,

@@ -1,0 +1,83 @@
+//! What a run is configured with, below the world: the scenario, a planted
+//! bug, a user's participant, the phases' lengths, and the simulator's broker
+//! settings (with what a seed's profile draws on top).
+
+use crate::Bug;
+use crate::custom::CustomNode;
+use crate::plan::{FaultProfile, PlanShape};
+use crate::scenario::Scenario;
+use sagamq::broker::BrokerConfig;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub scenario: Scenario,
+    pub bug: Option<Bug>,
+    /// Record the canonical trace (costs time; sweeps leave it off).
+    pub trace: bool,
+    /// Length of the chaos phase (faults on), simulated.
+    pub chaos_ms: u32,
+    /// After healing, every order must be terminal and every delivery settled within this.
+    pub heal_ms_max: u32,
+    /// A user-written participant on its own node, under the same faults.
+    pub custom: Option<CustomNode>,
+}
+
+impl RunConfig {
+    pub fn new(scenario: Scenario, bug: Option<Bug>) -> RunConfig {
+        RunConfig {
+            chaos_ms: scenario.chaos_ms(),
+            heal_ms_max: 60_000,
+            scenario,
+            bug,
+            trace: false,
+            custom: None,
+        }
+    }
+
+    /// The same run with a user's participant on its own node (see [`crate::custom`]).
+    pub fn with_custom(mut self, custom: CustomNode) -> RunConfig {
+        self.custom = Some(custom);
+        self
+    }
+
+    pub fn plan_shape(&self) -> PlanShape {
+        let mut faulty_nodes = crate::plan::FAULTY_NODES.to_vec();
+        if self.custom.is_some() {
+            faulty_nodes.push(crate::topology::CUSTOM as u8);
+        }
+        PlanShape {
+            chaos_ms: self.chaos_ms,
+            faulty_nodes,
+            messages_max: self.scenario.messages_estimate(),
+        }
+    }
+}
+
+/// Callback attempts per message unless the plan draws a shorter budget.
+pub const ATTEMPTS_MAX_DEFAULT: u32 = 12;
+/// How long an expired subscription is still entitled (longer than any outage
+/// the chaos phase can cause, so a lapse loses nothing).
+pub const SUBSCRIPTION_GRACE: Duration = Duration::from_secs(60);
+
+/// Simulator-tuned broker bounds: short timers so a run settles in simulated seconds.
+/// The profile's retry budget and small bounds, when it draws them, apply on top.
+pub fn broker_config(profile: &FaultProfile) -> BrokerConfig {
+    let mut c = BrokerConfig {
+        callback_timeout: Duration::from_millis(300),
+        retry_backoff_initial: Duration::from_millis(20),
+        retry_backoff_max: Duration::from_millis(500),
+        attempts_max: profile.attempts_max.unwrap_or(ATTEMPTS_MAX_DEFAULT).max(1),
+        subscription_grace: SUBSCRIPTION_GRACE,
+        compact_garbage_records_min: 256,
+        ..BrokerConfig::default()
+    };
+    if let Some(b) = profile.bounds {
+        c.pending_per_subscriber_max = b.pending_per_subscriber_max.max(1) as usize;
+        c.messages_max = b.messages_max.max(1) as usize;
+        c.publishes_unsynced_max = b.publishes_unsynced_max.max(1) as usize;
+        c.inflight_per_subscriber_max = b.inflight_per_subscriber_max.max(1) as usize;
+        c.compact_garbage_records_min = u64::from(b.compact_garbage_records_min);
+    }
+    c
+}
