@@ -16,13 +16,13 @@
 //! `Compensated` order has had every effect it may have caused undone (stock
 //! released; payment cancelled whenever payment was requested).
 
-use super::content::{ORDER_ID_LEN_MAX, OrderBody, PaymentBody, attempt_sub_id, step, sub_id, to_json};
+use super::content::{ORDER_ID_LEN_MAX, OrderBody, PaymentBody, attempt_of, attempt_sub_id, step, sub_id, to_json};
 use super::ids::{CustomerId, ProductId};
 use super::participant::{Decision, Outgoing, Participant};
 use super::{Command, OrderSpec, topics};
 use crate::types::{GlobalId, Message, Time, Topic};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
@@ -84,6 +84,12 @@ pub struct Compensation {
     pub payment_cancel_confirmed: Option<bool>,
     /// Sends so far of the unconfirmed compensations (1: the first).
     pub attempt: u32,
+    /// When send 1 and send `attempt` were committed: a confirmation that
+    /// names one of them (by its SubID) measures the confirmation delay.
+    #[serde(default)]
+    pub first_sent_at: Time,
+    #[serde(default)]
+    pub sent_at: Time,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,22 +130,47 @@ pub enum OrderChange {
         /// Refused: when to re-send the release if it is not confirmed by then.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resend_at: Option<Time>,
+        /// When the answer was decided (the release's first send, if refused).
+        #[serde(default)]
+        at: Time,
     },
     TimedOut {
         order: GlobalId,
         resend_at: Time,
+        /// When the compensations were first sent.
+        #[serde(default)]
+        at: Time,
     },
-    /// The unconfirmed compensations went out again as send `attempt`.
+    /// The unconfirmed compensations went out again as send `attempt` at `at`.
     CompensationResent {
         order: GlobalId,
         attempt: u32,
         next_at: Time,
+        #[serde(default)]
+        at: Time,
+    },
+    /// The re-send due now waits until `until`: confirmations were observed
+    /// to take longer since it was scheduled (see the module doc).
+    ResendPostponed {
+        order: GlobalId,
+        until: Time,
+    },
+    /// The re-send due now waits for a place among the compensations being
+    /// re-sent ([`COMPENSATIONS_RESENDING_MAX`]).
+    ResendQueued {
+        order: GlobalId,
     },
     ReleaseConfirmed {
         order: GlobalId,
+        /// How long the confirmed send took to be confirmed, when the
+        /// confirmation names the first or the latest send (unambiguous).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delay: Option<Duration>,
     },
     PaymentCancelConfirmed {
         order: GlobalId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delay: Option<Duration>,
     },
 }
 
@@ -153,6 +184,19 @@ pub struct Order {
     orders: BTreeMap<GlobalId, OrderState>,
     /// Index of `OrderState::deadline` for `next_deadline` (derived in `apply`).
     deadlines: BTreeSet<(Time, GlobalId)>,
+    /// The most recent confirmation delays of releases and of payment cancels
+    /// (each queue has its own delay), at most [`CONFIRMATION_DELAYS_KEPT`]
+    /// each (derived in `apply` from the confirmations' changes).
+    delays_release: VecDeque<Duration>,
+    delays_cancel: VecDeque<Duration>,
+    /// Compensating orders with a re-sent copy outstanding (derived), at most
+    /// [`COMPENSATIONS_RESENDING_MAX`].
+    resending: BTreeSet<GlobalId>,
+    /// Compensating orders whose re-send is due but waits for a place in
+    /// `resending`, by due time (derived; their `deadline` is `None`).
+    resend_waiting: BTreeSet<(Time, GlobalId)>,
+    /// `resend_waiting` by order.
+    resend_waiting_due: BTreeMap<GlobalId, Time>,
     orders_max: usize,
 }
 
@@ -160,6 +204,13 @@ pub struct Order {
 pub const COMPENSATION_RESEND_DEFAULT: Duration = Duration::from_secs(10);
 /// Re-send intervals double up to this multiple of the first.
 const RESEND_BACKOFF_FACTOR_MAX: u32 = 8;
+/// A re-send waits at least this multiple of the slowest recent confirmation delay.
+pub const RESEND_DELAY_FACTOR: u32 = 2;
+/// Confirmation delays remembered for the re-send interval (the most recent).
+pub const CONFIRMATION_DELAYS_KEPT: usize = 64;
+/// Compensations being re-sent at once (a congestion window for re-sends): an
+/// overdue compensation past it waits until one of them is confirmed.
+pub const COMPENSATIONS_RESENDING_MAX: usize = 32;
 
 impl Order {
     /// `deadline_after`: how long an order may wait before it cancels (None:
@@ -175,14 +226,39 @@ impl Order {
                 .max(Duration::from_millis(1)),
             orders: BTreeMap::new(),
             deadlines: BTreeSet::new(),
+            delays_release: VecDeque::new(),
+            delays_cancel: VecDeque::new(),
+            resending: BTreeSet::new(),
+            resend_waiting: BTreeSet::new(),
+            resend_waiting_due: BTreeMap::new(),
             orders_max: ORDERS_MAX,
         }
     }
 
-    /// When send `attempt` of a compensation made at `now` is re-sent if unconfirmed.
-    fn resend_at(&self, now: Time, attempt: u32) -> Time {
+    /// The slowest of the recent confirmation delays, releases and payment
+    /// cancels alike (zero before the first).
+    pub fn confirmation_delay_slowest(&self) -> Duration {
+        self.delays_release
+            .iter()
+            .chain(&self.delays_cancel)
+            .max()
+            .copied()
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// How long send `attempt` of a compensation waits for its confirmation
+    /// before it is re-sent: the larger of the configured interval and
+    /// [`RESEND_DELAY_FACTOR`] times the slowest recent confirmation delay,
+    /// doubling per send up to [`RESEND_BACKOFF_FACTOR_MAX`] times that.
+    pub fn resend_interval(&self, attempt: u32) -> Duration {
         let factor = (1u32 << attempt.saturating_sub(1).min(16)).min(RESEND_BACKOFF_FACTOR_MAX);
-        now.plus(self.resend_after.saturating_mul(factor))
+        let observed = self.confirmation_delay_slowest().saturating_mul(RESEND_DELAY_FACTOR);
+        self.resend_after.max(observed).saturating_mul(factor)
+    }
+
+    /// When send `attempt` of a compensation made at `sent` is re-sent if unconfirmed.
+    fn resend_at(&self, sent: Time, attempt: u32) -> Time {
+        sent.plus(self.resend_interval(attempt))
     }
 
     pub fn with_orders_max(mut self, orders_max: usize) -> Order {
@@ -331,6 +407,45 @@ impl Order {
         Decision::change_and_publish(change, created)
     }
 
+    /// How long the send a confirmation answers took to be confirmed, if the
+    /// confirmation's SubID names the first or the latest send (stock and
+    /// payment echo the attempt: `<order>.released.3` answers
+    /// `<order>.release.3`). A confirmation of a send in between is no sample,
+    /// as in Karn's rule for TCP: its send time is not kept. A confirmation
+    /// under a SubID without an attempt counts as answering the first send,
+    /// which can only overstate the delay.
+    fn confirmation_delay(
+        now: Time,
+        order: &GlobalId,
+        c: &Compensation,
+        reply_step: &str,
+        message: &Message,
+    ) -> Option<Duration> {
+        match attempt_of(order, reply_step, &message.sub_id) {
+            1 => Some(now.since(c.first_sent_at)),
+            n if n == c.attempt => Some(now.since(c.sent_at)),
+            _ => None,
+        }
+    }
+
+    /// Bookkeeping once `order` is compensated (from `apply`): it leaves the
+    /// re-send window or its queue; a place it frees in the window goes to the
+    /// longest-waiting re-send, woken at its due time (past: at once).
+    fn compensated(&mut self, order: &GlobalId) {
+        if let Some(due) = self.resend_waiting_due.remove(order) {
+            self.resend_waiting.remove(&(due, order.clone()));
+        }
+        if self.resending.remove(order)
+            && let Some((due, next)) = self.resend_waiting.pop_first()
+        {
+            self.resend_waiting_due.remove(&next);
+            let o = self.orders.get_mut(&next).expect("a waiting re-send of a known order");
+            debug_assert_eq!(o.deadline, None);
+            o.deadline = Some(due);
+            self.deadlines.insert((due, next));
+        }
+    }
+
     /// `"1"` / `"0"` replies of stock and payment.
     fn yes_no(content: &str) -> Option<bool> {
         match content.trim() {
@@ -375,6 +490,7 @@ impl Order {
             order: order.clone(),
             ok,
             resend_at: (!ok).then(|| self.resend_at(now, 1)),
+            at: now,
         };
         if ok {
             Decision::change(change)
@@ -406,13 +522,19 @@ impl Participant for Order {
         match message.topic.as_str() {
             topics::STOCK_OUTBOUND => self.on_stock_outbound(order, o, &message.content),
             topics::PAYMENT_RESULT => self.on_payment_result(now, order, o, &message.content),
-            topics::STOCK_RELEASED if compensating && c.is_some_and(|c| !c.release_confirmed) => {
-                Decision::change(OrderChange::ReleaseConfirmed { order: order.clone() })
+            topics::STOCK_RELEASED if compensating && let Some(c) = c.filter(|c| !c.release_confirmed) => {
+                Decision::change(OrderChange::ReleaseConfirmed {
+                    order: order.clone(),
+                    delay: Self::confirmation_delay(now, order, c, step::RELEASED, message),
+                })
             }
             topics::PAYMENT_CANCELLED
-                if compensating && c.is_some_and(|c| c.payment_cancel_confirmed == Some(false)) =>
+                if compensating && let Some(c) = c.filter(|c| c.payment_cancel_confirmed == Some(false)) =>
             {
-                Decision::change(OrderChange::PaymentCancelConfirmed { order: order.clone() })
+                Decision::change(OrderChange::PaymentCancelConfirmed {
+                    order: order.clone(),
+                    delay: Self::confirmation_delay(now, order, c, step::PAYMENT_CANCELLED, message),
+                })
             }
             _ => Decision::Ignore,
         }
@@ -436,14 +558,24 @@ impl Participant for Order {
                 o.deadline = Some(d);
             }
         };
-        let compensating = |o: &mut OrderState, reason, payment_cancel: bool| {
+        let compensating = |o: &mut OrderState, reason, payment_cancel: bool, at: Time| {
             o.status = OrderStatus::Compensating;
             o.compensation = Some(Compensation {
                 reason,
                 release_confirmed: false,
                 payment_cancel_confirmed: payment_cancel.then_some(false),
                 attempt: 1,
+                first_sent_at: at,
+                sent_at: at,
             });
+        };
+        let observe = |delays: &mut VecDeque<Duration>, delay: &Option<Duration>| {
+            if let Some(d) = delay {
+                if delays.len() >= CONFIRMATION_DELAYS_KEPT {
+                    delays.pop_front();
+                }
+                delays.push_back(*d);
+            }
         };
         match change {
             OrderChange::Created {
@@ -485,49 +617,75 @@ impl Participant for Order {
                     reschedule(&mut self.deadlines, order, o, None);
                 }
             }
-            OrderChange::PaymentAnswered { order, ok, resend_at } => {
+            OrderChange::PaymentAnswered {
+                order,
+                ok,
+                resend_at,
+                at,
+            } => {
                 let o = self.orders.get_mut(order).expect("payment answer for a known order");
                 assert_eq!(o.status, OrderStatus::StockOutboundDone);
                 if *ok {
                     o.status = OrderStatus::Completed;
                 } else {
-                    compensating(o, CompensationReason::PaymentRefused, false);
+                    compensating(o, CompensationReason::PaymentRefused, false, *at);
                 }
                 reschedule(&mut self.deadlines, order, o, *resend_at);
             }
-            OrderChange::TimedOut { order, resend_at } => {
+            OrderChange::TimedOut { order, resend_at, at } => {
                 let o = self.orders.get_mut(order).expect("deadline of a known order");
                 assert!(!o.status.is_terminal(flow) && o.status != OrderStatus::Compensating);
                 let payment_cancel = o.payment_requested;
-                compensating(o, CompensationReason::Deadline, payment_cancel);
+                compensating(o, CompensationReason::Deadline, payment_cancel, *at);
                 reschedule(&mut self.deadlines, order, o, Some(*resend_at));
             }
             OrderChange::CompensationResent {
                 order,
                 attempt,
                 next_at,
+                at,
             } => {
                 let o = self.orders.get_mut(order).expect("re-send for a known order");
                 let c = o.compensation.as_mut().expect("re-sent while compensating");
                 c.attempt = *attempt;
+                c.sent_at = *at;
                 reschedule(&mut self.deadlines, order, o, Some(*next_at));
+                self.resending.insert(order.clone());
+                assert!(self.resending.len() <= COMPENSATIONS_RESENDING_MAX);
             }
-            OrderChange::ReleaseConfirmed { order } => {
+            OrderChange::ResendQueued { order } => {
+                let o = self.orders.get_mut(order).expect("re-send for a known order");
+                assert_eq!(o.status, OrderStatus::Compensating, "only a re-send waits");
+                let due = o.deadline.expect("a re-send waits only once due");
+                reschedule(&mut self.deadlines, order, o, None);
+                self.resend_waiting.insert((due, order.clone()));
+                self.resend_waiting_due.insert(order.clone(), due);
+            }
+            OrderChange::ResendPostponed { order, until } => {
+                let o = self.orders.get_mut(order).expect("re-send for a known order");
+                assert_eq!(o.status, OrderStatus::Compensating, "only a re-send is postponed");
+                reschedule(&mut self.deadlines, order, o, Some(*until));
+            }
+            OrderChange::ReleaseConfirmed { order, delay } => {
+                observe(&mut self.delays_release, delay);
                 let o = self.orders.get_mut(order).expect("release of a known order");
                 let c = o.compensation.as_mut().expect("release confirmed while compensating");
                 c.release_confirmed = true;
                 if c.payment_cancel_confirmed != Some(false) {
                     o.status = OrderStatus::Compensated;
                     reschedule(&mut self.deadlines, order, o, None);
+                    self.compensated(order);
                 }
             }
-            OrderChange::PaymentCancelConfirmed { order } => {
+            OrderChange::PaymentCancelConfirmed { order, delay } => {
+                observe(&mut self.delays_cancel, delay);
                 let o = self.orders.get_mut(order).expect("cancel of a known order");
                 let c = o.compensation.as_mut().expect("cancel confirmed while compensating");
                 c.payment_cancel_confirmed = Some(true);
                 if c.release_confirmed {
                     o.status = OrderStatus::Compensated;
                     reschedule(&mut self.deadlines, order, o, None);
+                    self.compensated(order);
                 }
             }
         }
@@ -546,6 +704,18 @@ impl Participant for Order {
         }
         let o = &self.orders[order];
         if let Some(c) = o.compensation.as_ref() {
+            // Confirmations got slower since this re-send was scheduled: the
+            // latest send is not yet overdue by today's measure, so wait.
+            let due = self.resend_at(c.sent_at, c.attempt);
+            if due > now {
+                return Decision::change(OrderChange::ResendPostponed {
+                    order: order.clone(),
+                    until: due,
+                });
+            }
+            if !self.resending.contains(order) && self.resending.len() >= COMPENSATIONS_RESENDING_MAX {
+                return Decision::change(OrderChange::ResendQueued { order: order.clone() });
+            }
             // Compensating and still unconfirmed: send the missing ones again.
             let attempt = c.attempt.saturating_add(1);
             let mut publish = Vec::new();
@@ -560,6 +730,7 @@ impl Participant for Order {
                     order: order.clone(),
                     attempt,
                     next_at: self.resend_at(now, attempt),
+                    at: now,
                 }),
                 publish,
             };
@@ -572,6 +743,7 @@ impl Participant for Order {
             change: Some(OrderChange::TimedOut {
                 order: order.clone(),
                 resend_at: self.resend_at(now, 1),
+                at: now,
             }),
             publish,
         }
