@@ -130,9 +130,9 @@ pub enum OrderChange {
         /// Refused: when to re-send the release if it is not confirmed by then.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resend_at: Option<Time>,
-        /// When the answer was decided (the release's first send, if refused).
-        #[serde(default)]
-        at: Time,
+        /// Refused: when the release was first sent (now).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<Time>,
     },
     TimedOut {
         order: GlobalId,
@@ -162,15 +162,15 @@ pub enum OrderChange {
     },
     ReleaseConfirmed {
         order: GlobalId,
-        /// How long the confirmed send took to be confirmed, when the
-        /// confirmation names the first or the latest send (unambiguous).
+        /// How long the confirmed send took to be confirmed (nanoseconds), when
+        /// the confirmation names the first or the latest send (unambiguous).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        delay: Option<Duration>,
+        delay_ns: Option<u64>,
     },
     PaymentCancelConfirmed {
         order: GlobalId,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        delay: Option<Duration>,
+        delay_ns: Option<u64>,
     },
 }
 
@@ -414,18 +414,19 @@ impl Order {
     /// as in Karn's rule for TCP: its send time is not kept. A confirmation
     /// under a SubID without an attempt counts as answering the first send,
     /// which can only overstate the delay.
-    fn confirmation_delay(
+    fn confirmation_delay_ns(
         now: Time,
         order: &GlobalId,
         c: &Compensation,
         reply_step: &str,
         message: &Message,
-    ) -> Option<Duration> {
-        match attempt_of(order, reply_step, &message.sub_id) {
-            1 => Some(now.since(c.first_sent_at)),
-            n if n == c.attempt => Some(now.since(c.sent_at)),
-            _ => None,
-        }
+    ) -> Option<u64> {
+        let sent = match attempt_of(order, reply_step, &message.sub_id) {
+            1 => c.first_sent_at,
+            n if n == c.attempt => c.sent_at,
+            _ => return None,
+        };
+        Some(now.0.saturating_sub(sent.0))
     }
 
     /// Bookkeeping once `order` is compensated (from `apply`): it leaves the
@@ -490,7 +491,7 @@ impl Order {
             order: order.clone(),
             ok,
             resend_at: (!ok).then(|| self.resend_at(now, 1)),
-            at: now,
+            at: (!ok).then_some(now),
         };
         if ok {
             Decision::change(change)
@@ -525,7 +526,7 @@ impl Participant for Order {
             topics::STOCK_RELEASED if compensating && let Some(c) = c.filter(|c| !c.release_confirmed) => {
                 Decision::change(OrderChange::ReleaseConfirmed {
                     order: order.clone(),
-                    delay: Self::confirmation_delay(now, order, c, step::RELEASED, message),
+                    delay_ns: Self::confirmation_delay_ns(now, order, c, step::RELEASED, message),
                 })
             }
             topics::PAYMENT_CANCELLED
@@ -533,7 +534,7 @@ impl Participant for Order {
             {
                 Decision::change(OrderChange::PaymentCancelConfirmed {
                     order: order.clone(),
-                    delay: Self::confirmation_delay(now, order, c, step::PAYMENT_CANCELLED, message),
+                    delay_ns: Self::confirmation_delay_ns(now, order, c, step::PAYMENT_CANCELLED, message),
                 })
             }
             _ => Decision::Ignore,
@@ -569,12 +570,12 @@ impl Participant for Order {
                 sent_at: at,
             });
         };
-        let observe = |delays: &mut VecDeque<Duration>, delay: &Option<Duration>| {
-            if let Some(d) = delay {
+        let observe = |delays: &mut VecDeque<Duration>, delay_ns: &Option<u64>| {
+            if let Some(ns) = delay_ns {
                 if delays.len() >= CONFIRMATION_DELAYS_KEPT {
                     delays.pop_front();
                 }
-                delays.push_back(*d);
+                delays.push_back(Duration::from_nanos(*ns));
             }
         };
         match change {
@@ -628,7 +629,7 @@ impl Participant for Order {
                 if *ok {
                     o.status = OrderStatus::Completed;
                 } else {
-                    compensating(o, CompensationReason::PaymentRefused, false, *at);
+                    compensating(o, CompensationReason::PaymentRefused, false, at.unwrap_or_default());
                 }
                 reschedule(&mut self.deadlines, order, o, *resend_at);
             }
@@ -666,8 +667,8 @@ impl Participant for Order {
                 assert_eq!(o.status, OrderStatus::Compensating, "only a re-send is postponed");
                 reschedule(&mut self.deadlines, order, o, Some(*until));
             }
-            OrderChange::ReleaseConfirmed { order, delay } => {
-                observe(&mut self.delays_release, delay);
+            OrderChange::ReleaseConfirmed { order, delay_ns } => {
+                observe(&mut self.delays_release, delay_ns);
                 let o = self.orders.get_mut(order).expect("release of a known order");
                 let c = o.compensation.as_mut().expect("release confirmed while compensating");
                 c.release_confirmed = true;
@@ -677,8 +678,8 @@ impl Participant for Order {
                     self.compensated(order);
                 }
             }
-            OrderChange::PaymentCancelConfirmed { order, delay } => {
-                observe(&mut self.delays_cancel, delay);
+            OrderChange::PaymentCancelConfirmed { order, delay_ns } => {
+                observe(&mut self.delays_cancel, delay_ns);
                 let o = self.orders.get_mut(order).expect("cancel of a known order");
                 let c = o.compensation.as_mut().expect("cancel confirmed while compensating");
                 c.payment_cancel_confirmed = Some(true);
