@@ -106,9 +106,23 @@ impl OrderStatus {
     }
 }
 
+impl OrderStatus {
+    /// The status's name, as `Display` writes it (cheap: checkers read every order often).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "Pending",
+            OrderStatus::StockOutboundDone => "StockOutboundDone",
+            OrderStatus::StockOutboundFailed => "StockOutboundFailed",
+            OrderStatus::Completed => "Completed",
+            OrderStatus::Compensating => "Compensating",
+            OrderStatus::Compensated => "Compensated",
+        }
+    }
+}
+
 impl fmt::Display for OrderStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        f.write_str(self.as_str())
     }
 }
 
