@@ -145,7 +145,7 @@ impl Observed for Order {
             orders: self
                 .orders()
                 .iter()
-                .map(|(id, o)| (id.to_string(), (phase(o.status, flow), o.status.to_string())))
+                .map(|(id, o)| (id.to_string(), (phase(o.status, flow), o.status.as_str().to_string())))
                 .collect(),
         }
     }

@@ -354,12 +354,20 @@ impl FaultPlan {
         // Small bounds, drawn from a stream of their own so every other draw
         // of a seed is unchanged.
         let mut small = Rng::new(seed ^ 0xB0B0_5EED_0000_0000);
-        if small.chance(250_000) {
+        // Only up to about 100 orders: under a heavier load the world's node
+        // loop serves timers only when its inbox is empty, so a saturated
+        // broker at a small unsynced bound never sees its fsync complete and
+        // refuses forever (a limit of the driver, noted in the README).
+        if shape.messages_max <= 4_100 && small.chance(250_000) {
+            // Small for the workload: a bound that holds 4-24 messages of a
+            // 20-order saga holds proportionally more of a 2,000-order one
+            // (the point is refusals, not a broker too small to ever drain).
+            let scale = u64::from(shape.messages_max.div_ceil(900).max(1));
             profile.bounds = Some(Bounds {
-                pending_per_subscriber_max: small.range_inclusive(2, 12) as u32,
-                messages_max: small.range_inclusive(4, 24) as u32,
-                publishes_unsynced_max: small.range_inclusive(1, 6) as u32,
-                inflight_per_subscriber_max: small.range_inclusive(1, 4) as u32,
+                pending_per_subscriber_max: (small.range_inclusive(2, 12) * scale) as u32,
+                messages_max: (small.range_inclusive(4, 24) * scale) as u32,
+                publishes_unsynced_max: (small.range_inclusive(1, 6) * scale) as u32,
+                inflight_per_subscriber_max: (small.range_inclusive(1, 4) * scale).min(16) as u32,
                 compact_garbage_records_min: small.range_inclusive(4, 32) as u32,
             });
         }

@@ -113,6 +113,8 @@ pub struct Shared {
     pub check: Checker,
     pub deliveries: u64,
     wakeups: u64,
+    /// Messages waiting in the broker's inbox at its last step.
+    broker_backlog: usize,
 }
 
 impl Shared {
@@ -233,6 +235,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         check: Checker::new(Spec::new(&def, &broker_config(&plan.profile))),
         deliveries: 0,
         wakeups: 0,
+        broker_backlog: 0,
         cfg: cfg.clone(),
         seed,
         def,
@@ -523,6 +526,7 @@ fn broker_snapshot(b: &Broker, now: Time, dead: bool) -> BrokerSnapshot {
     let stats = b.stats().subscribers;
     BrokerSnapshot {
         now,
+        backlog: 0,
         queued: stats
             .iter()
             .map(|(c, st)| (c.clone(), st.pending + st.in_flight))
@@ -555,9 +559,12 @@ async fn monitor(world: World) {
         let mut s = lock(&world);
         let at_ms = s.elapsed_ns() / 1_000_000;
         let now = s.now(BROKER);
+        let backlog = s.broker_backlog;
         let Shared { check, slots, .. } = &mut *s;
         if let Slot::Broker(b) = &slots[BROKER] {
-            check.progress(at_ms, &broker_snapshot(b, now, false));
+            let mut snap = broker_snapshot(b, now, false);
+            snap.backlog = backlog;
+            check.progress(at_ms, &snap);
         }
     }
 }
@@ -975,6 +982,9 @@ async fn node_main(world: World, i: usize) {
             };
             next.map(|ns| s.start + Duration::from_nanos(ns))
         };
+        if i == BROKER {
+            lock(&world).broker_backlog = rx.len();
+        }
         wake = recv_until(&rx, deadline).await;
     }
 }

@@ -21,6 +21,8 @@ struct Case {
     budget: u64,
     /// The invariant the first failure names.
     invariant: &'static str,
+    /// Another invariant the bug's damage may trip first (see the case).
+    or_invariant: Option<&'static str>,
 }
 
 /// Sweeps `0..budget` until the first failure, checks it and prints the figures.
@@ -45,10 +47,15 @@ fn caught(case: &Case) -> Summary {
         case.budget,
         first.invariant
     );
-    assert_eq!(
-        first.invariant, case.invariant,
-        "bug {}: seed {} failed on another invariant: {}\n  reproduce: {}",
-        case.bug, first.seed, first.detail, first.replay
+    assert!(
+        first.invariant == case.invariant || Some(first.invariant) == case.or_invariant,
+        "bug {}: seed {} failed on invariant `{}`, not `{}`: {}\n  reproduce: {}",
+        case.bug,
+        first.seed,
+        first.invariant,
+        case.invariant,
+        first.detail,
+        first.replay
     );
     assert_eq!(
         s.seeds_to_first_failure,
@@ -75,6 +82,7 @@ fn naive_stock() {
         scenario: Scenario::Seed,
         budget: 40,
         invariant: "saga-outcome",
+        or_invariant: None,
     });
 }
 
@@ -85,6 +93,7 @@ fn no_inbox() {
         scenario: SAGA6,
         budget: 40,
         invariant: "one-answer",
+        or_invariant: None,
     });
 }
 
@@ -95,6 +104,7 @@ fn publish_before_commit() {
         scenario: Scenario::Seed,
         budget: 500,
         invariant: "saga-progress",
+        or_invariant: None,
     });
 }
 
@@ -105,6 +115,7 @@ fn commit_without_outbox() {
         scenario: SAGA10,
         budget: 300,
         invariant: "no-lost-request",
+        or_invariant: None,
     });
 }
 
@@ -115,6 +126,7 @@ fn ack_before_effect() {
         scenario: Scenario::Seed,
         budget: 200,
         invariant: "no-lost-effect",
+        or_invariant: None,
     });
 }
 
@@ -125,6 +137,7 @@ fn no_null_compensation() {
         scenario: SAGA6,
         budget: 60,
         invariant: "decision",
+        or_invariant: None,
     });
 }
 
@@ -135,6 +148,7 @@ fn no_hanging_guard() {
         scenario: SAGA6,
         budget: 60,
         invariant: "saga-outcome",
+        or_invariant: None,
     });
 }
 
@@ -150,6 +164,7 @@ fn no_deadline() {
         scenario: SAGA10,
         budget: 150,
         invariant: "liveness",
+        or_invariant: None,
     });
 }
 
@@ -160,6 +175,7 @@ fn double_release() {
         scenario: Scenario::Saga { orders: 20 },
         budget: 200,
         invariant: "effects-at-most-once",
+        or_invariant: Some("decision"),
     });
 }
 
@@ -170,6 +186,10 @@ fn ack_before_durable() {
         scenario: SAGA6,
         budget: 80,
         invariant: "dedup",
+        // A publish acknowledged, then lost in a crash: its message id is
+        // given to another key (dedup), or, when its publisher does not retry,
+        // it is simply gone (no-lost-publish).
+        or_invariant: Some("no-lost-publish"),
     });
 }
 
@@ -180,6 +200,7 @@ fn strict_recovery() {
         scenario: Scenario::Seed,
         budget: 200,
         invariant: "recovery",
+        or_invariant: None,
     });
 }
 
@@ -190,6 +211,7 @@ fn lenient_recovery() {
         scenario: SAGA6,
         budget: 40,
         invariant: "recovery-probe",
+        or_invariant: None,
     });
 }
 
@@ -230,6 +252,7 @@ fn canary_simulator_still_catches_planted_bugs() {
         scenario: SAGA6,
         budget: 40,
         invariant: "one-answer",
+        or_invariant: None,
     });
     let fired = |k: &str| s.faults.get(k).copied().unwrap_or(0);
     assert!(
@@ -255,6 +278,7 @@ fn canary_simulator_still_catches_planted_bugs() {
         scenario: Scenario::Seed,
         budget: 200,
         invariant: "recovery",
+        or_invariant: None,
     });
     assert!(s.faults.get("crash").copied().unwrap_or(0) > 0, "{:?}", s.faults);
     assert!(s.faults.get("torn_write").copied().unwrap_or(0) > 0, "{:?}", s.faults);

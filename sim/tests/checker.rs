@@ -499,6 +499,7 @@ fn progress_a_queue_the_broker_stopped_serving() {
         now: Time::from_millis(100),
         queued: BTreeMap::from([(ClientId::lit(t::STOCK_SERVICE), 1)]),
         dead: BTreeMap::new(),
+        backlog: 0,
     };
     c.progress(100, &broker);
     assert_eq!(c.violations(), &[], "within the gap");

@@ -28,9 +28,15 @@ impl Broker {
             incarnation: self.incarnation,
             next_msg_id: MsgId(self.next_msg_id),
         });
-        let settled: Vec<(MessageKey, MsgId)> = self.dedup.settled().map(|s| (s.key.clone(), s.msg_id)).collect();
-        for chunk in settled.chunks(SETTLED_PER_RECORD) {
-            put(BrokerRecord::Settled { keys: chunk.to_vec() });
+        // Each key is cloned once, straight into its record.
+        let mut settled = self.dedup.settled().peekable();
+        while settled.peek().is_some() {
+            let keys: Vec<(MessageKey, MsgId)> = settled
+                .by_ref()
+                .take(SETTLED_PER_RECORD)
+                .map(|s| (s.key.clone(), s.msg_id))
+                .collect();
+            put(BrokerRecord::Settled { keys });
         }
         for (topic, by_client) in &self.subs {
             for (client, sub) in by_client {

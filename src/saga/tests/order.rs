@@ -308,6 +308,114 @@ fn unconfirmed_compensations_are_resent_until_confirmed() {
     assert_eq!(c.attempt, 4);
 }
 
+/// Ticks at `ms`, makes everything durable and acknowledged; returns the SubIDs published.
+fn tick_at(b: &mut Bench<Order>, ms: u64) -> Vec<String> {
+    b.at_ms(ms);
+    let mut outs = b.tick();
+    outs.extend(b.sync());
+    b.ack_all(&outs);
+    published(&outs).into_iter().map(|p| p.1).collect()
+}
+
+/// A re-send waits for twice the slowest confirmation delay observed: once a
+/// release took 5 s to be confirmed, a re-send scheduled on the 1 s interval
+/// is postponed (no copy goes out) until 4 x 2 x 5 s after the latest send.
+#[test]
+fn resend_waits_for_twice_the_slowest_observed_confirmation_delay() {
+    let mut b = bench(OrderFlow::Saga);
+    create(&mut b, "o1", 1);
+    create(&mut b, "o2", 1);
+    assert_eq!(tick_at(&mut b, DEADLINE_MS), vec!["o1.release", "o2.release"]);
+    assert_eq!(tick_at(&mut b, 2 * DEADLINE_MS), vec!["o1.release.2", "o2.release.2"]);
+    assert_eq!(tick_at(&mut b, 4 * DEADLINE_MS), vec!["o1.release.3", "o2.release.3"]);
+    // o1's first release is confirmed 5 s after it was sent.
+    b.at_ms(6 * DEADLINE_MS);
+    reply(
+        &mut b,
+        topics::STOCK_RELEASED,
+        "o1",
+        "released",
+        r#"{"OrderID":"o1","Restocked":1}"#,
+    );
+    assert_eq!(status(&b, "o1"), OrderStatus::Compensated);
+    let order = b.host.logic();
+    assert_eq!(order.confirmation_delay_slowest(), Duration::from_secs(5));
+    assert_eq!(order.resend_interval(3), Duration::from_secs(40));
+    // o2's third send (at 4 s) was due again at 4 + 4 x 1 s; now it waits.
+    assert_eq!(b.host.logic().next_deadline(), Some(Time::from_millis(8 * DEADLINE_MS)));
+    assert!(tick_at(&mut b, 8 * DEADLINE_MS).is_empty(), "postponed, not re-sent");
+    assert_eq!(
+        b.host.logic().next_deadline(),
+        Some(Time::from_millis(44 * DEADLINE_MS))
+    );
+    assert_eq!(tick_at(&mut b, 44 * DEADLINE_MS), vec!["o2.release.4"]);
+    // A confirmation of a send in between (not the first, not the latest) is no sample.
+    b.at_ms(45 * DEADLINE_MS);
+    reply(
+        &mut b,
+        topics::STOCK_RELEASED,
+        "o2",
+        "released.2",
+        r#"{"OrderID":"o2","Restocked":1}"#,
+    );
+    assert_eq!(b.host.logic().confirmation_delay_slowest(), Duration::from_secs(5));
+    assert_eq!(b.host.logic().next_deadline(), None);
+}
+
+/// At most `COMPENSATIONS_RESENDING_MAX` compensations are re-sent at once;
+/// an overdue one beyond them waits (no copy, no timer) until one of them is
+/// confirmed, then goes out at once. Recovery rebuilds the same window.
+#[test]
+fn at_most_a_window_of_compensations_is_resent_at_once() {
+    use crate::saga::order::COMPENSATIONS_RESENDING_MAX;
+    let mut b = bench(OrderFlow::Saga);
+    let orders: Vec<String> = (0..COMPENSATIONS_RESENDING_MAX + 3)
+        .map(|i| format!("o{i:02}"))
+        .collect();
+    for o in &orders {
+        create(&mut b, o, 1);
+    }
+    assert_eq!(tick_at(&mut b, DEADLINE_MS).len(), orders.len());
+    let resent = tick_at(&mut b, 2 * DEADLINE_MS);
+    let expected: Vec<String> = orders[..COMPENSATIONS_RESENDING_MAX]
+        .iter()
+        .map(|o| format!("{o}.release.2"))
+        .collect();
+    assert_eq!(resent, expected, "the first ones by due time, then id");
+    // The three beyond the window have no timer: the next is the window's re-send.
+    assert_eq!(b.host.logic().next_deadline(), Some(Time::from_millis(4 * DEADLINE_MS)));
+    b.crash(None);
+    let mut outs = b.tick(); // recovery re-publishes what was not durably acknowledged
+    outs.extend(b.sync());
+    b.ack_all(&outs);
+    assert_eq!(b.host.logic().next_deadline(), Some(Time::from_millis(4 * DEADLINE_MS)));
+    // One in the window is confirmed: the longest-waiting one goes out at once.
+    b.at_ms(3 * DEADLINE_MS);
+    reply(
+        &mut b,
+        topics::STOCK_RELEASED,
+        "o05",
+        "released.2",
+        r#"{"OrderID":"o05","Restocked":1}"#,
+    );
+    let first_waiting = &orders[COMPENSATIONS_RESENDING_MAX];
+    assert_eq!(
+        tick_at(&mut b, 3 * DEADLINE_MS),
+        vec![format!("{first_waiting}.release.2")]
+    );
+    // One beyond the window is confirmed by its first send: it leaves the queue, frees nothing.
+    let last = orders.last().unwrap();
+    reply(
+        &mut b,
+        topics::STOCK_RELEASED,
+        last,
+        "released",
+        &format!(r#"{{"OrderID":"{last}","Restocked":1}}"#),
+    );
+    assert_eq!(status(&b, last), OrderStatus::Compensated);
+    assert!(tick_at(&mut b, 3 * DEADLINE_MS + 1).is_empty());
+}
+
 #[test]
 fn recovery_keeps_orders_deadlines_and_unacked_publishes() {
     let mut b = bench(OrderFlow::Saga);
