@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 19] = [
+pub const COVERAGE: [&str; 20] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -126,6 +126,7 @@ pub const COVERAGE: [&str; 19] = [
     "torn_tail_truncated",
     "backpressure_refused",
     "delivery_paused",
+    "lapsed_beyond_grace",
 ];
 
 /// A per-subscriber account in the spirit of Jepsen's total-queue checker.
@@ -290,6 +291,9 @@ struct Story {
     payment_requested: bool,
     compensating: bool,
     stock_saw_release: bool,
+    /// A message of this order found a subscriber of its topic lapsed beyond
+    /// the grace: it is owed nothing, so the order may wait for nothing.
+    lost_to_lapse: bool,
     payment_saw_cancel: bool,
     deducted: bool,
     restocked: bool,
@@ -754,7 +758,7 @@ impl Checker {
             return;
         }
         story.compensating = true;
-        if story.refusal_delivered {
+        if story.refusal_delivered || story.lost_to_lapse {
             return;
         }
         let quiet = match story.quiet_since_ms {
@@ -780,6 +784,14 @@ impl Checker {
             .map(|((_, c), _)| c.clone())
             .collect();
         let key = publish.key();
+        let lapsed_beyond_grace = self
+            .subs
+            .iter()
+            .any(|((tp, _), s)| *tp == publish.topic && s.until.is_some_and(|u| now >= u.plus(grace)));
+        if lapsed_beyond_grace {
+            self.story(&key).lost_to_lapse = true;
+            self.covered("lapsed_beyond_grace");
+        }
         match self.keys.get_mut(&key) {
             Some(ks) => {
                 if ks.versions.is_empty() {

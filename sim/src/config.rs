@@ -72,6 +72,9 @@ pub fn broker_config(profile: &FaultProfile) -> BrokerConfig {
         compact_garbage_records_min: 256,
         ..BrokerConfig::default()
     };
+    if let Some(ms) = profile.subscription_grace_ms {
+        c.subscription_grace = Duration::from_millis(u64::from(ms));
+    }
     if let Some(b) = profile.bounds {
         c.pending_per_subscriber_max = b.pending_per_subscriber_max.max(1) as usize;
         c.messages_max = b.messages_max.max(1) as usize;

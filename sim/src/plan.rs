@@ -226,6 +226,12 @@ pub struct FaultProfile {
     /// simulator's roomy defaults, which never refuse.
     #[serde(default)]
     pub bounds: Option<Bounds>,
+    /// A short subscription grace (half the short-TTL seeds without a custom
+    /// participant): a subscriber cut off for longer than TTL + grace is owed
+    /// nothing published meanwhile, so the broker's entitlement rule is
+    /// exercised; `None`: the simulator's 60 s, which no outage outlasts.
+    #[serde(default)]
+    pub subscription_grace_ms: Option<u32>,
 }
 
 /// Broker bounds a seed may shrink (see [`FaultProfile::bounds`]).
@@ -257,7 +263,7 @@ impl fmt::Display for FaultProfile {
         let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
         write!(
             f,
-            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={} bounds={}",
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}{} bounds={}",
             pct(self.drop_ppm),
             pct(self.ack_lost_ppm),
             pct(self.duplicate_ppm),
@@ -271,6 +277,8 @@ impl fmt::Display for FaultProfile {
                 .map_or_else(|| "default".to_string(), |n| n.to_string()),
             self.subscription_ttl_ms
                 .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms")),
+            self.subscription_grace_ms
+                .map_or_else(String::new, |ms| format!(" subscription_grace={ms}ms")),
             self.bounds.map_or_else(|| "default".to_string(), |b| format!("({b})"))
         )
     }
@@ -335,6 +343,7 @@ impl FaultPlan {
             attempts_max,
             subscription_ttl_ms: None,
             bounds: None,
+            subscription_grace_ms: None,
         };
         // A short TTL (a quarter of the seeds) lets a partition or a crash
         // outlast a subscription. The expiry is the subscriber's clock plus the
@@ -350,6 +359,11 @@ impl FaultPlan {
                 (300, 1_000)
             };
             profile.subscription_ttl_ms = Some(env.range_inclusive(lo, hi) as u32);
+        }
+        let mut grace = Rng::new(seed ^ 0x06AC_E000_0000_0000);
+        let custom = shape.faulty_nodes.contains(&(crate::topology::CUSTOM as u8));
+        if profile.subscription_ttl_ms.is_some() && !custom && grace.chance(500_000) {
+            profile.subscription_grace_ms = Some(grace.range_inclusive(0, 500) as u32);
         }
         // Small bounds, drawn from a stream of their own so every other draw
         // of a seed is unchanged.
