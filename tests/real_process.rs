@@ -195,6 +195,47 @@ async fn sigterm_stops_cleanly_and_a_torn_tail_is_cut_at_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGTERM while the broker is still starting (recovering, not yet listening)
+/// is a clean stop, never the signal's default action. The hidden startup
+/// delay holds the process in that window; before the handlers were installed
+/// ahead of recovery, this SIGTERM killed the process (exit by signal 15).
+#[test]
+fn sigterm_during_startup_stops_cleanly_before_serving() {
+    let dir = temp_dir("early-term");
+    let log = std::fs::File::create(dir.with_extension("stderr")).unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--debug-startup-delay-ms",
+            "30000",
+            "--data",
+        ])
+        .arg(&dir)
+        .env_remove("SAGAMQ_TOKEN")
+        .env_remove("SAGAMQ_SIGNING_KEY")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn sagamq");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stderr_of(&dir).contains("starting: recovering the log") {
+        assert!(Instant::now() < deadline, "no startup line: {}", stderr_of(&dir));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sigterm(&child);
+    let status = wait_exit(&mut child, 10);
+    assert!(status.success(), "exit status {status}: {}", stderr_of(&dir));
+    let err = stderr_of(&dir);
+    assert!(err.contains("stopped before serving"), "{err}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.is_empty(), "it must not have listened: {out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corruption_in_the_middle_of_the_log_is_refused_with_its_offset() {
     let dir = temp_dir("corrupt");

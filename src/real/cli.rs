@@ -70,6 +70,10 @@ pub struct ServeArgs {
     pub threads: usize,
     #[command(flatten)]
     pub tuning: Tuning,
+    /// Test hook: wait this long (signals already handled) before recovering.
+    /// Lets a test deliver SIGTERM during startup deterministically.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub debug_startup_delay_ms: u64,
 }
 
 /// The core's bounds and timings ([`BrokerConfig`]); defaults are the core's, except the callback window (64)
@@ -184,28 +188,64 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().thread_name("sagamq").build()
 }
 
-/// Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Ctrl-C (SIGINT) or SIGTERM, listened for from the moment it is built.
+///
+/// Built before recovery starts, so a signal that arrives while the log is
+/// being recovered or before the listen line is printed is queued and honoured
+/// (a clean stop). Listening only once serving began left a window in which
+/// SIGTERM still had its default action and killed the process: that was the
+/// flaky `sigterm_stops_cleanly_and_a_torn_tail_is_cut_at_restart` (a
+/// duplicate publish is answered from memory, so the test could send SIGTERM
+/// before the handler existed).
+pub struct ShutdownSignal {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    /// Registers the handlers now (needs a tokio runtime context).
+    pub fn install() -> std::io::Result<ShutdownSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignal {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        biased;
-        () = ctrl_c => tracing::info!("Ctrl-C received"),
-        () = term => tracing::info!("SIGTERM received"),
+        #[cfg(not(unix))]
+        Ok(ShutdownSignal {})
+    }
+
+    /// Completes at the first signal (at once if one arrived since `install`).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            biased;
+            _ = self.int.recv() => tracing::info!("Ctrl-C received"),
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tracing::info!("Ctrl-C received");
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM, listened for from the first poll (use [`ShutdownSignal`]
+/// to listen from an earlier point).
+pub async fn shutdown_signal() {
+    match ShutdownSignal::install() {
+        Ok(mut s) => s.recv().await,
+        Err(e) => {
+            tracing::warn!("cannot listen for signals: {e}");
+            std::future::pending::<()>().await
+        }
     }
 }
 
@@ -235,13 +275,35 @@ pub fn main() -> ExitCode {
             if opts.token.is_none() && opts.signing_key.is_none() {
                 tracing::warn!("no --token and no --signing-key: mutating routes are open and callbacks are unsigned");
             }
+            let startup_delay = Duration::from_millis(args.debug_startup_delay_ms);
             let r = rt.block_on(async move {
-                let running = server::start(opts).await?;
+                // Before anything else: see [`ShutdownSignal`].
+                let mut signal = ShutdownSignal::install().map_err(|err| server::ServeError::Io {
+                    what: "listen for SIGTERM/SIGINT".into(),
+                    err,
+                })?;
+                tracing::info!(data = %opts.data_dir.display(), "starting: recovering the log");
+                let starting = async {
+                    tokio::time::sleep(startup_delay).await;
+                    server::start(opts).await
+                };
+                let running = tokio::select! {
+                    biased;
+                    () = signal.recv() => {
+                        // Recovery only reads and cuts a torn tail (each step
+                        // durable on its own), so stopping here loses nothing;
+                        // a recovery still running finishes before the runtime
+                        // is dropped, and the directory lock goes with it.
+                        tracing::info!("stopped before serving");
+                        return Ok(());
+                    }
+                    r = starting => r?,
+                };
                 // One machine-readable line on stdout, so scripts and tests
                 // that start the broker on port 0 learn its address.
                 println!("{LISTENING_PREFIX}{}", running.url());
                 let _ = std::io::Write::flush(&mut std::io::stdout());
-                running.run_until(shutdown_signal()).await
+                running.run_until(signal.recv()).await
             });
             match r {
                 Ok(()) => {
