@@ -18,9 +18,13 @@ pub mod clock;
 pub mod demo;
 pub mod driver;
 pub mod file_disk;
+pub mod fs;
 pub mod http;
 pub mod log_writer;
+pub mod page_cache;
 pub mod participant;
+#[cfg(test)]
+mod power_loss;
 pub mod server;
 
 pub use callbacks::{Allowlist, SIGNATURE_HEADER, sign, verify};

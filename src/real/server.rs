@@ -9,6 +9,7 @@ use super::callbacks::{Allowlist, CallbackConfig, Dispatcher};
 use super::clock::Clock;
 use super::driver::{Driver, DriverHandle, FatalLogError};
 use super::file_disk::FileDisk;
+use super::fs::Fs;
 use super::http::{self, HttpConfig};
 use super::log_writer::LogWriter;
 use crate::broker::{Broker, BrokerConfig, RecoveryReport};
@@ -16,6 +17,7 @@ use crate::log::LogError;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -41,6 +43,12 @@ pub struct ServeOptions {
     pub seed: u64,
     /// How late a write no request waits for (a delivery ack) may be synced.
     pub lazy_sync_delay: std::time::Duration,
+    /// Where the log lives: the OS (default) or, in tests, the page-cache model.
+    pub fs: Arc<dyn Fs>,
+    /// Test-only: the log writer reports a batch durable *before* its
+    /// `fdatasync` (the bug the power-loss test must catch).
+    #[cfg(test)]
+    pub(crate) test_reply_before_fsync: bool,
 }
 
 /// How long `serve` keeps entitling an expired subscription (delivery paused).
@@ -68,6 +76,9 @@ impl ServeOptions {
             broker,
             seed: super::clock::unix_nanos_now(),
             lazy_sync_delay: super::driver::LAZY_SYNC_DELAY_DEFAULT,
+            fs: super::fs::std_fs(),
+            #[cfg(test)]
+            test_reply_before_fsync: false,
         }
     }
 
@@ -172,7 +183,8 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     let broker_config = opts.broker.clone();
     let seed = opts.seed;
     let t0 = Instant::now();
-    let (broker, disk, recovery) = tokio::task::spawn_blocking(move || recover(&dir, broker_config, seed))
+    let fs = opts.fs.clone();
+    let (broker, disk, recovery) = tokio::task::spawn_blocking(move || recover_in(fs, &dir, broker_config, seed))
         .await
         .map_err(|e| ServeError::Http(format!("recovery task: {e}")))??;
     tracing::info!(
@@ -183,7 +195,15 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
         "recovered the log"
     );
 
-    let writer = LogWriter::spawn(disk).map_err(io_err("start the log writer thread"))?;
+    #[cfg(test)]
+    let writer = if opts.test_reply_before_fsync {
+        LogWriter::spawn_replying_before_fsync(disk)
+    } else {
+        LogWriter::spawn(disk)
+    };
+    #[cfg(not(test))]
+    let writer = LogWriter::spawn(disk);
+    let writer = writer.map_err(io_err("start the log writer thread"))?;
     let (callbacks, callback_results) = Dispatcher::new(CallbackConfig {
         timeout: opts.broker.callback_timeout,
         signing_key: opts.effective_signing_key(),
@@ -262,7 +282,17 @@ pub fn recover(
     config: BrokerConfig,
     seed: u64,
 ) -> Result<(Broker, FileDisk, RecoveryReport), ServeError> {
-    let mut disk = FileDisk::open(dir).map_err(io_err(format!("open the log in {}", dir.display())))?;
+    recover_in(super::fs::std_fs(), dir, config, seed)
+}
+
+/// [`recover`] on another file system (the page-cache model in tests).
+pub fn recover_in(
+    fs: Arc<dyn Fs>,
+    dir: &std::path::Path,
+    config: BrokerConfig,
+    seed: u64,
+) -> Result<(Broker, FileDisk, RecoveryReport), ServeError> {
+    let mut disk = FileDisk::open_in(fs, dir).map_err(io_err(format!("open the log in {}", dir.display())))?;
     let log_len = disk.len();
     let (broker, report) = if log_len == 0 {
         (
@@ -282,13 +312,13 @@ pub fn recover(
             path: path.clone(),
             err,
         };
-        let mut file = std::fs::File::open(&path).map_err(io_err(format!("open {}", path.display())))?;
+        let mut file = disk.open_reader().map_err(io_err(format!("open {}", path.display())))?;
         let mut recovery = Broker::recovery(config, seed, log_len);
         let mut buf = vec![0u8; RECOVERY_CHUNK];
         let mut fed = 0u64;
         while fed < log_len {
             let want = usize::try_from(log_len - fed).unwrap_or(usize::MAX).min(buf.len());
-            let n = match std::io::Read::read(&mut file, &mut buf[..want]) {
+            let n = match file.read(&mut buf[..want]) {
                 Ok(0) => {
                     return Err(read_err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
