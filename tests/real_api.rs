@@ -6,7 +6,7 @@
 mod real_support;
 
 use real_support::*;
-use sagamq::real::callbacks::{Allowlist, verify};
+use sagamq::real::callbacks::{Allowlist, SIGNATURE_TOLERANCE_DEFAULT, SignatureError, verify, verify_now};
 use sagamq::real::client::BrokerClient;
 use serde_json::json;
 use std::sync::Arc;
@@ -292,12 +292,22 @@ async fn token_guards_mutating_routes_and_signs_callbacks() {
         .clone()
         .expect("X-SagaMQ-Signature present");
     let body = inbox.bodies.lock().unwrap()[0].clone();
-    assert!(sig.starts_with("sha256="));
-    assert!(verify(b"s3cret", &body, &sig), "signature verifies with the token");
-    assert!(!verify(b"other", &body, &sig));
+    assert!(sig.starts_with("t="), "{sig}");
+    // Signed with the key generated in the data directory, never the token:
+    // a subscriber that verifies callbacks cannot publish with what it holds.
+    let key = sagamq::real::signing_key::load(&dir)
+        .unwrap()
+        .expect("a key was generated");
+    assert_eq!(key, broker.signing_key);
+    assert_ne!(key, "s3cret");
+    assert_eq!(verify_now(key.as_bytes(), &body, &sig), Ok(()));
+    assert_eq!(verify_now(b"s3cret", &body, &sig), Err(SignatureError::Mismatch));
     let mut tampered = body.clone();
     tampered[5] ^= 1;
-    assert!(!verify(b"s3cret", &tampered, &sig));
+    assert_eq!(
+        verify_now(key.as_bytes(), &tampered, &sig),
+        Err(SignatureError::Mismatch)
+    );
     // The callback body is the message with the Go design's field names.
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     for k in [
@@ -330,10 +340,66 @@ async fn a_separate_signing_key_signs_instead_of_the_token() {
     eventually(10, "callback", || inbox.count() == 1).await;
     let sig = inbox.signatures.lock().unwrap()[0].clone().unwrap();
     let body = inbox.bodies.lock().unwrap()[0].clone();
-    assert!(verify(b"callback-key", &body, &sig));
-    assert!(!verify(b"publish-token", &body, &sig));
+    assert_eq!(verify_now(b"callback-key", &body, &sig), Ok(()));
+    assert!(verify_now(b"publish-token", &body, &sig).is_err());
+    assert_eq!(
+        sagamq::real::signing_key::load(&dir).unwrap(),
+        None,
+        "a given key generates none"
+    );
     broker.shutdown().await.unwrap();
     rx.stop().await;
+}
+
+/// A callback captured off the wire verifies now and is refused once it is
+/// older than the tolerance (the timestamp is signed with the body, so it
+/// cannot be refreshed without the key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_callback_replayed_after_the_tolerance_is_refused() {
+    let dir = temp_dir("replay");
+    let inbox = Arc::new(Inbox::default());
+    let rx = inbox.serve(loopback0()).await;
+    let broker = start(options(&dir)).await;
+    let key = broker.signing_key.clone();
+    let c = BrokerClient::new(broker.url(), None);
+    c.subscribe(&subscribe("s1", "t", &rx.url("/cb"))).await.unwrap();
+    c.publish(&publish("g1", "t", "pay 10")).await.unwrap();
+    eventually(10, "callback", || inbox.count() == 1).await;
+    let sig = inbox.signatures.lock().unwrap()[0].clone().unwrap();
+    let body = inbox.bodies.lock().unwrap()[0].clone();
+    let now = sagamq::real::callbacks::unix_secs_now();
+    let tolerance = SIGNATURE_TOLERANCE_DEFAULT;
+    assert_eq!(verify(key.as_bytes(), &body, &sig, now, tolerance), Ok(()));
+    let later = now + tolerance.as_secs() + 2;
+    match verify(key.as_bytes(), &body, &sig, later, tolerance) {
+        Err(SignatureError::OutsideTolerance { .. }) => {}
+        other => panic!("a replay after the tolerance was {other:?}"),
+    }
+    // Restamping the capture with a fresh time breaks the signature.
+    let (t, v1) = sig.split_once(',').unwrap();
+    let fresh = format!("t={later},{v1}");
+    assert_ne!(t, format!("t={later}"));
+    assert_eq!(
+        verify(key.as_bytes(), &body, &fresh, later, tolerance),
+        Err(SignatureError::Mismatch)
+    );
+    // The key survives a restart: subscribers keep verifying.
+    broker.shutdown().await.unwrap();
+    let broker = start(options(&dir)).await;
+    assert_eq!(broker.signing_key, key);
+    broker.shutdown().await.unwrap();
+    rx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signing_key_equal_to_the_token_is_refused() {
+    let dir = temp_dir("samekey");
+    let mut o = options(&dir);
+    o.token = Some("one-secret".into());
+    o.signing_key = Some("one-secret".into());
+    let err = sagamq::real::start(o).await.err().expect("refused");
+    assert!(err.to_string().contains("must differ from the API token"), "{err}");
+    assert!(!dir.join("sagamq.log").exists(), "nothing touched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -265,6 +265,41 @@ async fn corruption_in_the_middle_of_the_log_is_refused_with_its_offset() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn signing_key_of(dir: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["signing-key", "--data"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `sagamq signing-key` shows the key callbacks are signed with: generated
+/// before the first start if asked, kept by `serve`, readable while it runs.
+#[test]
+fn signing_key_command_shows_the_key_the_broker_keeps() {
+    let dir = temp_dir("signing-key");
+    let key = signing_key_of(&dir);
+    assert_eq!(key.len(), 64, "{key}");
+    assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+    let mut b = spawn(&dir);
+    assert_eq!(signing_key_of(&dir), key, "serve replaced the key");
+    sigterm(&b.child);
+    assert!(wait_exit(&mut b.child, 10).success());
+    // A damaged key file is refused with a clear error, not replaced.
+    std::fs::write(dir.join("signing.key"), "garbage\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--addr", "127.0.0.1:0", "--data"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
+    assert_eq!(std::fs::read_to_string(dir.join("signing.key")).unwrap(), "garbage\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn demo_binary_runs_the_seed_scenario_and_exits_zero() {
     let out = Command::new(BIN).arg("demo").output().unwrap();

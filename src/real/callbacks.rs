@@ -18,10 +18,18 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 
-/// The header carrying `sha256=<hex HMAC-SHA256 of the body>`.
+/// The header carrying `t=<unix seconds>,v1=<hex HMAC-SHA256 of "{t}.{body}">`
+/// (Stripe's scheme): the timestamp is signed with the body, so a captured
+/// callback cannot be replayed once it is older than the verifier's tolerance.
 pub const SIGNATURE_HEADER: &str = "X-SagaMQ-Signature";
 /// The header carrying the attempt number (1 for the first).
 pub const ATTEMPT_HEADER: &str = "X-SagaMQ-Attempt";
+/// How far a signature's timestamp may be from the verifier's clock, either
+/// way (Stripe's default). Every attempt is signed afresh, so a retry is never
+/// older than this when it is sent.
+pub const SIGNATURE_TOLERANCE_DEFAULT: Duration = Duration::from_secs(300);
+/// Longest accepted signature header (a few `v1=` entries during a key rotation).
+const SIGNATURE_HEADER_LEN_MAX: usize = 1024;
 
 /// Capacity of the channel that carries callback results back to the driver.
 pub const CALLBACK_RESULTS_MAX: usize = 4096;
@@ -32,14 +40,14 @@ pub const CALLBACKS_INFLIGHT_TOTAL_MAX: usize = 4096;
 /// Per-subscriber windows kept while idle; past it, idle ones are forgotten.
 pub const SUBSCRIBER_WINDOWS_MAX: usize = 10_000;
 
-/// `sha256=<hex>` of `body` under `key`: what [`SIGNATURE_HEADER`] carries.
-pub fn sign(key: &[u8], body: &[u8]) -> String {
+fn hmac_hex(key: &[u8], t: u64, body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
     mac.update(body);
     let tag = mac.finalize().into_bytes();
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256=");
+    let mut out = String::with_capacity(64);
     for b in tag.iter() {
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 0xf)]));
@@ -47,9 +55,108 @@ pub fn sign(key: &[u8], body: &[u8]) -> String {
     out
 }
 
-/// Checks a [`SIGNATURE_HEADER`] value in constant time (what a subscriber does).
-pub fn verify(key: &[u8], body: &[u8], header: &str) -> bool {
-    constant_time_eq(sign(key, body).as_bytes(), header.as_bytes())
+/// `t=<unix_secs>,v1=<hex>` of `body` under `key`: what [`SIGNATURE_HEADER`] carries.
+pub fn sign(key: &[u8], unix_secs: u64, body: &[u8]) -> String {
+    format!("t={unix_secs},v1={}", hmac_hex(key, unix_secs, body))
+}
+
+/// Why [`verify`] refused a callback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SignatureError {
+    /// No header, or not `t=<unix seconds>,v1=<hex>`.
+    Malformed(String),
+    /// No `v1` matches: another key, or the body or timestamp was changed.
+    Mismatch,
+    /// The timestamp is further than the tolerance from now (a replay, or a clock far off).
+    OutsideTolerance {
+        signed_at: u64,
+        now: u64,
+        tolerance_secs: u64,
+    },
+}
+
+impl fmt::Display for SignatureError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SignatureError::Malformed(why) => write!(f, "malformed {SIGNATURE_HEADER}: {why}"),
+            SignatureError::Mismatch => write!(f, "{SIGNATURE_HEADER} does not match the body and timestamp"),
+            SignatureError::OutsideTolerance {
+                signed_at,
+                now,
+                tolerance_secs,
+            } => write!(
+                f,
+                "{SIGNATURE_HEADER} was made at t={signed_at}, {}s from now (t={now}); the tolerance is {tolerance_secs}s",
+                signed_at.abs_diff(*now)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SignatureError {}
+
+/// Checks a [`SIGNATURE_HEADER`] value as a subscriber does: the HMAC of
+/// `"{t}.{body}"` under `key` (in constant time; any one of several `v1`
+/// entries may match, for key rotation) and `t` within `tolerance` of
+/// `now_unix_secs`. The signature is checked first, so a forged timestamp
+/// never gets a tolerance verdict.
+pub fn verify(
+    key: &[u8],
+    body: &[u8],
+    header: &str,
+    now_unix_secs: u64,
+    tolerance: Duration,
+) -> Result<(), SignatureError> {
+    if header.len() > SIGNATURE_HEADER_LEN_MAX {
+        return Err(SignatureError::Malformed("too long".into()));
+    }
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", v)) => {
+                let secs = v
+                    .parse::<u64>()
+                    .map_err(|_| SignatureError::Malformed(format!("t={v:?} is not unix seconds")))?;
+                if t.replace(secs).is_some() {
+                    return Err(SignatureError::Malformed("two t= entries".into()));
+                }
+            }
+            Some(("v1", v)) => v1.push(v),
+            // Other schemes (a future v2) are ignored, as in Stripe's.
+            Some(_) => {}
+            None => return Err(SignatureError::Malformed(format!("{part:?} is not key=value"))),
+        }
+    }
+    let t = t.ok_or_else(|| SignatureError::Malformed("no t= timestamp".into()))?;
+    if v1.is_empty() {
+        return Err(SignatureError::Malformed("no v1= signature".into()));
+    }
+    let expected = hmac_hex(key, t, body);
+    if !v1
+        .iter()
+        .fold(false, |ok, v| ok | constant_time_eq(expected.as_bytes(), v.as_bytes()))
+    {
+        return Err(SignatureError::Mismatch);
+    }
+    if t.abs_diff(now_unix_secs) > tolerance.as_secs() {
+        return Err(SignatureError::OutsideTolerance {
+            signed_at: t,
+            now: now_unix_secs,
+            tolerance_secs: tolerance.as_secs(),
+        });
+    }
+    Ok(())
+}
+
+/// [`verify`] against the system clock with [`SIGNATURE_TOLERANCE_DEFAULT`].
+pub fn verify_now(key: &[u8], body: &[u8], header: &str) -> Result<(), SignatureError> {
+    verify(key, body, header, unix_secs_now(), SIGNATURE_TOLERANCE_DEFAULT)
+}
+
+/// Unix seconds from the system clock (what signatures are stamped with).
+pub fn unix_secs_now() -> u64 {
+    super::clock::unix_nanos_now() / 1_000_000_000
 }
 
 /// Equality whose running time does not depend on where the inputs differ.
@@ -191,7 +298,8 @@ impl Allowlist {
 pub struct CallbackConfig {
     /// No answer within this counts as `TimedOut`.
     pub timeout: Duration,
-    /// Signs every callback body; `None` sends callbacks unsigned.
+    /// Signs every callback body; `None` sends callbacks unsigned (only
+    /// tests: `serve` always has a key, given or generated).
     pub signing_key: Option<Vec<u8>>,
     pub allow: Allowlist,
     /// Callbacks in flight per subscriber (the core's window, enforced here too).
@@ -306,7 +414,8 @@ async fn post(http: &reqwest::Client, key: Option<&[u8]>, url: reqwest::Url, cb:
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(ATTEMPT_HEADER, cb.attempt.to_string());
     if let Some(key) = key {
-        req = req.header(SIGNATURE_HEADER, sign(key, &body));
+        // Stamped per attempt: a retry carries a fresh timestamp.
+        req = req.header(SIGNATURE_HEADER, sign(key, unix_secs_now(), &body));
     }
     match req.body(body).send().await {
         Ok(resp) if resp.status().is_success() => {
@@ -334,17 +443,77 @@ async fn post(http: &reqwest::Client, key: Option<&[u8]>, url: reqwest::Url, cb:
 mod tests {
     use super::*;
 
+    const TOL: Duration = SIGNATURE_TOLERANCE_DEFAULT;
+
     #[test]
-    fn signature_is_hmac_sha256_hex() {
-        // RFC 4231 test case 2.
-        let s = sign(b"Jefe", b"what do ya want for nothing?");
+    fn signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // RFC 4231 test case 2, with the signed payload split as "{t}.{body}".
+        let s = sign(b"Jefe", 1, b"what do ya want for nothing?");
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(b"Jefe").unwrap();
+        mac.update(b"1.what do ya want for nothing?");
+        let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(s, format!("t=1,v1={hex}"));
+        let body = b"{\"MsgID\":1}";
+        let now = 1_700_000_000;
+        let h = sign(b"key", now, body);
+        assert_eq!(verify(b"key", body, &h, now, TOL), Ok(()));
+        assert_eq!(verify(b"key", body, &h, now + 300, TOL), Ok(()), "at the tolerance");
         assert_eq!(
-            s,
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            verify(b"key", b"{\"MsgID\":2}", &h, now, TOL),
+            Err(SignatureError::Mismatch)
         );
-        assert!(verify(b"Jefe", b"what do ya want for nothing?", &s));
-        assert!(!verify(b"Jefe", b"what do ya want for nothing!", &s));
-        assert!(!verify(b"jefe", b"what do ya want for nothing?", &s));
+        assert_eq!(verify(b"other", body, &h, now, TOL), Err(SignatureError::Mismatch));
+        // The timestamp is signed: moving it to look fresh breaks the signature.
+        let moved = h.replace(&format!("t={now}"), &format!("t={}", now + 1000));
+        assert_eq!(
+            verify(b"key", body, &moved, now + 1000, TOL),
+            Err(SignatureError::Mismatch)
+        );
+    }
+
+    #[test]
+    fn a_replay_outside_the_tolerance_is_refused_either_way() {
+        let body = b"payload";
+        let t = 1_700_000_000;
+        let h = sign(b"k", t, body);
+        assert!(matches!(
+            verify(b"k", body, &h, t + 301, TOL),
+            Err(SignatureError::OutsideTolerance { signed_at, .. }) if signed_at == t
+        ));
+        assert!(matches!(
+            verify(b"k", body, &h, t - 301, TOL),
+            Err(SignatureError::OutsideTolerance { .. })
+        ));
+        assert_eq!(verify(b"k", body, &h, t + 30, Duration::from_secs(60)), Ok(()));
+        assert!(verify(b"k", body, &h, t + 61, Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn malformed_headers_and_key_rotation() {
+        let body = b"b";
+        let t = 100;
+        for bad in [
+            "",
+            "sha256=abcd",
+            "t=1",
+            "v1=ab",
+            "t=x,v1=ab",
+            "t=1,t=1,v1=ab",
+            "nonsense",
+            &"v".repeat(2000),
+        ] {
+            assert!(
+                matches!(verify(b"k", body, bad, t, TOL), Err(SignatureError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+        // During a rotation the broker may send two v1 entries; either verifies.
+        let new = sign(b"new", t, body);
+        let old = sign(b"old", t, body);
+        let both = format!("{new},v1={}", old.split_once("v1=").unwrap().1);
+        assert_eq!(verify(b"old", body, &both, t, TOL), Ok(()));
+        assert_eq!(verify(b"new", body, &both, t, TOL), Ok(()));
+        assert_eq!(verify(b"third", body, &both, t, TOL), Err(SignatureError::Mismatch));
     }
 
     #[test]

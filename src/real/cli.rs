@@ -37,6 +37,15 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure acked durable publishes/s, end-to-end latency and recovery speed.
     Bench(super::bench::BenchArgs),
+    /// Print the callback signing key of a data directory (generated if it has none).
+    SigningKey(SigningKeyArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SigningKeyArgs {
+    /// The broker's data directory.
+    #[arg(long)]
+    pub data: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -50,7 +59,8 @@ pub struct ServeArgs {
     /// Shared secret required as `Authorization: Bearer` on mutating routes.
     #[arg(long, env = "SAGAMQ_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// HMAC-SHA256 key for the X-SagaMQ-Signature callback header (defaults to --token).
+    /// HMAC-SHA256 key for the X-SagaMQ-Signature callback header; must differ from --token.
+    /// Default: the key kept in --data (generated at the first start; see `sagamq signing-key`).
     #[arg(long, env = "SAGAMQ_SIGNING_KEY", hide_env_values = true)]
     pub signing_key: Option<String>,
     /// Callback hosts allowed: `loopback` (default), `*`, `*.domain`, a host name or an IP. Repeatable or comma-separated.
@@ -254,7 +264,7 @@ pub fn main() -> ExitCode {
     init_tracing();
     let threads = match &cli.command {
         Command::Serve(a) => a.threads,
-        Command::Demo(_) | Command::Bench(_) => 0,
+        Command::Demo(_) | Command::Bench(_) | Command::SigningKey(_) => 0,
     };
     let rt = match runtime(threads) {
         Ok(rt) => rt,
@@ -272,8 +282,8 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if opts.token.is_none() && opts.signing_key.is_none() {
-                tracing::warn!("no --token and no --signing-key: mutating routes are open and callbacks are unsigned");
+            if opts.token.is_none() {
+                tracing::warn!("no --token: mutating routes are open to anyone who can reach --addr");
             }
             let startup_delay = Duration::from_millis(args.debug_startup_delay_ms);
             let r = rt.block_on(async move {
@@ -319,7 +329,40 @@ pub fn main() -> ExitCode {
         }
         Command::Demo(args) => rt.block_on(super::demo::main(args)),
         Command::Bench(args) => rt.block_on(super::bench::main(args)),
+        Command::SigningKey(args) => match signing_key_command(&args.data) {
+            Ok(key) => {
+                println!("{key}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sagamq signing-key: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// The key of `dir`: read if present, else generated under the directory's
+/// lock (a running broker holds it, and already has its key unless it was
+/// given `--signing-key`).
+fn signing_key_command(dir: &std::path::Path) -> Result<String, String> {
+    use super::fs::Fs;
+    if let Some(k) = super::signing_key::load(dir)? {
+        return Ok(k);
+    }
+    let fs = super::fs::StdFs;
+    fs.create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _lock = fs
+        .lock(&dir.join(super::file_disk::LOCK_FILE_NAME))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::ResourceBusy => format!(
+                "{} has no signing key file and a broker is running on it, so it was started with --signing-key: \
+                 that is the key",
+                dir.display()
+            ),
+            _ => format!("lock {}: {e}", dir.display()),
+        })?;
+    super::signing_key::load_or_create(dir)
 }
 
 /// Reads the `sagamq listening on URL` line a starting `serve` prints on stdout.

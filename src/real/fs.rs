@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// An open file.
+#[allow(clippy::len_without_is_empty)]
 pub trait FsFile: Send + fmt::Debug {
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Reads from the current position (files opened for reading start at 0).
@@ -25,6 +26,7 @@ pub trait FsFile: Send + fmt::Debug {
     /// `fsync`: as `sync_data`, plus the rest of the file's metadata.
     fn sync_all(&mut self) -> io::Result<()>;
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// The size (a `Result`, unlike a collection's: it is a system call).
     fn len(&self) -> io::Result<u64>;
 }
 

@@ -26,6 +26,9 @@ pub mod participant;
 #[cfg(test)]
 mod power_loss;
 pub mod server;
+pub mod signing_key;
 
-pub use callbacks::{Allowlist, SIGNATURE_HEADER, sign, verify};
+pub use callbacks::{
+    Allowlist, SIGNATURE_HEADER, SIGNATURE_TOLERANCE_DEFAULT, SignatureError, sign, verify, verify_now,
+};
 pub use server::{RunningBroker, ServeError, ServeOptions, start};

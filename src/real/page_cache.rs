@@ -105,8 +105,8 @@ impl State {
         if torn {
             let keep = self.below(self.dir_ops.len() as u64 + 1) as usize;
             any_torn |= keep > 0;
-            for op in self.dir_ops[..keep].to_vec() {
-                apply_dir_op(&mut names, &op);
+            for op in &self.dir_ops[..keep] {
+                apply_dir_op(&mut names, op);
             }
         }
         let mut files = BTreeMap::new();

@@ -7,7 +7,7 @@
 //! when the host says `Answer { ok: true }` (its record is durable); a
 //! callback whose signature does not verify never reaches the host.
 
-use super::callbacks::{SIGNATURE_HEADER, verify};
+use super::callbacks::{SIGNATURE_HEADER, verify_now};
 use super::client::BrokerClient;
 use super::clock::Clock;
 use super::driver::FatalLogError;
@@ -220,12 +220,8 @@ async fn on_callback<P: Participant + Send + 'static>(
             .get(SIGNATURE_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        if !verify(key, &body, sig) {
-            return answer(
-                StatusCode::UNAUTHORIZED,
-                false,
-                Some("bad or missing X-SagaMQ-Signature"),
-            );
+        if let Err(e) = verify_now(key, &body, sig) {
+            return answer(StatusCode::UNAUTHORIZED, false, Some(&e.to_string()));
         }
     }
     let message: Message = match serde_json::from_slice(&body) {

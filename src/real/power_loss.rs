@@ -193,6 +193,8 @@ async fn run_workload(seed: u64, reply_before_fsync: bool) -> Run {
     o.seed = seed;
     o.broker = config();
     o.test_reply_before_fsync = reply_before_fsync;
+    // The key file lives on the real file system; the log is what is tested.
+    o.signing_key = Some("power-loss-signing-key".into());
     let broker = server::start(o).await.expect("broker starts");
     let c = BrokerClient::new(broker.url(), None);
     let (g, f, h) = (

@@ -34,7 +34,9 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
     pub token: Option<String>,
-    /// Key for callback signatures; defaults to the token.
+    /// Key for callback signatures. `None`: the key kept in the data
+    /// directory ([`super::signing_key`]), generated at the first start.
+    /// Never the API token (refused).
     pub signing_key: Option<String>,
     pub allow: Allowlist,
     pub body_len_max: usize,
@@ -82,11 +84,21 @@ impl ServeOptions {
         }
     }
 
-    fn effective_signing_key(&self) -> Option<Vec<u8>> {
-        self.signing_key
-            .as_ref()
-            .or(self.token.as_ref())
-            .map(|k| k.as_bytes().to_vec())
+    /// Refuses options that would weaken the broker (a clear error, before anything is touched).
+    fn check(&self) -> Result<(), ServeError> {
+        if let (Some(k), Some(t)) = (&self.signing_key, &self.token)
+            && k == t
+        {
+            return Err(ServeError::Config(
+                "the signing key must differ from the API token: every subscriber that verifies callbacks \
+                 holds the signing key, and must not be able to publish with it"
+                    .into(),
+            ));
+        }
+        if self.signing_key.as_ref().is_some_and(|k| k.is_empty()) {
+            return Err(ServeError::Config("the signing key is empty".into()));
+        }
+        Ok(())
     }
 }
 
@@ -103,6 +115,8 @@ pub enum ServeError {
     },
     Http(String),
     Log(FatalLogError),
+    /// The options are refused (nothing was touched).
+    Config(String),
 }
 
 impl fmt::Display for ServeError {
@@ -112,6 +126,7 @@ impl fmt::Display for ServeError {
             ServeError::Recovery { path, err } => write!(f, "cannot recover {}: {err}", path.display()),
             ServeError::Http(e) => write!(f, "HTTP: {e}"),
             ServeError::Log(e) => write!(f, "{e}"),
+            ServeError::Config(e) => f.write_str(e),
         }
     }
 }
@@ -127,6 +142,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError 
 pub struct RunningBroker {
     pub addr: SocketAddr,
     pub recovery: RecoveryReport,
+    /// The key callbacks are signed with (given, or the data directory's).
+    pub signing_key: String,
     driver: DriverHandle,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ServeError>>,
@@ -183,10 +200,21 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     let broker_config = opts.broker.clone();
     let seed = opts.seed;
     let t0 = Instant::now();
+    opts.check()?;
     let fs = opts.fs.clone();
-    let (broker, disk, recovery) = tokio::task::spawn_blocking(move || recover_in(fs, &dir, broker_config, seed))
-        .await
-        .map_err(|e| ServeError::Http(format!("recovery task: {e}")))??;
+    let given_key = opts.signing_key.clone();
+    let (broker, disk, recovery, signing_key) = tokio::task::spawn_blocking(move || {
+        let (broker, disk, report) = recover_in(fs, &dir, broker_config, seed)?;
+        // Under the directory's lock (held by `disk`): only one process ever
+        // generates the key.
+        let key = match given_key {
+            Some(k) => k,
+            None => super::signing_key::load_or_create(&dir).map_err(ServeError::Config)?,
+        };
+        Ok::<_, ServeError>((broker, disk, report, key))
+    })
+    .await
+    .map_err(|e| ServeError::Http(format!("recovery task: {e}")))??;
     tracing::info!(
         records = recovery.records,
         bytes = recovery.valid_len,
@@ -206,7 +234,7 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     let writer = writer.map_err(io_err("start the log writer thread"))?;
     let (callbacks, callback_results) = Dispatcher::new(CallbackConfig {
         timeout: opts.broker.callback_timeout,
-        signing_key: opts.effective_signing_key(),
+        signing_key: Some(signing_key.as_bytes().to_vec()),
         allow: opts.allow.clone(),
         inflight_per_subscriber_max: opts.broker.inflight_per_subscriber_max,
     })
@@ -263,10 +291,11 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
             .map_err(|e| ServeError::Http(format!("driver task: {e}")))?
             .map_err(ServeError::Log)
     });
-    tracing::info!(%addr, data = %opts.data_dir.display(), auth = opts.token.is_some(), signed = opts.effective_signing_key().is_some(), "sagamq serving");
+    tracing::info!(%addr, data = %opts.data_dir.display(), auth = opts.token.is_some(), signing_key_given = opts.signing_key.is_some(), "sagamq serving");
     Ok(RunningBroker {
         addr,
         recovery,
+        signing_key,
         driver: handle,
         stop: Some(stop_tx),
         task,
