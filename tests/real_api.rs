@@ -439,6 +439,74 @@ async fn the_allowlist_is_enforced_at_subscribe_and_again_at_delivery() {
     rx.stop().await;
 }
 
+/// A host allowed by name that resolves to loopback is refused unless an
+/// address entry allows it, at subscribe and at delivery; the broker's own
+/// routes (`/metrics`) are never a callback target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_resolving_inward_is_refused_unless_allowed_by_address() {
+    let dir = temp_dir("resolve");
+    let inbox = Arc::new(Inbox::default());
+    let rx = inbox.serve(loopback0()).await;
+    let by_name = format!("http://localhost:{}/cb", rx.addr.port());
+
+    // Allowed by name only: `localhost` resolves to 127.0.0.1, refused.
+    let mut o = options(&dir);
+    o.allow = Allowlist::parse(&["localhost"]).unwrap();
+    let broker = start(o).await;
+    let c = BrokerClient::new(broker.url(), None);
+    let (status, v) = c
+        .post_json("/subscribe", &subscribe("s1", "t", &by_name))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{v}");
+    let err = v["error"].as_str().unwrap();
+    assert!(err.contains("127.0.0.1") && err.contains("loopback address"), "{err}");
+    broker.shutdown().await.unwrap();
+
+    // Allowed by address (a CIDR block): accepted and delivered.
+    let mut o = options(&dir);
+    o.allow = Allowlist::parse(&["localhost", "127.0.0.0/8"]).unwrap();
+    let broker = start(o).await;
+    let c = BrokerClient::new(broker.url(), None);
+    c.subscribe(&subscribe("s1", "t", &by_name)).await.unwrap();
+    c.publish(&publish("g1", "t", "x")).await.unwrap();
+    eventually(10, "delivery to the allowed address", || inbox.count() == 1).await;
+
+    // The broker itself, under any name or loopback address, is refused.
+    let port = broker.addr.port();
+    for own in [
+        format!("{}/metrics", broker.url()),
+        format!("http://localhost:{port}/metrics"),
+        format!("http://127.0.0.2:{port}/publish"),
+    ] {
+        let (status, v) = c.post_json("/subscribe", &subscribe("s2", "t", &own)).await.unwrap();
+        assert_eq!(status, 400, "{own}: {v}");
+        assert!(v["error"].as_str().unwrap().contains("own listening address"), "{v}");
+    }
+    broker.shutdown().await.unwrap();
+
+    // A name stored while allowed is refused at delivery once it is not.
+    let mut o = options(&dir);
+    o.allow = Allowlist::parse(&["localhost"]).unwrap();
+    o.broker.attempts_max = 1_000;
+    let broker = start(o).await;
+    let c = BrokerClient::new(broker.url(), None);
+    c.publish(&publish("g2", "t", "y")).await.unwrap();
+    let d = broker.driver();
+    let mut failed = 0;
+    for _ in 0..500 {
+        failed = d.stats().await.unwrap().io.callbacks_failed;
+        if failed >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(failed >= 2, "the stored name was not refused at delivery");
+    assert_eq!(inbox.count(), 1, "a refused address was contacted");
+    broker.shutdown().await.unwrap();
+    rx.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_callbacks_become_dead_letters_and_redrive_delivers_them() {
     let dir = temp_dir("dead");

@@ -13,7 +13,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
@@ -167,23 +167,122 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Which callback hosts the broker may contact.
+/// Which callback targets the broker may contact, judged twice: the URL's
+/// host by name, then every address it resolves to.
+///
+/// **Rules:** a public address is allowed when the host matched a name entry
+/// (`*`, `*.domain`, a host name) or an address entry holds it; a loopback,
+/// private, link-local, unspecified, shared (CGNAT), multicast or reserved
+/// address only when an address entry holds it (`loopback` holds the loopback
+/// ranges), never because of a name; the broker's own listening address
+/// (its port on a loopback or its bound address) never. The dispatcher
+/// connects to an address that passed, not to a second lookup of the name,
+/// so a name that changes its answer (DNS rebinding) cannot lead inward.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Allowlist {
     entries: Vec<AllowEntry>,
+    /// The broker's own listening address.
+    own: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum AllowEntry {
-    /// `*`: any host.
+    /// `*`: any host name (public addresses only).
     Any,
-    /// `loopback`: `localhost` and every loopback address.
+    /// `loopback`: the name `localhost` and the loopback ranges.
     Loopback,
-    /// `*.example.com`: any subdomain of it.
+    /// `*.example.com`: any subdomain of it (public addresses only).
     Suffix(String),
-    /// An exact host name (lowercase).
+    /// An exact host name, lowercase (public addresses only).
     Host(String),
-    Ip(IpAddr),
+    /// An address or a CIDR block: these addresses, whatever their kind.
+    Net(IpNet),
+}
+
+/// An address block: `10.0.0.0/8`, `fd00::/8`, or one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(s: &str) -> Option<IpNet> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= bits)?,
+            None => bits,
+        };
+        Some(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, canonical(ip)) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is the IPv4 address it
+/// carries: it reaches the same host.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The kind of an address that must be allowed by address, or `None` for a
+/// public one.
+pub fn special_address(ip: IpAddr) -> Option<&'static str> {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            if v4.is_loopback() {
+                Some("loopback")
+            } else if v4.is_private() {
+                Some("private")
+            } else if v4.is_link_local() {
+                Some("link-local")
+            } else if v4.is_unspecified() || o[0] == 0 {
+                Some("unspecified")
+            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+                Some("shared (CGNAT)")
+            } else if v4.is_multicast() || v4.is_broadcast() || o[0] >= 240 {
+                Some("multicast or reserved")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if v6.is_unique_local() {
+                Some("private")
+            } else if v6.is_unicast_link_local() || (v6.segments()[0] & 0xffc0) == 0xfec0 {
+                Some("link-local")
+            } else if v6.is_multicast() {
+                Some("multicast or reserved")
+            } else {
+                None
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,15 +300,27 @@ impl Default for Allowlist {
     }
 }
 
+/// Longest a callback target's name resolution may take at subscribe time.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Addresses considered per resolution (a bound on what a name can return).
+const RESOLVED_ADDRESSES_MAX: usize = 32;
+
 impl Allowlist {
     pub fn loopback() -> Allowlist {
         Allowlist {
             entries: vec![AllowEntry::Loopback],
+            own: None,
         }
     }
 
+    /// The broker listens here: never a callback target.
+    pub fn with_own_address(mut self, addr: SocketAddr) -> Allowlist {
+        self.own = Some(addr);
+        self
+    }
+
     /// Parses `--callback-allow` values: `loopback`, `*`, `*.domain`, a host
-    /// name or an IP address. An empty list means loopback only.
+    /// name, an IP address or a CIDR block. An empty list means loopback only.
     pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Allowlist, String> {
         let mut entries = Vec::new();
         for item in items {
@@ -226,11 +337,11 @@ impl Allowlist {
                         return Err(format!("bad --callback-allow entry {raw:?}"));
                     }
                     AllowEntry::Suffix(format!(".{rest}"))
-                } else if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-                    AllowEntry::Ip(ip)
-                } else if s.contains(['*', '/', ':', '@']) {
+                } else if let Some(net) = IpNet::parse(&s) {
+                    AllowEntry::Net(net)
+                } else if s.contains(['*', '/', ':', '@', '[', ']']) {
                     return Err(format!(
-                        "bad --callback-allow entry {raw:?}: expected loopback, *, *.domain, a host name or an IP address"
+                        "bad --callback-allow entry {raw:?}: expected loopback, *, *.domain, a host name, an IP address or a CIDR block (10.0.0.0/8)"
                     ));
                 } else {
                     AllowEntry::Host(s)
@@ -241,10 +352,12 @@ impl Allowlist {
         if entries.is_empty() {
             entries.push(AllowEntry::Loopback);
         }
-        Ok(Allowlist { entries })
+        Ok(Allowlist { entries, own: None })
     }
 
-    /// Accepts an `http://` URL whose host is allowed.
+    /// The checks that need no lookup: an `http://` URL without credentials
+    /// whose host is allowed by name, or could be by address (an IP host is
+    /// judged here in full). Resolve with [`Allowlist::resolve`] before use.
     pub fn check_url(&self, url: &str) -> Result<reqwest::Url, UrlError> {
         if url.is_empty() || url.len() > URL_LEN_MAX {
             return Err(UrlError(format!(
@@ -265,32 +378,144 @@ impl Allowlist {
         if !parsed.username().is_empty() || parsed.password().is_some() {
             return Err(UrlError("NotifyUrl must not carry credentials".into()));
         }
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| UrlError("NotifyUrl has no host".into()))?
-            .to_ascii_lowercase();
-        if self.allows_host(&host) {
-            Ok(parsed)
-        } else {
-            Err(UrlError(format!(
-                "NotifyUrl host {host} is not on the callback allowlist (--callback-allow)"
-            )))
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        match parsed.host() {
+            None => Err(UrlError("NotifyUrl has no host".into())),
+            Some(url::Host::Ipv4(ip)) => self
+                .check_addr(&parsed, SocketAddr::new(ip.into(), port))
+                .map(|()| parsed),
+            Some(url::Host::Ipv6(ip)) => self
+                .check_addr(&parsed, SocketAddr::new(ip.into(), port))
+                .map(|()| parsed),
+            Some(url::Host::Domain(name)) => {
+                let name = name.to_ascii_lowercase();
+                if self.name_allowed(&name) || self.has_address_entries() {
+                    Ok(parsed)
+                } else {
+                    Err(UrlError(format!(
+                        "NotifyUrl host {name} is not on the callback allowlist (--callback-allow)"
+                    )))
+                }
+            }
         }
     }
 
-    fn allows_host(&self, host: &str) -> bool {
-        let ip = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .ok();
+    fn has_address_entries(&self) -> bool {
+        self.entries.iter().any(|e| matches!(e, AllowEntry::Net(_)))
+    }
+
+    fn name_allowed(&self, name: &str) -> bool {
         self.entries.iter().any(|e| match e {
             AllowEntry::Any => true,
-            AllowEntry::Loopback => host == "localhost" || ip.is_some_and(|ip| ip.is_loopback()),
-            AllowEntry::Suffix(suffix) => ip.is_none() && host.ends_with(suffix.as_str()),
-            AllowEntry::Host(h) => ip.is_none() && host == h,
-            AllowEntry::Ip(allowed) => ip == Some(*allowed),
+            AllowEntry::Loopback => name == "localhost",
+            AllowEntry::Suffix(suffix) => name.ends_with(suffix.as_str()),
+            AllowEntry::Host(h) => name == h,
+            AllowEntry::Net(_) => false,
         })
+    }
+
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        let Some(own) = self.own else { return false };
+        if addr.port() != own.port() {
+            return false;
+        }
+        let ip = canonical(addr.ip());
+        let own_ip = canonical(own.ip());
+        // Bound to every interface: any local-looking address may be it.
+        ip == own_ip
+            || ip.is_loopback()
+            || ip.is_unspecified()
+            || (own_ip.is_unspecified() && special_address(ip).is_some())
+    }
+
+    /// May the broker connect to `addr` for the callback URL `url`?
+    pub fn check_addr(&self, url: &reqwest::Url, addr: SocketAddr) -> Result<(), UrlError> {
+        let ip = canonical(addr.ip());
+        if self.is_own(addr) {
+            return Err(UrlError(format!(
+                "NotifyUrl {} reaches {addr}, the broker's own listening address",
+                url.host_str().unwrap_or("")
+            )));
+        }
+        let by_address = self.entries.iter().any(|e| match e {
+            AllowEntry::Net(net) => net.contains(ip),
+            AllowEntry::Loopback => ip.is_loopback(),
+            _ => false,
+        });
+        if by_address {
+            return Ok(());
+        }
+        let host = url.host_str().unwrap_or("");
+        match special_address(ip) {
+            Some(kind) => {
+                let what = if url
+                    .host_str()
+                    .is_some_and(|h| h.trim_start_matches('[').trim_end_matches(']') == ip.to_string())
+                {
+                    format!("NotifyUrl address {ip}")
+                } else {
+                    format!("NotifyUrl host {host} resolves to {ip}, which")
+                };
+                Err(UrlError(format!(
+                    "{what} is a {kind} address, off the callback allowlist unless an address entry allows it \
+                     (--callback-allow {ip} or its CIDR block)"
+                )))
+            }
+            None => {
+                let name_ok = match url.host() {
+                    Some(url::Host::Domain(name)) => self.name_allowed(&name.to_ascii_lowercase()),
+                    // `*` also allows public IP hosts.
+                    _ => self.entries.contains(&AllowEntry::Any),
+                };
+                if name_ok {
+                    Ok(())
+                } else {
+                    Err(UrlError(format!(
+                        "NotifyUrl host {host} ({ip}) is not on the callback allowlist (--callback-allow)"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Resolves the URL's host (bounded by [`RESOLVE_TIMEOUT`]) and answers
+    /// the addresses that passed [`Allowlist::check_addr`], in resolver order;
+    /// an error names what was refused when none passed.
+    pub async fn resolve(&self, url: &reqwest::Url) -> Result<Vec<SocketAddr>, UrlError> {
+        let port = url.port_or_known_default().unwrap_or(80);
+        let candidates: Vec<SocketAddr> = match url.host() {
+            None => return Err(UrlError("NotifyUrl has no host".into())),
+            Some(url::Host::Ipv4(ip)) => vec![SocketAddr::new(ip.into(), port)],
+            Some(url::Host::Ipv6(ip)) => vec![SocketAddr::new(ip.into(), port)],
+            Some(url::Host::Domain(name)) => {
+                let lookup = tokio::net::lookup_host((name, port));
+                match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                    Err(_) => {
+                        return Err(UrlError(format!(
+                            "NotifyUrl host {name}: no DNS answer within {RESOLVE_TIMEOUT:?}"
+                        )));
+                    }
+                    Ok(Err(e)) => return Err(UrlError(format!("NotifyUrl host {name} does not resolve: {e}"))),
+                    Ok(Ok(addrs)) => addrs.take(RESOLVED_ADDRESSES_MAX).collect(),
+                }
+            }
+        };
+        let mut passed = Vec::new();
+        let mut refused = None;
+        for a in candidates {
+            match self.check_addr(url, a) {
+                Ok(()) => passed.push(a),
+                Err(e) => refused = refused.or(Some(e)),
+            }
+        }
+        match (passed.is_empty(), refused) {
+            (false, _) => Ok(passed),
+            (true, Some(e)) => Err(e),
+            (true, None) => Err(UrlError(format!(
+                "NotifyUrl host {} resolves to no address",
+                url.host_str().unwrap_or("")
+            ))),
+        }
     }
 }
 
@@ -360,6 +585,7 @@ impl Dispatcher {
         let key = self.signing_key.clone();
         let total = self.total.clone();
         let results = self.results.clone();
+        let allow = self.allow.clone();
         tokio::spawn(async move {
             let delivery = cb.delivery;
             let result = match url {
@@ -368,7 +594,13 @@ impl Dispatcher {
                     CallbackResult::Failed
                 }
                 Ok(url) => match (window.acquire_owned().await, total.acquire_owned().await) {
-                    (Ok(_w), Ok(_t)) => post(&http, key.as_deref(), url, cb).await,
+                    (Ok(_w), Ok(_t)) => match allow.resolve(&url).await {
+                        Ok(addrs) => post(&http, key.as_deref(), url, addrs[0], cb).await,
+                        Err(e) => {
+                            tracing::warn!(client = %cb.client, msg = %cb.message.msg_id, "callback refused: {e}");
+                            CallbackResult::Failed
+                        }
+                    },
                     _ => CallbackResult::Failed,
                 },
             };
@@ -401,7 +633,26 @@ impl Dispatcher {
     }
 }
 
-async fn post(http: &reqwest::Client, key: Option<&[u8]>, url: reqwest::Url, cb: Callback) -> CallbackResult {
+/// POSTs to `addr`, an address that passed the allowlist, never to a fresh
+/// lookup of the URL's name; the request keeps the URL's host in `Host`.
+async fn post(
+    http: &reqwest::Client,
+    key: Option<&[u8]>,
+    url: reqwest::Url,
+    addr: SocketAddr,
+    cb: Callback,
+) -> CallbackResult {
+    let host_header = match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap_or("")),
+        None => url.host_str().unwrap_or("").to_string(),
+    };
+    let mut target = url;
+    if target.set_ip_host(addr.ip()).is_err() {
+        return CallbackResult::Failed;
+    }
+    if target.set_port(Some(addr.port())).is_err() {
+        return CallbackResult::Failed;
+    }
     let body = match serde_json::to_vec(&cb.message) {
         Ok(b) => b,
         Err(e) => {
@@ -410,7 +661,8 @@ async fn post(http: &reqwest::Client, key: Option<&[u8]>, url: reqwest::Url, cb:
         }
     };
     let mut req = http
-        .post(url)
+        .post(target)
+        .header(reqwest::header::HOST, host_header)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(ATTEMPT_HEADER, cb.attempt.to_string());
     if let Some(key) = key {
@@ -546,7 +798,22 @@ mod tests {
     fn allowlist_entries() {
         let a = Allowlist::parse(&["*.svc.local, 10.1.2.3", "orders"]).unwrap();
         assert!(a.check_url("http://stock.svc.local:8080/cb").is_ok());
-        assert!(a.check_url("http://svc.local/").is_err());
+        // With an address entry in the list, any name may still resolve into
+        // it: the name passes, and its public addresses are refused.
+        assert!(a.check_url("http://svc.local/").is_ok());
+        let public: SocketAddr = "93.184.216.34:80".parse().unwrap();
+        assert!(a.check_addr(&url("http://svc.local/"), public).is_err());
+        assert!(a.check_addr(&url("http://stock.svc.local/"), public).is_ok());
+        assert!(
+            a.check_addr(&url("http://svc.local/"), "10.1.2.3:80".parse().unwrap())
+                .is_ok()
+        );
+        assert!(
+            Allowlist::parse(&["orders"])
+                .unwrap()
+                .check_url("http://svc.local/")
+                .is_err()
+        );
         assert!(a.check_url("http://10.1.2.3/").is_ok());
         assert!(a.check_url("http://orders/").is_ok());
         assert!(
@@ -561,5 +828,118 @@ mod tests {
         );
         assert!(Allowlist::parse(&["http://x/"]).is_err());
         assert_eq!(Allowlist::parse::<&str>(&[]).unwrap(), Allowlist::loopback());
+    }
+
+    fn url(u: &str) -> reqwest::Url {
+        reqwest::Url::parse(u).unwrap()
+    }
+
+    #[test]
+    fn cidr_blocks_and_mapped_addresses() {
+        let n = IpNet::parse("10.0.0.0/8").unwrap();
+        assert!(n.contains("10.200.1.1".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        assert!(
+            n.contains("::ffff:10.1.2.3".parse().unwrap()),
+            "IPv4-mapped is the same host"
+        );
+        let v6 = IpNet::parse("fd00::/8").unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("fe80::1".parse().unwrap()));
+        assert!(IpNet::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "::/129", "10.0.0/8", "x/8"] {
+            assert_eq!(IpNet::parse(bad), None, "{bad}");
+        }
+        assert!(Allowlist::parse(&["10.0.0.0/33"]).is_err());
+    }
+
+    #[test]
+    fn inward_addresses_need_an_address_entry_even_under_a_star() {
+        let any = Allowlist::parse(&["*"]).unwrap();
+        for inward in [
+            "http://127.0.0.1/",
+            "http://10.1.1.1/",
+            "http://192.168.0.1/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://0.0.0.0/",
+            "http://100.64.0.1/",
+            "http://[::1]/",
+            "http://[fd00::1]/",
+            "http://[fe80::1]/",
+            "http://[::ffff:127.0.0.1]/",
+        ] {
+            let err = any.check_url(inward).unwrap_err();
+            assert!(err.0.contains("address"), "{inward}: {err}");
+        }
+        assert!(any.check_url("http://8.8.8.8/").is_ok(), "public IP under *");
+        let with_net = Allowlist::parse(&["*", "10.0.0.0/8"]).unwrap();
+        assert!(with_net.check_url("http://10.1.1.1/").is_ok());
+        assert!(with_net.check_url("http://192.168.0.1/").is_err());
+        // A name allowed by name that resolves inward is refused by address.
+        let by_name = Allowlist::parse(&["localhost", "*.svc.example"]).unwrap();
+        let u = url("http://localhost:8080/cb");
+        assert!(by_name.check_url(u.as_str()).is_ok(), "the name passes");
+        let err = by_name.check_addr(&u, "127.0.0.1:8080".parse().unwrap()).unwrap_err();
+        assert!(err.0.contains("loopback address"), "{err}");
+        let rebinding = url("http://stock.svc.example/cb");
+        assert!(by_name.check_addr(&rebinding, "10.0.0.7:80".parse().unwrap()).is_err());
+        assert!(
+            by_name
+                .check_addr(&rebinding, "93.184.216.34:80".parse().unwrap())
+                .is_ok()
+        );
+        // A public address not named is refused.
+        assert!(
+            by_name
+                .check_addr(&url("http://evil.example/"), "93.184.216.34:80".parse().unwrap())
+                .is_err()
+        );
+        let with_addr = Allowlist::parse(&["localhost", "127.0.0.1/32"]).unwrap();
+        assert!(with_addr.check_addr(&u, "127.0.0.1:8080".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn the_brokers_own_address_is_never_a_target() {
+        let own: SocketAddr = "127.0.0.1:3333".parse().unwrap();
+        let a = Allowlist::parse(&["loopback", "127.0.0.0/8"])
+            .unwrap()
+            .with_own_address(own);
+        assert!(
+            a.check_url("http://127.0.0.1:3333/metrics")
+                .unwrap_err()
+                .0
+                .contains("own")
+        );
+        assert!(
+            a.check_url("http://127.0.0.2:3333/publish").is_err(),
+            "any loopback, same port"
+        );
+        assert!(a.check_url("http://[::1]:3333/").is_err());
+        assert!(
+            a.check_url("http://127.0.0.1:3334/cb").is_ok(),
+            "another port is another service"
+        );
+        let u = url("http://localhost:3333/metrics");
+        assert!(a.check_addr(&u, own).is_err());
+        // Bound to every interface: its port on any inward address is refused.
+        let all = Allowlist::parse(&["10.0.0.0/8"])
+            .unwrap()
+            .with_own_address("0.0.0.0:3333".parse().unwrap());
+        assert!(all.check_url("http://10.0.0.5:3333/").is_err());
+        assert!(all.check_url("http://10.0.0.5:8080/").is_ok());
+    }
+
+    #[tokio::test]
+    async fn resolution_keeps_only_the_addresses_that_pass() {
+        let by_name = Allowlist::parse(&["localhost"]).unwrap();
+        let u = url("http://localhost:9/cb");
+        let err = by_name.resolve(&u).await.unwrap_err();
+        assert!(err.0.contains("loopback"), "{err}");
+        let with_addr = Allowlist::parse(&["localhost", "127.0.0.0/8"]).unwrap();
+        let addrs = with_addr.resolve(&u).await.unwrap();
+        assert!(!addrs.is_empty());
+        assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 9), "{addrs:?}");
+        let unknown = url("http://no-such-host.invalid/cb");
+        assert!(Allowlist::parse(&["*"]).unwrap().resolve(&unknown).await.is_err());
     }
 }

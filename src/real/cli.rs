@@ -63,8 +63,10 @@ pub struct ServeArgs {
     /// Default: the key kept in --data (generated at the first start; see `sagamq signing-key`).
     #[arg(long, env = "SAGAMQ_SIGNING_KEY", hide_env_values = true)]
     pub signing_key: Option<String>,
-    /// Callback hosts allowed: `loopback` (default), `*`, `*.domain`, a host name or an IP. Repeatable or comma-separated.
-    #[arg(long = "callback-allow", value_name = "HOSTS")]
+    /// Callback targets allowed: `loopback` (default), `*`, `*.domain`, a host name (these allow public
+    /// addresses only), an IP or a CIDR block (these allow any address in them, private ones included).
+    /// Every resolved address is checked; the broker's own address never passes. Repeatable or comma-separated.
+    #[arg(long = "callback-allow", value_name = "ENTRIES")]
     pub callback_allow: Vec<String>,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = super::http::BODY_LEN_MAX_DEFAULT)]

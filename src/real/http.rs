@@ -192,7 +192,13 @@ async fn subscribe(State(s): State<AppState>, body: Result<Bytes, BytesRejection
         Ok(p) => p,
         Err(r) => return r,
     };
-    if let Err(e) = s.config.allow.check_url(&sub.notify_url) {
+    // By name, then every resolved address: a name that resolves inward (or
+    // to the broker itself) is refused here, and again at each delivery.
+    let checked = match s.config.allow.check_url(&sub.notify_url) {
+        Ok(url) => s.config.allow.resolve(&url).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = checked {
         return error(StatusCode::BAD_REQUEST, e);
     }
     match s.driver.request(Request::Subscribe(sub)).await {

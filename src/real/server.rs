@@ -232,26 +232,29 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     #[cfg(not(test))]
     let writer = LogWriter::spawn(disk);
     let writer = writer.map_err(io_err("start the log writer thread"))?;
+    // Bound before the callback client exists: the allowlist must know the
+    // broker's own address, which is never a callback target.
+    let listener = TcpListener::bind(opts.addr)
+        .await
+        .map_err(io_err(format!("bind {}", opts.addr)))?;
+    let addr = listener.local_addr().map_err(io_err("local_addr"))?;
+    let allow = opts.allow.clone().with_own_address(addr);
     let (callbacks, callback_results) = Dispatcher::new(CallbackConfig {
         timeout: opts.broker.callback_timeout,
         signing_key: Some(signing_key.as_bytes().to_vec()),
-        allow: opts.allow.clone(),
+        allow: allow.clone(),
         inflight_per_subscriber_max: opts.broker.inflight_per_subscriber_max,
     })
     .map_err(|e| ServeError::Http(format!("HTTP client: {e}")))?;
     let (driver, handle) = Driver::new(broker, clock, writer, callbacks, callback_results);
     let driver = driver.with_lazy_sync_delay(opts.lazy_sync_delay);
 
-    let listener = TcpListener::bind(opts.addr)
-        .await
-        .map_err(io_err(format!("bind {}", opts.addr)))?;
-    let addr = listener.local_addr().map_err(io_err("local_addr"))?;
     let app = http::router(
         handle.clone(),
         HttpConfig {
             token: opts.token.clone(),
             body_len_max: opts.body_len_max,
-            allow: opts.allow.clone(),
+            allow,
         },
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
