@@ -71,6 +71,15 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = super::http::BODY_LEN_MAX_DEFAULT)]
     pub body_limit_bytes: usize,
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = super::listener::CONNECTIONS_MAX_DEFAULT)]
+    pub connections_max: usize,
+    /// A request head (or the next one on a kept-alive connection) must arrive within this, in ms.
+    #[arg(long, default_value_t = super::listener::HEADER_READ_TIMEOUT_DEFAULT.as_millis() as u64)]
+    pub header_timeout_ms: u64,
+    /// A request body must arrive within this once its head did, in ms (else 408).
+    #[arg(long, default_value_t = super::listener::BODY_READ_TIMEOUT_DEFAULT.as_millis() as u64)]
+    pub body_timeout_ms: u64,
     /// Seed of the retry jitter (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -168,6 +177,12 @@ impl ServeArgs {
         o.signing_key = self.signing_key.clone().filter(|t| !t.is_empty());
         o.allow = Allowlist::parse(&self.callback_allow)?;
         o.body_len_max = self.body_limit_bytes;
+        if self.connections_max == 0 || self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err("--connections-max, --header-timeout-ms and --body-timeout-ms must be positive".into());
+        }
+        o.connections.connections_max = self.connections_max;
+        o.connections.header_read_timeout = Duration::from_millis(self.header_timeout_ms);
+        o.body_read_timeout = Duration::from_millis(self.body_timeout_ms);
         if let Some(seed) = self.seed {
             o.seed = seed;
         }

@@ -106,15 +106,31 @@ pub struct Stats {
     pub io: IoStats,
 }
 
-/// The driver has stopped (shutdown or a fatal log error).
+/// Why the driver did not take a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DriverGone;
+pub enum DriverGone {
+    /// It has stopped (shutdown or a fatal log error).
+    Stopped,
+    /// Its command queue stayed full for [`COMMAND_QUEUE_WAIT_MAX`]: retry later.
+    Busy,
+}
 
 impl fmt::Display for DriverGone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the broker is shutting down")
+        match self {
+            DriverGone::Stopped => f.write_str("the broker is shutting down"),
+            DriverGone::Busy => write!(
+                f,
+                "the broker is overloaded: its queue of {COMMANDS_QUEUED_MAX} requests stayed full for {COMMAND_QUEUE_WAIT_MAX:?}; retry later"
+            ),
+        }
     }
 }
+
+/// How long a handler waits for room in the command queue before answering
+/// 503: a client is told to come back instead of holding its connection and
+/// body in memory while the core catches up.
+pub const COMMAND_QUEUE_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What the HTTP handlers hold to talk to the driver.
 #[derive(Clone)]
@@ -123,33 +139,44 @@ pub struct DriverHandle {
 }
 
 impl DriverHandle {
+    /// Queues a command, waiting at most [`COMMAND_QUEUE_WAIT_MAX`] for room.
+    async fn send(&self, cmd: Command) -> Result<(), DriverGone> {
+        match tokio::time::timeout(COMMAND_QUEUE_WAIT_MAX, self.tx.send(cmd)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(DriverGone::Stopped),
+            Err(_) => Err(DriverGone::Busy),
+        }
+    }
+
     pub async fn request(&self, request: Request) -> Result<Reply, DriverGone> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Request { request, reply })
-            .await
-            .map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
+        self.send(Command::Request { request, reply }).await?;
+        rx.await.map_err(|_| DriverGone::Stopped)
     }
 
     pub async fn stats(&self) -> Result<Stats, DriverGone> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Stats { reply }).await.map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
+        self.send(Command::Stats { reply }).await?;
+        rx.await.map_err(|_| DriverGone::Stopped)
     }
 
     pub async fn dead_letters(&self, client: ClientId) -> Result<Vec<Message>, DriverGone> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::DeadLetters { client, reply })
-            .await
-            .map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
+        self.send(Command::DeadLetters { client, reply }).await?;
+        rx.await.map_err(|_| DriverGone::Stopped)
     }
 
-    /// Asks the driver to finish its writes and stop.
+    /// Asks the driver to finish its writes and stop (waits for room: a
+    /// shutdown is never dropped).
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown).await;
+    }
+
+    /// A handle whose queue of `capacity` nobody drains (a stuck core), for tests.
+    #[cfg(test)]
+    pub(crate) fn stuck(capacity: usize) -> (DriverHandle, Box<dyn std::any::Any + Send>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (DriverHandle { tx }, Box::new(rx))
     }
 }
 

@@ -34,6 +34,8 @@ pub struct HttpConfig {
     /// Required as `Authorization: Bearer <token>` on mutating routes when set.
     pub token: Option<String>,
     pub body_len_max: usize,
+    /// A body must arrive within this once the request head did (slow-loris bodies).
+    pub body_read_timeout: std::time::Duration,
     pub allow: Allowlist,
 }
 
@@ -55,6 +57,9 @@ pub fn router(driver: DriverHandle, config: HttpConfig) -> Router {
         .route("/unsubscribe", post(unsubscribe))
         .route("/dead-letters", get(dead_letters))
         .route("/dead-letters/redrive", post(redrive))
+        // Layers run last-added first: the token is checked before a byte of
+        // the body is read, then the body is read whole, bounded in size and time.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body_bounded))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/ping", get(ping))
@@ -85,8 +90,14 @@ fn published(msg_id: u64, duplicate: bool) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// 503 either way; an overloaded broker also says when to come back.
 fn gone(e: DriverGone) -> Response {
-    error(StatusCode::SERVICE_UNAVAILABLE, e)
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e);
+    if e == DriverGone::Busy {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
 }
 
 /// How a refusal of the core maps to HTTP: capacity is 503 (retry later),
@@ -157,6 +168,34 @@ async fn require_token(State(s): State<AppState>, headers: HeaderMap, req: HttpR
         }
     }
     next.run(req).await
+}
+
+/// Reads the whole body within `body_read_timeout` and `body_len_max`, so a
+/// handler never waits on a slow client while it holds a place in the queue
+/// to the core: a body trickled in (slow loris) is cut with 408.
+async fn read_body_bounded(State(s): State<AppState>, req: HttpRequest, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, s.config.body_len_max);
+    let collected = tokio::time::timeout(s.config.body_read_timeout, http_body_util::BodyExt::collect(limited)).await;
+    match collected {
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {:?}", s.config.body_read_timeout),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than the limit")
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+        Ok(Ok(c)) => {
+            next.run(HttpRequest::from_parts(parts, axum::body::Body::from(c.to_bytes())))
+                .await
+        }
+    }
 }
 
 async fn ping() -> Response {
@@ -477,6 +516,60 @@ fn escape_label(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::broker::SubscriberStats;
+
+    /// A core that stopped draining its queue: a publish is answered 503 with
+    /// Retry-After within the bounded wait, instead of holding its body.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_command_queue_answers_503_with_retry_after() {
+        let (driver, _queue) = DriverHandle::stuck(1);
+        let filler = driver.clone();
+        // Takes the one place in the queue and never gets an answer.
+        let _stuck = tokio::spawn(async move { filler.stats().await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let app = router(
+            driver,
+            HttpConfig {
+                token: None,
+                body_len_max: BODY_LEN_MAX_DEFAULT,
+                body_read_timeout: std::time::Duration::from_secs(5),
+                allow: Allowlist::loopback(),
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(super::super::listener::serve(
+            listener,
+            app,
+            Default::default(),
+            stop_rx,
+            std::time::Duration::from_secs(1),
+        ));
+        let c = super::super::client::BrokerClient::new(format!("http://{addr}"), None);
+        let body = br#"{"GlobalID":"g","SubID":"1","SenderID":"s","CreateTime":0,"Topic":"t","Content":"x"}"#;
+        let t0 = std::time::Instant::now();
+        let http = reqwest::Client::new();
+        let resp = http
+            .post(format!("http://{addr}/publish"))
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let waited = t0.elapsed();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert!(v["error"].as_str().unwrap().contains("overloaded"), "{v}");
+        assert!(
+            waited >= super::super::driver::COMMAND_QUEUE_WAIT_MAX && waited < std::time::Duration::from_secs(2),
+            "answered after {waited:?}"
+        );
+        // Reads wait the same bounded time.
+        let (status, _) = c.get_json("/stats").await.unwrap();
+        assert_eq!(status, 503);
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
 
     #[test]
     fn metrics_text_has_help_type_and_escaped_labels() {

@@ -20,6 +20,7 @@ pub mod driver;
 pub mod file_disk;
 pub mod fs;
 pub mod http;
+pub mod listener;
 pub mod log_writer;
 pub mod page_cache;
 pub mod participant;

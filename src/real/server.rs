@@ -11,6 +11,7 @@ use super::driver::{Driver, DriverHandle, FatalLogError};
 use super::file_disk::FileDisk;
 use super::fs::Fs;
 use super::http::{self, HttpConfig};
+use super::listener::ConnectionLimits;
 use super::log_writer::LogWriter;
 use crate::broker::{Broker, BrokerConfig, RecoveryReport};
 use crate::log::LogError;
@@ -40,6 +41,10 @@ pub struct ServeOptions {
     pub signing_key: Option<String>,
     pub allow: Allowlist,
     pub body_len_max: usize,
+    /// Connection limit and header (and keep-alive idle) timeout.
+    pub connections: ConnectionLimits,
+    /// A request body must arrive within this once its head did.
+    pub body_read_timeout: Duration,
     pub broker: BrokerConfig,
     /// Seeds the core's retry jitter.
     pub seed: u64,
@@ -75,6 +80,8 @@ impl ServeOptions {
             signing_key: None,
             allow: Allowlist::loopback(),
             body_len_max: http::BODY_LEN_MAX_DEFAULT,
+            connections: ConnectionLimits::default(),
+            body_read_timeout: super::listener::BODY_READ_TIMEOUT_DEFAULT,
             broker,
             seed: super::clock::unix_nanos_now(),
             lazy_sync_delay: super::driver::LAZY_SYNC_DELAY_DEFAULT,
@@ -254,28 +261,16 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
         HttpConfig {
             token: opts.token.clone(),
             body_len_max: opts.body_len_max,
+            body_read_timeout: opts.body_read_timeout,
             allow,
         },
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let driver_task = tokio::spawn(driver.run());
     let shutdown_handle = handle.clone();
+    let limits = opts.connections;
     let task = tokio::spawn(async move {
-        let (grace_tx, grace_rx) = oneshot::channel::<()>();
-        // Small request/response exchanges: never let Nagle hold a reply back.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop_rx.await;
-            let _ = grace_tx.send(());
-        });
-        let grace = async move {
-            match grace_rx.await {
-                Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
-                Err(_) => std::future::pending().await,
-            }
-        };
+        let serve = super::listener::serve(listener, app, limits, stop_rx, SHUTDOWN_GRACE);
         let mut driver_task = driver_task;
         tokio::select! {
             biased;
@@ -285,8 +280,11 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
                     .map_err(ServeError::Log)?;
                 return Err(ServeError::Http("driver stopped unexpectedly".into()));
             }
-            r = serve.into_future() => r.map_err(|e| ServeError::Http(e.to_string()))?,
-            () = grace => tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
+            stopped = serve => {
+                if stopped == super::listener::Stopped::GraceExpired {
+                    tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; stopping anyway");
+                }
+            }
         }
         shutdown_handle.shutdown().await;
         driver_task
