@@ -629,3 +629,24 @@ async fn stats_and_metrics_report_group_commit() {
     assert!(text.contains("sagamq_publishes_total{result=\"stored\"} 64"), "{text}");
     broker.shutdown().await.unwrap();
 }
+
+/// A broker reachable from the network must have a token, unless the
+/// operator says `insecure` on purpose; loopback needs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_address_without_a_token_is_refused_unless_insecure() {
+    let dir = temp_dir("insecure");
+    let mut o = options(&dir);
+    o.addr = "0.0.0.0:0".parse().unwrap();
+    let err = sagamq::real::start(o.clone()).await.err().expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("without a token") && msg.contains("--insecure"), "{msg}");
+    assert!(!dir.join("sagamq.log").exists(), "nothing touched");
+    let mut with_token = o.clone();
+    with_token.token = Some("t0ken".into());
+    start(with_token).await.shutdown().await.unwrap();
+    let mut insecure = o;
+    insecure.insecure = true;
+    start(insecure).await.shutdown().await.unwrap();
+    // Loopback (the default) needs no token.
+    start(options(&dir)).await.shutdown().await.unwrap();
+}

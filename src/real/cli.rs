@@ -71,6 +71,9 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = super::http::BODY_LEN_MAX_DEFAULT)]
     pub body_limit_bytes: usize,
+    /// Allow a non-loopback --addr without --token (mutating routes open to the network).
+    #[arg(long)]
+    pub insecure: bool,
     /// Connections served at once; more wait in the listen backlog.
     #[arg(long, default_value_t = super::listener::CONNECTIONS_MAX_DEFAULT)]
     pub connections_max: usize,
@@ -177,6 +180,7 @@ impl ServeArgs {
         o.signing_key = self.signing_key.clone().filter(|t| !t.is_empty());
         o.allow = Allowlist::parse(&self.callback_allow)?;
         o.body_len_max = self.body_limit_bytes;
+        o.insecure = self.insecure;
         if self.connections_max == 0 || self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
             return Err("--connections-max, --header-timeout-ms and --body-timeout-ms must be positive".into());
         }

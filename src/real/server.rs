@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub signing_key: Option<String>,
     pub allow: Allowlist,
     pub body_len_max: usize,
+    /// Serve a non-loopback address without a token (refused otherwise).
+    pub insecure: bool,
     /// Connection limit and header (and keep-alive idle) timeout.
     pub connections: ConnectionLimits,
     /// A request body must arrive within this once its head did.
@@ -80,6 +82,7 @@ impl ServeOptions {
             signing_key: None,
             allow: Allowlist::loopback(),
             body_len_max: http::BODY_LEN_MAX_DEFAULT,
+            insecure: false,
             connections: ConnectionLimits::default(),
             body_read_timeout: super::listener::BODY_READ_TIMEOUT_DEFAULT,
             broker,
@@ -101,6 +104,14 @@ impl ServeOptions {
                  holds the signing key, and must not be able to publish with it"
                     .into(),
             ));
+        }
+        if !self.addr.ip().is_loopback() && self.token.is_none() && !self.insecure {
+            return Err(ServeError::Config(format!(
+                "refusing to serve {} without a token: anyone who can reach it could publish, subscribe \
+                 and drain other clients' queues. Give --token (or SAGAMQ_TOKEN), listen on a loopback \
+                 address, or pass --insecure to accept that",
+                self.addr
+            )));
         }
         if self.signing_key.as_ref().is_some_and(|k| k.is_empty()) {
             return Err(ServeError::Config("the signing key is empty".into()));
