@@ -650,3 +650,75 @@ async fn a_non_loopback_address_without_a_token_is_refused_unless_insecure() {
     // Loopback (the default) needs no token.
     start(options(&dir)).await.shutdown().await.unwrap();
 }
+
+/// Scoped tokens: a participant's token subscribes only as its own ClientID,
+/// so it cannot re-subscribe another client with its own URL and drain that
+/// client's queue; publishing and dead letters are scoped too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_scoped_to_one_client_cannot_subscribe_as_another() {
+    let dir = temp_dir("scoped");
+    let inbox = Arc::new(Inbox::default());
+    let rx = inbox.serve(loopback0()).await;
+    let mut o = options(&dir);
+    o.credentials = sagamq::real::auth::Auth::parse_file(
+        r#"{"tokens":[
+            {"name":"alice","token":"alice-token-0123456789","subscribe":["alice"],"dead_letters":["alice"]},
+            {"name":"publisher","token":"publisher-token-01234","publish":true}
+        ]}"#,
+    )
+    .unwrap();
+    o.token = Some("admin-token-0123456789".into());
+    let broker = start(o).await;
+    let alice = BrokerClient::new(broker.url(), Some("alice-token-0123456789".into()));
+    let publisher = BrokerClient::new(broker.url(), Some("publisher-token-01234".into()));
+    let admin = BrokerClient::new(broker.url(), Some("admin-token-0123456789".into()));
+
+    alice.subscribe(&subscribe("alice", "t", &rx.url("/a"))).await.unwrap();
+    let (status, v) = alice
+        .post_json("/subscribe", &subscribe("bob", "t", &rx.url("/steal")))
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{v}");
+    let err = v["error"].as_str().unwrap();
+    assert!(
+        err.contains("\"alice\"") && err.contains("subscribe as ClientID \"bob\""),
+        "{err}"
+    );
+    assert!(!err.contains("alice-token"), "a refusal must not echo the token: {err}");
+    let (status, _) = alice
+        .post_json("/unsubscribe", &serde_json::json!({"ClientID": "bob", "Topic": "t"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+    let (status, _) = alice.post_json("/publish", &publish("g0", "t", "x")).await.unwrap();
+    assert_eq!(status, 403, "alice may not publish");
+    let (status, _) = alice.get_json("/dead-letters?client=bob").await.unwrap();
+    assert_eq!(status, 403);
+    let (status, _) = alice.get_json("/dead-letters?client=alice").await.unwrap();
+    assert_eq!(status, 200);
+    let (status, _) = alice
+        .post_json("/dead-letters/redrive", &serde_json::json!({"ClientID": "bob"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 403);
+
+    let (status, _) = publisher
+        .post_json("/subscribe", &subscribe("alice", "t", &rx.url("/steal")))
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "publish rights do not include subscribing");
+    publisher.publish(&publish("g1", "t", "x")).await.unwrap();
+    eventually(10, "alice's delivery", || inbox.count() == 1).await;
+    // The single --token still does everything.
+    admin.subscribe(&subscribe("bob", "t", &rx.url("/b"))).await.unwrap();
+    admin.publish(&publish("g2", "t", "y")).await.unwrap();
+    let (status, _) = BrokerClient::new(broker.url(), Some("wrong-token-0123456789".into()))
+        .post_json("/publish", &publish("g3", "t", "z"))
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+    let st = broker.driver().stats().await.unwrap();
+    assert_eq!(st.broker.subscriptions, 2, "refused subscriptions stored nothing");
+    broker.shutdown().await.unwrap();
+    rx.stop().await;
+}

@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = super::http::BODY_LEN_MAX_DEFAULT)]
     pub body_limit_bytes: usize,
+    /// Scoped tokens, JSON: {"tokens":[{"name","token","publish":bool,"subscribe":[ClientID|"*"],
+    /// "dead_letters":[ClientID|"*"]}]}. --token, if also given, may do everything.
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
     /// Allow a non-loopback --addr without --token (mutating routes open to the network).
     #[arg(long)]
     pub insecure: bool,
@@ -181,6 +185,9 @@ impl ServeArgs {
         o.allow = Allowlist::parse(&self.callback_allow)?;
         o.body_len_max = self.body_limit_bytes;
         o.insecure = self.insecure;
+        if let Some(path) = &self.credentials {
+            o.credentials = super::auth::Auth::load_file(path)?;
+        }
         if self.connections_max == 0 || self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
             return Err("--connections-max, --header-timeout-ms and --body-timeout-ms must be positive".into());
         }
@@ -303,8 +310,10 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if opts.token.is_none() {
-                tracing::warn!("no --token: mutating routes are open to anyone who can reach --addr");
+            if opts.auth().is_open() {
+                tracing::warn!(
+                    "no --token and no --credentials: mutating routes are open to anyone who can reach --addr"
+                );
             }
             let startup_delay = Duration::from_millis(args.debug_startup_delay_ms);
             let r = rt.block_on(async move {

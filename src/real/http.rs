@@ -9,14 +9,15 @@
 //! durable; with a token configured, every mutating route (and the dead-letter
 //! listing, which exposes message contents) requires `Authorization: Bearer`.
 
-use super::callbacks::{Allowlist, constant_time_eq};
+use super::auth::{Auth, Scope};
+use super::callbacks::Allowlist;
 use super::driver::{DriverGone, DriverHandle, Request, Stats};
 use crate::broker::{BrokerError, Reply};
 use crate::types::{CONTENT_LEN_MAX, ClientId, PublishRequest, SubscribeRequest, Topic};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, Request as HttpRequest, State};
+use axum::extract::{DefaultBodyLimit, Extension, Query, Request as HttpRequest, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -31,8 +32,9 @@ pub const BODY_LEN_MAX_DEFAULT: usize = 256 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
-    /// Required as `Authorization: Bearer <token>` on mutating routes when set.
-    pub token: Option<String>,
+    /// Tokens required as `Authorization: Bearer <token>` on mutating routes,
+    /// each with its scope; none configured: open.
+    pub auth: Auth,
     pub body_len_max: usize,
     /// A body must arrive within this once the request head did (slow-loris bodies).
     pub body_read_timeout: std::time::Duration,
@@ -153,21 +155,35 @@ fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> R
     serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
 }
 
-async fn require_token(State(s): State<AppState>, headers: HeaderMap, req: HttpRequest, next: Next) -> Response {
-    if let Some(token) = &s.config.token {
+async fn require_token(State(s): State<AppState>, headers: HeaderMap, mut req: HttpRequest, next: Next) -> Response {
+    let scope = if s.config.auth.is_open() {
+        Scope::everything("open")
+    } else {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let good = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
-        if !good {
-            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong Authorization: Bearer token");
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        match s.config.auth.scope_of(presented) {
+            Some(scope) => scope.clone(),
+            None => {
+                let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong Authorization: Bearer token");
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return r;
+            }
         }
-    }
+    };
+    req.extensions_mut().insert(Arc::new(scope));
     next.run(req).await
+}
+
+/// 403 naming the token's name (never the token) and what it lacks.
+fn forbidden(scope: &Scope, what: impl std::fmt::Display) -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        format!("the token {:?} may not {what}", scope.name),
+    )
 }
 
 /// Reads the whole body within `body_read_timeout` and `body_len_max`, so a
@@ -210,7 +226,14 @@ async fn method_not_allowed() -> Response {
     error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
 }
 
-async fn publish(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn publish(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if !scope.publish {
+        return forbidden(&scope, "publish");
+    }
     let p: PublishRequest = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
@@ -226,11 +249,21 @@ async fn publish(State(s): State<AppState>, body: Result<Bytes, BytesRejection>)
     }
 }
 
-async fn subscribe(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn subscribe(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let sub: SubscribeRequest = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    if !scope.subscribe.allows(&sub.client_id) {
+        return forbidden(
+            &scope,
+            format_args!("subscribe as ClientID {:?}", sub.client_id.as_str()),
+        );
+    }
     // By name, then every resolved address: a name that resolves inward (or
     // to the broker itself) is refused here, and again at each delivery.
     let checked = match s.config.allow.check_url(&sub.notify_url) {
@@ -257,11 +290,18 @@ struct UnsubscribeBody {
     topic: Topic,
 }
 
-async fn unsubscribe(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn unsubscribe(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let u: UnsubscribeBody = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    if !scope.subscribe.allows(&u.client_id) {
+        return forbidden(&scope, format_args!("unsubscribe ClientID {:?}", u.client_id.as_str()));
+    }
     let request = Request::Unsubscribe {
         client: u.client_id,
         topic: u.topic,
@@ -281,11 +321,21 @@ struct ClientBody {
     client_id: ClientId,
 }
 
-async fn redrive(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn redrive(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let c: ClientBody = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    if !scope.dead_letters.allows(&c.client_id) {
+        return forbidden(
+            &scope,
+            format_args!("redrive the dead letters of ClientID {:?}", c.client_id.as_str()),
+        );
+    }
     match s.driver.request(Request::Redrive { client: c.client_id }).await {
         Ok(Reply::Redriven { count }) => ok(json!({"Redriven": count})),
         Ok(Reply::Rejected(e)) => rejected(e),
@@ -300,7 +350,11 @@ struct ClientQuery {
     client: ClientId,
 }
 
-async fn dead_letters(State(s): State<AppState>, q: Result<Query<ClientQuery>, QueryRejection>) -> Response {
+async fn dead_letters(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    q: Result<Query<ClientQuery>, QueryRejection>,
+) -> Response {
     let client = match q {
         Ok(Query(q)) => q.client,
         Err(e) => {
@@ -310,6 +364,12 @@ async fn dead_letters(State(s): State<AppState>, q: Result<Query<ClientQuery>, Q
             );
         }
     };
+    if !scope.dead_letters.allows(&client) {
+        return forbidden(
+            &scope,
+            format_args!("read the dead letters of ClientID {:?}", client.as_str()),
+        );
+    }
     match s.driver.dead_letters(client.clone()).await {
         Ok(messages) => ok(json!({"ClientID": client, "Count": messages.len(), "Messages": messages})),
         Err(e) => gone(e),
@@ -529,7 +589,7 @@ mod tests {
         let app = router(
             driver,
             HttpConfig {
-                token: None,
+                auth: Auth::default(),
                 body_len_max: BODY_LEN_MAX_DEFAULT,
                 body_read_timeout: std::time::Duration::from_secs(5),
                 allow: Allowlist::loopback(),

@@ -10,6 +10,7 @@
 //! over [`file_disk`]; [`http`] maps routes to driver requests; [`callbacks`]
 //! signs and POSTs deliveries; [`cli`] is `sagamq serve|demo|bench`.
 
+pub mod auth;
 pub mod bench;
 pub mod callbacks;
 pub mod cli;

@@ -5,6 +5,7 @@
 //! shutdown the listener closes first, in-flight requests finish (their fsyncs
 //! included), and only then does the driver stop.
 
+use super::auth::Auth;
 use super::callbacks::{Allowlist, CallbackConfig, Dispatcher};
 use super::clock::Clock;
 use super::driver::{Driver, DriverHandle, FatalLogError};
@@ -41,6 +42,8 @@ pub struct ServeOptions {
     pub signing_key: Option<String>,
     pub allow: Allowlist,
     pub body_len_max: usize,
+    /// Scoped tokens (`--credentials FILE`), in addition to `token`.
+    pub credentials: Auth,
     /// Serve a non-loopback address without a token (refused otherwise).
     pub insecure: bool,
     /// Connection limit and header (and keep-alive idle) timeout.
@@ -82,6 +85,7 @@ impl ServeOptions {
             signing_key: None,
             allow: Allowlist::loopback(),
             body_len_max: http::BODY_LEN_MAX_DEFAULT,
+            credentials: Auth::default(),
             insecure: false,
             connections: ConnectionLimits::default(),
             body_read_timeout: super::listener::BODY_READ_TIMEOUT_DEFAULT,
@@ -94,10 +98,24 @@ impl ServeOptions {
         }
     }
 
+    /// Every credential: the file's scoped tokens, and `token` with every right.
+    pub fn auth(&self) -> Auth {
+        let single = Auth::single(self.token.as_deref());
+        let mut auth = self.credentials.clone();
+        for t in single.tokens() {
+            auth = auth.with(super::auth::Credential {
+                token: t.to_string(),
+                scope: super::auth::Scope::everything("--token"),
+            });
+        }
+        auth
+    }
+
     /// Refuses options that would weaken the broker (a clear error, before anything is touched).
     fn check(&self) -> Result<(), ServeError> {
-        if let (Some(k), Some(t)) = (&self.signing_key, &self.token)
-            && k == t
+        let auth = self.auth();
+        if let Some(k) = &self.signing_key
+            && auth.tokens().any(|t| t == k)
         {
             return Err(ServeError::Config(
                 "the signing key must differ from the API token: every subscriber that verifies callbacks \
@@ -105,7 +123,7 @@ impl ServeOptions {
                     .into(),
             ));
         }
-        if !self.addr.ip().is_loopback() && self.token.is_none() && !self.insecure {
+        if !self.addr.ip().is_loopback() && auth.is_open() && !self.insecure {
             return Err(ServeError::Config(format!(
                 "refusing to serve {} without a token: anyone who can reach it could publish, subscribe \
                  and drain other clients' queues. Give --token (or SAGAMQ_TOKEN), listen on a loopback \
@@ -270,7 +288,7 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     let app = http::router(
         handle.clone(),
         HttpConfig {
-            token: opts.token.clone(),
+            auth: opts.auth(),
             body_len_max: opts.body_len_max,
             body_read_timeout: opts.body_read_timeout,
             allow,
@@ -303,7 +321,7 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
             .map_err(|e| ServeError::Http(format!("driver task: {e}")))?
             .map_err(ServeError::Log)
     });
-    tracing::info!(%addr, data = %opts.data_dir.display(), auth = opts.token.is_some(), signing_key_given = opts.signing_key.is_some(), "sagamq serving");
+    tracing::info!(%addr, data = %opts.data_dir.display(), auth = !opts.auth().is_open(), signing_key_given = opts.signing_key.is_some(), "sagamq serving");
     Ok(RunningBroker {
         addr,
         recovery,
