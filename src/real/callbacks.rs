@@ -2,10 +2,12 @@
 //! with an HMAC-SHA256 signature, and report the outcome to the driver.
 //!
 //! **Invariant:** every dispatched callback produces exactly one
-//! [`CallbackResult`] for its [`DeliveryId`]; only hosts on the allowlist are
-//! contacted (checked again here, since a log written under an older
-//! allowlist may hold other URLs); redirects are never followed, because a
-//! redirect could lead past the allowlist.
+//! [`CallbackResult`] for its [`DeliveryId`]; only addresses that pass the
+//! [`Allowlist`] are contacted: the URL is checked again here (a log written
+//! under an older allowlist may hold other URLs), its name resolved, and the
+//! connection made to an address that passed, never to a second lookup;
+//! redirects are never followed, because a redirect could lead past the
+//! allowlist; every callback is signed with a timestamp (see [`sign`]).
 
 use crate::broker::{Callback, CallbackResult, DeliveryId};
 use crate::types::{ClientId, URL_LEN_MAX};

@@ -7,8 +7,12 @@
 //!
 //! Code map: [`server`] assembles a running broker; [`driver`] is the one task
 //! owning the [`crate::broker::Broker`]; [`log_writer`] is the fsync thread
-//! over [`file_disk`]; [`http`] maps routes to driver requests; [`callbacks`]
-//! signs and POSTs deliveries; [`cli`] is `sagamq serve|demo|bench`.
+//! over [`file_disk`], whose file calls go through [`fs`] (the OS, or the
+//! page-cache model [`page_cache`] in the power-loss test); [`listener`] is
+//! the accept loop with the connection bounds; [`http`] maps routes to driver
+//! requests under [`auth`]'s scopes; [`callbacks`] signs deliveries (key from
+//! [`signing_key`]), checks targets by name and resolved address, and POSTs
+//! them; [`cli`] is `sagamq serve|demo|bench|signing-key`.
 
 pub mod auth;
 pub mod bench;
