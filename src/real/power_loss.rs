@@ -537,8 +537,7 @@ fn a_broker_restarted_on_what_a_cut_left_survives_further_cuts() {
     let mid_compaction = first
         .images
         .iter()
-        .filter(|i| i.torn && (i.label == "rename" || i.label == "fsync dir"))
-        .last()
+        .rfind(|i| i.torn && (i.label == "rename" || i.label == "fsync dir"))
         .or_else(|| first.images.iter().rfind(|i| i.torn))
         .expect("a torn image")
         .clone();
