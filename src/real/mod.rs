@@ -20,6 +20,8 @@ pub mod callbacks;
 pub mod cli;
 pub mod client;
 pub mod clock;
+#[cfg(test)]
+mod clock_step;
 pub mod demo;
 pub mod driver;
 pub mod file_disk;

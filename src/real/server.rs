@@ -61,6 +61,9 @@ pub struct ServeOptions {
     /// `fdatasync` (the bug the power-loss test must catch).
     #[cfg(test)]
     pub(crate) test_reply_before_fsync: bool,
+    /// Test-only: the wall clock was stepped by this many seconds before start.
+    #[cfg(test)]
+    pub(crate) test_clock_step_secs: i64,
 }
 
 /// How long `serve` keeps entitling an expired subscription (delivery paused).
@@ -95,6 +98,8 @@ impl ServeOptions {
             fs: super::fs::std_fs(),
             #[cfg(test)]
             test_reply_before_fsync: false,
+            #[cfg(test)]
+            test_clock_step_secs: 0,
         }
     }
 
@@ -232,6 +237,8 @@ impl RunningBroker {
 /// Recovers the log in `opts.data_dir`, binds `opts.addr` and serves.
 pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     let clock = Clock::new();
+    #[cfg(test)]
+    let clock = clock.stepped(opts.test_clock_step_secs);
     let dir = opts.data_dir.clone();
     let broker_config = opts.broker.clone();
     let seed = opts.seed;
