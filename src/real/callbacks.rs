@@ -357,7 +357,7 @@ impl Allowlist {
         Ok(Allowlist { entries, own: None })
     }
 
-    /// The checks that need no lookup: an `http://` URL without credentials
+    /// The checks that need no lookup: an `http://` or `https://` URL without credentials
     /// whose host is allowed by name, or could be by address (an IP host is
     /// judged here in full). Resolve with [`Allowlist::resolve`] before use.
     pub fn check_url(&self, url: &str) -> Result<reqwest::Url, UrlError> {
@@ -369,13 +369,8 @@ impl Allowlist {
         }
         let parsed = reqwest::Url::parse(url).map_err(|e| UrlError(format!("NotifyUrl is not a valid URL: {e}")))?;
         match parsed.scheme() {
-            "http" => {}
-            "https" => {
-                return Err(UrlError(
-                    "NotifyUrl uses https, which this build does not support (no TLS client); use http".into(),
-                ));
-            }
-            other => return Err(UrlError(format!("NotifyUrl scheme {other:?} is not http"))),
+            "http" | "https" => {}
+            other => return Err(UrlError(format!("NotifyUrl scheme {other:?} is not http or https"))),
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
             return Err(UrlError("NotifyUrl must not carry credentials".into()));
@@ -531,7 +526,74 @@ pub struct CallbackConfig {
     pub allow: Allowlist,
     /// Callbacks in flight per subscriber (the core's window, enforced here too).
     pub inflight_per_subscriber_max: usize,
+    /// CA certificates trusted for `https` callbacks besides the bundled
+    /// Mozilla roots (a private CA of the subscribers).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
+
+/// TLS for `https` callbacks: rustls (ring), the bundled Mozilla roots plus
+/// `extra_roots`, HTTP/1.1.
+pub fn tls_config(extra_roots: &[rustls::pki_types::CertificateDer<'static>]) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for (i, c) in extra_roots.iter().enumerate() {
+        roots
+            .add(c.clone())
+            .map_err(|e| format!("CA certificate {} is not usable: {e}", i + 1))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A reqwest client builder with [`tls_config`] and no extra roots. Every
+/// client of this crate starts here: reqwest is built without a default
+/// crypto provider (ring is chosen explicitly), so a bare `Client::new()`
+/// would panic.
+pub fn client_builder() -> reqwest::ClientBuilder {
+    let tls = tls_config(&[]).expect("the bundled roots and the ring provider are valid");
+    reqwest::Client::builder().tls_backend_preconfigured(tls)
+}
+
+/// Reads PEM CA certificates (`--callback-ca FILE`).
+pub fn load_ca_file(path: &std::path::Path) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The name lookup of `https` callbacks (whose connection must keep the name
+/// for TLS): answers only the addresses that pass the allowlist, so reqwest
+/// connects to nothing else. (Plain `http` connects by IP instead, see `post`.)
+struct CheckedResolver {
+    allow: Allowlist,
+}
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow = self.allow.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let url = reqwest::Url::parse(&format!("https://{host}/"))?;
+            let addrs = allow.resolve(&url).await?;
+            // Port 0: the connector puts the URL's port in.
+            let addrs: Vec<SocketAddr> = addrs.into_iter().map(|a| SocketAddr::new(a.ip(), 0)).collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+impl std::error::Error for UrlError {}
 
 /// Per subscriber: its delivery window and its last URL, checked once.
 struct Window {
@@ -553,10 +615,13 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(
-        config: CallbackConfig,
-    ) -> Result<(Dispatcher, mpsc::Receiver<(DeliveryId, CallbackResult)>), reqwest::Error> {
+    pub fn new(config: CallbackConfig) -> Result<(Dispatcher, mpsc::Receiver<(DeliveryId, CallbackResult)>), String> {
+        let tls = tls_config(&config.extra_roots)?;
         let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .dns_resolver(Arc::new(CheckedResolver {
+                allow: config.allow.clone(),
+            }))
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .redirect(reqwest::redirect::Policy::none())
@@ -565,7 +630,8 @@ impl Dispatcher {
             .pool_max_idle_per_host(config.inflight_per_subscriber_max.max(1) * 4)
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("sagamq/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
         let (tx, rx) = mpsc::channel(CALLBACK_RESULTS_MAX);
         Ok((
             Dispatcher {
@@ -635,8 +701,11 @@ impl Dispatcher {
     }
 }
 
-/// POSTs to `addr`, an address that passed the allowlist, never to a fresh
-/// lookup of the URL's name; the request keeps the URL's host in `Host`.
+/// POSTs the callback. Plain `http` goes to `addr`, an address that passed
+/// the allowlist, never to a fresh lookup of the URL's name (the request keeps
+/// the name in `Host`). `https` needs the name for the certificate check, so
+/// it connects through [`CheckedResolver`], which answers only addresses that
+/// pass.
 async fn post(
     http: &reqwest::Client,
     key: Option<&[u8]>,
@@ -649,10 +718,9 @@ async fn post(
         None => url.host_str().unwrap_or("").to_string(),
     };
     let mut target = url;
-    if target.set_ip_host(addr.ip()).is_err() {
-        return CallbackResult::Failed;
-    }
-    if target.set_port(Some(addr.port())).is_err() {
+    if target.scheme() == "http"
+        && (target.set_ip_host(addr.ip()).is_err() || target.set_port(Some(addr.port())).is_err())
+    {
         return CallbackResult::Failed;
     }
     let body = match serde_json::to_vec(&cb.message) {
@@ -787,7 +855,6 @@ mod tests {
             "http://example.com/",
             "http://localhost.evil.com/",
             "ftp://127.0.0.1/",
-            "https://127.0.0.1/",
             "http://user:pw@127.0.0.1/",
             "not a url",
             "",

@@ -68,6 +68,9 @@ pub struct ServeArgs {
     /// Every resolved address is checked; the broker's own address never passes. Repeatable or comma-separated.
     #[arg(long = "callback-allow", value_name = "ENTRIES")]
     pub callback_allow: Vec<String>,
+    /// PEM file of CA certificates trusted for https callbacks besides the bundled Mozilla roots (repeatable).
+    #[arg(long = "callback-ca", value_name = "FILE")]
+    pub callback_ca: Vec<PathBuf>,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = super::http::BODY_LEN_MAX_DEFAULT)]
     pub body_limit_bytes: usize,
@@ -185,6 +188,9 @@ impl ServeArgs {
         o.allow = Allowlist::parse(&self.callback_allow)?;
         o.body_len_max = self.body_limit_bytes;
         o.insecure = self.insecure;
+        for path in &self.callback_ca {
+            o.callback_ca.extend(super::callbacks::load_ca_file(path)?);
+        }
         if let Some(path) = &self.credentials {
             o.credentials = super::auth::Auth::load_file(path)?;
         }

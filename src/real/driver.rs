@@ -529,6 +529,7 @@ mod tests {
             signing_key: None,
             allow: Allowlist::loopback(),
             inflight_per_subscriber_max: 4,
+            extra_roots: Vec::new(),
         })
         .unwrap();
         let (driver, handle) = Driver::new(DurableEcho::default(), Clock::new(), writer, callbacks, results);

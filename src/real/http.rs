@@ -608,7 +608,7 @@ mod tests {
         let c = super::super::client::BrokerClient::new(format!("http://{addr}"), None);
         let body = br#"{"GlobalID":"g","SubID":"1","SenderID":"s","CreateTime":0,"Topic":"t","Content":"x"}"#;
         let t0 = std::time::Instant::now();
-        let http = reqwest::Client::new();
+        let http = super::super::callbacks::client_builder().build().unwrap();
         let resp = http
             .post(format!("http://{addr}/publish"))
             .body(body.to_vec())

@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub signing_key: Option<String>,
     pub allow: Allowlist,
     pub body_len_max: usize,
+    /// CA certificates trusted for `https` callbacks besides the bundled roots.
+    pub callback_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Scoped tokens (`--credentials FILE`), in addition to `token`.
     pub credentials: Auth,
     /// Serve a non-loopback address without a token (refused otherwise).
@@ -89,6 +91,7 @@ impl ServeOptions {
             allow: Allowlist::loopback(),
             body_len_max: http::BODY_LEN_MAX_DEFAULT,
             credentials: Auth::default(),
+            callback_ca: Vec::new(),
             insecure: false,
             connections: ConnectionLimits::default(),
             body_read_timeout: super::listener::BODY_READ_TIMEOUT_DEFAULT,
@@ -287,8 +290,9 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
         signing_key: Some(signing_key.as_bytes().to_vec()),
         allow: allow.clone(),
         inflight_per_subscriber_max: opts.broker.inflight_per_subscriber_max,
+        extra_roots: opts.callback_ca.clone(),
     })
-    .map_err(|e| ServeError::Http(format!("HTTP client: {e}")))?;
+    .map_err(ServeError::Config)?;
     let (driver, handle) = Driver::new(broker, clock, writer, callbacks, callback_results);
     let driver = driver.with_lazy_sync_delay(opts.lazy_sync_delay);
 
