@@ -728,3 +728,41 @@ async fn a_token_scoped_to_one_client_cannot_subscribe_as_another() {
     broker.shutdown().await.unwrap();
     rx.stop().await;
 }
+
+/// A graceful shutdown records the answers of callbacks in flight: a
+/// subscriber that already took a message and answers 200 while the broker
+/// stops does not get it again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_waits_for_callbacks_in_flight_so_a_restart_does_not_redeliver() {
+    let dir = temp_dir("shutdown-inflight");
+    let got: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/cb",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let g = g.clone();
+            async move {
+                let m: sagamq::Message = serde_json::from_slice(&body).unwrap();
+                g.lock().unwrap().push(m.global_id.to_string());
+                // The answer is still on its way when the broker is told to stop.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let url = format!("http://{}/cb", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let broker = start(options(&dir)).await;
+    let c = BrokerClient::new(broker.url(), None);
+    c.subscribe(&subscribe("s1", "t", &url)).await.unwrap();
+    c.publish(&publish("g1", "t", "x")).await.unwrap();
+    eventually(10, "the subscriber took the message", || got.lock().unwrap().len() == 1).await;
+    broker.shutdown().await.unwrap();
+
+    let broker = start(options(&dir)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(got.lock().unwrap().len(), 1, "redelivered after a clean restart");
+    broker.shutdown().await.unwrap();
+}

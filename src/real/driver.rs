@@ -6,7 +6,9 @@
 //! `now` from one monotonic [`Clock`]; a `Persist`/`Rewrite` is reported
 //! `Durable` only after the writer thread's fsync returned (so replies the core
 //! gates on durability are never early); all `Persist` outputs gathered while
-//! one fsync runs go out together in the next one (group commit).
+//! one fsync runs go out together in the next one (group commit); at shutdown
+//! the answers of callbacks in flight are recorded (bounded wait) before the
+//! last writes, so a clean restart does not deliver them again.
 
 use super::callbacks::Dispatcher;
 use super::clock::Clock;
@@ -22,6 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 pub const COMMANDS_QUEUED_MAX: usize = 8192;
 /// Inputs taken in one turn before the outputs are drained (batches replies and writes).
 const TURN_INPUTS_MAX: usize = 512;
+/// How long a shutdown waits for the answers of callbacks in flight.
+pub const SHUTDOWN_CALLBACKS_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
 /// Turns spent finishing writes at shutdown before giving up.
 const SHUTDOWN_TURNS_MAX: usize = 1000;
 /// Writes that no request waits for (delivery acks, dead letters) are synced
@@ -209,6 +213,8 @@ pub struct Driver<B: BrokerCore = Broker> {
     lazy_deadline: Option<std::time::Instant>,
     /// See [`LAZY_SYNC_DELAY_DEFAULT`]; zero syncs every write at once.
     lazy_sync_delay: std::time::Duration,
+    /// Callbacks dispatched whose result has not come back (each produces exactly one).
+    callbacks_outstanding: u64,
 }
 
 impl<B: BrokerCore> Driver<B> {
@@ -235,6 +241,7 @@ impl<B: BrokerCore> Driver<B> {
                 stopping: false,
                 lazy_deadline: None,
                 lazy_sync_delay: LAZY_SYNC_DELAY_DEFAULT,
+                callbacks_outstanding: 0,
             },
             DriverHandle { tx },
         )
@@ -324,6 +331,7 @@ impl<B: BrokerCore> Driver<B> {
     }
 
     fn on_callback(&mut self, delivery: DeliveryId, result: CallbackResult) {
+        self.callbacks_outstanding = self.callbacks_outstanding.saturating_sub(1);
         match result {
             CallbackResult::Delivered => self.io.callbacks_delivered += 1,
             CallbackResult::Failed => self.io.callbacks_failed += 1,
@@ -366,6 +374,7 @@ impl<B: BrokerCore> Driver<B> {
                 BrokerOutput::Reply { req, reply } => self.reply(req, reply),
                 BrokerOutput::Callback(cb) => {
                     if !self.stopping {
+                        self.callbacks_outstanding += 1;
                         self.callbacks.dispatch(cb);
                     }
                 }
@@ -414,6 +423,22 @@ impl<B: BrokerCore> Driver<B> {
         // Requests that were queued before the close still get processed.
         while let Ok(cmd) = self.commands.try_recv() {
             self.on_command(cmd);
+        }
+        // Callbacks in flight: a subscriber may already have answered 2xx.
+        // Record those answers (bounded wait), or a clean restart would
+        // deliver the message again.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_CALLBACKS_WAIT_MAX;
+        while self.callbacks_outstanding > 0 {
+            match tokio::time::timeout_at(deadline, self.callback_results.recv()).await {
+                Ok(Some((delivery, result))) => self.on_callback(delivery, result),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if self.callbacks_outstanding > 0 {
+            tracing::info!(
+                outstanding = self.callbacks_outstanding,
+                "callbacks still in flight at shutdown are redelivered after restart"
+            );
         }
         self.turn();
         self.start_writes(true);
