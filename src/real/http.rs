@@ -7,7 +7,11 @@
 //! `{"ok":false,"error":"..."}` and never reaches the core, so nothing is
 //! stored; `POST /publish` answers only after the core says the record is
 //! durable; with a token configured, every mutating route (and the dead-letter
-//! listing, which exposes message contents) requires `Authorization: Bearer`.
+//! listing, which exposes message contents) requires `Authorization: Bearer`
+//! with a token whose scope ([`super::auth`]) covers the request (else 401 or
+//! 403, before the body is read); a body is read whole within a size and time
+//! bound before its handler runs, and the wait for room in the queue to the
+//! core is bounded (503 with `Retry-After`).
 
 use super::auth::{Auth, Scope};
 use super::callbacks::Allowlist;

@@ -108,15 +108,13 @@ impl ServeOptions {
 
     /// Every credential: the file's scoped tokens, and `token` with every right.
     pub fn auth(&self) -> Auth {
-        let single = Auth::single(self.token.as_deref());
-        let mut auth = self.credentials.clone();
-        for t in single.tokens() {
-            auth = auth.with(super::auth::Credential {
-                token: t.to_string(),
+        match &self.token {
+            Some(t) => self.credentials.clone().with(super::auth::Credential {
+                token: t.clone(),
                 scope: super::auth::Scope::everything("--token"),
-            });
+            }),
+            None => self.credentials.clone(),
         }
-        auth
     }
 
     /// Refuses options that would weaken the broker (a clear error, before anything is touched).
@@ -159,7 +157,7 @@ pub enum ServeError {
     },
     Http(String),
     Log(FatalLogError),
-    /// The options are refused (nothing was touched).
+    /// The options, or a file they name (signing key, CA), are refused.
     Config(String),
 }
 
