@@ -144,3 +144,25 @@ async fn past_the_connection_limit_a_client_waits_for_a_free_slot() {
     assert!(!ack.duplicate);
     broker.shutdown().await.unwrap();
 }
+
+/// The head limit (16 KiB) bounds headers only: the largest valid publish
+/// (64 KiB of content) still goes through, and an oversized head is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_publish_passes_and_an_oversized_head_is_refused() {
+    let dir = temp_dir("big-body");
+    let broker = start(options(&dir)).await;
+    let c = BrokerClient::new(broker.url(), None);
+    let big = "x".repeat(sagamq::CONTENT_LEN_MAX);
+    let ack = c.publish(&publish("big", "t", &big)).await.unwrap();
+    assert!(!ack.duplicate);
+    let mut s = TcpStream::connect(broker.addr).await.unwrap();
+    let head = format!(
+        "GET /ping HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(40 * 1024)
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(3)).await;
+    assert!(closed || answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    assert!(!answer.contains("200 OK"), "{answer}");
+    broker.shutdown().await.unwrap();
+}
