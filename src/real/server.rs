@@ -344,6 +344,100 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
 /// Bytes of log read per step of recovery.
 const RECOVERY_CHUNK: usize = 4 << 20;
 
+/// Replays the whole log into a broker, streamed in chunks: replay overlaps
+/// nothing, but it never holds the whole image (no allocation and page faults
+/// the size of the log).
+fn replay(disk: &FileDisk, config: BrokerConfig, seed: u64) -> Result<(Broker, RecoveryReport), ServeError> {
+    let log_len = disk.len();
+    if log_len == 0 {
+        let report = RecoveryReport {
+            records: 0,
+            valid_len: 0,
+            torn_bytes: 0,
+        };
+        return Ok((Broker::new(config, seed), report));
+    }
+    let path = disk.path().to_path_buf();
+    let read_err = io_err(format!("read {}", path.display()));
+    let recovery_err = |err| ServeError::Recovery {
+        path: path.clone(),
+        err,
+    };
+    let mut file = disk.open_reader().map_err(io_err(format!("open {}", path.display())))?;
+    let mut recovery = Broker::recovery(config, seed, log_len);
+    let mut buf = vec![0u8; RECOVERY_CHUNK];
+    let mut fed = 0u64;
+    while fed < log_len {
+        let want = usize::try_from(log_len - fed).unwrap_or(usize::MAX).min(buf.len());
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(read_err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the log ended at byte {fed} of {log_len} while being read"),
+                )));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_err(e)),
+        };
+        recovery.feed(&buf[..n]).map_err(recovery_err)?;
+        fed += n as u64;
+    }
+    recovery.finish().map_err(recovery_err)
+}
+
+/// Where to cut a log whose recovery failed at a frame that runs into a tail
+/// of zeros, or `None` when the failure is real damage.
+///
+/// A power cut can persist a file's new size before its data (ext4 with
+/// `data=writeback`, for one): the unsynced tail then reads as zeros, and a
+/// zero header even passes its checksum as an empty record, which no broker
+/// record is. The cut is at the failing frame when every byte from the end of
+/// that frame's claimed extent (or earlier) to the end of the file is zero:
+/// no valid frame follows it, so cutting loses nothing that was synced.
+fn zero_filled_tail(disk: &FileDisk, err: &LogError) -> std::io::Result<Option<u64>> {
+    let at = match err {
+        LogError::CorruptMiddle { offset, .. } | LogError::BadRecord { offset, .. } => *offset,
+    };
+    let len = disk.len();
+    if at >= len {
+        return Ok(None);
+    }
+    // One pass: the failing frame's header, and where the trailing zeros start.
+    let mut file = disk.open_reader()?;
+    let mut buf = vec![0u8; RECOVERY_CHUNK];
+    let mut header = [0u8; crate::log::FRAME_HEADER_LEN];
+    let mut pos = 0u64;
+    let mut zeros_from = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let chunk = &buf[..n];
+        for (i, h) in header.iter_mut().enumerate() {
+            let abs = at + i as u64;
+            if abs >= pos && abs < pos + n as u64 {
+                *h = chunk[(abs - pos) as usize];
+            }
+        }
+        if let Some(i) = chunk.iter().rposition(|b| *b != 0) {
+            zeros_from = pos + i as u64 + 1;
+        }
+        pos += n as u64;
+    }
+    if zeros_from >= len {
+        return Ok(None);
+    }
+    let claimed = u64::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
+    let frame_end = at
+        .saturating_add(crate::log::FRAME_HEADER_LEN as u64)
+        .saturating_add(claimed);
+    Ok((zeros_from <= frame_end).then_some(at))
+}
+
 /// Opens the log, rebuilds the broker from it, and cuts a torn tail.
 pub fn recover(
     dir: &std::path::Path,
@@ -361,46 +455,26 @@ pub fn recover_in(
     seed: u64,
 ) -> Result<(Broker, FileDisk, RecoveryReport), ServeError> {
     let mut disk = FileDisk::open_in(fs, dir).map_err(io_err(format!("open the log in {}", dir.display())))?;
-    let log_len = disk.len();
-    let (broker, report) = if log_len == 0 {
-        (
-            Broker::new(config, seed),
-            RecoveryReport {
-                records: 0,
-                valid_len: 0,
-                torn_bytes: 0,
-            },
-        )
-    } else {
-        // Streamed in chunks: replay overlaps nothing, but it never holds the
-        // whole image (no allocation and page faults the size of the log).
-        let path = disk.path().to_path_buf();
-        let read_err = io_err(format!("read {}", path.display()));
-        let recovery_err = |err| ServeError::Recovery {
-            path: path.clone(),
-            err,
-        };
-        let mut file = disk.open_reader().map_err(io_err(format!("open {}", path.display())))?;
-        let mut recovery = Broker::recovery(config, seed, log_len);
-        let mut buf = vec![0u8; RECOVERY_CHUNK];
-        let mut fed = 0u64;
-        while fed < log_len {
-            let want = usize::try_from(log_len - fed).unwrap_or(usize::MAX).min(buf.len());
-            let n = match file.read(&mut buf[..want]) {
-                Ok(0) => {
-                    return Err(read_err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the log ended at byte {fed} of {log_len} while being read"),
-                    )));
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(read_err(e)),
+    let (broker, report) = match replay(&disk, config.clone(), seed) {
+        Ok(r) => r,
+        Err(ServeError::Recovery { path, err }) => {
+            let cut = zero_filled_tail(&disk, &err).map_err(io_err(format!("read {}", path.display())))?;
+            let Some(cut) = cut else {
+                return Err(ServeError::Recovery { path, err });
             };
-            recovery.feed(&buf[..n]).map_err(recovery_err)?;
-            fed += n as u64;
+            // A crash persisted the file's new size before its data: the
+            // tail reads as zeros. Nothing valid follows the failing frame,
+            // and it was never synced (so never acknowledged): a torn write.
+            tracing::warn!(
+                valid_len = cut,
+                zero_bytes = disk.len() - cut,
+                "the log ends in zeros (its size reached the disk before its data); cutting it off"
+            );
+            disk.try_truncate(cut)
+                .map_err(io_err(format!("truncate {}", disk.path().display())))?;
+            replay(&disk, config, seed)?
         }
-        recovery.finish().map_err(recovery_err)?
+        Err(e) => return Err(e),
     };
     if report.torn_bytes > 0 {
         tracing::warn!(
@@ -412,4 +486,70 @@ pub fn recover_in(
             .map_err(io_err(format!("truncate {}", disk.path().display())))?;
     }
     Ok((broker, disk, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::BrokerRecord;
+    use crate::types::MsgId;
+
+    /// An epoch record; its payload ends in zero bytes when `next_msg_id` is 0.
+    fn epoch(n: u64, next_msg_id: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        BrokerRecord::Epoch {
+            incarnation: n,
+            next_msg_id: MsgId(next_msg_id),
+        }
+        .encode_framed(&mut Vec::new(), &mut out);
+        out
+    }
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("sagamq-server-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_tail_of_zeros_is_cut_but_zeros_followed_by_data_are_refused() {
+        // Valid records, then zeros (a size that reached the disk before its
+        // data); the last valid record itself ends in zero bytes.
+        let d = dir("zeros");
+        let mut log = epoch(1, 0);
+        let valid = log.len() as u64;
+        log.extend_from_slice(&[0u8; 24]);
+        std::fs::write(d.join(crate::real::file_disk::LOG_FILE_NAME), &log).unwrap();
+        let (_, disk, report) = recover(&d, BrokerConfig::default(), 1).expect("zeros are a torn tail");
+        assert_eq!(report.valid_len, valid);
+        assert_eq!(disk.len(), valid, "cut durably");
+        drop(disk);
+
+        // A frame cut short by zeros in its payload is torn too.
+        let d2 = dir("zeros-partial");
+        let mut log = epoch(1, 0);
+        let mut second = epoch(u64::MAX, u64::MAX);
+        let half = second.len() / 2;
+        second[half..].fill(0);
+        log.extend_from_slice(&second);
+        log.extend_from_slice(&[0u8; 4096]);
+        std::fs::write(d2.join(crate::real::file_disk::LOG_FILE_NAME), &log).unwrap();
+        let (_, _, report) = recover(&d2, BrokerConfig::default(), 1).expect("a zero-filled frame is torn");
+        assert_eq!(report.valid_len, valid);
+
+        // Zeros in the middle with a record after them: damage, refused, untouched.
+        let d3 = dir("zeros-middle");
+        let mut log = epoch(1, 0);
+        log.extend_from_slice(&[0u8; 24]);
+        log.extend_from_slice(&epoch(2, 7));
+        let path = d3.join(crate::real::file_disk::LOG_FILE_NAME);
+        std::fs::write(&path, &log).unwrap();
+        let err = recover(&d3, BrokerConfig::default(), 1).err().expect("refused");
+        assert!(matches!(err, ServeError::Recovery { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), log, "a refused log is not modified");
+        for d in [d, d2, d3] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
