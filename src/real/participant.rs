@@ -84,16 +84,40 @@ impl<P: Participant + Send + 'static> ParticipantNode<P> {
         config.seed = opts.seed;
 
         let mut disk = FileDisk::open(&opts.data_dir).map_err(|e| format!("{}: {e}", opts.data_dir.display()))?;
-        let image = disk.try_read_all().map_err(|e| e.to_string())?;
-        let host = if image.is_empty() {
-            ParticipantHost::new(logic, config)
-        } else {
-            let (host, report) = ParticipantHost::recover(logic, config, &image)
-                .map_err(|e| format!("recover {}: {e}", disk.path().display()))?;
-            if report.torn_bytes > 0 {
-                disk.try_truncate(report.valid_len).map_err(|e| e.to_string())?;
+        let mut image = disk.try_read_all().map_err(|e| e.to_string())?;
+        let mut recovered = None;
+        if !image.is_empty() {
+            match ParticipantHost::recover(logic.clone(), config.clone(), &image) {
+                Ok(r) => recovered = Some(r),
+                Err(err) => {
+                    // A tail of zeros (the size reached the disk before the
+                    // data) is a torn write here too; anything else is refused.
+                    let Some(cut) = super::server::zero_filled_tail(&disk, &err).map_err(|e| e.to_string())? else {
+                        return Err(format!("recover {}: {err}", disk.path().display()));
+                    };
+                    tracing::warn!(
+                        path = %disk.path().display(),
+                        valid_len = cut,
+                        "the participant log ends in zeros; cutting it off"
+                    );
+                    disk.try_truncate(cut).map_err(|e| e.to_string())?;
+                    image.truncate(usize::try_from(cut).map_err(|e| e.to_string())?);
+                    if !image.is_empty() {
+                        let r = ParticipantHost::recover(logic.clone(), config.clone(), &image)
+                            .map_err(|e| format!("recover {}: {e}", disk.path().display()))?;
+                        recovered = Some(r);
+                    }
+                }
             }
-            host
+        }
+        let host = match recovered {
+            None => ParticipantHost::new(logic, config),
+            Some((host, report)) => {
+                if report.torn_bytes > 0 {
+                    disk.try_truncate(report.valid_len).map_err(|e| e.to_string())?;
+                }
+                host
+            }
         };
         let writer = LogWriter::spawn(disk).map_err(|e| e.to_string())?;
 
@@ -363,5 +387,58 @@ impl<P: Participant + Send + 'static> NodeTask<P> {
             }
         }
         self.writer.start(&mut self.pending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::encode_frame;
+    use crate::saga::{scenario, topics};
+
+    fn options(dir: &std::path::Path) -> NodeOptions {
+        NodeOptions {
+            client_id: ClientId::lit(topics::STOCK_SERVICE),
+            data_dir: dir.to_path_buf(),
+            // Nobody listens there: the node's subscribe keeps retrying, which is fine here.
+            broker: BrokerClient::new("http://127.0.0.1:9", None),
+            signing_key: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            seed: 1,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_of_zeros_is_a_torn_write_and_damage_is_refused() {
+        let dir = std::env::temp_dir().join(format!("sagamq-participant-zeros-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(super::super::file_disk::LOG_FILE_NAME);
+        // Created and grown, but its data never reached the disk.
+        std::fs::write(&log, [0u8; 64]).unwrap();
+        let node = ParticipantNode::start(scenario::seed().stock_participant(), options(&dir))
+            .await
+            .expect("a zero-filled log is a torn write");
+        let _ = node.shutdown().await;
+        let after = std::fs::read(&log).unwrap();
+        assert!(
+            !after.starts_with(&[0u8; 8]),
+            "the zeros were not cut: {} bytes",
+            after.len()
+        );
+
+        // A damaged record followed by another: refused, the log untouched.
+        let mut damaged = Vec::new();
+        encode_frame(b"{\"x\":1}", &mut damaged);
+        encode_frame(b"{\"x\":2}", &mut damaged);
+        damaged[9] ^= 0x40;
+        std::fs::write(&log, &damaged).unwrap();
+        let err = ParticipantNode::start(scenario::seed().stock_participant(), options(&dir))
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.contains("corrupt"), "{err}");
+        assert_eq!(std::fs::read(&log).unwrap(), damaged);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -395,7 +395,7 @@ fn replay(disk: &FileDisk, config: BrokerConfig, seed: u64) -> Result<(Broker, R
 /// record is. The cut is at the failing frame when every byte from the end of
 /// that frame's claimed extent (or earlier) to the end of the file is zero:
 /// no valid frame follows it, so cutting loses nothing that was synced.
-fn zero_filled_tail(disk: &FileDisk, err: &LogError) -> std::io::Result<Option<u64>> {
+pub(crate) fn zero_filled_tail(disk: &FileDisk, err: &LogError) -> std::io::Result<Option<u64>> {
     let at = match err {
         LogError::CorruptMiddle { offset, .. } | LogError::BadRecord { offset, .. } => *offset,
     };
