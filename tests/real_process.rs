@@ -300,6 +300,69 @@ fn signing_key_command_shows_the_key_the_broker_keeps() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The command line's security flags: a non-loopback address needs a token
+/// (or `--insecure`), a bad credentials or CA file is refused with its reason,
+/// a good credentials file counts as a token.
+#[test]
+fn serve_refuses_unsafe_or_bad_security_flags_with_the_reason() {
+    let dir = temp_dir("flags");
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["serve", "--data"])
+            .arg(&dir)
+            .args(extra)
+            .env_remove("SAGAMQ_TOKEN")
+            .env_remove("SAGAMQ_SIGNING_KEY")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--addr", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--insecure"), "{err}");
+    assert!(out.stdout.is_empty(), "it must not listen");
+
+    let creds = dir.with_extension("credentials.json");
+    std::fs::write(&creds, r#"{"tokens":[{"name":"a","token":"short"}]}"#).unwrap();
+    let out = run(&["--addr", "127.0.0.1:0", "--credentials", creds.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
+
+    let ca = dir.with_extension("ca.pem");
+    std::fs::write(&ca, "no certificate here\n").unwrap();
+    let out = run(&["--addr", "127.0.0.1:0", "--callback-ca", ca.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no PEM certificate"));
+
+    std::fs::write(
+        &creds,
+        r#"{"tokens":[{"name":"a","token":"a-token-0123456789ab","publish":true}]}"#,
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--addr",
+            "0.0.0.0:0",
+            "--credentials",
+            creds.to_str().unwrap(),
+            "--data",
+        ])
+        .arg(&dir)
+        .env_remove("SAGAMQ_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = read_listen_line(&mut child).expect("serves with a credentials file");
+    assert!(url.starts_with("http://0.0.0.0:"), "{url}");
+    sigterm(&child);
+    assert!(wait_exit(&mut child, 10).success());
+    for f in [creds, ca] {
+        let _ = std::fs::remove_file(f);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn demo_binary_runs_the_seed_scenario_and_exits_zero() {
     let out = Command::new(BIN).arg("demo").output().unwrap();
