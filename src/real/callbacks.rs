@@ -555,8 +555,16 @@ pub fn tls_config(extra_roots: &[rustls::pki_types::CertificateDer<'static>]) ->
 /// crypto provider (ring is chosen explicitly), so a bare `Client::new()`
 /// would panic.
 pub fn client_builder() -> reqwest::ClientBuilder {
+    install_default_crypto_provider();
     let tls = tls_config(&[]).expect("the bundled roots and the ring provider are valid");
     reqwest::Client::builder().tls_backend_preconfigured(tls)
+}
+
+/// Makes ring the process's default rustls provider unless one is set, so
+/// that a bare `reqwest::Client::new()` elsewhere in a process using this
+/// crate works too (reqwest is built without a provider of its own).
+pub fn install_default_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Reads PEM CA certificates (`--callback-ca FILE`).

@@ -294,6 +294,7 @@ pub async fn shutdown_signal() {
 }
 
 pub fn main() -> ExitCode {
+    super::callbacks::install_default_crypto_provider();
     let cli = Cli::parse();
     init_tracing();
     let threads = match &cli.command {
