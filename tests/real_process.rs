@@ -195,6 +195,47 @@ async fn sigterm_stops_cleanly_and_a_torn_tail_is_cut_at_restart() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// SIGTERM while the broker is still starting (recovering, not yet listening)
+/// is a clean stop, never the signal's default action. The hidden startup
+/// delay holds the process in that window; before the handlers were installed
+/// ahead of recovery, this SIGTERM killed the process (exit by signal 15).
+#[test]
+fn sigterm_during_startup_stops_cleanly_before_serving() {
+    let dir = temp_dir("early-term");
+    let log = std::fs::File::create(dir.with_extension("stderr")).unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--debug-startup-delay-ms",
+            "30000",
+            "--data",
+        ])
+        .arg(&dir)
+        .env_remove("SAGAMQ_TOKEN")
+        .env_remove("SAGAMQ_SIGNING_KEY")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("spawn sagamq");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stderr_of(&dir).contains("starting: recovering the log") {
+        assert!(Instant::now() < deadline, "no startup line: {}", stderr_of(&dir));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    sigterm(&child);
+    let status = wait_exit(&mut child, 10);
+    assert!(status.success(), "exit status {status}: {}", stderr_of(&dir));
+    let err = stderr_of(&dir);
+    assert!(err.contains("stopped before serving"), "{err}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.is_empty(), "it must not have listened: {out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corruption_in_the_middle_of_the_log_is_refused_with_its_offset() {
     let dir = temp_dir("corrupt");
@@ -221,6 +262,104 @@ async fn corruption_in_the_middle_of_the_log_is_refused_with_its_offset() {
     assert!(err.contains("refusing to start"), "{err}");
     assert!(out.stdout.is_empty(), "it must not start listening");
     assert_eq!(std::fs::read(&log).unwrap(), bytes, "the damaged log was modified");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn signing_key_of(dir: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["signing-key", "--data"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `sagamq signing-key` shows the key callbacks are signed with: generated
+/// before the first start if asked, kept by `serve`, readable while it runs.
+#[test]
+fn signing_key_command_shows_the_key_the_broker_keeps() {
+    let dir = temp_dir("signing-key");
+    let key = signing_key_of(&dir);
+    assert_eq!(key.len(), 64, "{key}");
+    assert!(key.bytes().all(|b| b.is_ascii_hexdigit()), "{key}");
+    let mut b = spawn(&dir);
+    assert_eq!(signing_key_of(&dir), key, "serve replaced the key");
+    sigterm(&b.child);
+    assert!(wait_exit(&mut b.child, 10).success());
+    // A damaged key file is refused with a clear error, not replaced.
+    std::fs::write(dir.join("signing.key"), "garbage\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--addr", "127.0.0.1:0", "--data"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
+    assert_eq!(std::fs::read_to_string(dir.join("signing.key")).unwrap(), "garbage\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The command line's security flags: a non-loopback address needs a token
+/// (or `--insecure`), a bad credentials or CA file is refused with its reason,
+/// a good credentials file counts as a token.
+#[test]
+fn serve_refuses_unsafe_or_bad_security_flags_with_the_reason() {
+    let dir = temp_dir("flags");
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["serve", "--data"])
+            .arg(&dir)
+            .args(extra)
+            .env_remove("SAGAMQ_TOKEN")
+            .env_remove("SAGAMQ_SIGNING_KEY")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--addr", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--insecure"), "{err}");
+    assert!(out.stdout.is_empty(), "it must not listen");
+
+    let creds = dir.with_extension("credentials.json");
+    std::fs::write(&creds, r#"{"tokens":[{"name":"a","token":"short"}]}"#).unwrap();
+    let out = run(&["--addr", "127.0.0.1:0", "--credentials", creds.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 16"));
+
+    let ca = dir.with_extension("ca.pem");
+    std::fs::write(&ca, "no certificate here\n").unwrap();
+    let out = run(&["--addr", "127.0.0.1:0", "--callback-ca", ca.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no PEM certificate"));
+
+    std::fs::write(
+        &creds,
+        r#"{"tokens":[{"name":"a","token":"a-token-0123456789ab","publish":true}]}"#,
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--addr",
+            "0.0.0.0:0",
+            "--credentials",
+            creds.to_str().unwrap(),
+            "--data",
+        ])
+        .arg(&dir)
+        .env_remove("SAGAMQ_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = read_listen_line(&mut child).expect("serves with a credentials file");
+    assert!(url.starts_with("http://0.0.0.0:"), "{url}");
+    sigterm(&child);
+    assert!(wait_exit(&mut child, 10).success());
+    for f in [creds, ca] {
+        let _ = std::fs::remove_file(f);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -37,6 +37,15 @@ pub enum Command {
     Demo(DemoArgs),
     /// Measure acked durable publishes/s, end-to-end latency and recovery speed.
     Bench(super::bench::BenchArgs),
+    /// Print the callback signing key of a data directory (generated if it has none).
+    SigningKey(SigningKeyArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SigningKeyArgs {
+    /// The broker's data directory.
+    #[arg(long)]
+    pub data: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -50,15 +59,37 @@ pub struct ServeArgs {
     /// Shared secret required as `Authorization: Bearer` on mutating routes.
     #[arg(long, env = "SAGAMQ_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// HMAC-SHA256 key for the X-SagaMQ-Signature callback header (defaults to --token).
+    /// HMAC-SHA256 key for the X-SagaMQ-Signature callback header; must differ from --token.
+    /// Default: the key kept in --data (generated at the first start; see `sagamq signing-key`).
     #[arg(long, env = "SAGAMQ_SIGNING_KEY", hide_env_values = true)]
     pub signing_key: Option<String>,
-    /// Callback hosts allowed: `loopback` (default), `*`, `*.domain`, a host name or an IP. Repeatable or comma-separated.
-    #[arg(long = "callback-allow", value_name = "HOSTS")]
+    /// Callback targets allowed: `loopback` (default), `*`, `*.domain`, a host name (these allow public
+    /// addresses only), an IP or a CIDR block (these allow any address in them, private ones included).
+    /// Every resolved address is checked; the broker's own address never passes. Repeatable or comma-separated.
+    #[arg(long = "callback-allow", value_name = "ENTRIES")]
     pub callback_allow: Vec<String>,
+    /// PEM file of CA certificates trusted for https callbacks besides the bundled Mozilla roots (repeatable).
+    #[arg(long = "callback-ca", value_name = "FILE")]
+    pub callback_ca: Vec<PathBuf>,
     /// Largest accepted request body, in bytes.
     #[arg(long, default_value_t = super::http::BODY_LEN_MAX_DEFAULT)]
     pub body_limit_bytes: usize,
+    /// Scoped tokens, JSON: {"tokens":[{"name","token","publish":bool,"subscribe":[ClientID|"*"],
+    /// "dead_letters":[ClientID|"*"]}]}. --token, if also given, may do everything.
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+    /// Allow a non-loopback --addr without --token (mutating routes open to the network).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = super::listener::CONNECTIONS_MAX_DEFAULT)]
+    pub connections_max: usize,
+    /// A request head (or the next one on a kept-alive connection) must arrive within this, in ms.
+    #[arg(long, default_value_t = super::listener::HEADER_READ_TIMEOUT_DEFAULT.as_millis() as u64)]
+    pub header_timeout_ms: u64,
+    /// A request body must arrive within this once its head did, in ms (else 408).
+    #[arg(long, default_value_t = super::listener::BODY_READ_TIMEOUT_DEFAULT.as_millis() as u64)]
+    pub body_timeout_ms: u64,
     /// Seed of the retry jitter (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -70,6 +101,10 @@ pub struct ServeArgs {
     pub threads: usize,
     #[command(flatten)]
     pub tuning: Tuning,
+    /// Test hook: wait this long (signals already handled) before recovering.
+    /// Lets a test deliver SIGTERM during startup deterministically.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub debug_startup_delay_ms: u64,
 }
 
 /// The core's bounds and timings ([`BrokerConfig`]); defaults are the core's, except the callback window (64)
@@ -152,6 +187,19 @@ impl ServeArgs {
         o.signing_key = self.signing_key.clone().filter(|t| !t.is_empty());
         o.allow = Allowlist::parse(&self.callback_allow)?;
         o.body_len_max = self.body_limit_bytes;
+        o.insecure = self.insecure;
+        for path in &self.callback_ca {
+            o.callback_ca.extend(super::callbacks::load_ca_file(path)?);
+        }
+        if let Some(path) = &self.credentials {
+            o.credentials = super::auth::Auth::load_file(path)?;
+        }
+        if self.connections_max == 0 || self.header_timeout_ms == 0 || self.body_timeout_ms == 0 {
+            return Err("--connections-max, --header-timeout-ms and --body-timeout-ms must be positive".into());
+        }
+        o.connections.connections_max = self.connections_max;
+        o.connections.header_read_timeout = Duration::from_millis(self.header_timeout_ms);
+        o.body_read_timeout = Duration::from_millis(self.body_timeout_ms);
         if let Some(seed) = self.seed {
             o.seed = seed;
         }
@@ -184,37 +232,74 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().thread_name("sagamq").build()
 }
 
-/// Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Ctrl-C (SIGINT) or SIGTERM, listened for from the moment it is built.
+///
+/// Built before recovery starts, so a signal that arrives while the log is
+/// being recovered or before the listen line is printed is queued and honoured
+/// (a clean stop). Listening only once serving began left a window in which
+/// SIGTERM still had its default action and killed the process: that was the
+/// flaky `sigterm_stops_cleanly_and_a_torn_tail_is_cut_at_restart` (a
+/// duplicate publish is answered from memory, so the test could send SIGTERM
+/// before the handler existed).
+pub struct ShutdownSignal {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    /// Registers the handlers now (needs a tokio runtime context).
+    pub fn install() -> std::io::Result<ShutdownSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignal {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        biased;
-        () = ctrl_c => tracing::info!("Ctrl-C received"),
-        () = term => tracing::info!("SIGTERM received"),
+        #[cfg(not(unix))]
+        Ok(ShutdownSignal {})
+    }
+
+    /// Completes at the first signal (at once if one arrived since `install`).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            biased;
+            _ = self.int.recv() => tracing::info!("Ctrl-C received"),
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+        }
+        #[cfg(not(unix))]
+        {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tracing::info!("Ctrl-C received");
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM, listened for from the first poll (use [`ShutdownSignal`]
+/// to listen from an earlier point).
+pub async fn shutdown_signal() {
+    match ShutdownSignal::install() {
+        Ok(mut s) => s.recv().await,
+        Err(e) => {
+            tracing::warn!("cannot listen for signals: {e}");
+            std::future::pending::<()>().await
+        }
     }
 }
 
 pub fn main() -> ExitCode {
+    super::callbacks::install_default_crypto_provider();
     let cli = Cli::parse();
     init_tracing();
     let threads = match &cli.command {
         Command::Serve(a) => a.threads,
-        Command::Demo(_) | Command::Bench(_) => 0,
+        Command::Demo(_) | Command::Bench(_) | Command::SigningKey(_) => 0,
     };
     let rt = match runtime(threads) {
         Ok(rt) => rt,
@@ -232,16 +317,40 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            if opts.token.is_none() && opts.signing_key.is_none() {
-                tracing::warn!("no --token and no --signing-key: mutating routes are open and callbacks are unsigned");
+            if opts.auth().is_open() {
+                tracing::warn!(
+                    "no --token and no --credentials: mutating routes are open to anyone who can reach --addr"
+                );
             }
+            let startup_delay = Duration::from_millis(args.debug_startup_delay_ms);
             let r = rt.block_on(async move {
-                let running = server::start(opts).await?;
+                // Before anything else: see [`ShutdownSignal`].
+                let mut signal = ShutdownSignal::install().map_err(|err| server::ServeError::Io {
+                    what: "listen for SIGTERM/SIGINT".into(),
+                    err,
+                })?;
+                tracing::info!(data = %opts.data_dir.display(), "starting: recovering the log");
+                let starting = async {
+                    tokio::time::sleep(startup_delay).await;
+                    server::start(opts).await
+                };
+                let running = tokio::select! {
+                    biased;
+                    () = signal.recv() => {
+                        // Recovery only reads and cuts a torn tail (each step
+                        // durable on its own), so stopping here loses nothing;
+                        // a recovery still running finishes before the runtime
+                        // is dropped, and the directory lock goes with it.
+                        tracing::info!("stopped before serving");
+                        return Ok(());
+                    }
+                    r = starting => r?,
+                };
                 // One machine-readable line on stdout, so scripts and tests
                 // that start the broker on port 0 learn its address.
                 println!("{LISTENING_PREFIX}{}", running.url());
                 let _ = std::io::Write::flush(&mut std::io::stdout());
-                running.run_until(shutdown_signal()).await
+                running.run_until(signal.recv()).await
             });
             match r {
                 Ok(()) => {
@@ -257,7 +366,40 @@ pub fn main() -> ExitCode {
         }
         Command::Demo(args) => rt.block_on(super::demo::main(args)),
         Command::Bench(args) => rt.block_on(super::bench::main(args)),
+        Command::SigningKey(args) => match signing_key_command(&args.data) {
+            Ok(key) => {
+                println!("{key}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sagamq signing-key: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// The key of `dir`: read if present, else generated under the directory's
+/// lock (a running broker holds it, and already has its key unless it was
+/// given `--signing-key`).
+fn signing_key_command(dir: &std::path::Path) -> Result<String, String> {
+    use super::fs::Fs;
+    if let Some(k) = super::signing_key::load(dir)? {
+        return Ok(k);
+    }
+    let fs = super::fs::StdFs;
+    fs.create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _lock = fs
+        .lock(&dir.join(super::file_disk::LOCK_FILE_NAME))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::ResourceBusy => format!(
+                "{} has no signing key file and a broker is running on it, so it was started with --signing-key: \
+                 that is the key",
+                dir.display()
+            ),
+            _ => format!("lock {}: {e}", dir.display()),
+        })?;
+    super::signing_key::load_or_create(dir)
 }
 
 /// Reads the `sagamq listening on URL` line a starting `serve` prints on stdout.

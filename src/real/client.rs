@@ -49,7 +49,7 @@ pub struct BrokerClient {
 impl BrokerClient {
     /// `base` like `http://127.0.0.1:3333`.
     pub fn new(base: impl Into<String>, token: Option<String>) -> BrokerClient {
-        let http = reqwest::Client::builder()
+        let http = super::callbacks::client_builder()
             .timeout(Duration::from_secs(30))
             .no_proxy()
             .tcp_nodelay(true)

@@ -32,6 +32,19 @@ impl Clock {
         }
     }
 
+    /// This clock as if the wall clock had been stepped by `secs` before it
+    /// was read (tests of a clock stepped across a restart).
+    #[cfg(test)]
+    pub(crate) fn stepped(self, secs: i64) -> Clock {
+        let ns = secs.unsigned_abs() * 1_000_000_000;
+        let start_unix = if secs >= 0 {
+            Time(self.start_unix.0.saturating_add(ns))
+        } else {
+            Time(self.start_unix.0.saturating_sub(ns))
+        };
+        Clock { start_unix, ..self }
+    }
+
     pub fn now(&self) -> Time {
         self.start_unix.plus(self.start.elapsed())
     }

@@ -99,13 +99,15 @@ pub async fn main(args: DemoArgs) -> ExitCode {
 pub async fn run(dir: &Path) -> Result<DemoOutcome, String> {
     let t0 = Instant::now();
     let scenario = scenario::seed();
-    // A per-run secret: publishes need it as a bearer token, and callbacks are
-    // signed with it, which the participants verify.
+    // Per-run secrets: publishes need the token as a bearer token; callbacks
+    // are signed with a separate key, which the participants verify.
     let token = format!("demo-{:x}", unix_nanos_now());
+    let signing_key = format!("demo-signing-{:x}", unix_nanos_now());
     let loopback = "127.0.0.1:0".parse().expect("static addr");
 
     let mut opts = ServeOptions::new(loopback, dir.join("broker"));
     opts.token = Some(token.clone());
+    opts.signing_key = Some(signing_key.clone());
     opts.allow = Allowlist::loopback();
     // Fast retries: a callback can race the subscriber's own start.
     opts.broker.retry_backoff_initial = Duration::from_millis(20);
@@ -119,7 +121,7 @@ pub async fn run(dir: &Path) -> Result<DemoOutcome, String> {
             client_id: ClientId::new(name).map_err(|e| e.to_string())?,
             data_dir: dir.join(sub),
             broker: client.clone(),
-            signing_key: Some(token.as_bytes().to_vec()),
+            signing_key: Some(signing_key.as_bytes().to_vec()),
             listen: loopback,
             seed: 1,
         })

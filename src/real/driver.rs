@@ -6,7 +6,9 @@
 //! `now` from one monotonic [`Clock`]; a `Persist`/`Rewrite` is reported
 //! `Durable` only after the writer thread's fsync returned (so replies the core
 //! gates on durability are never early); all `Persist` outputs gathered while
-//! one fsync runs go out together in the next one (group commit).
+//! one fsync runs go out together in the next one (group commit); at shutdown
+//! the answers of callbacks in flight are recorded (bounded wait) before the
+//! last writes, so a clean restart does not deliver them again.
 
 use super::callbacks::Dispatcher;
 use super::clock::Clock;
@@ -22,6 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 pub const COMMANDS_QUEUED_MAX: usize = 8192;
 /// Inputs taken in one turn before the outputs are drained (batches replies and writes).
 const TURN_INPUTS_MAX: usize = 512;
+/// How long a shutdown waits for the answers of callbacks in flight.
+pub const SHUTDOWN_CALLBACKS_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
 /// Turns spent finishing writes at shutdown before giving up.
 const SHUTDOWN_TURNS_MAX: usize = 1000;
 /// Writes that no request waits for (delivery acks, dead letters) are synced
@@ -106,15 +110,31 @@ pub struct Stats {
     pub io: IoStats,
 }
 
-/// The driver has stopped (shutdown or a fatal log error).
+/// Why the driver did not take a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DriverGone;
+pub enum DriverGone {
+    /// It has stopped (shutdown or a fatal log error).
+    Stopped,
+    /// Its command queue stayed full for [`COMMAND_QUEUE_WAIT_MAX`]: retry later.
+    Busy,
+}
 
 impl fmt::Display for DriverGone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("the broker is shutting down")
+        match self {
+            DriverGone::Stopped => f.write_str("the broker is shutting down"),
+            DriverGone::Busy => write!(
+                f,
+                "the broker is overloaded: its queue of {COMMANDS_QUEUED_MAX} requests stayed full for {COMMAND_QUEUE_WAIT_MAX:?}; retry later"
+            ),
+        }
     }
 }
+
+/// How long a handler waits for room in the command queue before answering
+/// 503: a client is told to come back instead of holding its connection and
+/// body in memory while the core catches up.
+pub const COMMAND_QUEUE_WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What the HTTP handlers hold to talk to the driver.
 #[derive(Clone)]
@@ -123,33 +143,44 @@ pub struct DriverHandle {
 }
 
 impl DriverHandle {
+    /// Queues a command, waiting at most [`COMMAND_QUEUE_WAIT_MAX`] for room.
+    async fn send(&self, cmd: Command) -> Result<(), DriverGone> {
+        match tokio::time::timeout(COMMAND_QUEUE_WAIT_MAX, self.tx.send(cmd)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(DriverGone::Stopped),
+            Err(_) => Err(DriverGone::Busy),
+        }
+    }
+
     pub async fn request(&self, request: Request) -> Result<Reply, DriverGone> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Request { request, reply })
-            .await
-            .map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
+        self.send(Command::Request { request, reply }).await?;
+        rx.await.map_err(|_| DriverGone::Stopped)
     }
 
     pub async fn stats(&self) -> Result<Stats, DriverGone> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Stats { reply }).await.map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
+        self.send(Command::Stats { reply }).await?;
+        rx.await.map_err(|_| DriverGone::Stopped)
     }
 
     pub async fn dead_letters(&self, client: ClientId) -> Result<Vec<Message>, DriverGone> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::DeadLetters { client, reply })
-            .await
-            .map_err(|_| DriverGone)?;
-        rx.await.map_err(|_| DriverGone)
+        self.send(Command::DeadLetters { client, reply }).await?;
+        rx.await.map_err(|_| DriverGone::Stopped)
     }
 
-    /// Asks the driver to finish its writes and stop.
+    /// Asks the driver to finish its writes and stop (waits for room: a
+    /// shutdown is never dropped).
     pub async fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown).await;
+    }
+
+    /// A handle whose queue of `capacity` nobody drains (a stuck core), for tests.
+    #[cfg(test)]
+    pub(crate) fn stuck(capacity: usize) -> (DriverHandle, Box<dyn std::any::Any + Send>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (DriverHandle { tx }, Box::new(rx))
     }
 }
 
@@ -182,6 +213,8 @@ pub struct Driver<B: BrokerCore = Broker> {
     lazy_deadline: Option<std::time::Instant>,
     /// See [`LAZY_SYNC_DELAY_DEFAULT`]; zero syncs every write at once.
     lazy_sync_delay: std::time::Duration,
+    /// Callbacks dispatched whose result has not come back (each produces exactly one).
+    callbacks_outstanding: u64,
 }
 
 impl<B: BrokerCore> Driver<B> {
@@ -208,6 +241,7 @@ impl<B: BrokerCore> Driver<B> {
                 stopping: false,
                 lazy_deadline: None,
                 lazy_sync_delay: LAZY_SYNC_DELAY_DEFAULT,
+                callbacks_outstanding: 0,
             },
             DriverHandle { tx },
         )
@@ -297,6 +331,7 @@ impl<B: BrokerCore> Driver<B> {
     }
 
     fn on_callback(&mut self, delivery: DeliveryId, result: CallbackResult) {
+        self.callbacks_outstanding = self.callbacks_outstanding.saturating_sub(1);
         match result {
             CallbackResult::Delivered => self.io.callbacks_delivered += 1,
             CallbackResult::Failed => self.io.callbacks_failed += 1,
@@ -339,6 +374,7 @@ impl<B: BrokerCore> Driver<B> {
                 BrokerOutput::Reply { req, reply } => self.reply(req, reply),
                 BrokerOutput::Callback(cb) => {
                     if !self.stopping {
+                        self.callbacks_outstanding += 1;
                         self.callbacks.dispatch(cb);
                     }
                 }
@@ -387,6 +423,22 @@ impl<B: BrokerCore> Driver<B> {
         // Requests that were queued before the close still get processed.
         while let Ok(cmd) = self.commands.try_recv() {
             self.on_command(cmd);
+        }
+        // Callbacks in flight: a subscriber may already have answered 2xx.
+        // Record those answers (bounded wait), or a clean restart would
+        // deliver the message again.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_CALLBACKS_WAIT_MAX;
+        while self.callbacks_outstanding > 0 {
+            match tokio::time::timeout_at(deadline, self.callback_results.recv()).await {
+                Ok(Some((delivery, result))) => self.on_callback(delivery, result),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if self.callbacks_outstanding > 0 {
+            tracing::info!(
+                outstanding = self.callbacks_outstanding,
+                "callbacks still in flight at shutdown are redelivered after restart"
+            );
         }
         self.turn();
         self.start_writes(true);
@@ -501,6 +553,7 @@ mod tests {
             signing_key: None,
             allow: Allowlist::loopback(),
             inflight_per_subscriber_max: 4,
+            extra_roots: Vec::new(),
         })
         .unwrap();
         let (driver, handle) = Driver::new(DurableEcho::default(), Clock::new(), writer, callbacks, results);

@@ -9,10 +9,11 @@
 //! As every [`Disk`], it writes the log's file header itself: on the first
 //! append to an empty log (in the same `write`) and ahead of every `replace`.
 
+use super::fs::{Fs, FsFile, FsLock, std_fs};
 use crate::log::{self, Disk};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// File name of the log inside the data directory.
 pub const LOG_FILE_NAME: &str = "sagamq.log";
@@ -25,35 +26,32 @@ pub const LOCK_FILE_NAME: &str = "sagamq.lock";
 /// An append-only log file with explicit durability points.
 #[derive(Debug)]
 pub struct FileDisk {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
     path: PathBuf,
-    file: File,
+    file: Box<dyn FsFile>,
     len: u64,
     /// Locked for as long as this value lives.
-    _lock: File,
+    _lock: Box<dyn FsLock>,
 }
 
 /// Takes the data directory's lock, or says who holds it.
-fn lock_dir(dir: &Path) -> io::Result<File> {
+fn lock_dir(fs: &dyn Fs, dir: &Path) -> io::Result<Box<dyn FsLock>> {
     let path = dir.join(LOCK_FILE_NAME);
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
-            io::ErrorKind::ResourceBusy,
-            format!(
-                "the data directory {} is in use by another process (it holds a lock on {})",
-                dir.display(),
-                path.display()
-            ),
-        )),
-        Err(fs::TryLockError::Error(e)) => Err(e),
-    }
+    fs.lock(&path).map_err(|e| {
+        if e.kind() == io::ErrorKind::ResourceBusy {
+            io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "the data directory {} is in use by another process (it holds a lock on {})",
+                    dir.display(),
+                    path.display()
+                ),
+            )
+        } else {
+            e
+        }
+    })
 }
 
 impl FileDisk {
@@ -61,24 +59,30 @@ impl FileDisk {
     /// file left by a compaction that crashed before its rename is removed: the
     /// old log is still the committed one.
     pub fn open(dir: &Path) -> io::Result<FileDisk> {
-        fs::create_dir_all(dir)?;
+        FileDisk::open_in(std_fs(), dir)
+    }
+
+    /// [`FileDisk::open`] on another file system (the page-cache model in tests).
+    pub fn open_in(fs: Arc<dyn Fs>, dir: &Path) -> io::Result<FileDisk> {
+        fs.create_dir_all(dir)?;
         // First, before touching anything: another process's compaction may
         // be writing the temp file this would remove.
-        let lock = lock_dir(dir)?;
+        let lock = lock_dir(&*fs, dir)?;
         let tmp = dir.join(LOG_TEMP_FILE_NAME);
-        if tmp.exists() {
-            fs::remove_file(&tmp)?;
+        if fs.exists(&tmp)? {
+            fs.remove_file(&tmp)?;
         }
         let path = dir.join(LOG_FILE_NAME);
-        let created = !path.exists();
-        let file = OpenOptions::new().read(true).append(true).create(true).open(&path)?;
+        let created = !fs.exists(&path)?;
+        let file = fs.open_append(&path)?;
         if created {
             // Make the new file's directory entry durable, or a crash could
             // lose the whole (acknowledged) log with it.
-            sync_dir(dir)?;
+            fs.sync_dir(dir)?;
         }
-        let len = file.metadata()?.len();
+        let len = file.len()?;
         Ok(FileDisk {
+            fs,
             dir: dir.to_path_buf(),
             path,
             file,
@@ -99,12 +103,24 @@ impl FileDisk {
         self.len == 0
     }
 
+    /// A reader of the log from its start (recovery streams it).
+    pub fn open_reader(&self) -> io::Result<Box<dyn FsFile>> {
+        self.fs.open_read(&self.path)
+    }
+
     /// The whole content, as recovery reads it.
     pub fn try_read_all(&self) -> io::Result<Vec<u8>> {
-        let mut f = File::open(&self.path)?;
+        let mut f = self.open_reader()?;
         let mut out = Vec::with_capacity(usize::try_from(self.len).unwrap_or(0));
-        f.read_to_end(&mut out)?;
-        Ok(out)
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => return Ok(out),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Appends (after the file header if the log is empty, in the same
@@ -140,22 +156,20 @@ impl FileDisk {
     pub fn try_replace(&mut self, bytes: &[u8]) -> io::Result<()> {
         let tmp = self.dir.join(LOG_TEMP_FILE_NAME);
         {
-            let mut t = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            let mut t = self.fs.create_truncate(&tmp)?;
             t.write_all(&log::empty_log())?;
             t.write_all(bytes)?;
+            // Before the rename: a rename that reaches the disk ahead of the
+            // data would commit an empty or partial log.
             t.sync_data()?;
         }
-        fs::rename(&tmp, &self.path)?;
+        self.fs.rename(&tmp, &self.path)?;
         // The rename is durable only once the directory is.
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new().read(true).append(true).open(&self.path)?;
+        self.fs.sync_dir(&self.dir)?;
+        self.file = self.fs.open_append(&self.path)?;
         self.len = (log::FILE_HEADER_LEN + bytes.len()) as u64;
         Ok(())
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// The infallible [`Disk`] interface for code shared with the simulator. An IO
@@ -188,6 +202,7 @@ impl Disk for FileDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// What the file holds after appending `rest` to an empty log.
     fn with_header(rest: &[u8]) -> Vec<u8> {

@@ -7,16 +7,21 @@
 //! `{"ok":false,"error":"..."}` and never reaches the core, so nothing is
 //! stored; `POST /publish` answers only after the core says the record is
 //! durable; with a token configured, every mutating route (and the dead-letter
-//! listing, which exposes message contents) requires `Authorization: Bearer`.
+//! listing, which exposes message contents) requires `Authorization: Bearer`
+//! with a token whose scope ([`super::auth`]) covers the request (else 401 or
+//! 403, before the body is read); a body is read whole within a size and time
+//! bound before its handler runs, and the wait for room in the queue to the
+//! core is bounded (503 with `Retry-After`).
 
-use super::callbacks::{Allowlist, constant_time_eq};
+use super::auth::{Auth, Scope};
+use super::callbacks::Allowlist;
 use super::driver::{DriverGone, DriverHandle, Request, Stats};
 use crate::broker::{BrokerError, Reply};
 use crate::types::{CONTENT_LEN_MAX, ClientId, PublishRequest, SubscribeRequest, Topic};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, Request as HttpRequest, State};
+use axum::extract::{DefaultBodyLimit, Extension, Query, Request as HttpRequest, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -31,9 +36,12 @@ pub const BODY_LEN_MAX_DEFAULT: usize = 256 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct HttpConfig {
-    /// Required as `Authorization: Bearer <token>` on mutating routes when set.
-    pub token: Option<String>,
+    /// Tokens required as `Authorization: Bearer <token>` on mutating routes,
+    /// each with its scope; none configured: open.
+    pub auth: Auth,
     pub body_len_max: usize,
+    /// A body must arrive within this once the request head did (slow-loris bodies).
+    pub body_read_timeout: std::time::Duration,
     pub allow: Allowlist,
 }
 
@@ -55,6 +63,9 @@ pub fn router(driver: DriverHandle, config: HttpConfig) -> Router {
         .route("/unsubscribe", post(unsubscribe))
         .route("/dead-letters", get(dead_letters))
         .route("/dead-letters/redrive", post(redrive))
+        // Layers run last-added first: the token is checked before a byte of
+        // the body is read, then the body is read whole, bounded in size and time.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body_bounded))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/ping", get(ping))
@@ -85,8 +96,14 @@ fn published(msg_id: u64, duplicate: bool) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+/// 503 either way; an overloaded broker also says when to come back.
 fn gone(e: DriverGone) -> Response {
-    error(StatusCode::SERVICE_UNAVAILABLE, e)
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, e);
+    if e == DriverGone::Busy {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
 }
 
 /// How a refusal of the core maps to HTTP: capacity is 503 (retry later),
@@ -142,21 +159,63 @@ fn parse<T: for<'de> Deserialize<'de>>(body: Result<Bytes, BytesRejection>) -> R
     serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid request: {e}")))
 }
 
-async fn require_token(State(s): State<AppState>, headers: HeaderMap, req: HttpRequest, next: Next) -> Response {
-    if let Some(token) = &s.config.token {
+async fn require_token(State(s): State<AppState>, headers: HeaderMap, mut req: HttpRequest, next: Next) -> Response {
+    let scope = if s.config.auth.is_open() {
+        Scope::everything("open")
+    } else {
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let good = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes()));
-        if !good {
-            let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong Authorization: Bearer token");
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        match s.config.auth.scope_of(presented) {
+            Some(scope) => scope.clone(),
+            None => {
+                let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong Authorization: Bearer token");
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        }
+    };
+    req.extensions_mut().insert(Arc::new(scope));
+    next.run(req).await
+}
+
+/// 403 naming the token's name (never the token) and what it lacks.
+fn forbidden(scope: &Scope, what: impl std::fmt::Display) -> Response {
+    error(
+        StatusCode::FORBIDDEN,
+        format!("the token {:?} may not {what}", scope.name),
+    )
+}
+
+/// Reads the whole body within `body_read_timeout` and `body_len_max`, so a
+/// handler never waits on a slow client while it holds a place in the queue
+/// to the core: a body trickled in (slow loris) is cut with 408.
+async fn read_body_bounded(State(s): State<AppState>, req: HttpRequest, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, s.config.body_len_max);
+    let collected = tokio::time::timeout(s.config.body_read_timeout, http_body_util::BodyExt::collect(limited)).await;
+    match collected {
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {:?}", s.config.body_read_timeout),
+            );
             r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            error(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than the limit")
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
+        Ok(Ok(c)) => {
+            next.run(HttpRequest::from_parts(parts, axum::body::Body::from(c.to_bytes())))
+                .await
         }
     }
-    next.run(req).await
 }
 
 async fn ping() -> Response {
@@ -171,7 +230,14 @@ async fn method_not_allowed() -> Response {
     error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
 }
 
-async fn publish(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn publish(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    if !scope.publish {
+        return forbidden(&scope, "publish");
+    }
     let p: PublishRequest = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
@@ -187,12 +253,28 @@ async fn publish(State(s): State<AppState>, body: Result<Bytes, BytesRejection>)
     }
 }
 
-async fn subscribe(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn subscribe(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let sub: SubscribeRequest = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
     };
-    if let Err(e) = s.config.allow.check_url(&sub.notify_url) {
+    if !scope.subscribe.allows(&sub.client_id) {
+        return forbidden(
+            &scope,
+            format_args!("subscribe as ClientID {:?}", sub.client_id.as_str()),
+        );
+    }
+    // By name, then every resolved address: a name that resolves inward (or
+    // to the broker itself) is refused here, and again at each delivery.
+    let checked = match s.config.allow.check_url(&sub.notify_url) {
+        Ok(url) => s.config.allow.resolve(&url).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = checked {
         return error(StatusCode::BAD_REQUEST, e);
     }
     match s.driver.request(Request::Subscribe(sub)).await {
@@ -212,11 +294,18 @@ struct UnsubscribeBody {
     topic: Topic,
 }
 
-async fn unsubscribe(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn unsubscribe(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let u: UnsubscribeBody = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    if !scope.subscribe.allows(&u.client_id) {
+        return forbidden(&scope, format_args!("unsubscribe ClientID {:?}", u.client_id.as_str()));
+    }
     let request = Request::Unsubscribe {
         client: u.client_id,
         topic: u.topic,
@@ -236,11 +325,21 @@ struct ClientBody {
     client_id: ClientId,
 }
 
-async fn redrive(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn redrive(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let c: ClientBody = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    if !scope.dead_letters.allows(&c.client_id) {
+        return forbidden(
+            &scope,
+            format_args!("redrive the dead letters of ClientID {:?}", c.client_id.as_str()),
+        );
+    }
     match s.driver.request(Request::Redrive { client: c.client_id }).await {
         Ok(Reply::Redriven { count }) => ok(json!({"Redriven": count})),
         Ok(Reply::Rejected(e)) => rejected(e),
@@ -255,7 +354,11 @@ struct ClientQuery {
     client: ClientId,
 }
 
-async fn dead_letters(State(s): State<AppState>, q: Result<Query<ClientQuery>, QueryRejection>) -> Response {
+async fn dead_letters(
+    State(s): State<AppState>,
+    Extension(scope): Extension<Arc<Scope>>,
+    q: Result<Query<ClientQuery>, QueryRejection>,
+) -> Response {
     let client = match q {
         Ok(Query(q)) => q.client,
         Err(e) => {
@@ -265,6 +368,12 @@ async fn dead_letters(State(s): State<AppState>, q: Result<Query<ClientQuery>, Q
             );
         }
     };
+    if !scope.dead_letters.allows(&client) {
+        return forbidden(
+            &scope,
+            format_args!("read the dead letters of ClientID {:?}", client.as_str()),
+        );
+    }
     match s.driver.dead_letters(client.clone()).await {
         Ok(messages) => ok(json!({"ClientID": client, "Count": messages.len(), "Messages": messages})),
         Err(e) => gone(e),
@@ -471,6 +580,60 @@ fn escape_label(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::broker::SubscriberStats;
+
+    /// A core that stopped draining its queue: a publish is answered 503 with
+    /// Retry-After within the bounded wait, instead of holding its body.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_command_queue_answers_503_with_retry_after() {
+        let (driver, _queue) = DriverHandle::stuck(1);
+        let filler = driver.clone();
+        // Takes the one place in the queue and never gets an answer.
+        let _stuck = tokio::spawn(async move { filler.stats().await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let app = router(
+            driver,
+            HttpConfig {
+                auth: Auth::default(),
+                body_len_max: BODY_LEN_MAX_DEFAULT,
+                body_read_timeout: std::time::Duration::from_secs(5),
+                allow: Allowlist::loopback(),
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(super::super::listener::serve(
+            listener,
+            app,
+            Default::default(),
+            stop_rx,
+            std::time::Duration::from_secs(1),
+        ));
+        let c = super::super::client::BrokerClient::new(format!("http://{addr}"), None);
+        let body = br#"{"GlobalID":"g","SubID":"1","SenderID":"s","CreateTime":0,"Topic":"t","Content":"x"}"#;
+        let t0 = std::time::Instant::now();
+        let http = super::super::callbacks::client_builder().build().unwrap();
+        let resp = http
+            .post(format!("http://{addr}/publish"))
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let waited = t0.elapsed();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert!(v["error"].as_str().unwrap().contains("overloaded"), "{v}");
+        assert!(
+            waited >= super::super::driver::COMMAND_QUEUE_WAIT_MAX && waited < std::time::Duration::from_secs(2),
+            "answered after {waited:?}"
+        );
+        // Reads wait the same bounded time.
+        let (status, _) = c.get_json("/stats").await.unwrap();
+        assert_eq!(status, 503);
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
 
     #[test]
     fn metrics_text_has_help_type_and_escaped_labels() {

@@ -89,12 +89,34 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    pub fn spawn(mut disk: FileDisk) -> std::io::Result<LogWriter> {
+    pub fn spawn(disk: FileDisk) -> std::io::Result<LogWriter> {
+        LogWriter::spawn_with(disk, false)
+    }
+
+    /// A deliberately broken writer for the power-loss test: it reports each
+    /// batch durable after its writes but *before* its `fdatasync`.
+    #[cfg(test)]
+    pub(crate) fn spawn_replying_before_fsync(disk: FileDisk) -> std::io::Result<LogWriter> {
+        LogWriter::spawn_with(disk, true)
+    }
+
+    fn spawn_with(mut disk: FileDisk, reply_before_fsync: bool) -> std::io::Result<LogWriter> {
         // Capacity 1 on both sides: one batch in flight is the design.
         let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<WriteBatch>(1);
         let (done_tx, done_rx) = mpsc::channel::<WriteDone>(1);
         let thread = std::thread::Builder::new().name("sagamq-log".into()).spawn(move || {
             while let Ok(batch) = jobs_rx.recv() {
+                if reply_before_fsync {
+                    let result = apply_unsynced(&mut disk, &batch.ops);
+                    let failed = result.is_err();
+                    if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
+                        break;
+                    }
+                    if disk.try_sync().is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 let result = apply(&mut disk, &batch.ops);
                 let failed = result.is_err();
                 if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
@@ -161,6 +183,16 @@ impl Drop for LogWriter {
 }
 
 fn apply(disk: &mut FileDisk, ops: &[WriteOp]) -> Result<BatchReport, String> {
+    let mut report = apply_unsynced(disk, ops)?;
+    let t0 = Instant::now();
+    disk.try_sync()
+        .map_err(|e| format!("fdatasync {}: {e}", disk.path().display()))?;
+    report.sync_time = t0.elapsed();
+    Ok(report)
+}
+
+/// The writes of one batch, not yet synced (a `Replace` is durable on its own).
+fn apply_unsynced(disk: &mut FileDisk, ops: &[WriteOp]) -> Result<BatchReport, String> {
     let mut report = BatchReport::default();
     for op in ops {
         match op {
@@ -179,10 +211,6 @@ fn apply(disk: &mut FileDisk, ops: &[WriteOp]) -> Result<BatchReport, String> {
             }
         }
     }
-    let t0 = Instant::now();
-    disk.try_sync()
-        .map_err(|e| format!("fdatasync {}: {e}", disk.path().display()))?;
-    report.sync_time = t0.elapsed();
     Ok(report)
 }
 

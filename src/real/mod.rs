@@ -7,21 +7,36 @@
 //!
 //! Code map: [`server`] assembles a running broker; [`driver`] is the one task
 //! owning the [`crate::broker::Broker`]; [`log_writer`] is the fsync thread
-//! over [`file_disk`]; [`http`] maps routes to driver requests; [`callbacks`]
-//! signs and POSTs deliveries; [`cli`] is `sagamq serve|demo|bench`.
+//! over [`file_disk`], whose file calls go through [`fs`] (the OS, or the
+//! page-cache model [`page_cache`] in the power-loss test); [`listener`] is
+//! the accept loop with the connection bounds; [`http`] maps routes to driver
+//! requests under [`auth`]'s scopes; [`callbacks`] signs deliveries (key from
+//! [`signing_key`]), checks targets by name and resolved address, and POSTs
+//! them; [`cli`] is `sagamq serve|demo|bench|signing-key`.
 
+pub mod auth;
 pub mod bench;
 pub mod callbacks;
 pub mod cli;
 pub mod client;
 pub mod clock;
+#[cfg(test)]
+mod clock_step;
 pub mod demo;
 pub mod driver;
 pub mod file_disk;
+pub mod fs;
 pub mod http;
+pub mod listener;
 pub mod log_writer;
+pub mod page_cache;
 pub mod participant;
+#[cfg(test)]
+mod power_loss;
 pub mod server;
+pub mod signing_key;
 
-pub use callbacks::{Allowlist, SIGNATURE_HEADER, sign, verify};
+pub use callbacks::{
+    Allowlist, SIGNATURE_HEADER, SIGNATURE_TOLERANCE_DEFAULT, SignatureError, sign, verify, verify_now,
+};
 pub use server::{RunningBroker, ServeError, ServeOptions, start};

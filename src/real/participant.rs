@@ -7,7 +7,7 @@
 //! when the host says `Answer { ok: true }` (its record is durable); a
 //! callback whose signature does not verify never reaches the host.
 
-use super::callbacks::{SIGNATURE_HEADER, verify};
+use super::callbacks::{SIGNATURE_HEADER, verify_now};
 use super::client::BrokerClient;
 use super::clock::Clock;
 use super::driver::FatalLogError;
@@ -85,15 +85,23 @@ impl<P: Participant + Send + 'static> ParticipantNode<P> {
 
         let mut disk = FileDisk::open(&opts.data_dir).map_err(|e| format!("{}: {e}", opts.data_dir.display()))?;
         let image = disk.try_read_all().map_err(|e| e.to_string())?;
-        let host = if image.is_empty() {
-            ParticipantHost::new(logic, config)
-        } else {
-            let (host, report) = ParticipantHost::recover(logic, config, &image)
-                .map_err(|e| format!("recover {}: {e}", disk.path().display()))?;
-            if report.torn_bytes > 0 {
-                disk.try_truncate(report.valid_len).map_err(|e| e.to_string())?;
+        let mut recovered = None;
+        if !image.is_empty() {
+            // Log format v2 tells a tail of zeros (a size that reached the disk
+            // before its data) from damage itself: the zeros are cut as a torn
+            // tail, damage followed by a valid frame is refused.
+            let r = ParticipantHost::recover(logic.clone(), config.clone(), &image)
+                .map_err(|err| format!("recover {}: {err}", disk.path().display()))?;
+            recovered = Some(r);
+        }
+        let host = match recovered {
+            None => ParticipantHost::new(logic, config),
+            Some((host, report)) => {
+                if report.torn_bytes > 0 {
+                    disk.try_truncate(report.valid_len).map_err(|e| e.to_string())?;
+                }
+                host
             }
-            host
         };
         let writer = LogWriter::spawn(disk).map_err(|e| e.to_string())?;
 
@@ -220,12 +228,8 @@ async fn on_callback<P: Participant + Send + 'static>(
             .get(SIGNATURE_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        if !verify(key, &body, sig) {
-            return answer(
-                StatusCode::UNAUTHORIZED,
-                false,
-                Some("bad or missing X-SagaMQ-Signature"),
-            );
+        if let Err(e) = verify_now(key, &body, sig) {
+            return answer(StatusCode::UNAUTHORIZED, false, Some(&e.to_string()));
         }
     }
     let message: Message = match serde_json::from_slice(&body) {
@@ -367,5 +371,58 @@ impl<P: Participant + Send + 'static> NodeTask<P> {
             }
         }
         self.writer.start(&mut self.pending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::encode_frame;
+    use crate::saga::{scenario, topics};
+
+    fn options(dir: &std::path::Path) -> NodeOptions {
+        NodeOptions {
+            client_id: ClientId::lit(topics::STOCK_SERVICE),
+            data_dir: dir.to_path_buf(),
+            // Nobody listens there: the node's subscribe keeps retrying, which is fine here.
+            broker: BrokerClient::new("http://127.0.0.1:9", None),
+            signing_key: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            seed: 1,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_of_zeros_is_a_torn_write_and_damage_is_refused() {
+        let dir = std::env::temp_dir().join(format!("sagamq-participant-zeros-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join(super::super::file_disk::LOG_FILE_NAME);
+        // Created and grown, but its data never reached the disk.
+        std::fs::write(&log, [0u8; 64]).unwrap();
+        let node = ParticipantNode::start(scenario::seed().stock_participant(), options(&dir))
+            .await
+            .expect("a zero-filled log is a torn write");
+        let _ = node.shutdown().await;
+        let after = std::fs::read(&log).unwrap();
+        assert!(
+            !after.starts_with(&[0u8; 8]),
+            "the zeros were not cut: {} bytes",
+            after.len()
+        );
+
+        // A damaged record followed by another: refused, the log untouched.
+        let mut damaged = Vec::new();
+        encode_frame(b"{\"x\":1}", &mut damaged);
+        encode_frame(b"{\"x\":2}", &mut damaged);
+        damaged[9] ^= 0x40;
+        std::fs::write(&log, &damaged).unwrap();
+        let err = ParticipantNode::start(scenario::seed().stock_participant(), options(&dir))
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.contains("corrupt"), "{err}");
+        assert_eq!(std::fs::read(&log).unwrap(), damaged);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
