@@ -60,6 +60,22 @@ BUGS = [
      "                if *ok {\n                    o.status = OrderStatus::Completed;",
      "                if *ok || !*ok {\n                    o.status = OrderStatus::Completed;",
      "the order completes when payment refuses"),
+    ("compaction-drops-dead-letters", "src/broker/compact.rs",
+     "            for (_, msg_id) in &q.dead {\n                put(BrokerRecord::DeadLettered {",
+     "            for (_, msg_id) in q.dead.iter().take(0) {\n                put(BrokerRecord::DeadLettered {",
+     "compaction forgets the dead letters"),
+    ("dispatch-newest-first", "src/broker/delivery.rs",
+     "let first = *set.first().expect(\"empty ready sets are removed\");",
+     "let first = *set.last().expect(\"empty ready sets are removed\");",
+     "the broker attempts the newest ready message of a topic first"),
+    ("refund-to-another-customer", "src/saga/payment.rs",
+     "                let balance = self.balances.entry(customer.clone()).or_insert(0);\n                *balance = balance.checked_add(amount).expect(\"balance fits u64\");\n                entry.refund",
+     "                let to = self.balances.keys().next().cloned().unwrap_or(customer.clone());\n                let balance = self.balances.entry(to).or_insert(0);\n                *balance = balance.checked_add(amount).expect(\"balance fits u64\");\n                entry.refund",
+     "payment refunds the first customer on its books, not the one it charged"),
+    ("restock-another-product", "src/saga/stock.rs",
+     "                let level = self.levels.entry(product.clone()).or_insert(0);\n                *level = level.checked_add(quantity).expect(\"stock level fits u64\");\n                entry.release",
+     "                let to = self.levels.keys().next().cloned().unwrap_or(product.clone());\n                let level = self.levels.entry(to).or_insert(0);\n                *level = level.checked_add(quantity).expect(\"stock level fits u64\");\n                entry.release",
+     "stock puts released units back on the first shelf, not the product's"),
 ]
 
 def run(cmd, cwd, **kw):
