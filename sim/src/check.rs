@@ -489,10 +489,18 @@ impl Checker {
                 let key = message.key();
                 let topic = message.topic.as_str();
                 let story = self.story(&key);
+                // What the order heard: a message it received may be in its
+                // state even if its 2xx was lost (a crash right after the commit).
                 match (node, topic) {
                     (STOCK, t::STOCK_RELEASE) => story.stock_saw_release = true,
                     (PAYMENT, t::PAYMENT_CANCEL) => story.payment_saw_cancel = true,
-                    (ORDER, t::PAYMENT_RESULT) if message.content == "0" => story.refusal_delivered = true,
+                    (ORDER, t::STOCK_OUTBOUND) => story.heard_stock = story.heard_stock.or(yes_no(&message.content)),
+                    (ORDER, t::PAYMENT_RESULT) => {
+                        story.heard_payment = story.heard_payment.or(yes_no(&message.content));
+                        story.refusal_delivered |= message.content == "0";
+                    }
+                    (ORDER, t::STOCK_RELEASED) => story.heard_released = true,
+                    (ORDER, t::PAYMENT_CANCELLED) => story.heard_cancelled = true,
                     _ => {}
                 }
             }

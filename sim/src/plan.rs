@@ -379,7 +379,11 @@ impl FaultPlan {
             let scale = u64::from(shape.messages_max.div_ceil(900).max(1));
             profile.bounds = Some(Bounds {
                 pending_per_subscriber_max: (small.range_inclusive(2, 12) * scale) as u32,
-                messages_max: (small.range_inclusive(4, 24) * scale) as u32,
+                // Dead letters stay live messages until an operator acts: with
+                // a short retry budget, room for them on top, or a slow operator
+                // turns a handful of dead letters into a broker that refuses all.
+                messages_max: ((small.range_inclusive(4, 24) + if profile.attempts_max.is_some() { 16 } else { 0 })
+                    * scale) as u32,
                 publishes_unsynced_max: (small.range_inclusive(1, 6) * scale) as u32,
                 inflight_per_subscriber_max: (small.range_inclusive(1, 4) * scale).min(16) as u32,
                 compact_garbage_records_min: small.range_inclusive(4, 32) as u32,

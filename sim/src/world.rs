@@ -934,7 +934,13 @@ async fn node_main(world: World, i: usize) {
             s.wakeups += 1;
             let now = s.now(i);
             match wake {
-                Some(Inbound::Net(from, seq, wire)) => on_wire(&mut s, &mut drv, i, now, from, seq, wire),
+                Some(Inbound::Net(from, seq, wire)) => {
+                    // A sync that fell due while messages kept arriving completes
+                    // now: under a backlog the inbox is never empty, and a broker
+                    // at its unsynced bound would otherwise refuse forever.
+                    complete_sync(&mut s, &mut drv, i, now);
+                    on_wire(&mut s, &mut drv, i, now, from, seq, wire);
+                }
                 Some(Inbound::Redrive(client)) => {
                     if let Slot::Broker(b) = &mut s.slots[i] {
                         let dead = |b: &Broker| -> Vec<sagamq::MsgId> {
@@ -1048,7 +1054,9 @@ fn poll_timeout(slot: &Slot) -> Option<Time> {
     }
 }
 
-fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
+/// Completes the disk sync in progress if it is due: the device finishing a
+/// write, which never waits behind the node's inbox.
+fn complete_sync(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
     if drv.sync_due_ns.is_some_and(|due| due <= s.elapsed_ns()) {
         drv.sync_due_ns = None;
         s.disks[i].sync();
@@ -1061,6 +1069,10 @@ fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
             }
         }
     }
+}
+
+fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
+    complete_sync(s, drv, i, now);
     if i == WORKLOAD && !matches!(&s.slots[i], Slot::Workload(w) if w.started()) {
         let ready = s.slots.iter().all(|slot| match slot {
             Slot::Participant(p) => p.ready(),

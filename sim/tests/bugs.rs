@@ -92,8 +92,8 @@ fn no_inbox() {
         bug: Bug::NoInbox,
         scenario: SAGA6,
         budget: 40,
-        invariant: "one-answer",
-        or_invariant: None,
+        invariant: "effects-at-most-once",
+        or_invariant: Some("one-answer"),
     });
 }
 
@@ -251,8 +251,8 @@ fn canary_simulator_still_catches_planted_bugs() {
         bug: Bug::NoInbox,
         scenario: SAGA6,
         budget: 40,
-        invariant: "one-answer",
-        or_invariant: None,
+        invariant: "effects-at-most-once",
+        or_invariant: Some("one-answer"),
     });
     let fired = |k: &str| s.faults.get(k).copied().unwrap_or(0);
     assert!(

@@ -408,7 +408,17 @@ impl Broker {
                 return self.reject(req, BrokerError::TooManySubscriptions);
             }
         }
-        let expire_time = s.expire_time;
+        // A renewal never shortens a live subscription: a delayed or duplicated
+        // older request that arrives after a newer one must not cut it short
+        // (found by the simulator: a late duplicate renewal paused delivery
+        // and the next publish entitled nobody).
+        let current = self
+            .subs
+            .get(&s.topic)
+            .and_then(|m| m.get(&s.client_id))
+            .filter(|sub| !sub.retired)
+            .map(|sub| sub.expire_time);
+        let expire_time = current.map_or(s.expire_time, |c| c.max(s.expire_time));
         let lsn = self.batch_lsn();
         self.record(BrokerRecord::Subscribed {
             client: s.client_id,

@@ -155,23 +155,32 @@ impl Model {
             .filter(move |o| &o.client == client && &o.topic == topic && o.status != Status::NoEffect)
     }
 
-    /// Could the broker entitle `client` to a publish on `topic` at `t`?
+    /// Could the broker entitle `client` to a publish on `topic` at `t`? A
+    /// renewal never shortens a subscription, so any subscribe not followed by
+    /// a certain unsubscribe may still be in force.
     fn may(&self, client: &ClientId, topic: &Topic, t: Time) -> bool {
         let ops: Vec<&SubOp> = self.ops_for(client, topic).collect();
         ops.iter().enumerate().any(|(i, e)| {
             e.expire.is_some_and(|x| x.plus(GRACE) > t)
                 && !ops[i + 1..].iter().any(|o| {
                     let certain = matches!(o.status, Status::Pending | Status::Confirmed);
-                    certain && o.expire.is_none_or(|x| x.plus(GRACE) <= t)
+                    certain && o.expire.is_none()
                 })
         })
     }
 
-    /// Must the broker entitle `client` to a publish on `topic` at `t`?
+    /// Must the broker entitle `client` to a publish on `topic` at `t`? With
+    /// every operation certain, the subscription's expiry is the latest of the
+    /// requests since the last unsubscribe.
     fn sure(&self, client: &ClientId, topic: &Topic, t: Time) -> bool {
         let ops: Vec<&SubOp> = self.ops_for(client, topic).collect();
+        let since_unsubscribe = ops.iter().rposition(|o| o.expire.is_none()).map_or(0, |i| i + 1);
         ops.iter().all(|o| o.status != Status::InDoubt)
-            && ops.last().is_some_and(|o| o.expire.is_some_and(|x| x.plus(GRACE) > t))
+            && ops[since_unsubscribe..]
+                .iter()
+                .filter_map(|o| o.expire)
+                .max()
+                .is_some_and(|x| x.plus(GRACE) > t)
     }
 
     /// Follows what the harness saw since the last call, checking as it goes.

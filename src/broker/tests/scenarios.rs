@@ -57,6 +57,34 @@ fn assert_rejected_and_nothing_stored(h: &mut Harness, act: impl FnOnce(&mut Har
 // ----- Durable before acknowledged -----
 
 #[test]
+fn a_late_older_renewal_never_shortens_a_subscription() {
+    let mut h = Harness::new(BrokerConfig::default(), 7);
+    let r = h.subscribe(STOCK, T, Time(2_000_000_000));
+    assert_eq!(
+        h.reply(r),
+        Some(&Reply::Subscribed {
+            expire_time: Time(2_000_000_000)
+        })
+    );
+    // An older renewal (a duplicate or a delayed copy) arrives after the newer one.
+    let r = h.subscribe(STOCK, T, Time(1_500_000_000));
+    assert_eq!(
+        h.reply(r),
+        Some(&Reply::Subscribed {
+            expire_time: Time(2_000_000_000)
+        })
+    );
+    // A later renewal still extends it.
+    let r = h.subscribe(STOCK, T, Time(3_000_000_000));
+    assert_eq!(
+        h.reply(r),
+        Some(&Reply::Subscribed {
+            expire_time: Time(3_000_000_000)
+        })
+    );
+}
+
+#[test]
 fn publish_is_answered_and_delivered_only_once_durable() {
     let mut h = with_stock(small_config());
     h.auto_sync = false;
