@@ -274,6 +274,9 @@ struct Pair {
     processed: u32,
     /// The broker incarnation that received a 2xx for it (redelivery needs a crash or redrive).
     acked_in: Option<u64>,
+    /// Redrives so far: a late 2xx for an attempt made before the latest
+    /// redrive answers a delivery the broker no longer knows.
+    redrives: u32,
 }
 
 /// One order's story as the messages tell it.
@@ -313,7 +316,8 @@ pub struct Checker {
     msg_keys: BTreeMap<MsgId, MessageKey>,
     subs: BTreeMap<(Topic, ClientId), Sub>,
     pairs: BTreeMap<(ClientId, MessageKey), Pair>,
-    deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64)>,
+    /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
+    deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64, u32)>,
     /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
     unattempted: BTreeMap<ClientId, BTreeMap<(i64, MsgId), Topic>>,
     /// Committed publishes not yet acknowledged.
@@ -477,12 +481,15 @@ impl Checker {
             Event::PublishAnswered { key, reply } => self.publish_answered(at_ms, key, reply),
             Event::CallbackSent { callback, now } => self.callback_sent(at_ms, callback, now),
             Event::AnswerReceived { delivery, ok } => {
-                if let Some((client, key, inc)) = self.deliveries.get(&delivery)
+                if let Some((client, key, inc, redrives)) = self.deliveries.get(&delivery)
                     && ok
                     && *inc == self.incarnation
                 {
-                    let inc = *inc;
-                    self.pairs.entry((client.clone(), key.clone())).or_default().acked_in = Some(inc);
+                    let (inc, redrives) = (*inc, *redrives);
+                    let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+                    if pair.redrives == redrives {
+                        pair.acked_in = Some(inc);
+                    }
                 }
             }
             Event::CallbackReceived { node, message } => {
@@ -939,8 +946,9 @@ impl Checker {
         let message = &cb.message;
         let key = message.key();
         self.last_callback_ms.insert(client.clone(), at_ms);
+        let redrives = self.pairs.get(&(client.clone(), key.clone())).map_or(0, |p| p.redrives);
         self.deliveries
-            .insert(cb.delivery, (client.clone(), key.clone(), self.incarnation));
+            .insert(cb.delivery, (client.clone(), key.clone(), self.incarnation, redrives));
         let mut found = Vec::new();
         let Some(ks) = self.keys.get(&key) else {
             self.account.unexpected += 1;
@@ -1089,6 +1097,7 @@ impl Checker {
             let pair = self.pairs.entry((client.clone(), key)).or_default();
             pair.attempts = 0;
             pair.acked_in = None;
+            pair.redrives += 1;
             self.covered("dead_letter");
         }
     }

@@ -555,3 +555,44 @@ fn no_lost_publish_an_acknowledged_message_never_processed() {
     assert_eq!(first(&c), Some("no-lost-publish"));
     assert_eq!(c.account().lost, 1);
 }
+
+#[test]
+fn redelivery_after_a_redrive_is_fine_even_with_a_late_2xx_of_an_older_attempt() {
+    let mut c = subscribed();
+    let m = created(&mut c);
+    let stock = ClientId::lit(t::STOCK_SERVICE);
+    for d in 1..=3 {
+        c.observe(
+            13,
+            Event::CallbackSent {
+                callback: &callback(t::STOCK_SERVICE, &m, d),
+                now: Time::from_millis(13),
+            },
+        );
+    }
+    // Dead-lettered after 3 attempts, redriven; then attempt 1's 2xx arrives late
+    // (the broker no longer knows that attempt) and the redriven copy goes out.
+    c.observe(
+        20,
+        Event::Redrive {
+            client: &stock,
+            dead: &[MsgId(1)],
+            moved: &[MsgId(1)],
+        },
+    );
+    c.observe(
+        21,
+        Event::AnswerReceived {
+            delivery: DeliveryId(1),
+            ok: true,
+        },
+    );
+    c.observe(
+        22,
+        Event::CallbackSent {
+            callback: &callback(t::STOCK_SERVICE, &m, 4),
+            now: Time::from_millis(22),
+        },
+    );
+    assert_eq!(c.violations(), &[]);
+}
