@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 20] = [
+pub const COVERAGE: [&str; 21] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -127,6 +127,7 @@ pub const COVERAGE: [&str; 20] = [
     "backpressure_refused",
     "delivery_paused",
     "lapsed_beyond_grace",
+    "dedup_probe",
 ];
 
 /// A per-subscriber account in the spirit of Jepsen's total-queue checker.
@@ -420,6 +421,11 @@ impl Checker {
         Some(self.quiescent_ms?.saturating_sub(self.healed_ms?))
     }
 
+    /// Counts a path the world reached (a probe it ran).
+    pub fn count(&mut self, path: &'static str) {
+        self.covered(path);
+    }
+
     fn covered(&mut self, path: &'static str) {
         *self.coverage.entry(path).or_default() += 1;
     }
@@ -429,6 +435,15 @@ impl Checker {
         if !self.violations.iter().any(|old| old.invariant == v.invariant) {
             self.violations.push(v);
         }
+    }
+
+    /// Every acknowledged publish (as first received) and the id it was
+    /// acknowledged with: what a recovered broker must still answer as a duplicate.
+    pub fn acknowledged(&self) -> Vec<(PublishRequest, MsgId)> {
+        self.keys
+            .values()
+            .filter_map(|ks| Some((ks.versions.first()?.clone(), ks.ack.as_ref()?.msg_id)))
+            .collect()
     }
 
     /// Confirmed subscribers of `topic` whose subscription has expired at `now`

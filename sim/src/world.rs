@@ -675,6 +675,9 @@ fn crash(
         s.fired("torn_write");
     }
     probe_recovery(&mut s, n);
+    if n == BROKER {
+        probe_dedup(&mut s);
+    }
     s.event(|| What::Crash { node: n, torn });
     s.line(n, || {
         format!(
@@ -717,6 +720,57 @@ fn recover_copy(s: &Shared, i: usize, image: &[u8]) -> Result<u64, String> {
             .map_err(|e| e.to_string())
     } else {
         build_participant(s, i, image).map(|(_, _, records)| records)
+    }
+}
+
+/// The dedup probe, at every broker crash: a broker recovered (on the side)
+/// from what the crash left must answer a retry of every acknowledged publish
+/// with its original id, whether the message is live, settled, compacted into
+/// a snapshot or remembered only as a key. (A sweep reaches a retried publish
+/// of a settled key after a compaction and a recovery only rarely on its own.)
+fn probe_dedup(s: &mut Shared) {
+    let image = s.disks[BROKER].read_all();
+    if image.is_empty() {
+        return;
+    }
+    let Ok((mut b, _)) = Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) else {
+        return; // a refusal is the recovery invariant's business
+    };
+    let now = s.now(BROKER);
+    let mut wrong = None;
+    for (k, (publish, msg_id)) in s.check.acknowledged().into_iter().enumerate() {
+        let key = publish.key();
+        let req = RequestId(u64::MAX - 1 - k as u64);
+        b.handle(now, BrokerInput::Publish { req, publish });
+        let mut answer = None;
+        while let Some(out) = b.poll_output() {
+            if let BrokerOutput::Reply { req: r, reply } = out
+                && r == req
+            {
+                answer = Some(reply);
+            }
+        }
+        match answer {
+            Some(Reply::Published {
+                msg_id: m,
+                duplicate: true,
+            }) if m == msg_id => {}
+            other => {
+                let answer = match other {
+                    None => "taken as a new message".to_string(),
+                    Some(reply) => format!("answered {reply:?}"),
+                };
+                wrong = Some(format!(
+                    "after the broker's crash, a retry of {key} (acknowledged as {msg_id}) was {answer} by the recovered broker: its dedup key was lost"
+                ));
+                break;
+            }
+        }
+    }
+    s.check.count("dedup_probe");
+    if let Some(detail) = wrong {
+        let at = s.elapsed_ns() / 1_000_000;
+        s.check.violation(Violation::safety("dedup", detail, at));
     }
 }
 
