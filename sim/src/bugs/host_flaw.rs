@@ -175,4 +175,10 @@ where
     fn reflects(&self, message: &sagamq::Message) -> bool {
         self.host.reflects(message)
     }
+    fn latest_timer(&self) -> Option<Time> {
+        self.host.latest_timer()
+    }
+    fn outbox(&self) -> usize {
+        self.host.outbox()
+    }
 }
