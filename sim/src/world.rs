@@ -97,8 +97,10 @@ pub struct Shared {
     pub slots: Vec<Slot>,
     plan: PlanIndex,
     broker_config: BrokerConfig,
-    /// The TTL participants subscribe with (`None`: the default).
-    subscription_ttl: Option<Duration>,
+    /// Each node's display name (`topology::display_name`), by index.
+    names: Arc<[String]>,
+    /// The drawn profile (participants' TTL and inbox bounds come from it).
+    profile: crate::plan::FaultProfile,
     /// Message faults apply only while true (the chaos phase).
     chaos: bool,
     sent_nth: u32,
@@ -130,7 +132,7 @@ impl Shared {
     }
     fn line(&mut self, node: usize, text: impl FnOnce() -> String) {
         let t = self.elapsed_ns();
-        self.trace.line(t, NODES[node], text);
+        self.trace.line(t, &self.names[node], text);
     }
     /// Reports one event of the history to the checker.
     fn observe(&mut self, event: Event<'_>) {
@@ -220,10 +222,10 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
         plan: plan.index(),
         broker_config: broker_config(&plan.profile),
-        subscription_ttl: plan
-            .profile
-            .subscription_ttl_ms
-            .map(|ms| Duration::from_millis(u64::from(ms))),
+        profile: plan.profile.clone(),
+        names: (0..NODES.len())
+            .map(|i| crate::topology::display_name(i, cfg.custom.as_ref().map(|c| c.client_id())))
+            .collect(),
         chaos: true,
         sent_nth: 0,
         answer_nth: 0,
@@ -253,6 +255,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
             bug: cfg.bug.map(|b| b.to_string()),
             profile: plan.profile.to_string(),
             faults: plan.faults.iter().map(|f| f.to_string()).collect(),
+            custom: cfg.custom.as_ref().map(|c| c.client_id().to_string()),
         });
         s.line(WORKLOAD, || {
             format!(
@@ -453,7 +456,7 @@ fn finish(world: &World, seed: u64) -> RunResult {
         .iter()
         .enumerate()
         .filter_map(|(i, slot)| match slot {
-            Slot::Participant(p) => Some((NODES[i].to_string(), p.view())),
+            Slot::Participant(p) => Some((shared.names[i].clone(), p.view())),
             _ => None,
         })
         .collect();
@@ -689,7 +692,7 @@ fn crash(
 /// Returns the participant, the valid log length and the number of records replayed.
 fn build_participant(s: &Shared, node: usize, image: &[u8]) -> Built {
     let custom = s.cfg.custom.as_ref().map(|c| c.client_id());
-    let config = participants::host_config(node, s.seed, custom, s.subscription_ttl);
+    let config = participants::host_config(node, s.seed, custom, &s.profile);
     let def = &s.def;
     if let Some(bug) = s.cfg.bug
         && let Some(planted) = crate::bugs::build(bug, node, def, config.clone(), image)
@@ -747,7 +750,7 @@ fn probe_recovery(s: &mut Shared, n: usize) {
         Ok(records) if in_last && records + 1 >= frames => None,
         Ok(records) => Some(format!(
             "{} recovered {records} of {frames} records from its log with bit {bit} flipped at byte {offset}{}: acknowledged records after the damage were cut instead of refused",
-            NODES[n],
+            s.names[n],
             if in_last {
                 " (in the last record)"
             } else {
@@ -1029,11 +1032,8 @@ fn boot(world: &World, i: usize) -> bool {
         }
         Err(e) => {
             let at = s.elapsed_ns() / 1_000_000;
-            s.check.violation(Violation::safety(
-                "recovery",
-                format!("{} refused to start: {e}", NODES[i]),
-                at,
-            ));
+            let text = format!("{} refused to start: {e}", s.names[i]);
+            s.check.violation(Violation::safety("recovery", text, at));
             false
         }
     }
@@ -1092,7 +1092,8 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
     s.event(|| What::Recv { seq, from: src, to: i });
     if s.trace.enabled() {
         let text = wire.to_string();
-        s.line(i, || format!("<- {} {text}", NODES[src]));
+        let names = s.names.clone();
+        s.line(i, || format!("<- {} {text}", names[src]));
     }
     match (&mut s.slots[i], wire) {
         (Slot::Broker(_), Wire::Publish { req, publish }) => {
@@ -1178,7 +1179,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                         .push((BROKER, Wire::CallbackAnswer { delivery, ok: false }));
                 }
                 let t = s.elapsed_ns();
-                s.trace.line(t, NODES[i], || {
+                s.trace.line(t, &s.names[i], || {
                     format!(
                         "fault: callback #{nth} {}",
                         if hang { "never answered" } else { "answered 500" }
@@ -1218,6 +1219,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             check,
             trace,
             start,
+            names,
             ..
         } = &mut *s;
         let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
@@ -1227,7 +1229,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                 let Some(out) = b.poll_output() else { break };
                 if trace.enabled() {
                     let text = out.to_string();
-                    trace.line(t, NODES[i], || text);
+                    trace.line(t, &names[i], || text);
                 }
                 match out {
                     BrokerOutput::Persist { lsn, frames } => {
@@ -1289,7 +1291,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                 let Some(out) = p.poll_output() else { break };
                 if trace.enabled() {
                     let text = out.to_string();
-                    trace.line(t, NODES[i], || text);
+                    trace.line(t, &names[i], || text);
                 }
                 match out {
                     ParticipantOutput::Persist { lsn, frames } => {
@@ -1393,12 +1395,14 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
         } else if s.plan.drop.contains_key(&nth) {
             s.fired("drop");
             s.events.send(t, seq, from, dst, &wire, Fate::Dropped);
-            s.line(from, || format!("fault: drop -> {} {wire}", NODES[dst]));
+            let names = s.names.clone();
+            s.line(from, || format!("fault: drop -> {} {wire}", names[dst]));
             return;
         } else if answer_nth.is_some_and(|a| s.plan.ack_lost.contains_key(&a)) {
             s.fired("ack_lost");
             s.events.send(t, seq, from, dst, &wire, Fate::AnswerLost);
-            s.line(from, || format!("fault: lose answer -> {} {wire}", NODES[dst]));
+            let names = s.names.clone();
+            s.line(from, || format!("fault: lose answer -> {} {wire}", names[dst]));
             return;
         } else {
             let delay = s.plan.delay.get(&nth).copied().unwrap_or(0);
@@ -1415,11 +1419,12 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
             };
             s.events.send(t, seq, from, dst, &wire, fate);
             if delay > 0 || dup {
+                let names = s.names.clone();
                 s.line(from, || {
                     format!(
                         "fault: delay {delay}ms, copies {} -> {} {wire}",
                         1 + u32::from(dup),
-                        NODES[dst]
+                        names[dst]
                     )
                 });
             }

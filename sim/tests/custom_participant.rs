@@ -9,6 +9,7 @@ use sagamq::saga::{Decision, Outgoing, Participant, topics};
 use sagamq::{GlobalId, Message, SubId, Time, Topic};
 use sagamq_sim::check::{OrderPhase, View};
 use sagamq_sim::custom::CustomNode;
+use sagamq_sim::plan::FaultPlan;
 use sagamq_sim::runner;
 use sagamq_sim::scenario::Scenario;
 use sagamq_sim::world::RunConfig;
@@ -78,7 +79,7 @@ fn a_custom_participant_survives_the_swarm() {
             r.violations,
             runner::replay_command(seed, &cfg)
         );
-        let shipping = r.views["custom"]
+        let shipping = r.views["shipping-service"]
             .custom_state::<Shipping>()
             .expect("the custom node ran");
         let View::Order { orders } = &r.views["order"] else {
@@ -101,9 +102,6 @@ fn a_custom_participant_survives_the_swarm() {
 
 #[test]
 fn a_broken_custom_invariant_is_reported() {
-    fn never(_: &Shipping) -> Result<(), String> {
-        Err("this invariant always fails".to_string())
-    }
     let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None).with_custom(CustomNode::new(
         "shipping-service",
         Shipping::default(),
@@ -111,4 +109,83 @@ fn a_broken_custom_invariant_is_reported() {
     ));
     let r = runner::run_seed(1, &cfg);
     assert_eq!(r.violations.first().map(|v| v.invariant), Some("custom-invariant"));
+}
+
+fn never(_: &Shipping) -> Result<(), String> {
+    Err("this invariant always fails".to_string())
+}
+
+/// The CLI cannot load a user's participant, so a custom configuration's failure
+/// must not print `replay` (it would replay a different world, which passes):
+/// it prints the user's own command, and the summary says a custom node ran.
+#[test]
+fn a_custom_failure_prints_a_command_that_reproduces_it() {
+    let node = CustomNode::new("shipping-service", Shipping::default(), never);
+    let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None).with_custom(node);
+
+    let plain = runner::sweep(&cfg, 1..2, 1, false, &|_, _, _| {});
+    let text = plain.human();
+    assert!(
+        text.starts_with("scenario saga") && text.contains(" + custom shipping-service: 1 seeds"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("replay --seed"),
+        "no CLI replay for a custom node: {text}"
+    );
+    assert!(text.contains("SAGAMQ_SEED=1"), "{text}");
+    assert!(
+        text.contains("cannot load custom participant shipping-service"),
+        "{text}"
+    );
+    assert!(
+        text.contains("runner::explain_failure(1, &cfg)"),
+        "names the artifacts call: {text}"
+    );
+
+    let cfg = cfg.reproduce_with("SAGAMQ_SEED={seed} cargo test --release -p sagamq-sim --test custom_participant");
+    let summary = runner::sweep(&cfg, 1..2, 1, false, &|_, _, _| {});
+    assert_eq!(
+        summary.failures[0].replay,
+        "SAGAMQ_SEED=1 cargo test --release -p sagamq-sim --test custom_participant"
+    );
+    assert!(
+        summary
+            .human()
+            .contains("reproduce: SAGAMQ_SEED=1 cargo test --release -p sagamq-sim")
+    );
+
+    // The shipped configurations keep the CLI's replay.
+    let shipped = RunConfig::new(Scenario::Saga { orders: 4 }, None);
+    assert!(runner::replay_command(1, &shipped).contains("replay --seed 1 --scenario saga"));
+}
+
+/// One call writes what the CLI gives: the trace, the plan, the shrunk plan and
+/// its trace, and an SVG diagram; the shrunk plan still fails the same way.
+#[test]
+fn explain_failure_writes_the_trace_the_diagram_and_the_shrunk_plan() {
+    let node = CustomNode::new("shipping-service", Shipping::default(), never);
+    let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None).with_custom(node);
+    let a = runner::explain_failure(1, &cfg).expect("artifacts written");
+    assert!(a.dir.ends_with("sagamq-sim/1"), "{}", a.dir.display());
+    assert_eq!(a.violation.as_ref().map(|v| v.invariant), Some("custom-invariant"));
+    let trace = std::fs::read_to_string(&a.trace).expect("trace");
+    assert!(trace.contains("VIOLATION"), "the trace shows the failure");
+    // The custom node's lane is named by its client id (its index stays `custom`).
+    assert!(trace.contains("ms shipping-service "), "a lane named by the client id");
+    assert!(!trace.contains("ms custom "), "no lane named `custom`");
+    let svg = std::fs::read_to_string(&a.svg).expect("svg");
+    assert!(
+        svg.contains("<svg") && svg.contains("shipping-service"),
+        "an SVG naming the custom node"
+    );
+    let shrunk_path = a.shrunk_plan.as_ref().expect("a failing seed is shrunk");
+    let shrunk: FaultPlan =
+        serde_json::from_str(&std::fs::read_to_string(shrunk_path).expect("plan")).expect("plan JSON parses");
+    let original: FaultPlan =
+        serde_json::from_str(&std::fs::read_to_string(&a.plan).expect("plan")).expect("plan JSON parses");
+    assert!(shrunk.faults.len() <= original.faults.len());
+    let again = sagamq_sim::world::run(1, &shrunk, &cfg);
+    assert_eq!(again.violations.first().map(|v| v.invariant), Some("custom-invariant"));
+    assert!(a.describe().contains("diagram.svg"));
 }

@@ -62,3 +62,38 @@ proptest! {
         }
     }
 }
+
+/// The swarm-drawn inbox bounds are part of the plan: printed in its profile
+/// line (so a trace shows them), carried by its JSON, and a plan written before
+/// they existed still parses (as "every inbox at the host's default").
+#[test]
+fn inbox_bounds_are_part_of_the_plan() {
+    let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None);
+    let (seed, plan) = (0..100u64)
+        .map(|s| (s, sagamq_sim::runner::plan_for(s, &cfg)))
+        .find(|(_, p)| !p.profile.inbox_keys_max.is_empty())
+        .expect("half the seeds draw a small inbox for some node");
+    let line = plan.profile.to_string();
+    assert!(line.contains("inbox_keys_max=("), "{line}");
+    let json = serde_json::to_string(&plan).expect("plan serializes");
+    let back: FaultPlan = serde_json::from_str(&json).expect("plan parses");
+    assert_eq!(back, plan);
+
+    let mut traced = cfg.clone();
+    traced.trace = true;
+    let r = world::run(seed, &plan, &traced);
+    assert!(
+        r.trace[0].contains("inbox_keys_max=("),
+        "the trace prints it: {}",
+        r.trace[0]
+    );
+
+    let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
+    old["profile"]
+        .as_object_mut()
+        .expect("profile object")
+        .remove("inbox_keys_max");
+    let old: FaultPlan = serde_json::from_value(old).expect("an old plan parses");
+    assert!(old.profile.inbox_keys_max.is_empty());
+    assert!(old.profile.to_string().contains("inbox_keys_max=default"));
+}
