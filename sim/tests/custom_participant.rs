@@ -189,3 +189,75 @@ fn explain_failure_writes_the_trace_the_diagram_and_the_shrunk_plan() {
     assert_eq!(again.violations.first().map(|v| v.invariant), Some("custom-invariant"));
     assert!(a.describe().contains("diagram.svg"));
 }
+
+/// Shipping without its guard: trusts the host's inbox to drop redeliveries.
+#[derive(Clone, Debug, Default)]
+struct TrustingShipping(Shipping);
+
+impl Participant for TrustingShipping {
+    type Change = Shipped;
+    fn topics(&self) -> Vec<Topic> {
+        self.0.topics()
+    }
+    fn on_message(&self, _now: Time, m: &Message) -> Decision<Shipped> {
+        if m.content != "1" {
+            return Decision::Ignore;
+        }
+        Decision::change(Shipped {
+            order: m.global_id.clone(),
+        })
+    }
+    fn apply(&mut self, change: &Shipped) {
+        self.0.apply(change);
+    }
+}
+
+/// The inbox forgets, so a participant that trusts it ships twice; the sweep
+/// catches it, prints the user's command and names the artifacts, and the
+/// shrunk plan still fails.
+#[test]
+fn a_participant_that_trusts_the_inbox_is_caught_and_explained() {
+    fn at_most_once(s: &TrustingShipping) -> Result<(), String> {
+        shipped_at_most_once(&s.0)
+    }
+    let node = CustomNode::new("shipping-service", TrustingShipping::default(), at_most_once);
+    let cfg = RunConfig::new(Scenario::Saga { orders: 8 }, None)
+        .with_custom(node)
+        .reproduce_with("SAGAMQ_SEED={seed} cargo test --release -p sagamq-sim --test custom_participant");
+    let summary = runner::sweep(&cfg, common::seeds(0..300), 1, true, &|_, _, _| {});
+    let Some(f) = summary.failures.first() else {
+        panic!("a forgetting inbox exposes the missing guard:\n{}", summary.human());
+    };
+    assert!(
+        ["custom-invariant", "no-lost-effect"].contains(&f.invariant),
+        "{}",
+        summary.human()
+    );
+    assert!(f.replay.starts_with(&format!("SAGAMQ_SEED={} cargo test", f.seed)));
+    let a = runner::explain_failure(f.seed, &cfg).expect("artifacts");
+    assert!(a.shrunk_plan.is_some() && a.svg.exists() && a.trace.exists());
+}
+
+/// The README's message catalogue names every topic and every SubID step.
+#[test]
+fn the_readme_catalogue_lists_every_topic_and_step() {
+    use sagamq::saga::step;
+    let readme = include_str!("../../README.md");
+    let at = readme.find("### Message catalogue").expect("a catalogue section");
+    let catalogue = &readme[at..];
+    for t in topics::ALL {
+        assert!(catalogue.contains(&format!("`{t}`")), "topic {t} in the catalogue");
+    }
+    for s in [
+        step::CREATED,
+        step::OUTBOUND,
+        step::PAYMENT_REQUESTED,
+        step::PAYMENT,
+        step::RELEASE,
+        step::RELEASED,
+        step::PAYMENT_CANCEL,
+        step::PAYMENT_CANCELLED,
+    ] {
+        assert!(catalogue.contains(&format!("<order>.{s}")), "step {s} in the catalogue");
+    }
+}
