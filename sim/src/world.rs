@@ -437,6 +437,7 @@ fn finish(world: &World, seed: u64) -> RunResult {
     let sim_ms = s.elapsed_ns() / 1_000_000;
     judge_safety(&mut s, sim_ms);
     judge_liveness(&mut s, sim_ms);
+    judge_custom_final(&mut s, sim_ms);
     final_state_lines(&mut s);
     let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
     for text in texts {
@@ -451,15 +452,7 @@ fn finish(world: &World, seed: u64) -> RunResult {
         });
     }
     let shared = &mut *s;
-    let views: BTreeMap<String, crate::check::View> = shared
-        .slots
-        .iter()
-        .enumerate()
-        .filter_map(|(i, slot)| match slot {
-            Slot::Participant(p) => Some((shared.names[i].clone(), p.view())),
-            _ => None,
-        })
-        .collect();
+    let views = final_views(shared);
     // madsim does not drop the tasks still parked when `block_on` returns, and
     // they hold this world: free the machines and disks now so a long sweep
     // does not keep every seed's state alive.
@@ -485,6 +478,31 @@ fn finish(world: &World, seed: u64) -> RunResult {
         account: shared.check.account().clone(),
         quiescence_ms: shared.check.quiescence_ms(),
         panicked: false,
+    }
+}
+
+/// Each participant's view, by display name (the custom node by its client id).
+fn final_views(s: &Shared) -> BTreeMap<String, crate::check::View> {
+    s.slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, slot)| match slot {
+            Slot::Participant(p) => Some((s.names[i].clone(), p.view())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The custom participant's invariant over the whole world, once the run
+/// settled with no other violation (see `CustomNode::with_final_check`).
+fn judge_custom_final(s: &mut Shared, at_ms: u64) {
+    if !s.check.violations().is_empty() {
+        return;
+    }
+    let Some(custom) = s.cfg.custom.clone() else { return };
+    if let Some(Err(detail)) = custom.judge_final(&final_views(s)) {
+        s.check
+            .violation(Violation::safety("custom-final-invariant", detail, at_ms));
     }
 }
 

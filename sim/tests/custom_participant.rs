@@ -261,3 +261,55 @@ fn the_readme_catalogue_lists_every_topic_and_step() {
         assert!(catalogue.contains(&format!("<order>.{s}")), "step {s} in the catalogue");
     }
 }
+
+/// Over the whole world, at the end: every completed order shipped once, none
+/// whose stock was refused. (Not "exactly the completed ones": this shipping
+/// service acts on `payment.result`, and an order can still end Compensated
+/// after a paid result reached shipping: in seed 35 order-007 did. A real
+/// service would also listen to `payment.cancel`; a final check over the
+/// order's view is what exposed the gap.)
+fn completed_orders_shipped_once(s: &Shipping, views: &sagamq_sim::custom::Views) -> Result<(), String> {
+    let View::Order { orders } = &views["order"] else {
+        return Err("no order view".to_string());
+    };
+    for (id, (phase, _)) in orders {
+        let shipped = s.shipped.iter().find(|(o, _)| o.as_str() == id).map_or(0, |(_, n)| *n);
+        let wrong = match phase {
+            OrderPhase::Completed => shipped != 1,
+            OrderPhase::StockOutboundFailed => shipped != 0,
+            _ => shipped > 1,
+        };
+        if wrong {
+            return Err(format!("order {id} is {phase:?} but shipped {shipped} times"));
+        }
+    }
+    Ok(())
+}
+
+/// A final check sees every participant's view: it passes for the shipping
+/// service, and a wrong one ("ship nothing") is reported as
+/// `custom-final-invariant`.
+#[test]
+fn a_final_check_sees_the_whole_world() {
+    let node = CustomNode::new("shipping-service", Shipping::default(), shipped_at_most_once)
+        .with_final_check(completed_orders_shipped_once);
+    let cfg = RunConfig::new(Scenario::Saga { orders: 8 }, None).with_custom(node);
+    let summary = runner::sweep(&cfg, common::seeds(0..40), 1, false, &|_, _, _| {});
+    assert_eq!(summary.failed, 0, "{}", summary.human());
+
+    fn ships_nothing(s: &Shipping, _: &sagamq_sim::custom::Views) -> Result<(), String> {
+        match s.shipped.keys().next() {
+            Some(o) => Err(format!("shipped {o}")),
+            None => Ok(()),
+        }
+    }
+    let node =
+        CustomNode::new("shipping-service", Shipping::default(), shipped_at_most_once).with_final_check(ships_nothing);
+    let cfg = RunConfig::new(Scenario::Saga { orders: 8 }, None).with_custom(node);
+    let summary = runner::sweep(&cfg, 0..10, 1, false, &|_, _, _| {});
+    assert!(
+        summary.failures.iter().any(|f| f.invariant == "custom-final-invariant"),
+        "{}",
+        summary.human()
+    );
+}
