@@ -231,6 +231,11 @@ pub struct Snapshot<'a> {
     pub workload_waiting: bool,
     /// Whether the participant on `node` already reflects `message` (None: not running).
     pub reflects: &'a dyn Fn(usize, &Message) -> Option<bool>,
+    /// Whether the log of the participant on `node` holds a record that
+    /// consumed `key` (None: unknown). Asked only of a message that is not
+    /// reflected, to tell "not idempotent" (recorded, yet deciding it again
+    /// commits a change) from "effect lost" (no record).
+    pub recorded: Option<&'a dyn Fn(usize, &MessageKey) -> Option<bool>>,
 }
 
 #[derive(Debug)]
@@ -1392,8 +1397,18 @@ impl Checker {
                 continue;
             };
             if (snap.reflects)(node, message) == Some(false) {
+                let recorded = snap.recorded.and_then(|f| f(node, key));
+                let why = match recorded {
+                    Some(true) => {
+                        "its log records the effect, yet deciding the message again (on_message at Time::ZERO on the final state) would commit another change: the logic is not idempotent for it, and a redelivery the inbox has forgotten would apply it twice"
+                    }
+                    Some(false) => "no record in its log consumed it: the effect was lost after the acknowledgement",
+                    None => {
+                        "deciding it again would change its state (the effect was lost after the acknowledgement, or the logic is not idempotent)"
+                    }
+                };
                 let detail = format!(
-                    "{client} answered 2xx for {key} ({}, topic {}) but its state does not reflect it: deciding it again would change its state (the effect was lost after the acknowledgement, or the logic is not idempotent)",
+                    "{client} answered 2xx for {key} ({}, topic {}) but its state does not reflect it: {why}",
                     message.msg_id, message.topic
                 );
                 found.push(Violation::safety("no-lost-effect", detail, at_ms));

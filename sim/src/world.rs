@@ -506,16 +506,35 @@ fn judge_custom_final(s: &mut Shared, at_ms: u64) {
     }
 }
 
+/// Whether a participant's log image holds an effect record that consumed
+/// `key` (None: the log does not decode).
+fn log_consumed(image: &[u8], key: &MessageKey) -> Option<bool> {
+    let recovered = sagamq::log::decode_all(image).ok()?;
+    let mut found = false;
+    for (_, payload) in recovered.records {
+        let record: sagamq::saga::HostRecord<serde_json::Value> = serde_json::from_slice(payload).ok()?;
+        if let sagamq::saga::HostRecord::Effect { inbox: Some(k), .. } = record
+            && k == *key
+        {
+            found = true;
+        }
+    }
+    Some(found)
+}
+
 /// Shows the checker the world as it stands (views, queues, who is down) and
 /// lets `f` judge it.
 fn judge<R>(s: &mut Shared, at_ms: u64, f: impl FnOnce(&mut Checker, &Snapshot<'_>) -> R) -> R {
     let broker_now = s.now(BROKER);
-    let Shared { check, slots, .. } = s;
+    let Shared {
+        check, slots, disks, ..
+    } = s;
     let slots: &[Slot] = slots;
     let reflects = |node: usize, m: &sagamq::Message| match slots.get(node) {
         Some(Slot::Participant(p)) => Some(p.reflects(m)),
         _ => None,
     };
+    let recorded = |node: usize, key: &MessageKey| disks.get(node).and_then(|d| log_consumed(&d.read_all(), key));
     let mut snap = Snapshot {
         at_ms,
         down: Vec::new(),
@@ -524,6 +543,7 @@ fn judge<R>(s: &mut Shared, at_ms: u64, f: impl FnOnce(&mut Checker, &Snapshot<'
         unsettled: Vec::new(),
         workload_waiting: false,
         reflects: &reflects,
+        recorded: Some(&recorded),
     };
     for (i, slot) in slots.iter().enumerate() {
         match slot {

@@ -234,6 +234,11 @@ fn a_participant_that_trusts_the_inbox_is_caught_and_explained() {
         summary.human()
     );
     assert!(f.replay.starts_with(&format!("SAGAMQ_SEED={} cargo test", f.seed)));
+    if f.invariant == "no-lost-effect" {
+        // Its log records the effect: the verdict blames the logic, not a lost effect.
+        assert!(f.detail.contains("the logic is not idempotent"), "{}", f.detail);
+        assert!(!f.detail.contains("effect was lost"), "{}", f.detail);
+    }
     let a = runner::explain_failure(f.seed, &cfg).expect("artifacts");
     assert!(a.shrunk_plan.is_some() && a.svg.exists() && a.trace.exists());
 }
