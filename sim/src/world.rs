@@ -441,7 +441,10 @@ fn finish(world: &World, seed: u64) -> RunResult {
     final_state_lines(&mut s);
     let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
     for text in texts {
-        s.line(BROKER, || format!("VIOLATION {text}"));
+        // The checker's verdict, not the broker's: its own lane, judged now
+        // about a moment the text names.
+        let t = s.elapsed_ns();
+        s.trace.line(t, "checker", || format!("VIOLATION {text}"));
     }
     for (n, v) in s.check.violations().to_vec().into_iter().enumerate() {
         s.events.push(v.at_ms.saturating_mul(1_000_000), || What::Violation {
