@@ -257,9 +257,22 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
             faults: plan.faults.iter().map(|f| f.to_string()).collect(),
             custom: cfg.custom.as_ref().map(|c| c.client_id().to_string()),
         });
+        // The workload's swarm-drawn order deadline is shown with the plan.
+        let deadline = match cfg.scenario {
+            crate::scenario::Scenario::Saga { .. } => format!(
+                " order_deadline={}ms",
+                crate::scenario::order_deadline(seed).as_millis()
+            ),
+            crate::scenario::Scenario::Seed => String::new(),
+        };
+        let custom = cfg
+            .custom
+            .as_ref()
+            .map(|c| format!(" custom {}", c.client_id()))
+            .unwrap_or_default();
         s.line(WORKLOAD, || {
             format!(
-                "seed {seed} scenario {}{} plan:\n{}",
+                "seed {seed} scenario {}{}{custom}{deadline} plan:\n{}",
                 cfg.scenario.name(),
                 cfg.bug.map(|b| format!(" bug {b}")).unwrap_or_default(),
                 plan_text.trim_end()
