@@ -5,6 +5,12 @@
 //!
 //! See `sim/tests/custom_participant.rs` (and the README) for a complete example:
 //! a shipping service that must ship every paid order exactly once.
+//!
+//! The node is shown by its client id (trace lanes, views, diagrams). A
+//! failing seed of a custom configuration prints the command given to
+//! [`crate::config::RunConfig::reproduce_with`] (the CLI cannot load your
+//! participant), and [`crate::runner::explain_failure`] writes its trace,
+//! diagram and shrunk plan.
 
 use crate::participants::{Built, SimParticipant};
 use crate::view::View;
