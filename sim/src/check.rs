@@ -235,8 +235,11 @@ pub struct Snapshot<'a> {
     /// consumed `key` (None: unknown). Asked only of a message that is not
     /// reflected, to tell "not idempotent" (recorded, yet deciding it again
     /// commits a change) from "effect lost" (no record).
-    pub recorded: Option<&'a dyn Fn(usize, &MessageKey) -> Option<bool>>,
+    pub recorded: Option<&'a Recorded<'a>>,
 }
+
+/// See [`Snapshot::recorded`]: (node, key) -> whether its log consumed the key.
+pub type Recorded<'a> = dyn Fn(usize, &MessageKey) -> Option<bool> + 'a;
 
 #[derive(Debug)]
 struct Ack {
