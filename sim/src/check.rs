@@ -238,6 +238,17 @@ pub struct Snapshot<'a> {
     pub recorded: Option<&'a Recorded<'a>>,
 }
 
+/// A node as messages name it: the custom node by the client id it was seen
+/// as (as in the trace), any other by its name.
+fn node_name(client_nodes: &BTreeMap<ClientId, usize>, node: usize) -> String {
+    if node == crate::topology::CUSTOM
+        && let Some((client, _)) = client_nodes.iter().find(|(_, n)| **n == node)
+    {
+        return client.to_string();
+    }
+    NODES[node].to_string()
+}
+
 /// See [`Snapshot::recorded`]: (node, key) -> whether its log consumed the key.
 pub type Recorded<'a> = dyn Fn(usize, &MessageKey) -> Option<bool> + 'a;
 
@@ -562,7 +573,9 @@ impl Checker {
             Some(first) if *first != publish.content => {
                 let detail = format!(
                     "{} published {key} (topic {}) twice with different content: {first:?} then {:?}; a redelivery changed its decision",
-                    NODES[node], publish.topic, publish.content
+                    node_name(&self.client_nodes, node),
+                    publish.topic,
+                    publish.content
                 );
                 self.violation(Violation::safety("one-answer", detail, at_ms));
                 return;
@@ -1304,7 +1317,11 @@ impl Checker {
 
     /// What is still unfinished (empty when quiescent), for the liveness report.
     fn unsettled(&self, snap: &Snapshot<'_>, orders_expected: u64) -> Vec<String> {
-        let mut out: Vec<String> = snap.down.iter().map(|n| format!("{} is down", NODES[*n])).collect();
+        let mut out: Vec<String> = snap
+            .down
+            .iter()
+            .map(|n| format!("{} is down", node_name(&self.client_nodes, *n)))
+            .collect();
         if let Some(b) = &snap.broker {
             for (client, n) in &b.queued {
                 if *n > 0 {
@@ -1315,7 +1332,7 @@ impl Checker {
         for n in &snap.unsettled {
             out.push(format!(
                 "{} has unacknowledged outbox entries or unanswered work",
-                NODES[*n]
+                node_name(&self.client_nodes, *n)
             ));
         }
         for (_, v) in &snap.views {
