@@ -1,7 +1,8 @@
 //! Any explicit fault plan must leave the invariants intact. proptest draws
 //! plans (crashes with torn writes, partitions, drops, duplicates, delays,
-//! lost answers, callback errors, skewed clocks, short retry budgets and a
-//! slow operator); a failure shrinks to a minimal plan, printed with its trace.
+//! lost answers, callback errors, skewed clocks, short retry budgets, small
+//! participant inboxes and a slow operator); a failure shrinks to a minimal
+//! plan, printed with its trace.
 
 use proptest::prelude::*;
 use sagamq_sim::plan::{FAULTY_NODES, Fault, FaultPlan, FaultProfile};
@@ -50,8 +51,11 @@ proptest! {
         seed in 0..1_000u64,
         faults in proptest::collection::vec(fault(), 0..30),
         attempts_max in proptest::option::of(1..5u32),
+        // Small inboxes on order (1), stock (2), payment (3): part of the plan
+        // now, so explicit plans draw them here as the seeds do.
+        inbox_keys_max in proptest::collection::btree_map(1u8..=3, 1u32..=8, 0..=3),
     ) {
-        let profile = FaultProfile { attempts_max, ..Default::default() };
+        let profile = FaultProfile { attempts_max, inbox_keys_max, ..Default::default() };
         let plan = FaultPlan { profile, faults };
         let mut cfg = RunConfig::new(Scenario::Saga { orders: 6 }, None);
         let r = world::run(seed, &plan, &cfg);
