@@ -93,6 +93,10 @@ pub struct WorldStats {
     pub steps: u64,
     pub callbacks: u64,
     pub duplicated_callbacks: u64,
+    /// Answers participants gave (to originals, not to duplicate copies).
+    pub answers: u64,
+    /// Of those, answers lost on the way back ([`World::lose_answer_every`]).
+    pub answers_lost: u64,
     pub publishes: u64,
     pub crashes: u64,
 }
@@ -121,8 +125,18 @@ pub struct World {
     pub trace_enabled: bool,
     /// Every run stops with `StepLimit` after this many steps in total.
     pub steps_max: u64,
-    /// Deliver every n-th callback twice (a duplicate fault); 0 = never.
+    /// Deliver every n-th callback twice (a duplicate fault); 0 = never. The
+    /// copy arrives right before the original, so an inbox that remembers the
+    /// key absorbs it.
     pub duplicate_every: u64,
+    /// Lose every n-th answer a participant gives (a lost acknowledgement); 0 =
+    /// never. The participant has committed and answered, the broker never
+    /// hears it: it times the callback out (`BrokerConfig::callback_timeout`)
+    /// and redelivers later, after other messages. With a small
+    /// `HostConfig::inbox_keys_max` the redelivery reaches the participant's
+    /// logic, which is how the simulator catches a participant that is not
+    /// idempotent per business key.
+    pub lose_answer_every: u64,
     stats: WorldStats,
 }
 
@@ -148,6 +162,7 @@ impl World {
             trace_enabled: true,
             steps_max: 1_000_000,
             duplicate_every: 0,
+            lose_answer_every: 0,
             stats: WorldStats::default(),
         }
     }
@@ -484,6 +499,12 @@ impl World {
                     }
                     let delivery = DeliveryId(token.0);
                     if self.callbacks.remove(&delivery).is_some() {
+                        self.stats.answers += 1;
+                        if self.lose_answer_every > 0 && self.stats.answers.is_multiple_of(self.lose_answer_every) {
+                            self.stats.answers_lost += 1;
+                            self.log(|| format!("{client} answer to {delivery} LOST (the broker will time it out)"));
+                            continue;
+                        }
                         let result = if ok {
                             CallbackResult::Delivered
                         } else {
@@ -601,11 +622,23 @@ impl World {
         out
     }
 
+    /// Whether the broker has no message queued or in flight for any
+    /// subscriber (dead letters aside): every delivery answered and heard.
+    pub fn deliveries_settled(&self) -> bool {
+        self.broker
+            .stats()
+            .subscribers
+            .values()
+            .all(|q| q.pending == 0 && q.in_flight == 0)
+    }
+
     /// Whether the workload is all in (no command scheduled), nothing is in
-    /// flight, every order is terminal and every outbox acknowledged.
+    /// flight (including a callback whose answer was lost and that the broker
+    /// will redeliver), every order is terminal and every outbox acknowledged.
     pub fn saga_settled(&self) -> bool {
         self.schedule.is_empty()
             && self.queue.is_empty()
+            && self.deliveries_settled()
             && self
                 .host::<Order>(topics::ORDER_SERVICE)
                 .is_some_and(|o| o.logic().all_terminal())

@@ -253,3 +253,89 @@ fn same_seed_same_trace() {
     assert!(a.len() > 1000);
     assert_eq!(a, b);
 }
+
+mod idempotency {
+    //! A participant that trusts the host's inbox (no guard per order) ships
+    //! twice once a redelivery outlives the inbox's memory. The simulator
+    //! catches it; so does the testkit with lost answers (redelivered later,
+    //! after other messages) and a small inbox. Duplicates alone arrive back to
+    //! back and the inbox absorbs them.
+
+    use super::*;
+    use sagamq::saga::{Decision, Participant};
+    use sagamq::testkit;
+    use sagamq::{GlobalId, Message, Topic};
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeMap;
+
+    #[derive(Clone, Debug, Default)]
+    struct Shipping {
+        guarded: bool,
+        shipped: BTreeMap<GlobalId, u32>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    struct Shipped {
+        order: GlobalId,
+    }
+
+    impl Participant for Shipping {
+        type Change = Shipped;
+        fn topics(&self) -> Vec<Topic> {
+            vec![Topic::lit(topics::PAYMENT_RESULT)]
+        }
+        fn on_message(&self, _now: Time, m: &Message) -> Decision<Shipped> {
+            if m.content != "1" || (self.guarded && self.shipped.contains_key(&m.global_id)) {
+                return Decision::Ignore;
+            }
+            Decision::change(Shipped {
+                order: m.global_id.clone(),
+            })
+        }
+        fn apply(&mut self, change: &Shipped) {
+            *self.shipped.entry(change.order.clone()).or_default() += 1;
+        }
+    }
+
+    /// Most shipments of one order in a saga run with these faults.
+    fn most_shipments(guarded: bool, seed: u64, duplicate_every: u64, lose_answer_every: u64) -> u32 {
+        let mut world = World::for_scenario(&scenario::saga(20), seed);
+        world.trace_enabled = false;
+        world.duplicate_every = duplicate_every;
+        world.lose_answer_every = lose_answer_every;
+        let mut config = testkit::host_config("shipping-service", seed);
+        config.inbox_keys_max = 2;
+        world.add(
+            Shipping {
+                guarded,
+                ..Shipping::default()
+            },
+            config,
+        );
+        world.start().unwrap();
+        settle(&mut world, Duration::from_secs(600));
+        let shipping = world.host::<Shipping>("shipping-service").unwrap().logic();
+        assert!(!shipping.shipped.is_empty(), "some orders were paid");
+        shipping.shipped.values().copied().max().unwrap_or(0)
+    }
+
+    #[test]
+    fn back_to_back_duplicates_are_absorbed_by_the_inbox() {
+        for seed in 0..5 {
+            assert_eq!(most_shipments(false, seed, 2, 0), 1, "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn lost_answers_redelivered_later_expose_a_missing_guard() {
+        let caught = (0..5).filter(|&seed| most_shipments(false, seed, 0, 3) > 1).count();
+        assert!(caught > 0, "a later redelivery past a 2-key inbox ships twice");
+        for seed in 0..5 {
+            assert_eq!(
+                most_shipments(true, seed, 0, 3),
+                1,
+                "the guarded one ships once (seed {seed})"
+            );
+        }
+    }
+}

@@ -232,7 +232,26 @@ pub struct Snapshot<'a> {
     pub workload_waiting: bool,
     /// Whether the participant on `node` already reflects `message` (None: not running).
     pub reflects: &'a dyn Fn(usize, &Message) -> Option<bool>,
+    /// Whether the log of the participant on `node` holds a record that
+    /// consumed `key` (None: unknown). Asked only of a message that is not
+    /// reflected, to tell "not idempotent" (recorded, yet deciding it again
+    /// commits a change) from "effect lost" (no record).
+    pub recorded: Option<&'a Recorded<'a>>,
 }
+
+/// A node as messages name it: the custom node by the client id it was seen
+/// as (as in the trace), any other by its name.
+fn node_name(client_nodes: &BTreeMap<ClientId, usize>, node: usize) -> String {
+    if node == crate::topology::CUSTOM
+        && let Some((client, _)) = client_nodes.iter().find(|(_, n)| **n == node)
+    {
+        return client.to_string();
+    }
+    NODES[node].to_string()
+}
+
+/// See [`Snapshot::recorded`]: (node, key) -> whether its log consumed the key.
+pub type Recorded<'a> = dyn Fn(usize, &MessageKey) -> Option<bool> + 'a;
 
 #[derive(Debug)]
 struct Ack {
@@ -584,7 +603,9 @@ impl Checker {
             Some(first) if *first != publish.content => {
                 let detail = format!(
                     "{} published {key} (topic {}) twice with different content: {first:?} then {:?}; a redelivery changed its decision",
-                    NODES[node], publish.topic, publish.content
+                    node_name(&self.client_nodes, node),
+                    publish.topic,
+                    publish.content
                 );
                 self.violation(Violation::safety("one-answer", detail, at_ms));
                 return;
@@ -1328,7 +1349,11 @@ impl Checker {
 
     /// What is still unfinished (empty when quiescent), for the liveness report.
     fn unsettled(&self, snap: &Snapshot<'_>, orders_expected: u64) -> Vec<String> {
-        let mut out: Vec<String> = snap.down.iter().map(|n| format!("{} is down", NODES[*n])).collect();
+        let mut out: Vec<String> = snap
+            .down
+            .iter()
+            .map(|n| format!("{} is down", node_name(&self.client_nodes, *n)))
+            .collect();
         if let Some(b) = &snap.broker {
             for (client, n) in &b.queued {
                 if *n > 0 {
@@ -1339,7 +1364,7 @@ impl Checker {
         for n in &snap.unsettled {
             out.push(format!(
                 "{} has unacknowledged outbox entries or unanswered work",
-                NODES[*n]
+                node_name(&self.client_nodes, *n)
             ));
         }
         for (_, v) in &snap.views {
@@ -1424,8 +1449,18 @@ impl Checker {
                 continue;
             };
             if (snap.reflects)(node, message) == Some(false) {
+                let recorded = snap.recorded.and_then(|f| f(node, key));
+                let why = match recorded {
+                    Some(true) => {
+                        "its log records the effect, yet deciding the message again (on_message at Time::ZERO on the final state) would commit another change: the logic is not idempotent for it, and a redelivery the inbox has forgotten would apply it twice"
+                    }
+                    Some(false) => "no record in its log consumed it: the effect was lost after the acknowledgement",
+                    None => {
+                        "deciding it again would change its state (the effect was lost after the acknowledgement, or the logic is not idempotent)"
+                    }
+                };
                 let detail = format!(
-                    "{client} answered 2xx for {key} ({}, topic {}) but its state does not reflect it: deciding it again would change its state (the effect was lost after the acknowledgement, or the logic is not idempotent)",
+                    "{client} answered 2xx for {key} ({}, topic {}) but its state does not reflect it: {why}",
                     message.msg_id, message.topic
                 );
                 found.push(Violation::safety("no-lost-effect", detail, at_ms));

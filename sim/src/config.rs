@@ -21,6 +21,11 @@ pub struct RunConfig {
     pub heal_ms_max: u32,
     /// A user-written participant on its own node, under the same faults.
     pub custom: Option<CustomNode>,
+    /// How a failing seed of this configuration is reproduced, with `{seed}`
+    /// standing for the seed (see [`RunConfig::reproduce_with`]); `None`: the
+    /// CLI's `replay` command, or for a custom participant (which the CLI
+    /// cannot load) a sentence naming the API to call.
+    pub reproduce: Option<String>,
 }
 
 impl RunConfig {
@@ -32,6 +37,7 @@ impl RunConfig {
             bug,
             trace: false,
             custom: None,
+            reproduce: None,
         }
     }
 
@@ -39,6 +45,24 @@ impl RunConfig {
     pub fn with_custom(mut self, custom: CustomNode) -> RunConfig {
         self.custom = Some(custom);
         self
+    }
+
+    /// The command that reruns this configuration, printed for each failing
+    /// seed; `{seed}` is replaced by the seed. The runner cannot know the name
+    /// of the test that built a custom configuration, so that test says it, e.g.
+    /// `"SAGAMQ_SEED={seed} cargo test --release -p my-crate --test loyalty"`.
+    pub fn reproduce_with(mut self, template: &str) -> RunConfig {
+        self.reproduce = Some(template.to_string());
+        self
+    }
+
+    /// What the summary calls this configuration: the scenario, and the custom
+    /// participant's client id when one runs (`saga + custom loyalty-service`).
+    pub fn describe(&self) -> String {
+        match &self.custom {
+            None => self.scenario.to_string(),
+            Some(c) => format!("{} + custom {}", self.scenario, c.client_id()),
+        }
     }
 
     pub fn plan_shape(&self) -> PlanShape {

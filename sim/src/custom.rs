@@ -5,22 +5,35 @@
 //!
 //! See `sim/tests/custom_participant.rs` (and the README) for a complete example:
 //! a shipping service that must ship every paid order exactly once.
+//!
+//! The node is shown by its client id (trace lanes, views, diagrams). A
+//! failing seed of a custom configuration prints the command given to
+//! [`crate::config::RunConfig::reproduce_with`] (the CLI cannot load your
+//! participant), and [`crate::runner::explain_failure`] writes its trace,
+//! diagram and shrunk plan.
 
 use crate::participants::{Built, SimParticipant};
 use crate::view::View;
 use sagamq::machine::Machine;
 use sagamq::saga::{HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput};
 use sagamq::{ClientId, Time};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 type Factory = dyn Fn(HostConfig, &[u8]) -> Built + Send + Sync;
+
+/// The final views of a run, by node name (the custom node by its client id).
+pub type Views = BTreeMap<String, View>;
+
+type FinalCheck = dyn Fn(&View, &Views) -> Result<(), String> + Send + Sync;
 
 /// A user's participant for the simulator's `custom` node.
 #[derive(Clone)]
 pub struct CustomNode {
     client_id: ClientId,
     factory: Arc<Factory>,
+    final_check: Option<Arc<FinalCheck>>,
 }
 
 impl fmt::Debug for CustomNode {
@@ -53,7 +66,41 @@ impl CustomNode {
         CustomNode {
             client_id: ClientId::lit(client_id),
             factory: Arc::new(factory),
+            final_check: None,
         }
+    }
+
+    /// An invariant over the whole world, judged once at the end of a run that
+    /// settled with no other violation: your participant's final state and
+    /// every participant's final view (`views["order"]`, `views["stock"]`,
+    /// `views["payment"]`, and yours under its client id). `Err` is a safety
+    /// violation named `custom-final-invariant`. For example: "points were
+    /// awarded for exactly the orders that completed". `P` must be the
+    /// participant type given to [`CustomNode::new`].
+    pub fn with_final_check<P: 'static>(mut self, check: fn(&P, &Views) -> Result<(), String>) -> CustomNode {
+        let client = self.client_id.to_string();
+        self.final_check = Some(Arc::new(move |mine: &View, views: &Views| {
+            match mine.custom_state::<P>() {
+                Some(state) => check(state, views),
+                None => Err(format!(
+                    "{client}: the final check expects a participant of type {}, which this node does not run",
+                    std::any::type_name::<P>()
+                )),
+            }
+        }));
+        self
+    }
+
+    /// Runs the final check, if any, on the run's final views.
+    pub(crate) fn judge_final(&self, views: &Views) -> Option<Result<(), String>> {
+        let check = self.final_check.as_ref()?;
+        Some(match views.get(self.client_id.as_str()) {
+            Some(mine) => check(mine, views),
+            None => Err(format!(
+                "{}: no final view (the node was down at the end)",
+                self.client_id
+            )),
+        })
     }
 
     pub fn client_id(&self) -> &ClientId {

@@ -39,6 +39,8 @@ pub enum What {
         profile: String,
         /// Each planned fault, as `Fault`'s Display prints it.
         faults: Vec<String>,
+        /// The client id of the user's participant on the custom node, if one ran.
+        custom: Option<String>,
     },
     /// A message handed to the transport; `fate` is what the fault plan did to it.
     Send {

@@ -47,7 +47,8 @@ enum Cmd {
         scenario: Scenario,
         #[arg(long)]
         bug: Option<Bug>,
-        /// Replay an explicit plan (JSON, as printed by `shrink --json-plan`) instead of the seed's.
+        /// Replay an explicit plan (JSON: the `plan JSON:` line `shrink` prints, or a `plan.json` /
+        /// `shrunk-plan.json` written by `runner::explain_failure`) instead of the seed's.
         #[arg(long)]
         plan: Option<std::path::PathBuf>,
         /// Write a sequence diagram (self-contained SVG; an HTML page if FILE ends in .html)

@@ -2,6 +2,7 @@
 //! participants, or a planted bug's variant (see `bugs`), and how the checker
 //! reads each one's state.
 
+use crate::plan::FaultProfile;
 use crate::topology::{client_of, notify_url};
 use crate::view::{OrderPhase, PaymentEffects, StockEffects, View};
 use sagamq::machine::Machine;
@@ -183,30 +184,27 @@ impl Observed for Order {
 pub const SUBSCRIPTION_TTL_DEFAULT: Duration = Duration::from_secs(30);
 
 /// The host configuration of node `node` in the simulator.
-/// `custom` is the client id of the user's participant, when one runs.
-pub fn host_config(node: usize, seed: u64, custom: Option<&sagamq::ClientId>, ttl: Option<Duration>) -> HostConfig {
+/// `custom` is the client id of the user's participant, when one runs;
+/// `profile` supplies the drawn subscription TTL and inbox bound.
+///
+/// The host's inbox is bounded and forgets its oldest keys, so participants
+/// must stay idempotent per business key (the shipped ones key their state by
+/// order). Half the seeds give a node a tiny inbox (see
+/// [`crate::plan::FaultProfile::inbox_keys_max`]) so that old redeliveries
+/// reach the participant logic and that contract is exercised, not assumed.
+pub fn host_config(node: usize, seed: u64, custom: Option<&sagamq::ClientId>, profile: &FaultProfile) -> HostConfig {
     let mut cfg = HostConfig::new(client_of(node, custom), notify_url(node));
     cfg.seed = seed ^ (node as u64).wrapping_mul(0x9E37_79B9);
-    cfg.subscription_ttl = ttl.unwrap_or(SUBSCRIPTION_TTL_DEFAULT);
+    cfg.subscription_ttl = profile
+        .subscription_ttl_ms
+        .map_or(SUBSCRIPTION_TTL_DEFAULT, |ms| Duration::from_millis(u64::from(ms)));
     cfg.subscribe_retry = Duration::from_millis(200);
     cfg.publish_retry_initial = Duration::from_millis(100);
     cfg.publish_retry_max = crate::config::PUBLISH_RETRY_MAX;
-    cfg.inbox_keys_max = inbox_keys_max(node, seed, &cfg);
-    cfg
-}
-
-/// The inbox bound of node `node` for `seed` (swarm: drawn per seed and node).
-/// The host's inbox is bounded and forgets its oldest keys, so participants
-/// must stay idempotent per business key (the shipped ones key their state by
-/// order). Half the seeds run a tiny inbox so that old redeliveries reach the
-/// participant logic and that contract is exercised, not assumed.
-pub fn inbox_keys_max(node: usize, seed: u64, default: &HostConfig) -> usize {
-    let mut rng = sagamq::rng::Rng::new(seed ^ 0x1B0C_5EED_0000_0000 ^ node as u64);
-    if rng.chance(500_000) {
-        rng.range_inclusive(1, 8) as usize
-    } else {
-        default.inbox_keys_max
+    if let Some(&keys) = u8::try_from(node).ok().and_then(|n| profile.inbox_keys_max.get(&n)) {
+        cfg.inbox_keys_max = keys.max(1) as usize;
     }
+    cfg
 }
 
 /// A participant built for a node: itself, the valid log length, the records replayed.

@@ -232,6 +232,14 @@ pub struct FaultProfile {
     /// exercised; `None`: the simulator's 60 s, which no outage outlasts.
     #[serde(default)]
     pub subscription_grace_ms: Option<u32>,
+    /// Participant nodes (by index) whose host inbox remembers only this many
+    /// message keys (1-8; half the seeds, per node), so that old redeliveries
+    /// reach the participant's logic and its idempotency per business key is
+    /// exercised; a node not listed keeps the host's default (100,000). Part of
+    /// the plan so a replay prints it and `--plan` carries it; plans written
+    /// before it existed parse as "all default".
+    #[serde(default)]
+    pub inbox_keys_max: BTreeMap<u8, u32>,
 }
 
 /// Broker bounds a seed may shrink (see [`FaultProfile::bounds`]).
@@ -263,7 +271,7 @@ impl fmt::Display for FaultProfile {
         let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
         write!(
             f,
-            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}{} bounds={}",
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}{} bounds={} inbox_keys_max={}",
             pct(self.drop_ppm),
             pct(self.ack_lost_ppm),
             pct(self.duplicate_ppm),
@@ -279,7 +287,20 @@ impl fmt::Display for FaultProfile {
                 .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms")),
             self.subscription_grace_ms
                 .map_or_else(String::new, |ms| format!(" subscription_grace={ms}ms")),
-            self.bounds.map_or_else(|| "default".to_string(), |b| format!("({b})"))
+            self.bounds.map_or_else(|| "default".to_string(), |b| format!("({b})")),
+            if self.inbox_keys_max.is_empty() {
+                "default".to_string()
+            } else {
+                let nodes: Vec<String> = self
+                    .inbox_keys_max
+                    .iter()
+                    .map(|(n, k)| {
+                        let name = crate::topology::NODES.get(usize::from(*n)).copied().unwrap_or("?");
+                        format!("{name}:{k}")
+                    })
+                    .collect();
+                format!("({})", nodes.join(" "))
+            }
         )
     }
 }
@@ -344,6 +365,7 @@ impl FaultPlan {
             subscription_ttl_ms: None,
             bounds: None,
             subscription_grace_ms: None,
+            inbox_keys_max: BTreeMap::new(),
         };
         // A short TTL (a quarter of the seeds) lets a partition or a crash
         // outlast a subscription. The expiry is the subscriber's clock plus the
@@ -388,6 +410,20 @@ impl FaultPlan {
                 inflight_per_subscriber_max: (small.range_inclusive(1, 4) * scale).min(16) as u32,
                 compact_garbage_records_min: small.range_inclusive(4, 32) as u32,
             });
+        }
+        // The participants' inbox bounds, each from a stream of its own (as
+        // they were drawn before they joined the plan, so runs are unchanged).
+        let mut participants = vec![crate::topology::ORDER, crate::topology::STOCK, crate::topology::PAYMENT];
+        if custom {
+            participants.push(crate::topology::CUSTOM);
+        }
+        for node in participants {
+            let mut inbox = Rng::new(seed ^ 0x1B0C_5EED_0000_0000 ^ node as u64);
+            if inbox.chance(500_000) {
+                profile
+                    .inbox_keys_max
+                    .insert(node as u8, inbox.range_inclusive(1, 8) as u32);
+            }
         }
         let mut plan = FaultPlan::from_profile(profile, &mut rng, shape);
         if slow_operator {

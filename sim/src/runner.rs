@@ -8,6 +8,7 @@ use crate::world::{self, RunResult};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// The plan a seed draws for this configuration.
@@ -20,8 +21,22 @@ pub fn run_seed(seed: u64, cfg: &RunConfig) -> RunResult {
     world::run(seed, &plan_for(seed, cfg), cfg)
 }
 
-/// The one command that reproduces a seed.
+/// The one command that reproduces a seed: the configuration's own template
+/// when it has one ([`RunConfig::reproduce_with`]); the CLI's `replay` for the
+/// shipped configurations. The CLI cannot load a user's participant (it would
+/// replay a different world, which may well pass), so for a custom
+/// configuration without a template this says so and names the API to call.
 pub fn replay_command(seed: u64, cfg: &RunConfig) -> String {
+    if let Some(template) = &cfg.reproduce {
+        return template.replace("{seed}", &seed.to_string());
+    }
+    if let Some(custom) = &cfg.custom {
+        return format!(
+            "SAGAMQ_SEED={seed} <the test that built this configuration> (the CLI's replay cannot load \
+             custom participant {}; RunConfig::reproduce_with puts that test's command here)",
+            custom.client_id()
+        );
+    }
     let mut cmd = format!(
         "cargo run --release -p sagamq-sim -- replay --seed {seed} --scenario {}",
         cfg.scenario
@@ -40,10 +55,14 @@ pub struct Failure {
     pub detail: String,
     pub sim_ms: u64,
     pub replay: String,
+    /// For a custom configuration: the call that writes this seed's trace,
+    /// diagram and shrunk plan, and where.
+    pub artifacts: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
+    /// The scenario, and the custom participant when one ran (`saga + custom loyalty-service`).
     pub scenario: String,
     pub bug: Option<String>,
     pub seeds: u64,
@@ -205,6 +224,9 @@ impl Summary {
                 "\nFAIL seed {} {} invariant `{}` at t={}ms: {}\n  reproduce: {}",
                 f.seed, f.kind, f.invariant, f.sim_ms, f.detail, f.replay
             ));
+            if let Some(a) = &f.artifacts {
+                s.push_str(&format!("\n  artifacts: {a}"));
+            }
         }
         if self.failures.len() > 10 {
             s.push_str(&format!("\n... and {} more failures", self.failures.len() - 10));
@@ -221,6 +243,12 @@ fn failure(seed: u64, v: &Violation, cfg: &RunConfig) -> Failure {
         detail: v.detail.clone(),
         sim_ms: v.at_ms,
         replay: replay_command(seed, cfg),
+        artifacts: cfg.custom.as_ref().map(|_| {
+            format!(
+                "sagamq_sim::runner::explain_failure({seed}, &cfg) writes the trace, an SVG diagram and the shrunk plan to {}",
+                artifacts_root().join(seed.to_string()).display()
+            )
+        }),
     }
 }
 
@@ -274,7 +302,7 @@ pub fn sweep(
     });
     results.sort_by_key(|r| r.seed);
     let mut summary = Summary {
-        scenario: cfg.scenario.to_string(),
+        scenario: cfg.describe(),
         bug: cfg.bug.map(|b| b.to_string()),
         ..Summary::default()
     };
@@ -304,8 +332,8 @@ pub struct Shrunk {
     pub runs: u32,
 }
 
-/// Removes chunks of faults (halves, quarters, ... single entries) while the
-/// run still fails on the same invariant. Same madsim seed throughout.
+/// Removes chunks of faults (halves, quarters, ... single entries), then the
+/// profile's small inbox bounds, while the run still fails on the same invariant. Same madsim seed throughout.
 /// Returns None if the seed does not fail.
 pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Option<Shrunk> {
     let first = world::run(seed, &plan, cfg);
@@ -339,6 +367,21 @@ pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Opt
         }
         if !removed_any || chunk > 1 {
             chunk /= 2;
+        }
+    }
+    // Then the profile's drawn host settings: a node's small inbox goes back
+    // to the default unless the failure needs it (so a plan that shrinks to
+    // no faults still shows the setting it fails under).
+    let small_inboxes: Vec<u8> = current.profile.inbox_keys_max.keys().copied().collect();
+    for node in small_inboxes {
+        if runs >= runs_max {
+            break;
+        }
+        let mut candidate = current.clone();
+        candidate.profile.inbox_keys_max.remove(&node);
+        runs += 1;
+        if fails(&candidate) {
+            current = candidate;
         }
     }
     let mut traced = cfg.clone();
@@ -433,4 +476,132 @@ pub fn bench(seeds: u64) -> String {
         wakeups / seeds.max(1),
         sim_ms / seeds.max(1),
     )
+}
+
+/// What [`explain_failure`] wrote for one seed, under `dir`.
+#[derive(Clone, Debug)]
+pub struct Artifacts {
+    pub seed: u64,
+    /// `<target>/sagamq-sim/<seed>/`.
+    pub dir: PathBuf,
+    /// The canonical trace of the seed's own plan (`trace.txt`).
+    pub trace: PathBuf,
+    /// The seed's plan as drawn (`plan.json`; `world::run` takes it back).
+    pub plan: PathBuf,
+    /// The shrunk plan (`shrunk-plan.json`) and its run's trace
+    /// (`shrunk-trace.txt`); `None` when the seed passes.
+    pub shrunk_plan: Option<PathBuf>,
+    pub shrunk_trace: Option<PathBuf>,
+    /// The sequence diagram (`diagram.svg`) of the shrunk run, or of the seed's
+    /// run when it passes; the first violation's order when it names one.
+    pub svg: PathBuf,
+    /// The first violation of the seed's run, if any.
+    pub violation: Option<Violation>,
+}
+
+impl Artifacts {
+    /// One line per file, for a failure message.
+    pub fn describe(&self) -> String {
+        let mut s = format!("seed {} artifacts in {}:", self.seed, self.dir.display());
+        let mut files = vec![&self.trace, &self.plan, &self.svg];
+        files.extend(self.shrunk_plan.iter());
+        files.extend(self.shrunk_trace.iter());
+        for f in files {
+            s.push_str(&format!("\n  {}", f.display()));
+        }
+        s
+    }
+}
+
+/// Where [`explain_failure`] writes: `$SAGAMQ_ARTIFACTS_DIR` if set, else the
+/// cargo target directory the running binary was built in (found by its
+/// `CACHEDIR.TAG`), else `$CARGO_TARGET_DIR`, else `./target`; then `sagamq-sim/`.
+pub fn artifacts_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("SAGAMQ_ARTIFACTS_DIR") {
+        return PathBuf::from(d);
+    }
+    let from_exe = std::env::current_exe().ok().and_then(|exe| {
+        exe.ancestors()
+            .find(|d| d.join("CACHEDIR.TAG").is_file())
+            .map(Path::to_path_buf)
+    });
+    let target = from_exe
+        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("target"));
+    target.join("sagamq-sim")
+}
+
+/// Everything the CLI gives for a failing seed, for any configuration
+/// (including a custom participant the CLI cannot load): reruns `seed` traced,
+/// shrinks its plan, and writes the trace, the plan, the shrunk plan and its
+/// trace, and an SVG sequence diagram under `<target>/sagamq-sim/<seed>/`
+/// (see [`artifacts_root`]). Returns their paths.
+pub fn explain_failure(seed: u64, cfg: &RunConfig) -> std::io::Result<Artifacts> {
+    explain_failure_in(&artifacts_root(), seed, cfg)
+}
+
+/// [`explain_failure`] writing under `root/<seed>/`.
+pub fn explain_failure_in(root: &Path, seed: u64, cfg: &RunConfig) -> std::io::Result<Artifacts> {
+    let dir = root.join(seed.to_string());
+    std::fs::create_dir_all(&dir)?;
+    let mut traced = cfg.clone();
+    traced.trace = true;
+    let plan = plan_for(seed, cfg);
+    let run = world::run(seed, &plan, &traced);
+    let json = |p: &FaultPlan| serde_json::to_string_pretty(p).expect("plan serializes");
+    let trace_path = dir.join("trace.txt");
+    std::fs::write(&trace_path, crate::trace::render(&run.trace))?;
+    let plan_path = dir.join("plan.json");
+    std::fs::write(&plan_path, json(&plan))?;
+    let violation = run.violations.first().cloned();
+    let (mut shrunk_plan, mut shrunk_trace) = (None, None);
+    let mut drawn = run;
+    if violation.is_some()
+        && let Some(s) = shrink(seed, cfg, plan, 200)
+    {
+        let p = dir.join("shrunk-plan.json");
+        std::fs::write(&p, json(&s.minimal))?;
+        shrunk_plan = Some(p);
+        let t = dir.join("shrunk-trace.txt");
+        std::fs::write(&t, crate::trace::render(&s.result.trace))?;
+        shrunk_trace = Some(t);
+        drawn = s.result;
+    }
+    let command = replay_command(seed, cfg);
+    let order = violation.as_ref().and_then(|v| {
+        let words: Vec<&str> = v
+            .detail
+            .split(|c: char| c.is_whitespace() || ",;:()`'\"".contains(c))
+            .collect();
+        crate::diagram::orders(&drawn.events)
+            .into_iter()
+            .find(|o| words.contains(&o.as_str()))
+    });
+    let opts = crate::diagram::Options {
+        order,
+        command: Some(command.clone()),
+    };
+    let svg = crate::diagram::svg(&drawn.events, &opts)
+        .or_else(|_| {
+            crate::diagram::svg(
+                &drawn.events,
+                &crate::diagram::Options {
+                    order: None,
+                    command: Some(command),
+                },
+            )
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let svg_path = dir.join("diagram.svg");
+    std::fs::write(&svg_path, svg)?;
+    Ok(Artifacts {
+        seed,
+        dir,
+        trace: trace_path,
+        plan: plan_path,
+        shrunk_plan,
+        shrunk_trace,
+        svg: svg_path,
+        violation,
+    })
 }

@@ -32,6 +32,16 @@ pub fn client_of(node: usize, custom: Option<&ClientId>) -> ClientId {
     }
 }
 
+/// How node `node` is named in traces, views and summaries: its entry of
+/// [`NODES`], except the custom node, shown by its participant's client id when
+/// one runs (the index, the URL and the madsim node keep `custom`).
+pub fn display_name(node: usize, custom: Option<&ClientId>) -> String {
+    match (node, custom) {
+        (CUSTOM, Some(id)) => id.to_string(),
+        _ => NODES[node].to_string(),
+    }
+}
+
 /// The callback URL a participant subscribes with, and its inverse.
 pub fn notify_url(node: usize) -> String {
     format!("sim://{}", NODES[node])

@@ -99,8 +99,10 @@ pub struct Shared {
     pub slots: Vec<Slot>,
     plan: PlanIndex,
     broker_config: BrokerConfig,
-    /// The TTL participants subscribe with (`None`: the default).
-    subscription_ttl: Option<Duration>,
+    /// Each node's display name (`topology::display_name`), by index.
+    names: Arc<[String]>,
+    /// The drawn profile (participants' TTL and inbox bounds come from it).
+    profile: crate::plan::FaultProfile,
     /// Message faults apply only while true (the chaos phase).
     chaos: bool,
     sent_nth: u32,
@@ -134,7 +136,7 @@ impl Shared {
     }
     fn line(&mut self, node: usize, text: impl FnOnce() -> String) {
         let t = self.elapsed_ns();
-        self.trace.line(t, NODES[node], text);
+        self.trace.line(t, &self.names[node], text);
     }
     /// Reports one event of the history to the checker.
     fn observe(&mut self, event: Event<'_>) {
@@ -224,10 +226,10 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
         plan: plan.index(),
         broker_config: broker_config(&plan.profile),
-        subscription_ttl: plan
-            .profile
-            .subscription_ttl_ms
-            .map(|ms| Duration::from_millis(u64::from(ms))),
+        profile: plan.profile.clone(),
+        names: (0..NODES.len())
+            .map(|i| crate::topology::display_name(i, cfg.custom.as_ref().map(|c| c.client_id())))
+            .collect(),
         chaos: true,
         sent_nth: 0,
         answer_nth: 0,
@@ -258,10 +260,24 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
             bug: cfg.bug.map(|b| b.to_string()),
             profile: plan.profile.to_string(),
             faults: plan.faults.iter().map(|f| f.to_string()).collect(),
+            custom: cfg.custom.as_ref().map(|c| c.client_id().to_string()),
         });
+        // The workload's swarm-drawn order deadline is shown with the plan.
+        let deadline = match cfg.scenario {
+            crate::scenario::Scenario::Saga { .. } => format!(
+                " order_deadline={}ms",
+                crate::scenario::order_deadline(seed).as_millis()
+            ),
+            crate::scenario::Scenario::Seed => String::new(),
+        };
+        let custom = cfg
+            .custom
+            .as_ref()
+            .map(|c| format!(" custom {}", c.client_id()))
+            .unwrap_or_default();
         s.line(WORKLOAD, || {
             format!(
-                "seed {seed} scenario {}{} plan:\n{}",
+                "seed {seed} scenario {}{}{custom}{deadline} plan:\n{}",
                 cfg.scenario.name(),
                 cfg.bug.map(|b| format!(" bug {b}")).unwrap_or_default(),
                 plan_text.trim_end()
@@ -441,10 +457,14 @@ fn finish(world: &World, seed: u64) -> RunResult {
     let sim_ms = s.elapsed_ns() / 1_000_000;
     judge_safety(&mut s, sim_ms);
     judge_liveness(&mut s, sim_ms);
+    judge_custom_final(&mut s, sim_ms);
     final_state_lines(&mut s);
     let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
     for text in texts {
-        s.line(BROKER, || format!("VIOLATION {text}"));
+        // The checker's verdict, not the broker's: its own lane, judged now
+        // about a moment the text names.
+        let t = s.elapsed_ns();
+        s.trace.line(t, "checker", || format!("VIOLATION {text}"));
     }
     for (n, v) in s.check.violations().to_vec().into_iter().enumerate() {
         s.events.push(v.at_ms.saturating_mul(1_000_000), || What::Violation {
@@ -455,15 +475,7 @@ fn finish(world: &World, seed: u64) -> RunResult {
         });
     }
     let shared = &mut *s;
-    let views: BTreeMap<String, crate::check::View> = shared
-        .slots
-        .iter()
-        .enumerate()
-        .filter_map(|(i, slot)| match slot {
-            Slot::Participant(p) => Some((NODES[i].to_string(), p.view())),
-            _ => None,
-        })
-        .collect();
+    let views = final_views(shared);
     // madsim does not drop the tasks still parked when `block_on` returns, and
     // they hold this world: free the machines and disks now so a long sweep
     // does not keep every seed's state alive.
@@ -538,16 +550,60 @@ fn liveness_bound(s: &mut Shared, cfg: &RunConfig) -> u64 {
     bound
 }
 
+/// Each participant's view, by display name (the custom node by its client id).
+fn final_views(s: &Shared) -> BTreeMap<String, crate::check::View> {
+    s.slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, slot)| match slot {
+            Slot::Participant(p) => Some((s.names[i].clone(), p.view())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The custom participant's invariant over the whole world, once the run
+/// settled with no other violation (see `CustomNode::with_final_check`).
+fn judge_custom_final(s: &mut Shared, at_ms: u64) {
+    if !s.check.violations().is_empty() {
+        return;
+    }
+    let Some(custom) = s.cfg.custom.clone() else { return };
+    if let Some(Err(detail)) = custom.judge_final(&final_views(s)) {
+        s.check
+            .violation(Violation::safety("custom-final-invariant", detail, at_ms));
+    }
+}
+
+/// Whether a participant's log image holds an effect record that consumed
+/// `key` (None: the log does not decode).
+fn log_consumed(image: &[u8], key: &MessageKey) -> Option<bool> {
+    let recovered = sagamq::log::decode_all(image).ok()?;
+    let mut found = false;
+    for (_, payload) in recovered.records {
+        let record: sagamq::saga::HostRecord<serde_json::Value> = serde_json::from_slice(payload).ok()?;
+        if let sagamq::saga::HostRecord::Effect { inbox: Some(k), .. } = record
+            && k == *key
+        {
+            found = true;
+        }
+    }
+    Some(found)
+}
+
 /// Shows the checker the world as it stands (views, queues, who is down) and
 /// lets `f` judge it.
 fn judge<R>(s: &mut Shared, at_ms: u64, f: impl FnOnce(&mut Checker, &Snapshot<'_>) -> R) -> R {
     let broker_now = s.now(BROKER);
-    let Shared { check, slots, .. } = s;
+    let Shared {
+        check, slots, disks, ..
+    } = s;
     let slots: &[Slot] = slots;
     let reflects = |node: usize, m: &sagamq::Message| match slots.get(node) {
         Some(Slot::Participant(p)) => Some(p.reflects(m)),
         _ => None,
     };
+    let recorded = |node: usize, key: &MessageKey| disks.get(node).and_then(|d| log_consumed(&d.read_all(), key));
     let mut snap = Snapshot {
         at_ms,
         down: Vec::new(),
@@ -556,6 +612,7 @@ fn judge<R>(s: &mut Shared, at_ms: u64, f: impl FnOnce(&mut Checker, &Snapshot<'
         unsettled: Vec::new(),
         workload_waiting: false,
         reflects: &reflects,
+        recorded: Some(&recorded),
     };
     for (i, slot) in slots.iter().enumerate() {
         match slot {
@@ -745,7 +802,7 @@ fn crash(
 /// Returns the participant, the valid log length and the number of records replayed.
 fn build_participant(s: &Shared, node: usize, image: &[u8]) -> Built {
     let custom = s.cfg.custom.as_ref().map(|c| c.client_id());
-    let config = participants::host_config(node, s.seed, custom, s.subscription_ttl);
+    let config = participants::host_config(node, s.seed, custom, &s.profile);
     let def = &s.def;
     if let Some(bug) = s.cfg.bug
         && let Some(planted) = crate::bugs::build(bug, node, def, config.clone(), image)
@@ -854,7 +911,7 @@ fn probe_recovery(s: &mut Shared, n: usize) {
         Ok(records) if in_last && records + 1 >= frames => None,
         Ok(records) => Some(format!(
             "{} recovered {records} of {frames} records from its log with bit {bit} flipped at byte {offset}{}: acknowledged records after the damage were cut instead of refused",
-            NODES[n],
+            s.names[n],
             if in_last {
                 " (in the last record)"
             } else {
@@ -1142,11 +1199,8 @@ fn boot(world: &World, i: usize) -> bool {
         }
         Err(e) => {
             let at = s.elapsed_ns() / 1_000_000;
-            s.check.violation(Violation::safety(
-                "recovery",
-                format!("{} refused to start: {e}", NODES[i]),
-                at,
-            ));
+            let text = format!("{} refused to start: {e}", s.names[i]);
+            s.check.violation(Violation::safety("recovery", text, at));
             false
         }
     }
@@ -1211,7 +1265,8 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
     s.event(|| What::Recv { seq, from: src, to: i });
     if s.trace.enabled() {
         let text = wire.to_string();
-        s.line(i, || format!("<- {} {text}", NODES[src]));
+        let names = s.names.clone();
+        s.line(i, || format!("<- {} {text}", names[src]));
     }
     match (&mut s.slots[i], wire) {
         (Slot::Broker(_), Wire::Publish { req, publish }) => {
@@ -1297,7 +1352,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
                         .push((BROKER, Wire::CallbackAnswer { delivery, ok: false }));
                 }
                 let t = s.elapsed_ns();
-                s.trace.line(t, NODES[i], || {
+                s.trace.line(t, &s.names[i], || {
                     format!(
                         "fault: callback #{nth} {}",
                         if hang { "never answered" } else { "answered 500" }
@@ -1337,6 +1392,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             check,
             trace,
             start,
+            names,
             ..
         } = &mut *s;
         let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
@@ -1346,7 +1402,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                 let Some(out) = b.poll_output() else { break };
                 if trace.enabled() {
                     let text = out.to_string();
-                    trace.line(t, NODES[i], || text);
+                    trace.line(t, &names[i], || text);
                 }
                 match out {
                     BrokerOutput::Persist { lsn, frames } => {
@@ -1408,7 +1464,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                 let Some(out) = p.poll_output() else { break };
                 if trace.enabled() {
                     let text = out.to_string();
-                    trace.line(t, NODES[i], || text);
+                    trace.line(t, &names[i], || text);
                 }
                 match out {
                     ParticipantOutput::Persist { lsn, frames } => {
@@ -1512,12 +1568,14 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
         } else if s.plan.drop.contains_key(&nth) {
             s.fired("drop");
             s.events.send(t, seq, from, dst, &wire, Fate::Dropped);
-            s.line(from, || format!("fault: drop -> {} {wire}", NODES[dst]));
+            let names = s.names.clone();
+            s.line(from, || format!("fault: drop -> {} {wire}", names[dst]));
             return;
         } else if answer_nth.is_some_and(|a| s.plan.ack_lost.contains_key(&a)) {
             s.fired("ack_lost");
             s.events.send(t, seq, from, dst, &wire, Fate::AnswerLost);
-            s.line(from, || format!("fault: lose answer -> {} {wire}", NODES[dst]));
+            let names = s.names.clone();
+            s.line(from, || format!("fault: lose answer -> {} {wire}", names[dst]));
             return;
         } else {
             let delay = s.plan.delay.get(&nth).copied().unwrap_or(0);
@@ -1534,11 +1592,12 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
             };
             s.events.send(t, seq, from, dst, &wire, fate);
             if delay > 0 || dup {
+                let names = s.names.clone();
                 s.line(from, || {
                     format!(
                         "fault: delay {delay}ms, copies {} -> {} {wire}",
                         1 + u32::from(dup),
-                        NODES[dst]
+                        names[dst]
                     )
                 });
             }

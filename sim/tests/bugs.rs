@@ -121,13 +121,21 @@ fn commit_without_outbox() {
 
 #[test]
 fn ack_before_effect() {
-    caught(&Case {
+    let s = caught(&Case {
         bug: Bug::AckBeforeEffect,
         scenario: Scenario::Seed,
         budget: 200,
         invariant: "no-lost-effect",
         or_invariant: None,
     });
+    // No record consumed the message: the verdict says the effect was lost
+    // (not that the logic is not idempotent).
+    let detail = &s.failures[0].detail;
+    assert!(
+        detail.contains("the effect was lost after the acknowledgement"),
+        "{detail}"
+    );
+    assert!(!detail.contains("not idempotent"), "{detail}");
 }
 
 #[test]

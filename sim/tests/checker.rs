@@ -517,6 +517,7 @@ fn judge_end(c: &mut Checker, views: Vec<(usize, View)>) {
         unsettled: vec![],
         workload_waiting: false,
         reflects: &reflects,
+        recorded: None,
     };
     c.liveness(&snap);
 }

@@ -1,7 +1,8 @@
 //! Any explicit fault plan must leave the invariants intact. proptest draws
 //! plans (crashes with torn writes, partitions, drops, duplicates, delays,
-//! lost answers, callback errors, skewed clocks, short retry budgets and a
-//! slow operator); a failure shrinks to a minimal plan, printed with its trace.
+//! lost answers, callback errors, skewed clocks, short retry budgets, small
+//! participant inboxes and a slow operator); a failure shrinks to a minimal
+//! plan, printed with its trace.
 
 use proptest::prelude::*;
 use sagamq_sim::plan::{FAULTY_NODES, Fault, FaultPlan, FaultProfile};
@@ -50,8 +51,11 @@ proptest! {
         seed in 0..1_000u64,
         faults in proptest::collection::vec(fault(), 0..30),
         attempts_max in proptest::option::of(1..5u32),
+        // Small inboxes on order (1), stock (2), payment (3): part of the plan
+        // now, so explicit plans draw them here as the seeds do.
+        inbox_keys_max in proptest::collection::btree_map(1u8..=3, 1u32..=8, 0..=3),
     ) {
-        let profile = FaultProfile { attempts_max, ..Default::default() };
+        let profile = FaultProfile { attempts_max, inbox_keys_max, ..Default::default() };
         let plan = FaultPlan { profile, faults };
         let mut cfg = RunConfig::new(Scenario::Saga { orders: 6 }, None);
         let r = world::run(seed, &plan, &cfg);
@@ -61,4 +65,39 @@ proptest! {
             prop_assert!(false, "seed {seed} plan:\n{plan}violations: {:?}\ntrace:\n{}", r.violations, trace::render(&traced.trace));
         }
     }
+}
+
+/// The swarm-drawn inbox bounds are part of the plan: printed in its profile
+/// line (so a trace shows them), carried by its JSON, and a plan written before
+/// they existed still parses (as "every inbox at the host's default").
+#[test]
+fn inbox_bounds_are_part_of_the_plan() {
+    let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None);
+    let (seed, plan) = (0..100u64)
+        .map(|s| (s, sagamq_sim::runner::plan_for(s, &cfg)))
+        .find(|(_, p)| !p.profile.inbox_keys_max.is_empty())
+        .expect("half the seeds draw a small inbox for some node");
+    let line = plan.profile.to_string();
+    assert!(line.contains("inbox_keys_max=("), "{line}");
+    let json = serde_json::to_string(&plan).expect("plan serializes");
+    let back: FaultPlan = serde_json::from_str(&json).expect("plan parses");
+    assert_eq!(back, plan);
+
+    let mut traced = cfg.clone();
+    traced.trace = true;
+    let r = world::run(seed, &plan, &traced);
+    assert!(
+        r.trace[0].contains("inbox_keys_max=("),
+        "the trace prints it: {}",
+        r.trace[0]
+    );
+
+    let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
+    old["profile"]
+        .as_object_mut()
+        .expect("profile object")
+        .remove("inbox_keys_max");
+    let old: FaultPlan = serde_json::from_value(old).expect("an old plan parses");
+    assert!(old.profile.inbox_keys_max.is_empty());
+    assert!(old.profile.to_string().contains("inbox_keys_max=default"));
 }

@@ -75,6 +75,13 @@ impl<C> Decision<C> {
 ///   fail for a change its own decisions produced.
 /// - Anything a later decision needs (such as a deadline computed from `now`)
 ///   must be inside the change, because recovery has only the changes.
+/// - Be idempotent per business key (an order, a payment): the host's inbox is
+///   bounded ([`super::HostConfig::inbox_keys_max`]) and forgets its oldest
+///   keys, so an old message may be delivered again and reach `on_message`. A
+///   redelivery must decide nothing new: the simulator's `no-lost-effect`
+///   judges every message you answered 2xx by calling `on_message` again at
+///   `Time::ZERO` on your final state and fails the run if that would commit a
+///   change (so a decision that depends on `now` alone can trip it).
 pub trait Participant: Clone + 'static {
     /// A committed state change, stored (as JSON) in the participant's records.
     type Change: Clone + fmt::Debug + PartialEq + Serialize + DeserializeOwned;
@@ -82,8 +89,9 @@ pub trait Participant: Clone + 'static {
     /// Topics the host subscribes to (and keeps renewing).
     fn topics(&self) -> Vec<Topic>;
 
-    /// Decides what a delivered message does. The host has already dropped
-    /// redeliveries of messages it recorded (the inbox).
+    /// Decides what a delivered message does. The host drops redeliveries of
+    /// the messages its inbox still remembers; the inbox is bounded and
+    /// forgets, so an older redelivery arrives here and must change nothing.
     fn on_message(&self, now: Time, message: &Message) -> Decision<Self::Change>;
 
     /// Decides what a workload command does. Most participants take none.

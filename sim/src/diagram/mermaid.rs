@@ -6,7 +6,6 @@
 
 use super::{Arrow, DiagramError, End, Model, Options, clip, fmt_ms};
 use crate::event::{Event, Node, What};
-use crate::topology::NODES;
 use std::fmt::Write as _;
 
 /// Renders the Mermaid diagram of `events`.
@@ -48,7 +47,7 @@ fn esc(s: &str) -> String {
 fn render(m: &Model<'_>) -> String {
     let mut out = String::from("sequenceDiagram\n");
     for &n in &m.lanes {
-        let _ = writeln!(out, "    participant {} as {}", id(n), NODES[n]);
+        let _ = writeln!(out, "    participant {} as {}", id(n), esc(m.header.name(n)));
     }
     let verdict = match &m.header.verdict {
         None => "PASS: no invariant violated".to_string(),

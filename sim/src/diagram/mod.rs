@@ -195,6 +195,18 @@ pub(crate) struct Header {
     pub faults: Vec<String>,
     /// The first violation: (kind, invariant, detail, at_ns).
     pub verdict: Option<(&'static str, &'static str, String, u64)>,
+    /// The custom participant's client id, the custom lane's name when it ran.
+    pub custom: Option<String>,
+}
+
+impl Header {
+    /// A lane's name: the node's, or the custom participant's client id.
+    pub(crate) fn name(&self, node: Node) -> &str {
+        match (&self.custom, node) {
+            (Some(id), CUSTOM) => id,
+            _ => crate::topology::NODES[node],
+        }
+    }
 }
 
 /// The drawable content after filtering, arrows and marks each in time order.
@@ -230,12 +242,20 @@ impl<'a> Model<'a> {
                     bug,
                     profile,
                     faults,
+                    custom: custom_id,
                 } => {
                     let mut command = format!("sagamq-sim replay --seed {seed} --scenario {scenario}");
                     if let Some(bug) = bug {
                         command.push_str(&format!(" --bug {bug}"));
                     }
+                    if let Some(id) = custom_id {
+                        // The CLI cannot load a user's participant.
+                        command = format!(
+                            "seed {seed} scenario {scenario} + custom {id}: rerun the test that built it with SAGAMQ_SEED={seed}"
+                        );
+                    }
                     header.command = command;
+                    header.custom = custom_id.clone();
                     header.profile = profile.clone();
                     header.faults = faults.clone();
                 }
@@ -472,6 +492,7 @@ mod tests {
                     bug: None,
                     profile: "drop=1.0%".into(),
                     faults: vec!["drop message #2".into(), "duplicate message #1".into()],
+                    custom: None,
                 },
             ),
             send(1, 0, WORKLOAD, ORDER, Some("o-1"), SENT),

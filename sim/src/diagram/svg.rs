@@ -283,7 +283,7 @@ fn render(m: &Model<'_>) -> String {
     // Lanes.
     for &node in ln.order {
         let x = ln.x(node);
-        let name = NODES[node];
+        let name = crate::diagram::xml::escape(m.header.name(node));
         let _ = writeln!(
             out,
             r##"<g class="lane" data-node="{name}"><line x1="{x}" y1="{y0}" x2="{x}" y2="{y1}" stroke="#b0b0b0" stroke-width="1.5"/><rect x="{bx}" y="{by}" width="120" height="26" rx="4" fill="#263238"/><text x="{x}" y="{ty}" text-anchor="middle" fill="#ffffff" font-size="13px" font-weight="bold">{name}</text><text x="{x}" y="{fy}" text-anchor="middle" fill="#263238" font-weight="bold">{name}</text></g>"##,
