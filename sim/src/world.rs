@@ -529,14 +529,20 @@ fn liveness_bound(s: &mut Shared, cfg: &RunConfig) -> u64 {
             Slot::Down => {
                 // Its timers are unknown until it boots: a whole deadline.
                 work += 4 * s.def.orders.len() as u64;
-                let deadline = s.def.order_deadline.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                let deadline = s
+                    .def
+                    .order_deadline
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 wait_ms = wait_ms.max(deadline);
             }
             Slot::Workload(w) if !w.all_answered() => {
                 // Orders still to be created wait out a whole deadline after
                 // the workload's next call (its retry backs off to 4.8 s).
                 work += 4 * s.def.orders.len() as u64;
-                let deadline = s.def.order_deadline.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                let deadline = s
+                    .def
+                    .order_deadline
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 wait_ms = wait_ms.max(deadline + 4_800);
             }
             Slot::Absent | Slot::Workload(_) => {}
