@@ -122,8 +122,8 @@ impl Summary {
         self.panics += u64::from(r.panicked);
         if let Some(q) = r.quiescence_ms {
             self.quiescence.push(q);
-            if r.liveness_bound_ms > 0 {
-                self.quiescence_of_bound_pct_max = self.quiescence_of_bound_pct_max.max(q * 100 / r.liveness_bound_ms);
+            if let Some(pct) = (q * 100).checked_div(r.liveness_bound_ms) {
+                self.quiescence_of_bound_pct_max = self.quiescence_of_bound_pct_max.max(pct);
             }
         }
         if r.liveness_bound_ms > 0 {
