@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// Every fault kind the simulator injects, in report order.
-pub const FAULT_KINDS: [&str; 14] = [
+pub const FAULT_KINDS: [&str; 15] = [
     "drop",
     "ack_lost",
     "duplicate",
@@ -28,6 +28,7 @@ pub const FAULT_KINDS: [&str; 14] = [
     "subscription_lapse",
     "garbage_tail",
     "bit_flip",
+    "pause",
 ];
 
 pub use crate::topology::{FAULTY_NODES, NODES};
@@ -68,6 +69,9 @@ pub enum Fault {
     /// recovery runs on it. It must refuse (naming the offset), or, when the
     /// flip is in the last record, cut only that record.
     BitFlip { node: u8, where_ppm: u32, bit: u8 },
+    /// Node `node` stops for `for_ms` from `at_ms` without crashing (a GC or
+    /// a stopped VM): it handles nothing, its timers wait, messages queue.
+    Pause { at_ms: u32, for_ms: u32, node: u8 },
     /// The n-th callback a subscriber receives is answered with an error (`hang = false`)
     /// or never answered (`hang = true`), without being processed.
     CallbackError { nth: u32, hang: bool },
@@ -91,6 +95,7 @@ impl Fault {
             Fault::CallbackError { .. } => "callback_error",
             Fault::ClockSkew { .. } => "clock_skew",
             Fault::BitFlip { .. } => "bit_flip",
+            Fault::Pause { .. } => "pause",
             Fault::SlowOperator => "slow_operator",
         }
     }
@@ -166,6 +171,9 @@ impl fmt::Display for Fault {
                 )
             }
             Fault::SlowOperator => write!(f, "the operator redrives dead letters only after the liveness verdict"),
+            Fault::Pause { at_ms, for_ms, node } => {
+                write!(f, "pause {} at {at_ms}ms for {for_ms}ms", node_name(*node))
+            }
         }
     }
 }
@@ -462,6 +470,16 @@ impl FaultPlan {
                 bit: disk.below(8) as u8,
             });
         }
+        // A process pause in a quarter of the seeds, from a stream of its own.
+        let mut pause = Rng::new(seed ^ 0x9A05_E000_0000_0000);
+        if pause.chance(250_000) {
+            let node = shape.faulty_nodes[pause.below(shape.faulty_nodes.len() as u64) as usize];
+            plan.faults.push(Fault::Pause {
+                at_ms: pause.below(u64::from(shape.chaos_ms)) as u32,
+                for_ms: pause.range_inclusive(100, 1_500) as u32,
+                node,
+            });
+        }
         plan
     }
 
@@ -552,7 +570,11 @@ impl FaultPlan {
                 Fault::BitFlip { node, where_ppm, bit } => {
                     ix.bit_flip.insert(node, (where_ppm, bit));
                 }
-                Fault::Partition { .. } | Fault::Crash { .. } | Fault::ClockSkew { .. } | Fault::SlowOperator => {}
+                Fault::Partition { .. }
+                | Fault::Crash { .. }
+                | Fault::ClockSkew { .. }
+                | Fault::SlowOperator
+                | Fault::Pause { .. } => {}
             }
         }
         ix

@@ -121,6 +121,8 @@ pub struct Shared {
     broker_backlog: usize,
     /// The run's derived liveness bound (ms after healing).
     liveness_bound_ms: u64,
+    /// A paused node handles nothing until this (elapsed ns).
+    paused_until_ns: [Option<u64>; NODES.len()],
 }
 
 impl Shared {
@@ -243,6 +245,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         wakeups: 0,
         broker_backlog: 0,
         liveness_bound_ms: 0,
+        paused_until_ns: [None; NODES.len()],
         cfg: cfg.clone(),
         seed,
         def,
@@ -325,6 +328,7 @@ async fn chaos_phase(
                 events.push((at_ms, k, false));
                 events.push((at_ms.saturating_add(down_ms).min(cfg.chaos_ms), k, true));
             }
+            Fault::Pause { at_ms, .. } => events.push((at_ms, k, false)),
             _ => {}
         }
     }
@@ -334,6 +338,17 @@ async fn chaos_phase(
         sleep_until_ms(world, u64::from(at_ms)).await;
         match plan.faults[k] {
             Fault::Partition { a, b, .. } => partition(world, plan, nodes, k, a, b, is_end),
+            Fault::Pause { at_ms, for_ms, node } => {
+                let n = usize::from(node);
+                let mut s = lock(world);
+                if !down[n] {
+                    let end_ms = u64::from(at_ms.saturating_add(for_ms).min(cfg.chaos_ms));
+                    s.paused_until_ns[n] = Some(end_ms * 1_000_000);
+                    s.fired("pause");
+                    let f = plan.faults[k].clone();
+                    s.line(n, || format!("fault: {f}"));
+                }
+            }
             Fault::Crash {
                 node, torn_keep, tail, ..
             } => {
@@ -675,7 +690,9 @@ async fn monitor(world: World) {
         let mut s = lock(&world);
         let at_ms = s.elapsed_ns() / 1_000_000;
         let now = s.now(BROKER);
-        let backlog = s.broker_backlog;
+        // A paused broker is as good as saturated for the progress bound.
+        let paused = s.paused_until_ns[BROKER].is_some_and(|until| until > s.elapsed_ns());
+        let backlog = if paused { 1 } else { s.broker_backlog };
         let Shared { check, slots, .. } = &mut *s;
         if let Slot::Broker(b) = &slots[BROKER] {
             let mut snap = broker_snapshot(b, now, false);
@@ -945,6 +962,7 @@ fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {
     let mut s = lock(world);
     s.event(|| What::Restart { node: n });
     s.line(n, || "restart".to_string());
+    s.paused_until_ns[n] = None; // a restart ends a pause
     drop(s);
     handle.restart(nodes[n].id());
 }
@@ -1099,6 +1117,16 @@ async fn node_main(world: World, i: usize) {
     // What woke the node: something received, or (None) its next deadline passed.
     let mut wake: Option<Inbound> = None;
     loop {
+        // A paused node does nothing until its pause ends (what woke it waits).
+        let paused = {
+            let s = lock(&world);
+            s.paused_until_ns[i]
+                .filter(|until| *until > s.elapsed_ns())
+                .map(|until| s.start + Duration::from_nanos(until))
+        };
+        if let Some(until) = paused {
+            madsim::time::sleep_until(until).await;
+        }
         let out = {
             let mut s = lock(&world);
             s.wakeups += 1;
