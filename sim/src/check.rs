@@ -277,6 +277,21 @@ struct KeyState {
     delivered: Option<Message>,
 }
 
+impl KeyState {
+    /// A key not received yet (a participant may emit it first).
+    fn unseen() -> KeyState {
+        KeyState {
+            versions: Vec::new(),
+            first_now: Time::MAX,
+            last_now: Time::ZERO,
+            owed: BTreeSet::new(),
+            ack: None,
+            emitted: None,
+            delivered: None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Sub {
     /// Requests received by the broker: (its clock, requested expiry).
@@ -310,18 +325,62 @@ struct Story {
     heard_payment: Option<bool>,
     heard_released: bool,
     heard_cancelled: bool,
-    refusal_delivered: bool,
     payment_requested: bool,
     compensating: bool,
-    stock_saw_release: bool,
     /// A message of this order found a subscriber of its topic lapsed beyond
     /// the grace: it is owed nothing, so the order may wait for nothing.
     lost_to_lapse: bool,
-    payment_saw_cancel: bool,
-    deducted: bool,
-    restocked: bool,
-    charged: bool,
-    refunded: bool,
+    /// What stock and payment did for it, as their replies tell.
+    stock: Side,
+    money: Side,
+}
+
+/// One participant's part in an order, as its replies and deliveries tell it.
+#[derive(Debug, Default)]
+struct Side {
+    /// It received the compensation (a release, a cancel) of this order.
+    saw_undo: bool,
+    /// It answered the forward request with "1" (deducted, charged).
+    taken: bool,
+    /// It confirmed giving back what it took.
+    given_back: bool,
+}
+
+/// The two shadow ledgers the checker keeps from the replies: stock by
+/// product, money by customer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ledger {
+    Stock,
+    Money,
+}
+
+impl Ledger {
+    fn who(self) -> &'static str {
+        match self {
+            Ledger::Stock => "stock",
+            Ledger::Money => "payment",
+        }
+    }
+    fn took(self) -> &'static str {
+        match self {
+            Ledger::Stock => "deducted",
+            Ledger::Money => "charged",
+        }
+    }
+    fn undo(self) -> &'static str {
+        match self {
+            Ledger::Stock => "release",
+            Ledger::Money => "cancel",
+        }
+    }
+    /// The coverage path a justified refusal counts as.
+    fn refusal(self, saw_undo: bool) -> &'static str {
+        match (self, saw_undo) {
+            (Ledger::Stock, true) => "hanging_refused",
+            (Ledger::Stock, false) => "stock_refused",
+            (Ledger::Money, _) => "payment_refused",
+        }
+    }
 }
 
 /// How long an order may sit with nothing in flight before giving up is a stall
@@ -533,12 +592,11 @@ impl Checker {
                 // What the order heard: a message it received may be in its
                 // state even if its 2xx was lost (a crash right after the commit).
                 match (node, topic) {
-                    (STOCK, t::STOCK_RELEASE) => story.stock_saw_release = true,
-                    (PAYMENT, t::PAYMENT_CANCEL) => story.payment_saw_cancel = true,
+                    (STOCK, t::STOCK_RELEASE) => story.stock.saw_undo = true,
+                    (PAYMENT, t::PAYMENT_CANCEL) => story.money.saw_undo = true,
                     (ORDER, t::STOCK_OUTBOUND) => story.heard_stock = story.heard_stock.or(yes_no(&message.content)),
                     (ORDER, t::PAYMENT_RESULT) => {
                         story.heard_payment = story.heard_payment.or(yes_no(&message.content));
-                        story.refusal_delivered |= message.content == "0";
                     }
                     (ORDER, t::STOCK_RELEASED) => story.heard_released = true,
                     (ORDER, t::PAYMENT_CANCELLED) => story.heard_cancelled = true,
@@ -590,15 +648,7 @@ impl Checker {
 
     fn emitted(&mut self, at_ms: u64, node: usize, publish: &PublishRequest) {
         let key = publish.key();
-        let ks = self.keys.entry(key.clone()).or_insert_with(|| KeyState {
-            versions: Vec::new(),
-            first_now: Time::MAX,
-            last_now: Time::ZERO,
-            owed: BTreeSet::new(),
-            ack: None,
-            emitted: None,
-            delivered: None,
-        });
+        let ks = self.keys.entry(key.clone()).or_insert_with(KeyState::unseen);
         match &ks.emitted {
             Some(first) if *first != publish.content => {
                 let detail = format!(
@@ -613,12 +663,11 @@ impl Checker {
             Some(_) => return, // a re-send after a recovery or a lost reply
             None => ks.emitted = Some(publish.content.clone()),
         }
-        if ks.ack.is_none() && self.unacked.insert(key.clone()) {
-            // Judge what the emission means before it counts as in flight.
-            self.judge_emission(at_ms, node, publish);
+        let now_in_flight = ks.ack.is_none() && self.unacked.insert(key.clone());
+        // Judge what the emission means before it counts as in flight.
+        self.judge_emission(at_ms, node, publish);
+        if now_in_flight {
             self.open(&key, true, at_ms);
-        } else {
-            self.judge_emission(at_ms, node, publish);
         }
     }
 
@@ -671,126 +720,121 @@ impl Checker {
                 }
             }
             (STOCK, t::STOCK_OUTBOUND) => {
-                let level = self.shadow_stock.get(&facts.product).copied().unwrap_or(0);
-                let story = self.story(&key);
-                let saw_release = story.stock_saw_release;
-                match yes_no(content) {
-                    Some(true) if level < facts.quantity => {
-                        let detail = format!(
-                            "stock deducted {} of {} for {order} with only {level} left",
-                            facts.quantity, facts.product
-                        );
-                        self.violation(Violation::safety("decision", detail, at_ms));
-                    }
-                    Some(true) => {
-                        story.deducted = true;
-                        self.shadow_stock.insert(facts.product.clone(), level - facts.quantity);
-                    }
-                    Some(false) if saw_release => self.covered("hanging_refused"),
-                    Some(false) if level < facts.quantity => self.covered("stock_refused"),
-                    Some(false) => {
-                        let detail = format!(
-                            "stock refused {order} ({} of {}) with {level} in stock and no release of it seen",
-                            facts.quantity, facts.product
-                        );
-                        self.violation(Violation::safety("decision", detail, at_ms));
-                    }
-                    None => {
-                        let detail = format!("stock answered {order} with {content:?}, neither \"1\" nor \"0\"");
-                        self.violation(Violation::safety("decision", detail, at_ms));
-                    }
-                }
+                self.decision(at_ms, Ledger::Stock, &key, &facts.product, facts.quantity, content);
             }
             (STOCK, t::STOCK_RELEASED) => {
-                let restocked = serde_json::from_str::<ReleasedBody>(content).map(|b| b.restocked);
-                let story = self.story(&key);
-                match restocked {
-                    Ok(0) => {
-                        if !story.deducted {
-                            self.covered("null_compensation");
-                        }
-                    }
-                    Ok(n) if n == facts.quantity && story.deducted => {
-                        if !story.restocked {
-                            story.restocked = true;
-                            *self.shadow_stock.entry(facts.product.clone()).or_default() += n;
-                        }
-                    }
-                    _ => {
-                        let detail = format!(
-                            "stock confirmed the release of {order} with {content} but {} (order of {})",
-                            if story.deducted {
-                                "had deducted"
-                            } else {
-                                "had deducted nothing"
-                            },
-                            facts.quantity
-                        );
-                        self.violation(Violation::safety("decision", detail, at_ms));
-                    }
-                }
+                let back = serde_json::from_str::<ReleasedBody>(content).map(|b| b.restocked).ok();
+                self.given_back(
+                    at_ms,
+                    Ledger::Stock,
+                    &key,
+                    &facts.product,
+                    facts.quantity,
+                    back,
+                    content,
+                );
             }
             (PAYMENT, t::PAYMENT_RESULT) => {
-                let balance = self.shadow_balance.get(&facts.customer).copied().unwrap_or(0);
-                let story = self.story(&key);
-                let saw_cancel = story.payment_saw_cancel;
-                match yes_no(content) {
-                    Some(true) if balance < facts.amount => {
-                        let detail = format!(
-                            "payment charged {} to {} for {order} with a balance of {balance}",
-                            facts.amount, facts.customer
-                        );
-                        self.violation(Violation::safety("decision", detail, at_ms));
-                    }
-                    Some(true) => {
-                        story.charged = true;
-                        self.shadow_balance
-                            .insert(facts.customer.clone(), balance - facts.amount);
-                    }
-                    Some(false) if saw_cancel || balance < facts.amount => self.covered("payment_refused"),
-                    Some(false) => {
-                        let detail = format!(
-                            "payment refused {order} ({} to {}) with a balance of {balance} and no cancel of it seen",
-                            facts.amount, facts.customer
-                        );
-                        self.violation(Violation::safety("decision", detail, at_ms));
-                    }
-                    None => {
-                        let detail = format!("payment answered {order} with {content:?}, neither \"1\" nor \"0\"");
-                        self.violation(Violation::safety("decision", detail, at_ms));
-                    }
-                }
+                self.decision(at_ms, Ledger::Money, &key, &facts.customer, facts.amount, content);
             }
             (PAYMENT, t::PAYMENT_CANCELLED) => {
-                let refunded = serde_json::from_str::<CancelledBody>(content).map(|b| b.refunded);
-                let story = self.story(&key);
-                match refunded {
-                    Ok(0) => {
-                        if !story.charged {
-                            self.covered("null_compensation");
-                        }
-                    }
-                    Ok(n) if n == facts.amount && story.charged => {
-                        if !story.refunded {
-                            story.refunded = true;
-                            *self.shadow_balance.entry(facts.customer.clone()).or_default() += n;
-                        }
-                    }
-                    _ => {
-                        let detail = format!(
-                            "payment confirmed the cancel of {order} with {content} but {} (order of {})",
-                            if story.charged {
-                                "had charged"
-                            } else {
-                                "had charged nothing"
-                            },
-                            facts.amount
-                        );
-                        self.violation(Violation::safety("decision", detail, at_ms));
-                    }
-                }
+                let back = serde_json::from_str::<CancelledBody>(content).map(|b| b.refunded).ok();
+                self.given_back(at_ms, Ledger::Money, &key, &facts.customer, facts.amount, back, content);
             }
             _ => {}
+        }
+    }
+
+    fn ledger(&mut self, ledger: Ledger) -> &mut BTreeMap<String, u64> {
+        match ledger {
+            Ledger::Stock => &mut self.shadow_stock,
+            Ledger::Money => &mut self.shadow_balance,
+        }
+    }
+
+    fn side(&mut self, ledger: Ledger, key: &MessageKey) -> &mut Side {
+        let story = self.story(key);
+        match ledger {
+            Ledger::Stock => &mut story.stock,
+            Ledger::Money => &mut story.money,
+        }
+    }
+
+    /// A forward decision ("1" took `need` from `account`, "0" refused),
+    /// judged against the shadow ledger: a yes needs enough, a no needs a
+    /// shortfall or the order's compensation seen first (the hanging guard).
+    fn decision(&mut self, at_ms: u64, ledger: Ledger, key: &MessageKey, account: &str, need: u64, content: &str) {
+        let (who, order) = (ledger.who(), key.global_id.to_string());
+        let have = self.ledger(ledger).get(account).copied().unwrap_or(0);
+        let saw_undo = self.side(ledger, key).saw_undo;
+        let wrong = match yes_no(content) {
+            Some(true) if have < need => Some(format!(
+                "{who} {} {need} from {account} for {order} with only {have} there",
+                ledger.took()
+            )),
+            Some(true) => {
+                self.side(ledger, key).taken = true;
+                self.ledger(ledger).insert(account.to_string(), have - need);
+                None
+            }
+            Some(false) if saw_undo || have < need => {
+                self.covered(ledger.refusal(saw_undo));
+                None
+            }
+            Some(false) => Some(format!(
+                "{who} refused {order} ({need} from {account}) with {have} there and no {} of it seen",
+                ledger.undo()
+            )),
+            None => Some(format!(
+                "{who} answered {order} with {content:?}, neither \"1\" nor \"0\""
+            )),
+        };
+        if let Some(detail) = wrong {
+            self.violation(Violation::safety("decision", detail, at_ms));
+        }
+    }
+
+    /// A compensation's confirmation: it gives back nothing (a null
+    /// compensation, or a re-confirmation) or exactly what was taken.
+    #[allow(clippy::too_many_arguments)] // the ledger's two sides and the content, for the report
+    fn given_back(
+        &mut self,
+        at_ms: u64,
+        ledger: Ledger,
+        key: &MessageKey,
+        account: &str,
+        need: u64,
+        back: Option<u64>,
+        content: &str,
+    ) {
+        let side = self.side(ledger, key);
+        let (taken, already) = (side.taken, side.given_back);
+        match back {
+            Some(0) => {
+                if !taken {
+                    self.covered("null_compensation");
+                }
+            }
+            Some(n) if n == need && taken => {
+                if !already {
+                    self.side(ledger, key).given_back = true;
+                    *self.ledger(ledger).entry(account.to_string()).or_default() += n;
+                }
+            }
+            _ => {
+                let detail = format!(
+                    "{} confirmed the {} of {} with {content} but had {} (order of {need})",
+                    ledger.who(),
+                    ledger.undo(),
+                    key.global_id,
+                    if taken {
+                        ledger.took().to_string()
+                    } else {
+                        format!("{} nothing", ledger.took())
+                    }
+                );
+                self.violation(Violation::safety("decision", detail, at_ms));
+            }
         }
     }
 
@@ -809,7 +853,7 @@ impl Checker {
             return;
         }
         story.compensating = true;
-        if story.refusal_delivered || story.lost_to_lapse {
+        if story.heard_payment == Some(false) || story.lost_to_lapse {
             return;
         }
         let quiet = match story.quiet_since_ms {
@@ -843,34 +887,17 @@ impl Checker {
             self.story(&key).lost_to_lapse = true;
             self.covered("lapsed_beyond_grace");
         }
-        match self.keys.get_mut(&key) {
-            Some(ks) => {
-                if ks.versions.is_empty() {
-                    ks.owed = live;
-                    ks.first_now = now;
-                } else {
-                    ks.owed.retain(|c| live.contains(c));
-                }
-                ks.first_now = ks.first_now.min(now);
-                ks.last_now = ks.last_now.max(now);
-                if ks.versions.len() < 64 && !ks.versions.contains(publish) {
-                    ks.versions.push(publish.clone());
-                }
-            }
-            None => {
-                self.keys.insert(
-                    key,
-                    KeyState {
-                        versions: vec![publish.clone()],
-                        first_now: now,
-                        last_now: now,
-                        owed: live,
-                        ack: None,
-                        emitted: None,
-                        delivered: None,
-                    },
-                );
-            }
+        let ks = self.keys.entry(key).or_insert_with(KeyState::unseen);
+        // Owed: live at every receipt (the first receipt sets the set).
+        if ks.versions.is_empty() {
+            ks.owed = live;
+        } else {
+            ks.owed.retain(|c| live.contains(c));
+        }
+        ks.first_now = ks.first_now.min(now);
+        ks.last_now = ks.last_now.max(now);
+        if ks.versions.len() < 64 && !ks.versions.contains(publish) {
+            ks.versions.push(publish.clone());
         }
     }
 

@@ -523,6 +523,10 @@ fn finish(world: &World, seed: u64) -> RunResult {
 /// The liveness bound from now (see [`crate::config::liveness_bound_ms`]),
 /// capped by `RunConfig::heal_ms_max`; traced and kept for the summary.
 fn liveness_bound(s: &mut Shared, cfg: &RunConfig) -> u64 {
+    let deadline_ms = s
+        .def
+        .order_deadline
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let mut wait_ms = 0;
     let mut work = 0u64;
     for (i, slot) in s.slots.iter().enumerate() {
@@ -544,21 +548,13 @@ fn liveness_bound(s: &mut Shared, cfg: &RunConfig) -> u64 {
             Slot::Down => {
                 // Its timers are unknown until it boots: a whole deadline.
                 work += 4 * s.def.orders.len() as u64;
-                let deadline = s
-                    .def
-                    .order_deadline
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                wait_ms = wait_ms.max(deadline);
+                wait_ms = wait_ms.max(deadline_ms);
             }
             Slot::Workload(w) if !w.all_answered() => {
                 // Orders still to be created wait out a whole deadline after
                 // the workload's next call (its retry backs off to 4.8 s).
                 work += 4 * s.def.orders.len() as u64;
-                let deadline = s
-                    .def
-                    .order_deadline
-                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-                wait_ms = wait_ms.max(deadline + 4_800);
+                wait_ms = wait_ms.max(deadline_ms + 4_800);
             }
             Slot::Absent | Slot::Workload(_) => {}
         }

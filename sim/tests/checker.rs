@@ -126,6 +126,18 @@ fn created(c: &mut Checker) -> Message {
     message(&p, 1)
 }
 
+/// The broker sends attempt `delivery` of `m` to `client` at `at_ms` (its clock too).
+fn sent(c: &mut Checker, at_ms: u64, client: &str, m: &Message, delivery: u64) {
+    let callback = callback(client, m, delivery);
+    c.observe(
+        at_ms,
+        Event::CallbackSent {
+            callback: &callback,
+            now: Time::from_millis(at_ms),
+        },
+    );
+}
+
 fn first(c: &Checker) -> Option<&'static str> {
     c.violations().first().map(|v| v.invariant)
 }
@@ -134,13 +146,7 @@ fn first(c: &Checker) -> Option<&'static str> {
 fn a_clean_delivery_passes() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     let stock = ClientId::lit(t::STOCK_SERVICE);
     c.observe(
         14,
@@ -195,13 +201,7 @@ fn fidelity_content_changed_in_delivery() {
     let mut c = subscribed();
     let mut m = created(&mut c);
     m.content = "{}".into();
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     assert_eq!(first(&c), Some("fidelity"));
 }
 
@@ -224,13 +224,7 @@ fn fidelity_a_message_nobody_published() {
 fn entitlement_a_client_that_never_subscribed() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::PAYMENT_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::PAYMENT_SERVICE, &m, 1);
     assert_eq!(first(&c), Some("entitlement"));
 }
 
@@ -238,13 +232,7 @@ fn entitlement_a_client_that_never_subscribed() {
 fn redelivery_after_the_broker_got_its_2xx() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     c.observe(
         14,
         Event::AnswerReceived {
@@ -252,13 +240,7 @@ fn redelivery_after_the_broker_got_its_2xx() {
             ok: true,
         },
     );
-    c.observe(
-        15,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 2),
-            now: Time::from_millis(15),
-        },
-    );
+    sent(&mut c, 15, t::STOCK_SERVICE, &m, 2);
     assert_eq!(first(&c), Some("redelivery"));
 }
 
@@ -266,13 +248,7 @@ fn redelivery_after_the_broker_got_its_2xx() {
 fn redelivery_after_a_broker_crash_is_fine() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     c.observe(
         14,
         Event::AnswerReceived {
@@ -289,13 +265,7 @@ fn redelivery_after_a_broker_crash_is_fine() {
             torn_bytes: 0,
         },
     );
-    c.observe(
-        17,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 2),
-            now: Time::from_millis(17),
-        },
-    );
+    sent(&mut c, 17, t::STOCK_SERVICE, &m, 2);
     assert_eq!(c.violations(), &[]);
 }
 
@@ -324,13 +294,7 @@ fn delivery_order_skips_an_older_stored_message() {
         },
     );
     let m = message(&newer, 2);
-    c.observe(
-        22,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(22),
-        },
-    );
+    sent(&mut c, 22, t::STOCK_SERVICE, &m, 1);
     assert_eq!(
         first(&c),
         Some("delivery-order"),
@@ -343,13 +307,7 @@ fn delivery_order_skips_an_older_stored_message() {
 fn dead_letter_before_the_budget() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     let stock = ClientId::lit(t::STOCK_SERVICE);
     c.observe(
         20,
@@ -433,13 +391,7 @@ fn one_answer_a_redelivery_changes_the_decision() {
 fn saga_progress_an_order_that_waited_for_nothing() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     let stock = ClientId::lit(t::STOCK_SERVICE);
     c.observe(
         14,
@@ -466,13 +418,7 @@ fn saga_progress_an_order_waiting_on_a_queued_reply_may_give_up() {
     let mut c = subscribed();
     let m = created(&mut c);
     // Stock never processed it: it is still owed, so the deadline is legitimate.
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     let release = publish("o1.release", t::STOCK_RELEASE, ORDER_JSON, t::ORDER_SERVICE);
     c.observe(
         5_000,
@@ -488,13 +434,7 @@ fn saga_progress_an_order_waiting_on_a_queued_reply_may_give_up() {
 fn progress_a_queue_the_broker_stopped_serving() {
     let mut c = subscribed();
     let m = created(&mut c);
-    c.observe(
-        13,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 1),
-            now: Time::from_millis(13),
-        },
-    );
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     let broker = BrokerSnapshot {
         now: Time::from_millis(100),
         queued: BTreeMap::from([(ClientId::lit(t::STOCK_SERVICE), 1)]),
@@ -563,13 +503,7 @@ fn redelivery_after_a_redrive_is_fine_even_with_a_late_2xx_of_an_older_attempt()
     let m = created(&mut c);
     let stock = ClientId::lit(t::STOCK_SERVICE);
     for d in 1..=3 {
-        c.observe(
-            13,
-            Event::CallbackSent {
-                callback: &callback(t::STOCK_SERVICE, &m, d),
-                now: Time::from_millis(13),
-            },
-        );
+        sent(&mut c, 13, t::STOCK_SERVICE, &m, d);
     }
     // Dead-lettered after 3 attempts, redriven; then attempt 1's 2xx arrives late
     // (the broker no longer knows that attempt) and the redriven copy goes out.
@@ -588,12 +522,6 @@ fn redelivery_after_a_redrive_is_fine_even_with_a_late_2xx_of_an_older_attempt()
             ok: true,
         },
     );
-    c.observe(
-        22,
-        Event::CallbackSent {
-            callback: &callback(t::STOCK_SERVICE, &m, 4),
-            now: Time::from_millis(22),
-        },
-    );
+    sent(&mut c, 22, t::STOCK_SERVICE, &m, 4);
     assert_eq!(c.violations(), &[]);
 }

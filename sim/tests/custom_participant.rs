@@ -115,6 +115,25 @@ fn never(_: &Shipping) -> Result<(), String> {
     Err("this invariant always fails".to_string())
 }
 
+fn panics(_: &Shipping) -> Result<(), String> {
+    panic!("a participant's assertion")
+}
+
+/// A panic anywhere in a run (here in the checker, through the user's
+/// invariant) fails that seed as `panic`, and a sweep goes on and counts it.
+#[test]
+fn a_panic_fails_its_seed_and_the_sweep_goes_on() {
+    let node = CustomNode::new("shipping-service", Shipping::default(), panics);
+    let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None).with_custom(node);
+    let r = runner::run_seed(1, &cfg);
+    assert!(r.panicked);
+    let v = r.violations.first().expect("a violation");
+    assert_eq!(v.invariant, "panic");
+    assert!(v.detail.contains("a participant's assertion"), "{}", v.detail);
+    let s = runner::sweep(&cfg, 0..3, 1, false, &|_, _, _| {});
+    assert_eq!((s.seeds, s.failed, s.panics), (3, 3, 3), "{}", s.human());
+}
+
 /// The CLI cannot load a user's participant, so a custom configuration's failure
 /// must not print `replay` (it would replay a different world, which passes):
 /// it prints the user's own command, and the summary says a custom node ran.
