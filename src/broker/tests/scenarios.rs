@@ -622,6 +622,52 @@ fn redrive_that_would_overflow_the_queue_is_rejected() {
 }
 
 #[test]
+fn redrive_with_more_dead_letters_than_queue_room_moves_the_oldest_and_survives_a_crash() {
+    let config = BrokerConfig {
+        pending_per_subscriber_max: 2,
+        attempts_max: 1,
+        ..small_config()
+    };
+    let mut h = with_stock(config);
+    let mut ids = Vec::new();
+    for (k, gid) in ["m1", "m2", "m3"].into_iter().enumerate() {
+        let r = h.publish(gid, "s", T, k as i64 + 1);
+        ids.push(published(&h, r).0);
+        h.advance(100); // its one attempt times out
+    }
+    assert_eq!(h.sub_stats(STOCK).dead_letters, 3);
+    // Room for two: the two oldest move, one stays a dead letter (refusing
+    // the whole redrive would leave all three stuck forever).
+    let r = h.redrive(STOCK);
+    assert_eq!(h.reply(r), Some(&Reply::Redriven { count: 2 }));
+    let still: Vec<_> = h
+        .broker
+        .dead_letters(&ClientId::lit(STOCK))
+        .iter()
+        .map(|m| m.msg_id)
+        .collect();
+    assert_eq!(still, [ids[2]]);
+    // The partial redrive is a record of its own: a restart agrees.
+    h.crash();
+    let still: Vec<_> = h
+        .broker
+        .dead_letters(&ClientId::lit(STOCK))
+        .iter()
+        .map(|m| m.msg_id)
+        .collect();
+    assert_eq!(still, [ids[2]], "the partial redrive did not survive the crash");
+    let mut sent: Vec<_> = h.callbacks.iter().map(|c| c.message.msg_id).collect();
+    sent.sort();
+    assert_eq!(sent, [ids[0], ids[1]], "the two redriven messages are attempted again");
+    h.answer_all(CallbackResult::Delivered);
+    let r = h.redrive(STOCK);
+    assert_eq!(h.reply(r), Some(&Reply::Redriven { count: 1 }));
+    h.answer_all(CallbackResult::Delivered);
+    assert_eq!(h.sub_stats(STOCK).dead_letters, 0);
+    assert_eq!(h.broker.stats().messages_live, 0);
+}
+
+#[test]
 fn publishes_unsynced_max_rejects_until_the_disk_catches_up() {
     let config = BrokerConfig {
         publishes_unsynced_max: 2,
