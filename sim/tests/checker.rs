@@ -609,3 +609,59 @@ fn entitlement_a_subscription_that_came_after_the_message_was_stored() {
     let c = created_after_a_clock_step(false);
     assert_eq!(first(&c), Some("entitlement"));
 }
+
+#[test]
+fn saga_progress_excuses_an_order_whose_reply_was_published_after_its_subscription_lapsed() {
+    let mut c = subscribed();
+    // The order's subscription to stock's replies ran out at 1 s (no grace).
+    let (order, outbound) = (ClientId::lit(t::ORDER_SERVICE), Topic::lit(t::STOCK_OUTBOUND));
+    c.observe(
+        3,
+        Event::SubscribeReceived {
+            client: &order,
+            topic: &outbound,
+            expire: Time::from_millis(1_000),
+            now: Time::from_millis(3),
+        },
+    );
+    c.observe(
+        4,
+        Event::Subscribed {
+            client: &order,
+            topic: &outbound,
+            until: Time::from_millis(1_000),
+        },
+    );
+    let m = created(&mut c);
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
+    let stock = ClientId::lit(t::STOCK_SERVICE);
+    c.observe(
+        14,
+        Event::Processed {
+            node: STOCK,
+            client: &stock,
+            key: &m.key(),
+        },
+    );
+    // Stock's reply reaches the broker at 3 s: the order is owed nothing.
+    let reply = publish("o1.outbound", t::STOCK_OUTBOUND, "{}", t::STOCK_SERVICE);
+    c.observe(
+        3_000,
+        Event::PublishReceived {
+            publish: &reply,
+            now: Time::from_millis(3_000),
+        },
+    );
+    assert_eq!(c.coverage()["lapsed_beyond_grace"], 1);
+    // The order gives up at 5 s having heard nothing: legitimate, the reply
+    // it waited for was lost to the lapse.
+    let release = publish("o1.release", t::STOCK_RELEASE, ORDER_JSON, t::ORDER_SERVICE);
+    c.observe(
+        5_000,
+        Event::Emitted {
+            node: ORDER,
+            publish: &release,
+        },
+    );
+    assert_eq!(c.violations(), &[]);
+}
