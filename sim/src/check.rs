@@ -218,6 +218,73 @@ pub struct BrokerSnapshot {
     pub backlog: usize,
 }
 
+/// What a broker's log must carry across a restart, summarised: messages
+/// live, subscriptions, remembered dedup keys, and per subscriber the messages
+/// it is still owed and its dead letters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DurableState {
+    pub messages_live: usize,
+    pub subscriptions: usize,
+    pub dedup_settled: usize,
+    pub owed: BTreeMap<ClientId, usize>,
+    pub dead: BTreeMap<ClientId, Vec<MsgId>>,
+}
+
+impl DurableState {
+    pub fn of(b: &sagamq::broker::Broker) -> DurableState {
+        let stats = b.stats();
+        DurableState {
+            messages_live: stats.messages_live,
+            subscriptions: stats.subscriptions,
+            dedup_settled: stats.dedup_settled,
+            owed: stats
+                .subscribers
+                .iter()
+                .map(|(c, st)| (c.clone(), st.pending + st.in_flight))
+                .collect(),
+            dead: stats
+                .subscribers
+                .keys()
+                .map(|c| (c.clone(), b.dead_letters(c).iter().map(|m| m.msg_id).collect()))
+                .collect(),
+        }
+    }
+
+    /// Recovery equivalence: the broker recovered from what the live one
+    /// wrote must hold the same state. None when it does; else what differs.
+    pub fn differs(&self, recovered: &DurableState) -> Option<String> {
+        let mut out = Vec::new();
+        if self.messages_live != recovered.messages_live {
+            out.push(format!(
+                "{} messages live, {} after recovery",
+                self.messages_live, recovered.messages_live
+            ));
+        }
+        if self.subscriptions != recovered.subscriptions {
+            out.push(format!(
+                "{} subscriptions, {} after recovery",
+                self.subscriptions, recovered.subscriptions
+            ));
+        }
+        if self.dedup_settled != recovered.dedup_settled {
+            out.push(format!(
+                "{} settled dedup keys, {} after recovery",
+                self.dedup_settled, recovered.dedup_settled
+            ));
+        }
+        if self.owed != recovered.owed {
+            out.push(format!("owed {:?}, {:?} after recovery", self.owed, recovered.owed));
+        }
+        if self.dead != recovered.dead {
+            out.push(format!(
+                "dead letters {:?}, {:?} after recovery",
+                self.dead, recovered.dead
+            ));
+        }
+        (!out.is_empty()).then(|| out.join("; "))
+    }
+}
+
 /// The world at a judgement point: who is down, the broker, the participants.
 pub struct Snapshot<'a> {
     pub at_ms: u64,

@@ -42,6 +42,57 @@ pub enum View {
 }
 
 impl View {
+    /// Where two views of the same participant differ (None: they agree; a
+    /// custom participant's state is opaque and always agrees).
+    pub fn differs(&self, other: &View) -> Option<String> {
+        match (self, other) {
+            (View::Order { orders: a }, View::Order { orders: b }) => {
+                let id = a.keys().chain(b.keys()).find(|id| a.get(*id) != b.get(*id))?;
+                Some(format!(
+                    "order {id}: {} vs {}",
+                    a.get(id).map_or("absent", |(_, st)| st.as_str()),
+                    b.get(id).map_or("absent", |(_, st)| st.as_str())
+                ))
+            }
+            (
+                View::Stock {
+                    level: la, orders: oa, ..
+                },
+                View::Stock {
+                    level: lb, orders: ob, ..
+                },
+            ) => {
+                if la != lb {
+                    Some(format!("levels {la:?} vs {lb:?}"))
+                } else {
+                    let id = oa.keys().chain(ob.keys()).find(|id| oa.get(*id) != ob.get(*id))?;
+                    Some(format!("effects of order {id}: {:?} vs {:?}", oa.get(id), ob.get(id)))
+                }
+            }
+            (
+                View::Payment {
+                    balance: ba,
+                    orders: oa,
+                    ..
+                },
+                View::Payment {
+                    balance: bb,
+                    orders: ob,
+                    ..
+                },
+            ) => {
+                if ba != bb {
+                    Some(format!("balances {ba:?} vs {bb:?}"))
+                } else {
+                    let id = oa.keys().chain(ob.keys()).find(|id| oa.get(*id) != ob.get(*id))?;
+                    Some(format!("effects of order {id}: {:?} vs {:?}", oa.get(id), ob.get(id)))
+                }
+            }
+            (View::Custom { .. }, View::Custom { .. }) => None,
+            _ => Some("a different kind of participant".to_string()),
+        }
+    }
+
     /// The state of a custom participant of type `P` (see [`crate::custom`]).
     pub fn custom_state<P: 'static>(&self) -> Option<&P> {
         match self {

@@ -619,6 +619,7 @@ fn finish(world: &World, seed: u64) -> RunResult {
     let sim_ms = s.elapsed_ns() / 1_000_000;
     judge_safety(&mut s, sim_ms);
     probe_power_cut(&mut s, "at the end");
+    probe_recovery_equivalence(&mut s, sim_ms);
     judge_liveness(&mut s, sim_ms);
     judge_custom_final(&mut s, sim_ms);
     final_state_lines(&mut s);
@@ -1068,6 +1069,52 @@ fn probe_power_cut(s: &mut Shared, when: &str) {
             let detail = format!("{when}, a power cut would leave {} a log it refuses: {e}", s.names[i]);
             s.check.violation(Violation::safety("power-cut-probe", detail, at));
         }
+    }
+}
+
+/// Recovery equivalence, at the end of a run that is otherwise clean: each
+/// node recovered (on the side) from what it wrote must hold the state the
+/// live node holds. A record that forgets part of the state (a compaction that
+/// drops dead letters or dedup keys, an apply that skips a field) shows here
+/// without needing a crash to land after it.
+fn probe_recovery_equivalence(s: &mut Shared, at_ms: u64) {
+    if !s.check.violations().is_empty() {
+        return;
+    }
+    let mut wrong = Vec::new();
+    for i in 0..NODES.len() {
+        let image = s.disks[i].read_all();
+        match &s.slots[i] {
+            Slot::Broker(b) => {
+                let live = crate::check::DurableState::of(b);
+                match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) {
+                    Ok((r, _)) => {
+                        if let Some(d) = live.differs(&crate::check::DurableState::of(&r)) {
+                            wrong.push(format!(
+                                "the broker recovered from its own log differs from the live one: {d}"
+                            ));
+                        }
+                    }
+                    Err(e) => wrong.push(format!("the broker refuses its own log: {e}")),
+                }
+            }
+            Slot::Participant(p) => match build_participant(s, i, &image) {
+                Ok((r, _, _)) => {
+                    if let Some(d) = p.view().differs(&r.view()) {
+                        wrong.push(format!(
+                            "{} recovered from its own log differs from the live one: {d}",
+                            s.names[i]
+                        ));
+                    }
+                }
+                Err(e) => wrong.push(format!("{} refuses its own log: {e}", s.names[i])),
+            },
+            _ => {}
+        }
+    }
+    for detail in wrong {
+        s.check
+            .violation(Violation::safety("recovery-equivalence", detail, at_ms));
     }
 }
 

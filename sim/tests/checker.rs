@@ -665,3 +665,90 @@ fn saga_progress_excuses_an_order_whose_reply_was_published_after_its_subscripti
     );
     assert_eq!(c.violations(), &[]);
 }
+
+/// Drives `b`: writes what it persists to `disk`, syncs, reports it durable,
+/// until it has nothing more to write; returns the callbacks it sent.
+fn drive(b: &mut sagamq::broker::Broker, disk: &mut sagamq::log::MemDisk, now: Time) -> Vec<Callback> {
+    use sagamq::broker::{BrokerInput, BrokerOutput};
+    use sagamq::log::Disk;
+    use sagamq::machine::Machine;
+    let mut callbacks = Vec::new();
+    loop {
+        let mut wrote = None;
+        while let Some(out) = b.poll_output() {
+            match out {
+                BrokerOutput::Persist { lsn, frames } => {
+                    disk.append(&frames);
+                    wrote = Some(lsn);
+                }
+                BrokerOutput::Rewrite { lsn, frames } => {
+                    disk.replace(&frames);
+                    wrote = Some(lsn);
+                }
+                BrokerOutput::Callback(cb) => callbacks.push(cb),
+                BrokerOutput::Reply { .. } => {}
+            }
+        }
+        let Some(lsn) = wrote else { return callbacks };
+        disk.sync();
+        b.handle(now, BrokerInput::Durable { lsn });
+    }
+}
+
+#[test]
+fn recovery_equivalence_a_log_that_forgot_a_dead_letter() {
+    use sagamq::broker::{Broker, BrokerConfig, BrokerInput, CallbackResult, RequestId};
+    use sagamq::log::Disk;
+    use sagamq::machine::Machine;
+    use sagamq_sim::check::DurableState;
+    let config = BrokerConfig {
+        attempts_max: 1,
+        ..BrokerConfig::default()
+    };
+    let mut b = Broker::new(config.clone(), 1);
+    let mut disk = sagamq::log::MemDisk::new();
+    let now = Time::from_millis(1_000);
+    let subscribe = sagamq::SubscribeRequest {
+        client_id: ClientId::lit(t::STOCK_SERVICE),
+        topic: Topic::lit(t::SALE_ORDER_CREATED),
+        notify_url: "sim://stock".into(),
+        expire_time: Time::from_millis(1_000_000),
+    };
+    b.handle(
+        now,
+        BrokerInput::Subscribe {
+            req: RequestId(1),
+            subscribe,
+        },
+    );
+    drive(&mut b, &mut disk, now);
+    let p = publish("o1.created", t::SALE_ORDER_CREATED, ORDER_JSON, t::ORDER_SERVICE);
+    b.handle(
+        now,
+        BrokerInput::Publish {
+            req: RequestId(2),
+            publish: p,
+        },
+    );
+    let callbacks = drive(&mut b, &mut disk, now);
+    let before_dead_letter = disk.read_all();
+    // Its one attempt fails: a dead letter, recorded in the log.
+    b.handle(
+        now,
+        BrokerInput::CallbackResult {
+            delivery: callbacks[0].delivery,
+            result: CallbackResult::Failed,
+        },
+    );
+    drive(&mut b, &mut disk, now);
+    let live = DurableState::of(&b);
+    assert_eq!(live.dead[&ClientId::lit(t::STOCK_SERVICE)].len(), 1);
+    // Recovered from everything it wrote: the same state.
+    let (whole, _) = Broker::recover(config.clone(), 1, &disk.read_all()).expect("recovers");
+    assert_eq!(live.differs(&DurableState::of(&whole)), None);
+    // Recovered from a log without the dead-lettering (what a compaction that
+    // forgets dead letters would leave): the probe names the difference.
+    let (forgot, _) = Broker::recover(config, 1, &before_dead_letter).expect("recovers");
+    let d = live.differs(&DurableState::of(&forgot)).expect("the states differ");
+    assert!(d.contains("dead letters"), "{d}");
+}
