@@ -16,6 +16,10 @@ use sagamq_sim::world::RunConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// `explain_failure` writes under `target/sagamq-sim/<seed>/`: one test at a
+/// time, so two that explain the same seed do not write over each other.
+static ARTIFACTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[derive(Clone, Debug, Default)]
 struct Shipping {
     /// Order -> how many times it was shipped (must stay 1).
@@ -185,6 +189,7 @@ fn a_custom_failure_prints_a_command_that_reproduces_it() {
 fn explain_failure_writes_the_trace_the_diagram_and_the_shrunk_plan() {
     let node = CustomNode::new("shipping-service", Shipping::default(), never);
     let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None).with_custom(node);
+    let _one = ARTIFACTS.lock().unwrap_or_else(|e| e.into_inner());
     let a = runner::explain_failure(1, &cfg).expect("artifacts written");
     assert!(a.dir.ends_with("sagamq-sim/1"), "{}", a.dir.display());
     assert_eq!(a.violation.as_ref().map(|v| v.invariant), Some("custom-invariant"));
@@ -258,6 +263,7 @@ fn a_participant_that_trusts_the_inbox_is_caught_and_explained() {
         assert!(f.detail.contains("the logic is not idempotent"), "{}", f.detail);
         assert!(!f.detail.contains("effect was lost"), "{}", f.detail);
     }
+    let _one = ARTIFACTS.lock().unwrap_or_else(|e| e.into_inner());
     let a = runner::explain_failure(f.seed, &cfg).expect("artifacts");
     assert!(a.shrunk_plan.is_some() && a.svg.exists() && a.trace.exists());
 }
