@@ -4,7 +4,9 @@
 //! crashed, partitioned, skewed; its callbacks are dropped, duplicated, delayed).
 //!
 //! See `sim/tests/custom_participant.rs` (and the README) for a complete example:
-//! a shipping service that must ship every paid order exactly once.
+//! a shipping service that must ship every paid order exactly once; and
+//! `user-crate/`, a crate of its own with a loyalty service, its final check
+//! over the whole world, and its three realistic bugs, each caught.
 //!
 //! The node is shown by its client id (trace lanes, views, diagrams). A
 //! failing seed of a custom configuration prints the command given to
@@ -99,7 +101,8 @@ impl CustomNode {
     pub(crate) fn judge_final(&self, views: &Views) -> Option<Result<(), String>> {
         let check = self.final_check.as_ref()?;
         Some(match views.get(self.client_id.as_str()) {
-            Some(mine) => check(mine, views),
+            // Named like a `custom-invariant` line: whose check it is, then why.
+            Some(mine) => check(mine, views).map_err(|e| format!("{}: {e}", self.client_id)),
             None => Err(format!(
                 "{}: no final view (the node was down at the end)",
                 self.client_id
