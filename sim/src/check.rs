@@ -265,9 +265,10 @@ struct Ack {
 struct KeyState {
     /// Every distinct version received under this key (the first is stored).
     versions: Vec<PublishRequest>,
-    /// Broker clock at the first and the latest receipt.
-    first_now: Time,
-    last_now: Time,
+    /// Each receipt (up to 64): its place in the history and the broker's
+    /// clock then. History order says what came before what; the clock says
+    /// what was live (a broker's clock may step back across a restart).
+    receipts: Vec<(u64, Time)>,
     /// Subscribers live at every receipt (the checker's lower bound of who is owed).
     owed: BTreeSet<ClientId>,
     ack: Option<Ack>,
@@ -282,8 +283,7 @@ impl KeyState {
     fn unseen() -> KeyState {
         KeyState {
             versions: Vec::new(),
-            first_now: Time::MAX,
-            last_now: Time::ZERO,
+            receipts: Vec::new(),
             owed: BTreeSet::new(),
             ack: None,
             emitted: None,
@@ -294,8 +294,9 @@ impl KeyState {
 
 #[derive(Debug, Default)]
 struct Sub {
-    /// Requests received by the broker: (its clock, requested expiry).
-    requests: Vec<(Time, Time)>,
+    /// Requests received by the broker: (place in the history, its clock,
+    /// requested expiry).
+    requests: Vec<(u64, Time, Time)>,
     /// Latest confirmed expiry (broker clock).
     until: Option<Time>,
 }
@@ -414,6 +415,8 @@ pub struct Checker {
     waiting_since_ms: BTreeMap<ClientId, u64>,
     healed_ms: Option<u64>,
     quiescent_ms: Option<u64>,
+    /// Events observed so far: each event's place in the history.
+    seq: u64,
     coverage: BTreeMap<&'static str, u64>,
     account: Account,
     violations: Vec<Violation>,
@@ -475,6 +478,7 @@ impl Checker {
             waiting_since_ms: BTreeMap::new(),
             healed_ms: None,
             quiescent_ms: None,
+            seq: 0,
             coverage: COVERAGE.iter().map(|k| (*k, 0)).collect(),
             account: Account::default(),
             violations: Vec::new(),
@@ -553,6 +557,7 @@ impl Checker {
 
     /// Takes one event of the history.
     pub fn observe(&mut self, at_ms: u64, event: Event<'_>) {
+        self.seq += 1;
         match event {
             Event::SubscribeReceived {
                 client,
@@ -561,8 +566,8 @@ impl Checker {
                 now,
             } => {
                 let sub = self.subs.entry((topic.clone(), client.clone())).or_default();
-                if sub.requests.last() != Some(&(now, expire)) {
-                    sub.requests.push((now, expire));
+                if sub.requests.last().is_none_or(|&(_, n, e)| (n, e) != (now, expire)) {
+                    sub.requests.push((self.seq, now, expire));
                 }
             }
             Event::Subscribed { client, topic, until } => {
@@ -894,8 +899,9 @@ impl Checker {
         } else {
             ks.owed.retain(|c| live.contains(c));
         }
-        ks.first_now = ks.first_now.min(now);
-        ks.last_now = ks.last_now.max(now);
+        if ks.receipts.len() < 64 {
+            ks.receipts.push((self.seq, now));
+        }
         if ks.versions.len() < 64 && !ks.versions.contains(publish) {
             ks.versions.push(publish.clone());
         }
@@ -992,16 +998,18 @@ impl Checker {
         }
     }
 
-    /// Whether `client` may receive a message of `topic` stored at one of the
-    /// receipts in `[first, last]` (broker clock): some subscription request
-    /// received by then, live (or in its grace) at a receipt.
-    fn entitled(&self, client: &ClientId, topic: &Topic, first: Time, last: Time) -> bool {
+    /// Whether `client` may receive a message of `topic` stored at one of
+    /// `receipts`: some subscription request received before a receipt and
+    /// live (or in its grace) on the broker's clock at that receipt.
+    fn entitled(&self, client: &ClientId, topic: &Topic, receipts: &[(u64, Time)]) -> bool {
         let Some(sub) = self.subs.get(&(topic.clone(), client.clone())) else {
             return false;
         };
-        sub.requests
-            .iter()
-            .any(|(at, expire)| *at <= last && expire.plus(self.spec.grace) > (*at).max(first))
+        sub.requests.iter().any(|&(seq, _, expire)| {
+            receipts
+                .iter()
+                .any(|&(r_seq, now)| seq < r_seq && expire.plus(self.spec.grace) > now)
+        })
     }
 
     fn callback_sent(&mut self, at_ms: u64, cb: &sagamq::broker::Callback, now: Time) {
@@ -1058,7 +1066,7 @@ impl Checker {
             );
             found.push(Violation::safety("fidelity", detail, at_ms));
         }
-        if !self.entitled(client, &message.topic, ks.first_now, ks.last_now) {
+        if !self.entitled(client, &message.topic, &ks.receipts) {
             self.account.unexpected += 1;
             let detail = format!(
                 "{client} got {key} on topic {} but had no live subscription to it when the message was stored",

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// Every fault kind the simulator injects, in report order.
-pub const FAULT_KINDS: [&str; 15] = [
+pub const FAULT_KINDS: [&str; 20] = [
     "drop",
     "ack_lost",
     "duplicate",
@@ -30,6 +30,11 @@ pub const FAULT_KINDS: [&str; 15] = [
     "garbage_tail",
     "bit_flip",
     "pause",
+    "one_way",
+    "sync_error",
+    "disk_full",
+    "sync_stall",
+    "clock_step",
 ];
 
 pub use crate::topology::{FAULTY_NODES, NODES};
@@ -82,6 +87,27 @@ pub enum Fault {
     /// human answering a page hours later), not when the faults heal: until
     /// then, a dead-lettered message is lost to whoever waits for it.
     SlowOperator,
+    /// Messages from `from` to `to` are lost from `at_ms` for `for_ms`; the
+    /// other direction works (an asymmetric partition: a half-broken NIC, a
+    /// firewall rule on one side). `from` hears `to` but cannot answer it.
+    OneWay { at_ms: u32, for_ms: u32, from: u8, to: u8 },
+    /// The first disk sync of `node` due at or after `at_ms` fails (EIO). The
+    /// bytes it was flushing never reach the disk, though the process still
+    /// reads them from its page cache (a later sync does not retry them:
+    /// "fsyncgate"). The shipped driver fail-stops: the node dies at once and
+    /// restarts after `down_ms`, recovering what is durable.
+    SyncError { node: u8, at_ms: u32, down_ms: u32 },
+    /// The disk of `node` is full from `at_ms` for `for_ms`: an append fails
+    /// (ENOSPC). The shipped driver fail-stops and restarts after 100 ms;
+    /// while the disk stays full, the next write fails again.
+    DiskFull { node: u8, at_ms: u32, for_ms: u32 },
+    /// The disk of `node` stalls from `at_ms` for `for_ms`: a sync in that
+    /// window completes only when it ends (a device timing out and retrying).
+    SyncStall { node: u8, at_ms: u32, for_ms: u32 },
+    /// At the first restart of `node`, its clock is stepped back `back_ms`
+    /// (an NTP step after a reboot): times it recorded before the crash lie
+    /// in its future.
+    ClockStep { node: u8, back_ms: u32 },
 }
 
 impl Fault {
@@ -98,6 +124,11 @@ impl Fault {
             Fault::BitFlip { .. } => "bit_flip",
             Fault::Pause { .. } => "pause",
             Fault::SlowOperator => "slow_operator",
+            Fault::OneWay { .. } => "one_way",
+            Fault::SyncError { .. } => "sync_error",
+            Fault::DiskFull { .. } => "disk_full",
+            Fault::SyncStall { .. } => "sync_stall",
+            Fault::ClockStep { .. } => "clock_step",
         }
     }
 }
@@ -166,6 +197,35 @@ impl Fault {
             Fault::SlowOperator => write!(f, "the operator redrives dead letters only after the liveness verdict"),
             Fault::Pause { at_ms, for_ms, node } => {
                 write!(f, "pause {} at {at_ms}ms for {for_ms}ms", name(*node))
+            }
+            Fault::OneWay {
+                at_ms,
+                for_ms,
+                from,
+                to,
+            } => write!(
+                f,
+                "one-way partition {}->{} at {at_ms}ms for {for_ms}ms",
+                name(*from),
+                name(*to)
+            ),
+            Fault::SyncError { node, at_ms, down_ms } => write!(
+                f,
+                "disk sync of {} fails (EIO) at or after {at_ms}ms; fail-stop, down {down_ms}ms",
+                name(*node)
+            ),
+            Fault::DiskFull { node, at_ms, for_ms } => {
+                write!(f, "disk of {} full at {at_ms}ms for {for_ms}ms", name(*node))
+            }
+            Fault::SyncStall { node, at_ms, for_ms } => {
+                write!(f, "disk of {} stalls syncs at {at_ms}ms for {for_ms}ms", name(*node))
+            }
+            Fault::ClockStep { node, back_ms } => {
+                write!(
+                    f,
+                    "clock of {} stepped back {back_ms}ms at its first restart",
+                    name(*node)
+                )
             }
         }
     }
@@ -539,6 +599,7 @@ impl FaultPlan {
                 node,
             });
         }
+        plan.faults.extend(environment_faults(seed, shape, &plan));
         plan
     }
 
@@ -633,7 +694,12 @@ impl FaultPlan {
                 | Fault::Crash { .. }
                 | Fault::ClockSkew { .. }
                 | Fault::SlowOperator
-                | Fault::Pause { .. } => {}
+                | Fault::Pause { .. }
+                | Fault::OneWay { .. }
+                | Fault::SyncError { .. }
+                | Fault::DiskFull { .. }
+                | Fault::SyncStall { .. }
+                | Fault::ClockStep { .. } => {}
             }
         }
         ix
@@ -645,6 +711,87 @@ impl FaultPlan {
         p.faults.remove(i);
         p
     }
+}
+
+/// Faults of the environment a deployment meets beyond the network and
+/// crashes: a one-way partition, a failing, full or stalling disk, a clock
+/// stepped back across a restart. Each from a stream of its own, so every
+/// other draw of a seed is unchanged; each in about a fifth of the seeds,
+/// inside the chaos phase.
+fn environment_faults(seed: u64, shape: &PlanShape, plan: &FaultPlan) -> Vec<Fault> {
+    let mut out = Vec::new();
+    let chaos = u64::from(shape.chaos_ms);
+    let faulty = &shape.faulty_nodes;
+    let pick = |rng: &mut Rng| faulty[rng.below(faulty.len() as u64) as usize];
+    let mut one_way = Rng::new(seed ^ 0x0E3A_7000_0000_0000);
+    if one_way.chance(200_000) {
+        let from = pick(&mut one_way);
+        let mut to = pick(&mut one_way);
+        if to == from {
+            to = crate::topology::BROKER as u8;
+        }
+        if to == from {
+            to = faulty[0];
+        }
+        out.push(Fault::OneWay {
+            at_ms: one_way.below(chaos) as u32,
+            for_ms: one_way.range_inclusive(100, 2_000) as u32,
+            from,
+            to,
+        });
+    }
+    let mut sync = Rng::new(seed ^ 0xE10E_5C00_0000_0000);
+    if sync.chance(200_000) {
+        out.push(Fault::SyncError {
+            node: pick(&mut sync),
+            at_ms: sync.below(chaos) as u32,
+            down_ms: sync.range_inclusive(10, 1_000) as u32,
+        });
+    }
+    let mut full = Rng::new(seed ^ 0xF0E1_0000_0000_0000);
+    if full.chance(200_000) {
+        let at_ms = full.below(chaos);
+        out.push(Fault::DiskFull {
+            node: pick(&mut full),
+            at_ms: at_ms as u32,
+            for_ms: full.range_inclusive(50, 1_500).min(chaos - at_ms) as u32,
+        });
+    }
+    let mut stall = Rng::new(seed ^ 0x57A1_1000_0000_0000);
+    if stall.chance(200_000) {
+        let at_ms = stall.below(chaos);
+        out.push(Fault::SyncStall {
+            node: pick(&mut stall),
+            at_ms: at_ms as u32,
+            for_ms: stall.range_inclusive(100, 2_000).min(chaos - at_ms) as u32,
+        });
+    }
+    // A step back only matters to a node that restarts; a short subscription
+    // TTL without skewed clocks (0.3-1 s) would expire on arrival from a
+    // stepped-back subscriber, so those seeds step at most 100 ms.
+    let mut step = Rng::new(seed ^ 0xC10C_5000_0000_0000);
+    let restarts: Vec<u8> = plan
+        .faults
+        .iter()
+        .filter_map(|f| match f {
+            Fault::Crash { node, .. } => Some(*node),
+            _ => None,
+        })
+        .chain(out.iter().filter_map(|f| match f {
+            Fault::SyncError { node, .. } | Fault::DiskFull { node, .. } => Some(*node),
+            _ => None,
+        }))
+        .collect();
+    if !restarts.is_empty() && step.chance(400_000) {
+        let node = restarts[step.below(restarts.len() as u64) as usize];
+        let short_ttl = plan.profile.subscription_ttl_ms.is_some() && !plan.profile.clock_skew;
+        let back_max = if short_ttl { 100 } else { 2_000 };
+        out.push(Fault::ClockStep {
+            node,
+            back_ms: step.range_inclusive(1, back_max) as u32,
+        });
+    }
+    out
 }
 
 impl FaultPlan {
@@ -705,7 +852,8 @@ mod tests {
         let mut calm = 0;
         for s in 0..200 {
             let p = FaultPlan::from_seed(s, &shape());
-            if p.faults.len() < 5 {
+            // Calm: a handful of faults at most, the environment's included.
+            if p.faults.len() < 8 {
                 calm += 1;
             }
             kinds.extend(p.faults.iter().map(|f| f.kind()));

@@ -38,6 +38,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 const TAG: u64 = 7;
+/// A node that fail-stopped on a full disk restarts after this long (a
+/// supervisor's restart delay); while the disk stays full it fails again.
+const DISK_FULL_RESTART_MS: u32 = 100;
+
 /// A disk sync takes this long; writes issued meanwhile share it (group commit).
 const SYNC_LATENCY: Duration = Duration::from_micros(500);
 /// How long a torn-write crash waits for its node to start a write.
@@ -123,6 +127,69 @@ pub struct Shared {
     liveness_bound_ms: u64,
     /// A paused node handles nothing until this (elapsed ns).
     paused_until_ns: [Option<u64>; NODES.len()],
+    /// Which nodes are down (crashed, not yet restarted), and how often each crashed.
+    down: [bool; NODES.len()],
+    crashes: [u32; NODES.len()],
+    /// The plan's disk and clock faults, by node.
+    env: EnvFaults,
+    /// A node whose disk failed asks here to die (fail-stop) and be restarted
+    /// after the given ms.
+    fail_stop: Option<async_channel::Sender<(usize, u32)>>,
+}
+
+/// The plan's disk and clock faults in the form the driver checks them.
+#[derive(Clone, Debug, Default)]
+struct EnvFaults {
+    /// node -> (the first sync due at or after this elapsed ns fails, down ms).
+    sync_error: BTreeMap<usize, (u64, u32)>,
+    /// (node, from, until) in elapsed ns: appends fail.
+    disk_full: Vec<(usize, u64, u64)>,
+    /// (node, from, until) in elapsed ns: syncs complete only at `until`.
+    sync_stall: Vec<(usize, u64, u64)>,
+    /// node -> ms its clock steps back at its next restart (once).
+    clock_step_ms: BTreeMap<usize, u32>,
+}
+
+impl EnvFaults {
+    fn from_plan(plan: &FaultPlan) -> EnvFaults {
+        let ns = |ms: u32| u64::from(ms) * 1_000_000;
+        let mut env = EnvFaults::default();
+        for f in &plan.faults {
+            match *f {
+                Fault::SyncError { node, at_ms, down_ms } => {
+                    env.sync_error.insert(usize::from(node), (ns(at_ms), down_ms));
+                }
+                Fault::DiskFull { node, at_ms, for_ms } => {
+                    env.disk_full
+                        .push((usize::from(node), ns(at_ms), ns(at_ms.saturating_add(for_ms))));
+                }
+                Fault::SyncStall { node, at_ms, for_ms } => {
+                    env.sync_stall
+                        .push((usize::from(node), ns(at_ms), ns(at_ms.saturating_add(for_ms))));
+                }
+                Fault::ClockStep { node, back_ms } => {
+                    env.clock_step_ms.insert(usize::from(node), back_ms);
+                }
+                _ => {}
+            }
+        }
+        env
+    }
+
+    /// Whether an append by node `i` at elapsed `t` fails (a full disk).
+    fn full(&self, i: usize, t: u64) -> bool {
+        self.disk_full
+            .iter()
+            .any(|&(n, from, until)| n == i && (from..until).contains(&t))
+    }
+
+    /// When a sync of node `i` due at elapsed `t` can complete (a stall holds it).
+    fn stalled_until(&self, i: usize, t: u64) -> Option<u64> {
+        self.sync_stall
+            .iter()
+            .find(|&&(n, from, until)| n == i && (from..until).contains(&t))
+            .map(|&(_, _, until)| until)
+    }
 }
 
 impl Shared {
@@ -246,6 +313,10 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         broker_backlog: 0,
         liveness_bound_ms: 0,
         paused_until_ns: [None; NODES.len()],
+        down: [false; NODES.len()],
+        crashes: [0; NODES.len()],
+        env: EnvFaults::from_plan(plan),
+        fail_stop: None,
         cfg: cfg.clone(),
         seed,
         def,
@@ -319,15 +390,23 @@ async fn chaos_phase(
                 events.push((at_ms.saturating_add(down_ms).min(cfg.chaos_ms), k, true));
             }
             Fault::Pause { at_ms, .. } => events.push((at_ms, k, false)),
+            Fault::OneWay { at_ms, for_ms, .. } => {
+                events.push((at_ms, k, false));
+                events.push((at_ms.saturating_add(for_ms).min(cfg.chaos_ms), k, true));
+            }
             _ => {}
         }
     }
     events.sort();
-    let mut down = [false; NODES.len()];
+    let (fail_tx, fail_rx) = async_channel::unbounded();
+    lock(world).fail_stop = Some(fail_tx);
+    madsim::task::spawn(fail_stops(world.clone(), nodes.to_vec(), fail_rx));
     for (at_ms, k, is_end) in events {
         sleep_until_ms(world, u64::from(at_ms)).await;
+        let down = lock(world).down;
         match plan.faults[k] {
             Fault::Partition { a, b, .. } => partition(world, plan, nodes, k, a, b, is_end),
+            Fault::OneWay { from, to, .. } => one_way(world, plan, nodes, k, from, to, is_end),
             Fault::Pause { at_ms, for_ms, node } => {
                 let n = usize::from(node);
                 let mut s = lock(world);
@@ -357,17 +436,82 @@ async fn chaos_phase(
                         lock(world).torn_armed[n] = false;
                     }
                     crash(world, &Handle::current(), nodes, n, torn_keep, tail);
-                    down[n] = true;
                 } else if is_end && down[n] {
                     restart(world, &Handle::current(), nodes, n);
-                    down[n] = false;
                 }
             }
             _ => {}
         }
     }
     sleep_until_ms(world, u64::from(cfg.chaos_ms)).await;
-    down
+    lock(world).down
+}
+
+/// Nodes whose disk failed die here (fail-stop: the driver may not know what
+/// reached the disk, so it keeps nothing in memory) and restart after their
+/// delay, unless something else restarted or crashed them meanwhile.
+async fn fail_stops(world: World, nodes: Vec<NodeHandle>, rx: async_channel::Receiver<(usize, u32)>) {
+    while let Ok((n, down_ms)) = rx.recv().await {
+        if lock(&world).down[n] {
+            continue;
+        }
+        crash(&world, &Handle::current(), &nodes, n, None, None);
+        let incarnation = lock(&world).crashes[n];
+        let w = world.clone();
+        let nodes = nodes.clone();
+        madsim::task::spawn(async move {
+            madsim::time::sleep(Duration::from_millis(u64::from(down_ms))).await;
+            let (down, crashes) = {
+                let s = lock(&w);
+                (s.down[n], s.crashes[n])
+            };
+            if down && crashes == incarnation {
+                restart(&w, &Handle::current(), &nodes, n);
+            }
+        });
+    }
+}
+
+/// Cuts (or, `is_end`, heals) the one-way partition fault `k`: `from` can no
+/// longer reach `to`; `to` still reaches `from`.
+fn one_way(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, from: u8, to: u8, is_end: bool) {
+    let net = NetSim::current();
+    let (a, b) = (usize::from(from), usize::from(to));
+    if is_end {
+        net.unclog_link(nodes[a].id(), nodes[b].id());
+    } else {
+        net.clog_link(nodes[a].id(), nodes[b].id());
+    }
+    let mut s = lock(world);
+    if !is_end {
+        s.fired("one_way");
+    }
+    let f = plan.faults[k].describe(s.cfg.custom.as_ref().map(|c| c.client_id()));
+    s.event(|| {
+        let text = f.clone();
+        if is_end {
+            What::PartitionHeal {
+                id: k,
+                a,
+                b: Some(b),
+                text,
+            }
+        } else {
+            What::PartitionStart {
+                id: k,
+                a,
+                b: Some(b),
+                text,
+            }
+        }
+    });
+    s.line(a, || {
+        if is_end {
+            format!("heal: {f}")
+        } else {
+            format!("fault: {f}")
+        }
+    });
 }
 
 /// Cuts (or, `is_end`, heals) partition fault `k` between `a` and `b` (None: everyone).
@@ -426,6 +570,7 @@ async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[N
             "heal: faults off, partitions healed, crashed nodes restarted".to_string()
         });
         judge_safety(&mut s, cfg.chaos_ms.into());
+        probe_power_cut(&mut s, "at the heal");
         s.observe(Event::Healed);
     }
     for x in 0..NODES.len() {
@@ -435,8 +580,10 @@ async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[N
             }
         }
     }
-    for (n, was_down) in down.iter().enumerate() {
-        if *was_down {
+    // Down now (a fail-stopped node may have restarted since the chaos ended).
+    let down_now = lock(world).down;
+    for (n, was_down) in down.iter().zip(down_now).enumerate().map(|(n, (a, b))| (n, *a || b)) {
+        if was_down && lock(world).down[n] {
             restart(world, &handle, nodes, n);
         }
     }
@@ -461,6 +608,7 @@ fn finish(world: &World, seed: u64) -> RunResult {
     let mut s = lock(world);
     let sim_ms = s.elapsed_ns() / 1_000_000;
     judge_safety(&mut s, sim_ms);
+    probe_power_cut(&mut s, "at the end");
     judge_liveness(&mut s, sim_ms);
     judge_custom_final(&mut s, sim_ms);
     final_state_lines(&mut s);
@@ -676,8 +824,11 @@ async fn monitor(world: World) {
         let mut s = lock(&world);
         let at_ms = s.elapsed_ns() / 1_000_000;
         let now = s.now(BROKER);
-        // A paused broker is as good as saturated for the progress bound.
-        let paused = s.paused_until_ns[BROKER].is_some_and(|until| until > s.elapsed_ns());
+        // A paused broker, or one whose disk stalls, is as good as saturated
+        // for the progress bound.
+        let t = s.elapsed_ns();
+        let paused = s.paused_until_ns[BROKER].is_some_and(|until| until > t)
+            || (s.chaos && s.env.stalled_until(BROKER, t).is_some());
         let backlog = if paused { 1 } else { s.broker_backlog };
         let Shared { check, slots, .. } = &mut *s;
         if let Slot::Broker(b) = &slots[BROKER] {
@@ -758,6 +909,8 @@ fn crash(
 ) {
     handle.kill(nodes[n].id());
     let mut s = lock(world);
+    s.down[n] = true;
+    s.crashes[n] += 1;
     // Judge the state the crash is about to erase (a node that keeps effects
     // only in memory would otherwise hide them by forgetting).
     let at_ms = s.elapsed_ns() / 1_000_000;
@@ -852,9 +1005,66 @@ fn probe_dedup(s: &mut Shared) {
     if image.is_empty() {
         return;
     }
-    let Ok((mut b, _)) = Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) else {
+    let Ok((b, _)) = Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) else {
         return; // a refusal is the recovery invariant's business
     };
+    s.check.count("dedup_probe");
+    if let Some(wrong) = retries_answered_wrongly(s, b) {
+        let detail = format!("after the broker's crash, {wrong}: its dedup key was lost");
+        let at = s.elapsed_ns() / 1_000_000;
+        s.check.violation(Violation::safety("dedup", detail, at));
+    }
+}
+
+/// The power-cut probe, at the heal and at the end: what a power cut at this
+/// instant would leave on each node's disk (its durable bytes, not what the
+/// process reads from its page cache) must recover, and the broker recovered
+/// from it must know every publish it acknowledged. A driver that acknowledges
+/// what is not durable (a write still in flight, or one whose fsync failed)
+/// fails here without waiting for a crash to land at the wrong moment.
+fn probe_power_cut(s: &mut Shared, when: &str) {
+    let at = s.elapsed_ns() / 1_000_000;
+    for i in 0..NODES.len() {
+        if matches!(s.slots[i], Slot::Absent) || i == WORKLOAD {
+            continue;
+        }
+        let image = s.disks[i].durable().to_vec();
+        if i == BROKER {
+            if image.is_empty() {
+                if let Some((p, m)) = s.check.acknowledged().first() {
+                    let detail = format!(
+                        "{when}, a power cut would leave the broker an empty log, yet it acknowledged {} as {m}",
+                        p.key()
+                    );
+                    s.check.violation(Violation::safety("power-cut-probe", detail, at));
+                }
+                continue;
+            }
+            match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) {
+                Err(e) => {
+                    let detail = format!("{when}, a power cut would leave the broker a log it refuses: {e}");
+                    s.check.violation(Violation::safety("power-cut-probe", detail, at));
+                }
+                Ok((b, _)) => {
+                    if let Some(wrong) = retries_answered_wrongly(s, b) {
+                        let detail = format!("{when}, after a power cut {wrong}: acknowledged but not durable");
+                        s.check.violation(Violation::safety("power-cut-probe", detail, at));
+                    }
+                }
+            }
+        } else if !image.is_empty()
+            && let Err(e) = recover_copy(s, i, &image)
+        {
+            let detail = format!("{when}, a power cut would leave {} a log it refuses: {e}", s.names[i]);
+            s.check.violation(Violation::safety("power-cut-probe", detail, at));
+        }
+    }
+}
+
+/// Retries every acknowledged publish against `b` (a recovered broker, on
+/// the side): the first one not answered as a duplicate with its original
+/// id, described; None when all are.
+fn retries_answered_wrongly(s: &Shared, mut b: Broker) -> Option<String> {
     let now = s.now(BROKER);
     let mut wrong = None;
     for (k, (publish, msg_id)) in s.check.acknowledged().into_iter().enumerate() {
@@ -880,17 +1090,13 @@ fn probe_dedup(s: &mut Shared) {
                     Some(reply) => format!("answered {reply:?}"),
                 };
                 wrong = Some(format!(
-                    "after the broker's crash, a retry of {key} (acknowledged as {msg_id}) was {answer} by the recovered broker: its dedup key was lost"
+                    "a retry of {key} (acknowledged as {msg_id}) was {answer} by the recovered broker"
                 ));
                 break;
             }
         }
     }
-    s.check.count("dedup_probe");
-    if let Some(detail) = wrong {
-        let at = s.elapsed_ns() / 1_000_000;
-        s.check.violation(Violation::safety("dedup", detail, at));
-    }
+    wrong
 }
 
 /// The recovery probe (see [`Fault::BitFlip`]): the node's own recovery on a
@@ -949,6 +1155,16 @@ fn restart(world: &World, handle: &Handle, nodes: &[NodeHandle], n: usize) {
     s.event(|| What::Restart { node: n });
     s.line(n, || "restart".to_string());
     s.paused_until_ns[n] = None; // a restart ends a pause
+    s.down[n] = false;
+    if let Some(back_ms) = s.env.clock_step_ms.remove(&n) {
+        // The clock reads `back_ms` earlier from now on (kept in the skew so
+        // every reading and wake-up of the node agrees).
+        s.skews[n].offset_ms = s.skews[n]
+            .offset_ms
+            .saturating_sub(i32::try_from(back_ms).unwrap_or(i32::MAX));
+        s.fired("clock_step");
+        s.line(n, || format!("fault: clock stepped back {back_ms}ms"));
+    }
     drop(s);
     handle.restart(nodes[n].id());
 }
@@ -1070,6 +1286,8 @@ struct Driver {
     /// A torn-write crash is armed and this step began a write: signal it once
     /// the step's messages are sent.
     torn_after_step: bool,
+    /// The disk failed: this incarnation does nothing more (fail-stop).
+    failed: bool,
 }
 
 enum Pending {
@@ -1123,7 +1341,9 @@ async fn node_main(world: World, i: usize) {
                     // now: under a backlog the inbox is never empty, and a broker
                     // at its unsynced bound would otherwise refuse forever.
                     complete_sync(&mut s, &mut drv, i, now);
-                    on_wire(&mut s, &mut drv, i, now, from, seq, wire);
+                    if !drv.failed {
+                        on_wire(&mut s, &mut drv, i, now, from, seq, wire);
+                    }
                 }
                 Some(Inbound::Redrive(client)) => {
                     if let Slot::Broker(b) = &mut s.slots[i] {
@@ -1150,9 +1370,15 @@ async fn node_main(world: World, i: usize) {
                 }
                 None => on_timer(&mut s, &mut drv, i, now),
             }
-            drain(&mut s, &mut drv, i);
+            if !drv.failed {
+                drain(&mut s, &mut drv, i);
+            }
             std::mem::take(&mut drv.outgoing)
         };
+        if drv.failed {
+            // Fail-stop: this incarnation waits to be killed and restarted.
+            std::future::pending::<()>().await;
+        }
         for (dst, wire) in out {
             send(&world, &ep, i, dst, wire).await;
         }
@@ -1238,9 +1464,38 @@ fn poll_timeout(slot: &Slot) -> Option<Time> {
 /// Completes the disk sync in progress if it is due: the device finishing a
 /// write, which never waits behind the node's inbox.
 fn complete_sync(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
-    if drv.sync_due_ns.is_some_and(|due| due <= s.elapsed_ns()) {
+    let t = s.elapsed_ns();
+    if drv.sync_due_ns.is_some_and(|due| due <= t) {
+        if s.chaos
+            && let Some(until) = s.env.stalled_until(i, t)
+        {
+            // The device holds the sync until the stall ends.
+            drv.sync_due_ns = Some(until);
+            s.fired("sync_stall");
+            s.line(i, || format!("fault: disk sync stalls until {}ms", until / 1_000_000));
+            return;
+        }
         drv.sync_due_ns = None;
-        s.disks[i].sync();
+        if s.chaos
+            && let Some(&(at, down_ms)) = s.env.sync_error.get(&i)
+            && at <= t
+        {
+            s.env.sync_error.remove(&i);
+            let lost = s.disks[i].sync_failed();
+            s.fired("sync_error");
+            s.line(i, || {
+                format!(
+                    "fault: disk sync failed (EIO){}",
+                    if lost { ", its bytes lost" } else { "" }
+                )
+            });
+            if !(i == BROKER && crate::bugs::broker_ignores_sync_error(s.cfg.bug)) {
+                fail_stop(s, drv, i, down_ms);
+                return;
+            }
+        } else {
+            s.disks[i].sync();
+        }
         if let Some(lsn) = drv.lsn_written.take() {
             drv.lsn_durable = Some(lsn);
             match &mut s.slots[i] {
@@ -1252,8 +1507,22 @@ fn complete_sync(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
     }
 }
 
+/// The shipped reaction to a disk error: the process dies at once (nothing
+/// more is sent, nothing reported durable) and restarts after `down_ms`,
+/// recovering from what reached the disk.
+fn fail_stop(s: &mut Shared, drv: &mut Driver, i: usize, down_ms: u32) {
+    drv.failed = true;
+    drv.outgoing.clear();
+    if let Some(tx) = &s.fail_stop {
+        let _ = tx.try_send((i, down_ms));
+    }
+}
+
 fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
     complete_sync(s, drv, i, now);
+    if drv.failed {
+        return;
+    }
     if i == WORKLOAD && !matches!(&s.slots[i], Slot::Workload(w) if w.started()) {
         let ready = s.slots.iter().all(|slot| match slot {
             Slot::Participant(p) => p.ready(),
@@ -1403,6 +1672,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
 /// Moves the machine's outputs to the disk, the checker and the outgoing queue.
 fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
+    let mut disk_full = false;
     let now = s.now(i);
     loop {
         let Shared {
@@ -1413,9 +1683,13 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             trace,
             start,
             names,
+            env,
+            chaos,
             ..
         } = &mut *s;
         let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
+        // An append to a full disk fails (ENOSPC): the process dies with it.
+        let full = *chaos && env.full(i, t);
         match &mut slots[i] {
             Slot::Down | Slot::Absent => break,
             Slot::Broker(b) => {
@@ -1425,6 +1699,10 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     trace.line(t, &names[i], || text);
                 }
                 match out {
+                    BrokerOutput::Persist { .. } | BrokerOutput::Rewrite { .. } if full => {
+                        disk_full = true;
+                        break;
+                    }
                     BrokerOutput::Persist { lsn, frames } => {
                         disks[i].append(&frames);
                         drv.lsn_written = Some(lsn);
@@ -1487,6 +1765,10 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     trace.line(t, &names[i], || text);
                 }
                 match out {
+                    ParticipantOutput::Persist { .. } if full => {
+                        disk_full = true;
+                        break;
+                    }
                     ParticipantOutput::Persist { lsn, frames } => {
                         disks[i].append(&frames);
                         drv.lsn_written = Some(lsn);
@@ -1546,6 +1828,12 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                 drv.outgoing.push((ORDER, Wire::CreateOrder { spec }));
             }
         }
+    }
+    if disk_full {
+        s.fired("disk_full");
+        s.line(i, || "fault: disk full (ENOSPC): the write failed".to_string());
+        fail_stop(s, drv, i, DISK_FULL_RESTART_MS);
+        return;
     }
     if wrote && s.torn_armed[i] {
         s.torn_armed[i] = false;

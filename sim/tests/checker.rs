@@ -525,3 +525,87 @@ fn redelivery_after_a_redrive_is_fine_even_with_a_late_2xx_of_an_older_attempt()
     sent(&mut c, 22, t::STOCK_SERVICE, &m, 4);
     assert_eq!(c.violations(), &[]);
 }
+
+/// Stock subscribes (broker clock 5 s, until 10 s); the broker crashes and
+/// its clock comes back stepped back to 2 s; `created` arrives then.
+fn created_after_a_clock_step(subscribe_first: bool) -> Checker {
+    let mut c = Checker::new(spec());
+    let (client, topic) = (ClientId::lit(t::STOCK_SERVICE), Topic::lit(t::SALE_ORDER_CREATED));
+    let subscribe = |c: &mut Checker, at_ms: u64, now_ms: u64| {
+        let expire = Time::from_millis(10_000);
+        c.observe(
+            at_ms,
+            Event::SubscribeReceived {
+                client: &client,
+                topic: &topic,
+                expire,
+                now: Time::from_millis(now_ms),
+            },
+        );
+        c.observe(
+            at_ms,
+            Event::Subscribed {
+                client: &client,
+                topic: &topic,
+                until: expire,
+            },
+        );
+    };
+    if subscribe_first {
+        subscribe(&mut c, 5_000, 5_000);
+    }
+    let p = publish("o1.created", t::SALE_ORDER_CREATED, ORDER_JSON, t::ORDER_SERVICE);
+    c.observe(6_000, Event::Crashed { node: 0 });
+    c.observe(
+        6_500,
+        Event::Booted {
+            node: 0,
+            records: 1,
+            torn_bytes: 0,
+        },
+    );
+    // The broker's clock now reads 3.5 s less than the history's.
+    c.observe(
+        7_000,
+        Event::PublishReceived {
+            publish: &p,
+            now: Time::from_millis(3_500),
+        },
+    );
+    let reply = Reply::Published {
+        msg_id: MsgId(1),
+        duplicate: false,
+    };
+    c.observe(
+        7_001,
+        Event::PublishAnswered {
+            key: &p.key(),
+            reply: &reply,
+        },
+    );
+    if !subscribe_first {
+        // Received after the message was stored (broker time 4 s).
+        subscribe(&mut c, 8_000, 4_000);
+    }
+    let m = message(&p, 1);
+    sent(&mut c, 9_000, t::STOCK_SERVICE, &m, 1);
+    c
+}
+
+#[test]
+fn entitlement_survives_a_broker_clock_stepped_back() {
+    // Subscribed at broker time 5 s, the message stored at broker time 3.5 s
+    // after the step: entitled (the subscription came first in the history
+    // and is live on the broker's clock at the receipt).
+    let c = created_after_a_clock_step(true);
+    assert_eq!(c.violations(), &[]);
+}
+
+#[test]
+fn entitlement_a_subscription_that_came_after_the_message_was_stored() {
+    // Judged by the history's order, a subscription that arrives after the
+    // receipt does not entitle, even though it is live on the broker's clock
+    // at the receipt's 3.5 s (it asks until 10 s).
+    let c = created_after_a_clock_step(false);
+    assert_eq!(first(&c), Some("entitlement"));
+}

@@ -48,6 +48,9 @@ pub struct MemDisk {
     /// Content that survives a crash.
     durable: Vec<u8>,
     agree_len: usize,
+    /// Ranges whose sync failed: the durable image holds zeros there however
+    /// often the running process syncs again (see [`MemDisk::sync_failed`]).
+    lost: Vec<std::ops::Range<usize>>,
     pub syncs: u64,
 }
 
@@ -61,6 +64,24 @@ impl MemDisk {
         self.current.truncate(self.agree_len);
         self.current.extend_from_slice(&self.durable[self.agree_len..]);
         self.agree_len = self.current.len();
+        self.lost.clear();
+    }
+
+    /// Simulates a sync that failed (EIO) during an append: the blocks the
+    /// file grew by reached the disk as zeros, the data never did. The running
+    /// process still reads its bytes (the page cache), and a later sync does
+    /// not write them again (Linux marks the failed pages clean, "fsyncgate"):
+    /// a process that carries on after the failure builds a log with a hole.
+    /// An unsynced `replace` is simply not done. Returns whether bytes were lost.
+    pub fn sync_failed(&mut self) -> bool {
+        if !self.appending() {
+            self.crash();
+            return false;
+        }
+        let from = self.durable.len();
+        self.durable.resize(self.current.len(), 0);
+        self.lost.push(from..self.current.len());
+        true
     }
 
     /// Whether the only unsynced change is an append (which can tear).
@@ -124,6 +145,11 @@ impl MemDisk {
         }
     }
 
+    /// The durable image (what a crash now would leave), for tests.
+    pub fn durable(&self) -> &[u8] {
+        &self.durable
+    }
+
     /// Bytes written but not yet synced.
     pub fn unsynced(&self) -> bool {
         self.agree_len != self.current.len() || self.agree_len != self.durable.len()
@@ -154,6 +180,13 @@ impl Disk for MemDisk {
         self.durable.truncate(self.agree_len);
         self.durable.extend_from_slice(&self.current[self.agree_len..]);
         self.agree_len = self.current.len();
+        for r in &self.lost {
+            let end = r.end.min(self.durable.len());
+            if r.start < end {
+                self.durable[r.start..end].fill(0);
+                self.agree_len = self.agree_len.min(r.start);
+            }
+        }
         self.syncs += 1;
     }
     fn read_all(&self) -> Vec<u8> {
@@ -163,12 +196,14 @@ impl Disk for MemDisk {
         let len = usize::try_from(len).expect("disk length fits in memory");
         self.current.truncate(len);
         self.agree_len = self.agree_len.min(len);
+        self.lost.retain(|r| r.start < len);
     }
     fn replace(&mut self, bytes: &[u8]) {
         self.current.clear();
         encode_file_header(&mut self.current);
         self.current.extend_from_slice(bytes);
         self.agree_len = 0;
+        self.lost.clear();
     }
 }
 
@@ -232,6 +267,32 @@ mod tests {
         d.sync();
         d.crash();
         assert_eq!(d.read_all(), log(b"new"));
+    }
+
+    #[test]
+    fn a_failed_sync_leaves_zeros_that_later_syncs_do_not_fill() {
+        let mut d = MemDisk::new();
+        d.append(b"aaaa");
+        d.sync();
+        d.append(b"bbbb");
+        assert!(d.sync_failed());
+        // The process still reads its bytes; the disk has zeros there.
+        assert_eq!(d.read_all(), log(b"aaaabbbb"));
+        assert_eq!(d.durable(), &log(b"aaaa\0\0\0\0")[..]);
+        // Carrying on: the next sync makes later bytes durable, not the lost ones.
+        d.append(b"cccc");
+        d.sync();
+        assert_eq!(d.durable(), &log(b"aaaa\0\0\0\0cccc")[..]);
+        d.crash();
+        assert_eq!(d.read_all(), log(b"aaaa\0\0\0\0cccc"));
+        // A fail-stop right after the failure leaves a tail of zeros only.
+        let mut d = MemDisk::new();
+        d.append(b"aaaa");
+        d.sync();
+        d.append(b"bbbb");
+        d.sync_failed();
+        d.crash();
+        assert_eq!(d.read_all(), log(b"aaaa\0\0\0\0"));
     }
 
     #[test]

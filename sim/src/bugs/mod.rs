@@ -5,8 +5,8 @@
 //! Map: [`host_flaw`] (mistakes in hosting: publish/answer/outbox relative to
 //! durability, the inbox key), [`ledger`] (stock and payment logic with one
 //! guard left out), [`naive_stock`] (the Go seed's stock service). The broker
-//! bug is a switch in the world's broker driver ([`broker_durable_early`]);
-//! the shipped broker has no such flag.
+//! bugs are switches in the world's broker driver ([`broker_durable_early`],
+//! [`broker_ignores_sync_error`]); the shipped broker has no such flag.
 //!
 //! **Invariant:** a bug changes only the node(s) it names; every other node
 //! runs the shipped code, so a failure is the bug's.
@@ -38,10 +38,11 @@ pub enum Bug {
     AckBeforeDurable,
     StrictRecovery,
     LenientRecovery,
+    AckAfterFailedSync,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 12] = [
+    pub const ALL: [Bug; 13] = [
         Bug::NaiveStock,
         Bug::NoInbox,
         Bug::PublishBeforeCommit,
@@ -54,6 +55,7 @@ impl Bug {
         Bug::AckBeforeDurable,
         Bug::StrictRecovery,
         Bug::LenientRecovery,
+        Bug::AckAfterFailedSync,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +72,7 @@ impl Bug {
             Bug::AckBeforeDurable => "ack-before-durable",
             Bug::StrictRecovery => "strict-recovery",
             Bug::LenientRecovery => "lenient-recovery",
+            Bug::AckAfterFailedSync => "ack-after-failed-sync",
         }
     }
 
@@ -109,6 +112,9 @@ impl Bug {
             Bug::LenientRecovery => {
                 "participants treat any damaged record as a torn tail and cut the log there (the version-1 habit): a flipped bit in the middle silently drops every acknowledged record after it"
             }
+            Bug::AckAfterFailedSync => {
+                "broker driver treats a failed fsync (EIO) as done and carries on: the publishes it flushed are acknowledged, though their bytes never reach the disk"
+            }
         }
     }
 }
@@ -132,6 +138,12 @@ impl FromStr for Bug {
 /// Whether the world's broker driver reports each write durable as it is written.
 pub fn broker_durable_early(bug: Option<Bug>) -> bool {
     bug == Some(Bug::AckBeforeDurable)
+}
+
+/// Whether the world's broker driver carries on after a failed sync (instead
+/// of the shipped fail-stop), reporting the write durable.
+pub fn broker_ignores_sync_error(bug: Option<Bug>) -> bool {
+    bug == Some(Bug::AckAfterFailedSync)
 }
 
 type Built = Result<(Box<dyn SimParticipant>, u64, u64), String>;
@@ -250,7 +262,7 @@ pub fn build(
             image,
         ),
         Bug::NoDeadline => (node == ORDER).then(|| boxed(Order::new(def.flow, None), config, image)),
-        Bug::AckBeforeDurable => None,
+        Bug::AckBeforeDurable | Bug::AckAfterFailedSync => None,
         Bug::LenientRecovery => match sagamq::log::decode_all(image) {
             Err(sagamq::log::LogError::CorruptMiddle { offset, .. }) if matches!(node, ORDER | STOCK | PAYMENT) => {
                 let prefix = &image[..usize::try_from(offset).expect("an offset in the image")];
