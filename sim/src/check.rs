@@ -1554,7 +1554,7 @@ impl Checker {
                 let recorded = snap.recorded.and_then(|f| f(node, key));
                 let why = match recorded {
                     Some(true) => {
-                        "its log records the effect, yet deciding the message again (on_message at Time::ZERO on the final state) would commit another change: the logic is not idempotent for it, and a redelivery the inbox has forgotten would apply it twice"
+                        "its log records the effect, yet deciding the message again (on_message on its final state) would commit another change: the logic is not idempotent for it, and a redelivery the inbox has forgotten would apply it twice"
                     }
                     Some(false) => "no record in its log consumed it: the effect was lost after the acknowledgement",
                     None => {

@@ -74,6 +74,7 @@ impl RunConfig {
             chaos_ms: self.chaos_ms,
             faulty_nodes,
             messages_max: self.scenario.messages_estimate(),
+            order_deadline: matches!(self.scenario, Scenario::Saga { .. }),
         }
     }
 }

@@ -4,7 +4,9 @@
 //! crashed, partitioned, skewed; its callbacks are dropped, duplicated, delayed).
 //!
 //! See `sim/tests/custom_participant.rs` (and the README) for a complete example:
-//! a shipping service that must ship every paid order exactly once.
+//! a shipping service that must ship every paid order exactly once; and
+//! `user-crate/`, a crate of its own with a loyalty service, its final check
+//! over the whole world, and its three realistic bugs, each caught.
 //!
 //! The node is shown by its client id (trace lanes, views, diagrams). A
 //! failing seed of a custom configuration prints the command given to
@@ -58,7 +60,11 @@ impl CustomNode {
                 (h, r.valid_len, r.records)
             };
             Ok((
-                Box::new(Checked { host, invariant }) as Box<dyn SimParticipant>,
+                Box::new(Checked {
+                    host,
+                    invariant,
+                    now: Time::ZERO,
+                }) as Box<dyn SimParticipant>,
                 valid_len,
                 records,
             ))
@@ -95,7 +101,8 @@ impl CustomNode {
     pub(crate) fn judge_final(&self, views: &Views) -> Option<Result<(), String>> {
         let check = self.final_check.as_ref()?;
         Some(match views.get(self.client_id.as_str()) {
-            Some(mine) => check(mine, views),
+            // Named like a `custom-invariant` line: whose check it is, then why.
+            Some(mine) => check(mine, views).map_err(|e| format!("{}: {e}", self.client_id)),
             None => Err(format!(
                 "{}: no final view (the node was down at the end)",
                 self.client_id
@@ -116,15 +123,21 @@ impl CustomNode {
 struct Checked<P: Participant> {
     host: ParticipantHost<P>,
     invariant: fn(&P) -> Result<(), String>,
+    /// The latest time the node's clock showed it (the host's inputs and
+    /// timers): a redelivery would arrive no earlier, so the `no-lost-effect`
+    /// judgement decides it again at this time (see [`Checked::reflects`]).
+    now: Time,
 }
 
 impl<P: Participant + Send> Machine for Checked<P> {
     type Input = ParticipantInput;
     type Output = ParticipantOutput;
     fn handle(&mut self, now: Time, input: ParticipantInput) {
+        self.now = self.now.max(now);
         self.host.handle(now, input);
     }
     fn handle_timeout(&mut self, now: Time) {
+        self.now = self.now.max(now);
         self.host.handle_timeout(now);
     }
     fn poll_output(&mut self) -> Option<ParticipantOutput> {
@@ -149,9 +162,16 @@ impl<P: Participant + Send + Sync> SimParticipant for Checked<P> {
     fn ready(&self) -> bool {
         self.host.subscribed()
     }
-    /// Remembered by the inbox, or a decision that would change nothing now.
+    /// Remembered by the inbox, or a redelivery would decide nothing new: the
+    /// `no-lost-effect` contract. The redelivery is decided at the latest
+    /// time the node has seen (a real one arrives no earlier), so a decision
+    /// that depends on `now` (a promotion that has ended, a window that has
+    /// closed) is judged as a redelivery would meet it, not at a time that
+    /// never comes again. (It was `Time::ZERO`, at which "award only before
+    /// the promotion ends" awarded again and was blamed for a lost effect.)
     fn reflects(&self, message: &sagamq::Message) -> bool {
-        self.host.consumed(&message.key()) || crate::participants::decides_nothing(self.host.logic(), message)
+        self.host.consumed(&message.key())
+            || crate::participants::decides_nothing_at(self.host.logic(), self.now, message)
     }
     fn outbox(&self) -> usize {
         self.host.outbox_len()

@@ -39,10 +39,12 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
 /// message iff deciding it again changes no state (it may publish, e.g. confirm
 /// a re-sent compensation again). Their decisions ignore `now`.
 pub fn decides_nothing<P: Participant>(logic: &P, message: &Message) -> bool {
-    !matches!(
-        logic.on_message(Time::ZERO, message),
-        Decision::Commit { change: Some(_), .. }
-    )
+    decides_nothing_at(logic, Time::ZERO, message)
+}
+
+/// Whether deciding `message` again at `now` would commit no change.
+pub fn decides_nothing_at<P: Participant>(logic: &P, now: Time, message: &Message) -> bool {
+    !matches!(logic.on_message(now, message), Decision::Commit { change: Some(_), .. })
 }
 
 /// What the checker needs from a hosted participant's logic; the host supplies

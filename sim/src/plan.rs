@@ -7,6 +7,7 @@
 //! callback answer, ...), so a plan is an explicit list and shrinking is
 //! removing entries.
 
+use sagamq::ClientId;
 use sagamq::rng::Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -136,8 +137,9 @@ fn node_name(i: u8) -> &'static str {
     NODES.get(usize::from(i)).copied().unwrap_or("?")
 }
 
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Fault {
+    /// The fault's line, naming nodes with `name`.
+    fn write(&self, f: &mut fmt::Formatter<'_>, name: &dyn Fn(u8) -> String) -> fmt::Result {
         match self {
             Fault::Drop { nth } => write!(f, "drop message #{nth}"),
             Fault::AckLost { nth } => write!(f, "lose callback answer #{nth}"),
@@ -149,12 +151,7 @@ impl fmt::Display for Fault {
                 a,
                 b: Some(b),
             } => {
-                write!(
-                    f,
-                    "partition {}<->{} at {at_ms}ms for {for_ms}ms",
-                    node_name(*a),
-                    node_name(*b)
-                )
+                write!(f, "partition {}<->{} at {at_ms}ms for {for_ms}ms", name(*a), name(*b))
             }
             Fault::Partition {
                 at_ms,
@@ -162,7 +159,7 @@ impl fmt::Display for Fault {
                 a,
                 b: None,
             } => {
-                write!(f, "isolate {} at {at_ms}ms for {for_ms}ms", node_name(*a))
+                write!(f, "isolate {} at {at_ms}ms for {for_ms}ms", name(*a))
             }
             Fault::Crash {
                 at_ms,
@@ -171,7 +168,7 @@ impl fmt::Display for Fault {
                 torn_keep,
                 tail,
             } => {
-                write!(f, "crash {} at {at_ms}ms, down {down_ms}ms", node_name(*node))?;
+                write!(f, "crash {} at {at_ms}ms, down {down_ms}ms", name(*node))?;
                 if let Some(k) = torn_keep {
                     write!(f, ", torn write keeps {k} unsynced bytes")?;
                 }
@@ -185,7 +182,7 @@ impl fmt::Display for Fault {
             Fault::BitFlip { node, where_ppm, bit } => write!(
                 f,
                 "probe: at each crash of {}, recovery of a copy with bit {bit} flipped at {:.1}% of its log",
-                node_name(*node),
+                name(*node),
                 f64::from(*where_ppm) / 10_000.0
             ),
             Fault::CallbackError { nth, hang: false } => write!(f, "callback #{nth} answered with an error"),
@@ -195,15 +192,11 @@ impl fmt::Display for Fault {
                 offset_ms,
                 drift_ppm,
             } => {
-                write!(
-                    f,
-                    "clock of {} off by {offset_ms}ms, drift {drift_ppm}ppm",
-                    node_name(*node)
-                )
+                write!(f, "clock of {} off by {offset_ms}ms, drift {drift_ppm}ppm", name(*node))
             }
             Fault::SlowOperator => write!(f, "the operator redrives dead letters only after the liveness verdict"),
             Fault::Pause { at_ms, for_ms, node } => {
-                write!(f, "pause {} at {at_ms}ms for {for_ms}ms", node_name(*node))
+                write!(f, "pause {} at {at_ms}ms for {for_ms}ms", name(*node))
             }
             Fault::OneWay {
                 at_ms,
@@ -213,32 +206,43 @@ impl fmt::Display for Fault {
             } => write!(
                 f,
                 "one-way partition {}->{} at {at_ms}ms for {for_ms}ms",
-                node_name(*from),
-                node_name(*to)
+                name(*from),
+                name(*to)
             ),
             Fault::SyncError { node, at_ms, down_ms } => write!(
                 f,
                 "disk sync of {} fails (EIO) at or after {at_ms}ms; fail-stop, down {down_ms}ms",
-                node_name(*node)
+                name(*node)
             ),
             Fault::DiskFull { node, at_ms, for_ms } => {
-                write!(f, "disk of {} full at {at_ms}ms for {for_ms}ms", node_name(*node))
+                write!(f, "disk of {} full at {at_ms}ms for {for_ms}ms", name(*node))
             }
             Fault::SyncStall { node, at_ms, for_ms } => {
-                write!(
-                    f,
-                    "disk of {} stalls syncs at {at_ms}ms for {for_ms}ms",
-                    node_name(*node)
-                )
+                write!(f, "disk of {} stalls syncs at {at_ms}ms for {for_ms}ms", name(*node))
             }
             Fault::ClockStep { node, back_ms } => {
                 write!(
                     f,
                     "clock of {} stepped back {back_ms}ms at its first restart",
-                    node_name(*node)
+                    name(*node)
                 )
             }
         }
+    }
+
+    /// The fault's line with the custom node named by its client id.
+    pub fn describe(&self, custom: Option<&ClientId>) -> String {
+        Named {
+            custom,
+            write: &|f, name| self.write(f, name),
+        }
+        .to_string()
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, &|n| node_name(n).to_string())
     }
 }
 
@@ -312,6 +316,14 @@ pub struct FaultProfile {
     /// before it existed parse as "all default".
     #[serde(default)]
     pub inbox_keys_max: BTreeMap<u8, u32>,
+    /// The saga's order deadline (half the `saga` seeds: 0.3-3 s, shorter than
+    /// the faults, so orders time out while their messages are in flight and
+    /// the compensations run under faults); `None`: the shipped default
+    /// (20 s, which no fault outlasts; the `seed` scenario's 30 s). Part of the
+    /// plan so a replay prints it, `--plan` carries it and a shrink can drop
+    /// it; a plan written before it existed parses as "default".
+    #[serde(default)]
+    pub order_deadline_ms: Option<u32>,
 }
 
 /// Broker bounds a seed may shrink (see [`FaultProfile::bounds`]).
@@ -338,12 +350,13 @@ impl fmt::Display for Bounds {
     }
 }
 
-impl fmt::Display for FaultProfile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl FaultProfile {
+    /// The profile line, naming nodes with `name` (see [`FaultPlan::describe`]).
+    fn write(&self, f: &mut fmt::Formatter<'_>, name: &dyn Fn(u8) -> String) -> fmt::Result {
         let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
         write!(
             f,
-            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}{} bounds={} inbox_keys_max={}",
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}{} bounds={} inbox_keys_max={} order_deadline={}",
             pct(self.drop_ppm),
             pct(self.ack_lost_ppm),
             pct(self.duplicate_ppm),
@@ -366,14 +379,45 @@ impl fmt::Display for FaultProfile {
                 let nodes: Vec<String> = self
                     .inbox_keys_max
                     .iter()
-                    .map(|(n, k)| {
-                        let name = crate::topology::NODES.get(usize::from(*n)).copied().unwrap_or("?");
-                        format!("{name}:{k}")
-                    })
+                    .map(|(n, k)| format!("{}:{k}", name(*n)))
                     .collect();
                 format!("({})", nodes.join(" "))
-            }
+            },
+            self.order_deadline_ms
+                .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms")),
         )
+    }
+
+    /// The profile line with the custom node named by its client id.
+    pub fn describe(&self, custom: Option<&ClientId>) -> String {
+        Named {
+            custom,
+            write: &|f, name| self.write(f, name),
+        }
+        .to_string()
+    }
+}
+
+impl fmt::Display for FaultProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, &|n| node_name(n).to_string())
+    }
+}
+
+/// Writes a plan's text with nodes named by [`crate::topology::display_name`].
+struct Named<'a> {
+    custom: Option<&'a ClientId>,
+    #[allow(clippy::type_complexity)]
+    write: &'a dyn Fn(&mut fmt::Formatter<'_>, &dyn Fn(u8) -> String) -> fmt::Result,
+}
+
+impl fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = |n: u8| match usize::from(n) {
+            i if i < NODES.len() => crate::topology::display_name(i, self.custom),
+            _ => "?".to_string(),
+        };
+        (self.write)(f, &name)
     }
 }
 
@@ -392,6 +436,8 @@ pub struct PlanShape {
     pub faulty_nodes: Vec<u8>,
     /// Message-fault indices are drawn in `0..messages_max`.
     pub messages_max: u32,
+    /// The workload has an order deadline the swarm may shorten (`saga`).
+    pub order_deadline: bool,
 }
 
 /// Lookup tables built once from a plan, so the world's per-message checks are cheap.
@@ -438,6 +484,7 @@ impl FaultPlan {
             bounds: None,
             subscription_grace_ms: None,
             inbox_keys_max: BTreeMap::new(),
+            order_deadline_ms: None,
         };
         // A short TTL (a quarter of the seeds) lets a partition or a crash
         // outlast a subscription. The expiry is the subscriber's clock plus the
@@ -495,6 +542,14 @@ impl FaultPlan {
                 profile
                     .inbox_keys_max
                     .insert(node as u8, inbox.range_inclusive(1, 8) as u32);
+            }
+        }
+        // The saga's order deadline, from the stream it was drawn from before
+        // it joined the plan (so runs are unchanged).
+        if shape.order_deadline {
+            let mut deadline = Rng::new(seed ^ 0xDEAD_11FE_0000_0000);
+            if deadline.chance(500_000) {
+                profile.order_deadline_ms = Some(deadline.range_inclusive(300, 3_000) as u32);
             }
         }
         let mut plan = FaultPlan::from_profile(profile, &mut rng, shape);
@@ -739,13 +794,34 @@ fn environment_faults(seed: u64, shape: &PlanShape, plan: &FaultPlan) -> Vec<Fau
     out
 }
 
-impl fmt::Display for FaultPlan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "profile: {}", self.profile)?;
+impl FaultPlan {
+    fn write(&self, f: &mut fmt::Formatter<'_>, name: &dyn Fn(u8) -> String) -> fmt::Result {
+        f.write_str("profile: ")?;
+        self.profile.write(f, name)?;
+        writeln!(f)?;
         for fault in &self.faults {
-            writeln!(f, "  - {fault}")?;
+            f.write_str("  - ")?;
+            fault.write(f, name)?;
+            writeln!(f)?;
         }
         Ok(())
+    }
+
+    /// The plan as printed at the top of a trace, with the custom node named
+    /// by its participant's client id (`crash loyalty-service at ...`); the
+    /// `Display` form names it `custom`. The JSON keeps node indices.
+    pub fn describe(&self, custom: Option<&ClientId>) -> String {
+        Named {
+            custom,
+            write: &|f, name| self.write(f, name),
+        }
+        .to_string()
+    }
+}
+
+impl fmt::Display for FaultPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, &|n| node_name(n).to_string())
     }
 }
 
@@ -758,6 +834,7 @@ mod tests {
             chaos_ms: 5_000,
             faulty_nodes: FAULTY_NODES.to_vec(),
             messages_max: 500,
+            order_deadline: true,
         }
     }
 

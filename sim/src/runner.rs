@@ -2,7 +2,7 @@
 
 use crate::check::Violation;
 pub use crate::config::RunConfig;
-use crate::plan::{FAULT_KINDS, FaultPlan};
+use crate::plan::{FAULT_KINDS, FaultPlan, FaultProfile};
 use crate::scenario::Scenario;
 use crate::world::{self, RunResult};
 use serde::Serialize;
@@ -323,6 +323,36 @@ pub fn sweep(
     summary
 }
 
+/// A drawn setting of a plan's profile that shrinking puts back to its default.
+#[derive(Clone, Copy, Debug)]
+enum Setting {
+    /// A node's small inbox.
+    Inbox(u8),
+    OrderDeadline,
+    AttemptsMax,
+    Bounds,
+    SubscriptionGrace,
+    /// The short TTL and the grace that comes with it.
+    SubscriptionTtl,
+}
+
+impl Setting {
+    /// Puts the setting back to its default; false if it already was.
+    fn reset(self, p: &mut FaultProfile) -> bool {
+        match self {
+            Setting::Inbox(node) => p.inbox_keys_max.remove(&node).is_some(),
+            Setting::OrderDeadline => p.order_deadline_ms.take().is_some(),
+            Setting::AttemptsMax => p.attempts_max.take().is_some(),
+            Setting::Bounds => p.bounds.take().is_some(),
+            Setting::SubscriptionGrace => p.subscription_grace_ms.take().is_some(),
+            Setting::SubscriptionTtl => {
+                p.subscription_grace_ms = None;
+                p.subscription_ttl_ms.take().is_some()
+            }
+        }
+    }
+}
+
 /// The result of shrinking a failing seed's plan.
 pub struct Shrunk {
     pub original: FaultPlan,
@@ -332,8 +362,11 @@ pub struct Shrunk {
     pub runs: u32,
 }
 
-/// Removes chunks of faults (halves, quarters, ... single entries), then the
-/// profile's small inbox bounds, while the run still fails on the same invariant. Same madsim seed throughout.
+/// Removes chunks of faults (halves, quarters, ... single entries), then puts
+/// the profile's drawn settings (small inboxes, a short order deadline, a
+/// short retry budget, small broker bounds, a short subscription TTL and
+/// grace) back to their defaults, each while the run still fails on the same
+/// invariant. Same madsim seed throughout.
 /// Returns None if the seed does not fail.
 pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Option<Shrunk> {
     let first = world::run(seed, &plan, cfg);
@@ -369,16 +402,30 @@ pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Opt
             chunk /= 2;
         }
     }
-    // Then the profile's drawn host settings: a node's small inbox goes back
-    // to the default unless the failure needs it (so a plan that shrinks to
-    // no faults still shows the setting it fails under).
-    let small_inboxes: Vec<u8> = current.profile.inbox_keys_max.keys().copied().collect();
-    for node in small_inboxes {
+    // Then the profile's drawn settings: each goes back to the simulator's
+    // default unless the failure needs it (so a plan that shrinks to no
+    // faults still shows the settings it fails under, and only those).
+    let mut settings: Vec<Setting> = current
+        .profile
+        .inbox_keys_max
+        .keys()
+        .map(|n| Setting::Inbox(*n))
+        .collect();
+    settings.extend([
+        Setting::OrderDeadline,
+        Setting::AttemptsMax,
+        Setting::Bounds,
+        Setting::SubscriptionGrace,
+        Setting::SubscriptionTtl,
+    ]);
+    for setting in settings {
         if runs >= runs_max {
             break;
         }
         let mut candidate = current.clone();
-        candidate.profile.inbox_keys_max.remove(&node);
+        if !setting.reset(&mut candidate.profile) {
+            continue;
+        }
         runs += 1;
         if fails(&candidate) {
             current = candidate;

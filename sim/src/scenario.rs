@@ -30,15 +30,16 @@ impl Scenario {
         }
     }
 
-    /// The shipped scenario definition (initial stock and balances, orders), drawn from `seed`.
-    pub fn definition(self, seed: u64) -> shipped::Scenario {
+    /// The shipped scenario definition (initial stock and balances, orders),
+    /// drawn from `seed`, with the order deadline of the plan's profile.
+    pub fn definition(self, seed: u64, profile: &crate::plan::FaultProfile) -> shipped::Scenario {
         match self {
             Scenario::Seed => shipped::seed(),
             Scenario::Saga { orders } => shipped::saga_with(
                 seed,
                 &shipped::SagaParams {
                     orders: orders as usize,
-                    order_deadline: order_deadline(seed),
+                    order_deadline: order_deadline(profile),
                     ..Default::default()
                 },
             ),
@@ -92,18 +93,17 @@ impl FromStr for Scenario {
     }
 }
 
-/// The saga's order deadline for `seed` (swarm: drawn per seed). Half the
-/// seeds keep the shipped default, far beyond any fault; the other half draw a
-/// deadline shorter than the faults, so orders time out while their messages
-/// are still in flight and the compensations (null compensation, hanging
-/// deduction, payment cancel) run under faults.
-pub fn order_deadline(seed: u64) -> Duration {
-    let mut rng = sagamq::rng::Rng::new(seed ^ 0xDEAD_11FE_0000_0000);
-    if rng.chance(500_000) {
-        Duration::from_millis(rng.range_inclusive(300, 3_000))
-    } else {
-        shipped::SagaParams::default().order_deadline
-    }
+/// The saga's order deadline under `profile`: the one it draws (half the
+/// seeds: shorter than the faults, so orders time out while their messages
+/// are still in flight and the compensations, null compensation, hanging
+/// deduction and payment cancel, run under faults; see
+/// [`crate::plan::FaultProfile::order_deadline_ms`]), else the shipped
+/// default, far beyond any fault.
+pub fn order_deadline(profile: &crate::plan::FaultProfile) -> Duration {
+    profile.order_deadline_ms.map_or_else(
+        || shipped::SagaParams::default().order_deadline,
+        |ms| Duration::from_millis(u64::from(ms)),
+    )
 }
 
 /// How long the workload waits for an answer before calling again (doubling).

@@ -284,7 +284,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
             *faults.entry("clock_skew").or_default() += 1;
         }
     }
-    let def = cfg.scenario.definition(seed);
+    let def = cfg.scenario.definition(seed, &plan.profile);
     let workload = Workload::new(&def);
     let shared = Shared {
         trace: Trace::new(cfg.trace),
@@ -327,31 +327,21 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
     {
         let mut s = lock(&world);
         s.slots[WORKLOAD] = Slot::Workload(Box::new(workload));
-        let plan_text = plan.to_string();
+        // The custom node is named by its client id, here as everywhere.
+        let client = cfg.custom.as_ref().map(|c| c.client_id());
+        let plan_text = plan.describe(client);
         s.event(|| What::Plan {
             seed,
             scenario: cfg.scenario.to_string(),
             bug: cfg.bug.map(|b| b.to_string()),
-            profile: plan.profile.to_string(),
-            faults: plan.faults.iter().map(|f| f.to_string()).collect(),
-            custom: cfg.custom.as_ref().map(|c| c.client_id().to_string()),
+            profile: plan.profile.describe(client),
+            faults: plan.faults.iter().map(|f| f.describe(client)).collect(),
+            custom: client.map(|c| c.to_string()),
         });
-        // The workload's swarm-drawn order deadline is shown with the plan.
-        let deadline = match cfg.scenario {
-            crate::scenario::Scenario::Saga { .. } => format!(
-                " order_deadline={}ms",
-                crate::scenario::order_deadline(seed).as_millis()
-            ),
-            crate::scenario::Scenario::Seed => String::new(),
-        };
-        let custom = cfg
-            .custom
-            .as_ref()
-            .map(|c| format!(" custom {}", c.client_id()))
-            .unwrap_or_default();
+        let custom = client.map(|c| format!(" custom {c}")).unwrap_or_default();
         s.line(WORKLOAD, || {
             format!(
-                "seed {seed} scenario {}{}{custom}{deadline} plan:\n{}",
+                "seed {seed} scenario {}{}{custom} plan:\n{}",
                 cfg.scenario.name(),
                 cfg.bug.map(|b| format!(" bug {b}")).unwrap_or_default(),
                 plan_text.trim_end()
@@ -424,7 +414,7 @@ async fn chaos_phase(
                     let end_ms = u64::from(at_ms.saturating_add(for_ms).min(cfg.chaos_ms));
                     s.paused_until_ns[n] = Some(end_ms * 1_000_000);
                     s.fired("pause");
-                    let f = plan.faults[k].clone();
+                    let f = plan.faults[k].describe(s.cfg.custom.as_ref().map(|c| c.client_id()));
                     s.line(n, || format!("fault: {f}"));
                 }
             }
@@ -496,9 +486,9 @@ fn one_way(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, from
     if !is_end {
         s.fired("one_way");
     }
-    let f = plan.faults[k].clone();
+    let f = plan.faults[k].describe(s.cfg.custom.as_ref().map(|c| c.client_id()));
     s.event(|| {
-        let text = f.to_string();
+        let text = f.clone();
         if is_end {
             What::PartitionHeal {
                 id: k,
@@ -548,10 +538,10 @@ fn partition(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, a:
     if !is_end {
         s.fired("partition");
     }
-    let f = plan.faults[k].clone();
+    let f = plan.faults[k].describe(s.cfg.custom.as_ref().map(|c| c.client_id()));
     let b = b.map(usize::from);
     s.event(|| {
-        let text = f.to_string();
+        let text = f.clone();
         if is_end {
             What::PartitionHeal { id: k, a, b, text }
         } else {

@@ -16,6 +16,10 @@ use sagamq_sim::world::RunConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// `explain_failure` writes under `target/sagamq-sim/<seed>/`: one test at a
+/// time, so two that explain the same seed do not write over each other.
+static ARTIFACTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[derive(Clone, Debug, Default)]
 struct Shipping {
     /// Order -> how many times it was shipped (must stay 1).
@@ -185,6 +189,7 @@ fn a_custom_failure_prints_a_command_that_reproduces_it() {
 fn explain_failure_writes_the_trace_the_diagram_and_the_shrunk_plan() {
     let node = CustomNode::new("shipping-service", Shipping::default(), never);
     let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None).with_custom(node);
+    let _one = ARTIFACTS.lock().unwrap_or_else(|e| e.into_inner());
     let a = runner::explain_failure(1, &cfg).expect("artifacts written");
     assert!(a.dir.ends_with("sagamq-sim/1"), "{}", a.dir.display());
     assert_eq!(a.violation.as_ref().map(|v| v.invariant), Some("custom-invariant"));
@@ -258,6 +263,7 @@ fn a_participant_that_trusts_the_inbox_is_caught_and_explained() {
         assert!(f.detail.contains("the logic is not idempotent"), "{}", f.detail);
         assert!(!f.detail.contains("effect was lost"), "{}", f.detail);
     }
+    let _one = ARTIFACTS.lock().unwrap_or_else(|e| e.into_inner());
     let a = runner::explain_failure(f.seed, &cfg).expect("artifacts");
     assert!(a.shrunk_plan.is_some() && a.svg.exists() && a.trace.exists());
 }
@@ -331,9 +337,160 @@ fn a_final_check_sees_the_whole_world() {
         CustomNode::new("shipping-service", Shipping::default(), shipped_at_most_once).with_final_check(ships_nothing);
     let cfg = RunConfig::new(Scenario::Saga { orders: 8 }, None).with_custom(node);
     let summary = runner::sweep(&cfg, 0..10, 1, false, &|_, _, _| {});
+    // Its line names whose check failed, as a `custom-invariant` line does.
     assert!(
-        summary.failures.iter().any(|f| f.invariant == "custom-final-invariant"),
+        summary
+            .failures
+            .iter()
+            .any(|f| f.invariant == "custom-final-invariant" && f.detail.starts_with("shipping-service: shipped ")),
         "{}",
         summary.human()
+    );
+}
+
+/// The plan, the trace and the diagram's hover titles name the custom node by
+/// its client id (`crash shipping-service at ...`, `shipping-service down`),
+/// never by its index name `custom`.
+#[test]
+fn the_plan_and_the_diagram_name_the_custom_node_by_its_client_id() {
+    let node = CustomNode::new("shipping-service", Shipping::default(), shipped_at_most_once);
+    let mut cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None).with_custom(node);
+    // A seed that crashes the custom node (index 5) and gives it a small inbox.
+    let custom = sagamq_sim::topology::CUSTOM as u8;
+    let seed = (0..500)
+        .find(|&s| {
+            let p = runner::plan_for(s, &cfg);
+            p.profile.inbox_keys_max.contains_key(&custom)
+                && p.faults
+                    .iter()
+                    .any(|f| matches!(f, sagamq_sim::plan::Fault::Crash { node, .. } if *node == custom))
+        })
+        .expect("a seed crashes the custom node");
+    let plan = runner::plan_for(seed, &cfg);
+    // The plan's own Display (and JSON) keep the index name.
+    assert!(plan.to_string().contains("crash custom at"), "{plan}");
+    let named = plan.describe(Some(cfg.custom.as_ref().unwrap().client_id()));
+    assert!(named.contains("crash shipping-service at"), "{named}");
+    assert!(named.contains("shipping-service:"), "the inbox bound: {named}");
+    assert!(!named.contains("custom"), "{named}");
+
+    cfg.trace = true;
+    let r = sagamq_sim::world::run(seed, &plan, &cfg);
+    let trace = sagamq_sim::trace::render(&r.trace);
+    assert!(trace.contains("crash shipping-service at"), "{trace}");
+    assert!(!trace.contains("crash custom"), "{trace}");
+    let svg = sagamq_sim::diagram::svg(&r.events, &sagamq_sim::diagram::Options::default()).expect("svg");
+    let titles: Vec<&str> = svg
+        .split("<title>")
+        .skip(1)
+        .map(|t| t.split("</title>").next().unwrap_or(""))
+        .collect();
+    assert!(
+        titles.iter().any(|t| t.contains("shipping-service crashes")),
+        "a crash title"
+    );
+    assert!(
+        titles.iter().any(|t| t.contains("-&gt; shipping-service:")),
+        "an arrow title"
+    );
+    for t in &titles {
+        for bad in [
+            "custom down",
+            "custom crashes",
+            "custom restarts",
+            "-&gt; custom:",
+            " custom -&gt;",
+            "custom at",
+            "custom:",
+        ] {
+            assert!(!t.contains(bad), "hover title names `custom`: {t}");
+        }
+    }
+}
+
+/// A promotion that ended before the run: the service ships nothing, ever.
+/// Its decision depends on `now`; an ignored message records nothing (not
+/// even in the inbox), so the checker decides every one again. At
+/// `Time::ZERO` (inside the promotion) it would ship, and `no-lost-effect`
+/// failed every seed blaming a lost effect. The checker decides a redelivery
+/// at the latest time the node has seen, as a real one would meet it, so the
+/// service passes.
+#[derive(Clone, Debug, Default)]
+struct EndedPromotion(Shipping);
+
+impl Participant for EndedPromotion {
+    type Change = Shipped;
+    fn topics(&self) -> Vec<Topic> {
+        self.0.topics()
+    }
+    fn on_message(&self, now: Time, m: &Message) -> Decision<Shipped> {
+        let ended = Time::from_millis(1);
+        if now >= ended {
+            return Decision::Ignore;
+        }
+        self.0.on_message(now, m)
+    }
+    fn apply(&mut self, change: &Shipped) {
+        self.0.apply(change);
+    }
+}
+
+#[test]
+fn a_decision_that_depends_on_now_does_not_trip_no_lost_effect() {
+    fn fine(_: &EndedPromotion) -> Result<(), String> {
+        Ok(())
+    }
+    let node = CustomNode::new("promo-service", EndedPromotion::default(), fine);
+    let cfg = RunConfig::new(Scenario::Saga { orders: 8 }, None).with_custom(node);
+    let paid = Message {
+        msg_id: sagamq::MsgId(1),
+        global_id: GlobalId::lit("order-001"),
+        sub_id: SubId::lit("order-001.payment"),
+        sender_id: sagamq::SenderId::lit("payment-service"),
+        create_time: 0,
+        topic: Topic::lit(topics::PAYMENT_RESULT),
+        content: "1".to_string(),
+    };
+    // What deciding again at Time::ZERO would have done.
+    assert_ne!(
+        EndedPromotion::default().on_message(Time::ZERO, &paid),
+        Decision::Ignore
+    );
+    let summary = runner::sweep(&cfg, common::seeds(0..60), 1, false, &|_, _, _| {});
+    assert_eq!(summary.failed, 0, "{}", summary.human());
+    assert!(summary.outcomes.get("Completed").copied().unwrap_or(0) > 0);
+}
+
+/// Shrinking puts every drawn setting the failure does not need back to its
+/// default (small inboxes, a short order deadline, a short retry budget, small
+/// broker bounds, a short TTL), so the shrunk plan shows only what it fails
+/// under. An invariant that always fails needs none of them.
+#[test]
+fn shrinking_drops_the_drawn_settings_a_failure_does_not_need() {
+    let node = CustomNode::new("shipping-service", Shipping::default(), never);
+    let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None).with_custom(node);
+    let (seed, plan) = (0..200)
+        .map(|s| (s, runner::plan_for(s, &cfg)))
+        .find(|(_, p)| {
+            p.profile.order_deadline_ms.is_some()
+                && !p.profile.inbox_keys_max.is_empty()
+                && p.profile.attempts_max.is_some()
+        })
+        .expect("a seed draws a short deadline, a small inbox and a short retry budget");
+    let s = runner::shrink(seed, &cfg, plan, 400).expect("the seed fails");
+    assert_eq!(s.invariant, "custom-invariant");
+    let p = &s.minimal.profile;
+    assert!(s.minimal.faults.is_empty(), "{}", s.minimal);
+    assert_eq!(
+        (
+            p.order_deadline_ms,
+            p.inbox_keys_max.len(),
+            p.attempts_max,
+            p.bounds,
+            p.subscription_ttl_ms
+        ),
+        (None, 0, None, None, None),
+        "{}",
+        s.minimal
     );
 }

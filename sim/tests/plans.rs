@@ -54,8 +54,10 @@ proptest! {
         // Small inboxes on order (1), stock (2), payment (3): part of the plan
         // now, so explicit plans draw them here as the seeds do.
         inbox_keys_max in proptest::collection::btree_map(1u8..=3, 1u32..=8, 0..=3),
+        // A short order deadline, as half the saga seeds draw.
+        order_deadline_ms in proptest::option::of(300..3_000u32),
     ) {
-        let profile = FaultProfile { attempts_max, inbox_keys_max, ..Default::default() };
+        let profile = FaultProfile { attempts_max, inbox_keys_max, order_deadline_ms, ..Default::default() };
         let plan = FaultPlan { profile, faults };
         let mut cfg = RunConfig::new(Scenario::Saga { orders: 6 }, None);
         let r = world::run(seed, &plan, &cfg);
@@ -100,4 +102,48 @@ fn inbox_bounds_are_part_of_the_plan() {
     let old: FaultPlan = serde_json::from_value(old).expect("an old plan parses");
     assert!(old.profile.inbox_keys_max.is_empty());
     assert!(old.profile.to_string().contains("inbox_keys_max=default"));
+}
+
+/// The swarm-drawn order deadline is part of the plan too: printed in the
+/// profile line, carried by the JSON (a replay of the JSON gets it, not the
+/// default), and it is what the orders run with.
+#[test]
+fn the_order_deadline_is_part_of_the_plan() {
+    let cfg = RunConfig::new(Scenario::Saga { orders: 4 }, None);
+    let (seed, plan) = (0..100u64)
+        .map(|s| (s, sagamq_sim::runner::plan_for(s, &cfg)))
+        .find(|(_, p)| p.profile.order_deadline_ms.is_some())
+        .expect("half the saga seeds draw a short order deadline");
+    let ms = plan.profile.order_deadline_ms.expect("drawn");
+    assert!((300..=3_000).contains(&ms));
+    let line = plan.profile.to_string();
+    assert!(line.contains(&format!("order_deadline={ms}ms")), "{line}");
+    let json = serde_json::to_string(&plan).expect("plan serializes");
+    assert!(json.contains(&format!("\"order_deadline_ms\":{ms}")), "{json}");
+
+    let mut traced = cfg.clone();
+    traced.trace = true;
+    let r = world::run(seed, &plan, &traced);
+    assert!(r.trace[0].contains(&format!("order_deadline={ms}ms")), "{}", r.trace[0]);
+
+    // The world runs with the plan's deadline, not one of its own: a deadline
+    // shorter than any saga cancels every order that has not completed.
+    let mut short = plan.clone();
+    short.profile.order_deadline_ms = Some(1);
+    let r = world::run(seed, &short, &traced);
+    assert!(
+        r.outcomes.get("Completed").copied().unwrap_or(0) == 0,
+        "a 1 ms deadline leaves no order time to complete: {:?}",
+        r.outcomes
+    );
+
+    // A plan written before the field existed: the shipped default.
+    let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
+    old["profile"]
+        .as_object_mut()
+        .expect("profile object")
+        .remove("order_deadline_ms");
+    let old: FaultPlan = serde_json::from_value(old).expect("an old plan parses");
+    assert_eq!(old.profile.order_deadline_ms, None);
+    assert!(old.profile.to_string().contains("order_deadline=default"));
 }

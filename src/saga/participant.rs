@@ -63,8 +63,11 @@ impl<C> Decision<C> {
 }
 
 /// A saga participant's business logic. Implement this to plug your own
-/// service into the testbed; wrap it in [`super::ParticipantHost`] to get a
-/// [`crate::Machine`] that any driver (simulator, real runtime, testkit) runs.
+/// service into the testbed: the drivers (`sagamq_sim::custom::CustomNode`,
+/// [`crate::testkit::World::add`], the real runtime) host it for you in a
+/// [`super::ParticipantHost`], which adds the inbox, the outbox, durable
+/// records, subscriptions and retries; you touch the host only to write a
+/// driver of your own.
 ///
 /// Rules that make the host's guarantees hold:
 /// - `on_message`, `on_command` and `on_deadline` only decide; they must be
@@ -79,9 +82,13 @@ impl<C> Decision<C> {
 ///   bounded ([`super::HostConfig::inbox_keys_max`]) and forgets its oldest
 ///   keys, so an old message may be delivered again and reach `on_message`. A
 ///   redelivery must decide nothing new: the simulator's `no-lost-effect`
-///   judges every message you answered 2xx by calling `on_message` again at
-///   `Time::ZERO` on your final state and fails the run if that would commit a
-///   change (so a decision that depends on `now` alone can trip it).
+///   judges every message you answered 2xx (and your inbox has forgotten) by
+///   calling `on_message` again on your final state, at the latest time your
+///   node's clock showed, and fails the run if that would commit a change. Its
+///   message tells "the logic is not idempotent" (your log records the
+///   effect) from "the effect was lost" (no record consumed the message). A
+///   decision that depends on `now` is judged as a redelivery would meet it,
+///   so "award only before the promotion ends" does not trip it.
 pub trait Participant: Clone + 'static {
     /// A committed state change, stored (as JSON) in the participant's records.
     type Change: Clone + fmt::Debug + PartialEq + Serialize + DeserializeOwned;

@@ -3,64 +3,127 @@
 //! host (in the simulator, `testkit` or the real runtime) adds the inbox,
 //! the outbox, durable records, subscriptions and retries.
 //!
-//! `Loyalty::trusting()` is the same service with the bug the README warns
-//! about: it trusts the host's inbox to drop redeliveries, which it does only
-//! for the keys it still remembers.
+//! It listens to two messages of the shipped saga (see the README's message
+//! catalogue): `sale-order.payment.result` (payment-service; `"1"` charged)
+//! and `sale-order.payment.cancel` (order-service, when an order that asked
+//! for payment times out). Both carry the order id as their `GlobalID`.
+//!
+//! [`Variant`] plants the three mistakes a participant author makes, one at a
+//! time, so the tests can show each caught and then fixed.
 
 use sagamq::saga::{Decision, Participant, topics};
 use sagamq::{GlobalId, Message, Time, Topic};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
 
 /// Points per paid order.
 pub const POINTS: u64 = 10;
 
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Account {
-    /// Times points were awarded and taken back (each must stay at most 1).
-    pub awarded: u32,
-    pub revoked: u32,
+/// The service as written, or with one realistic bug.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    /// All three guards in place.
+    #[default]
+    Fixed,
+    /// No idempotency guard: trusts the host's inbox to drop redeliveries,
+    /// which it does only for the keys it still remembers, so a redelivered
+    /// "paid" awards the order again.
+    NoIdempotencyGuard,
+    /// Credits the points but forgets to record that the order was awarded:
+    /// the guard reads the record (so a redelivery awards again) and so does
+    /// the cancel (which takes back nothing, thinking the order never earned any).
+    ForgetsToRecord,
+    /// No hanging guard: a cancel that arrives before the award is recorded
+    /// (a null compensation, nothing to take back) but does not stop a later
+    /// "paid" from awarding points to an order that was cancelled.
+    NoHangingGuard,
 }
 
-impl Account {
-    pub fn points(&self) -> u64 {
-        if self.awarded > 0 && self.revoked == 0 {
-            POINTS
-        } else {
-            0
+impl Variant {
+    pub const ALL: [Variant; 4] = [
+        Variant::Fixed,
+        Variant::NoIdempotencyGuard,
+        Variant::ForgetsToRecord,
+        Variant::NoHangingGuard,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Fixed => "fixed",
+            Variant::NoIdempotencyGuard => "no-idempotency-guard",
+            Variant::ForgetsToRecord => "forgets-to-record",
+            Variant::NoHangingGuard => "no-hanging-guard",
         }
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Variant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Variant, String> {
+        Variant::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| {
+            format!("unknown variant {s:?}: one of fixed, no-idempotency-guard, forgets-to-record, no-hanging-guard")
+        })
     }
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct Loyalty {
-    /// Off: the planted bug (no guard per order).
-    guarded: bool,
-    pub accounts: BTreeMap<GlobalId, Account>,
+    variant: Variant,
+    /// Points each order holds (what its customer sees).
+    pub points: BTreeMap<GlobalId, u64>,
+    /// The record of orders awarded: the idempotency guard and the cancel read it.
+    pub awarded: BTreeSet<GlobalId>,
+    /// Orders whose payment was cancelled, before or after an award: the
+    /// hanging guard reads it.
+    pub cancelled: BTreeSet<GlobalId>,
+    /// How many times each order was credited (the invariant: at most once).
+    pub credits: BTreeMap<GlobalId, u32>,
 }
 
+/// The committed changes, replayed by `apply` live and after a crash.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Change {
     Award {
         order: GlobalId,
     },
-    /// Also recorded for a cancel that arrives before the payment result (a
-    /// null compensation), so a late "paid" awards nothing.
+    /// Takes back `points` (0: the order was never awarded, a null
+    /// compensation, recorded so a late "paid" awards nothing).
     Revoke {
         order: GlobalId,
+        points: u64,
     },
 }
 
 impl Loyalty {
     pub fn new() -> Loyalty {
+        Loyalty::with_variant(Variant::Fixed)
+    }
+
+    pub fn with_variant(variant: Variant) -> Loyalty {
         Loyalty {
-            guarded: true,
-            accounts: BTreeMap::new(),
+            variant,
+            ..Loyalty::default()
         }
     }
 
-    pub fn trusting() -> Loyalty {
-        Loyalty::default()
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// Points order `order` holds.
+    pub fn points_of(&self, order: &str) -> u64 {
+        self.points
+            .iter()
+            .find(|(o, _)| o.as_str() == order)
+            .map_or(0, |(_, p)| *p)
     }
 }
 
@@ -71,23 +134,29 @@ impl Participant for Loyalty {
         vec![Topic::lit(topics::PAYMENT_RESULT), Topic::lit(topics::PAYMENT_CANCEL)]
     }
 
+    /// Decides only; the guards read state that `apply` recorded, never the
+    /// inbox and never `now`.
     fn on_message(&self, _now: Time, m: &Message) -> Decision<Change> {
         let order = m.global_id.clone();
-        let account = self.accounts.get(&order);
-        let seen = |f: fn(&Account) -> u32| account.is_some_and(|a| f(a) > 0);
         match m.topic.as_str() {
             topics::PAYMENT_RESULT if m.content == "1" => {
-                // The guard: once per order, and never after a cancel.
-                if self.guarded && (seen(|a| a.awarded) || seen(|a| a.revoked)) {
+                // Idempotency guard: once per order.
+                if self.awarded.contains(&order) && self.variant != Variant::NoIdempotencyGuard {
+                    return Decision::Ignore;
+                }
+                // Hanging guard: a cancel that came first wins.
+                if self.cancelled.contains(&order) && self.variant != Variant::NoHangingGuard {
                     return Decision::Ignore;
                 }
                 Decision::change(Change::Award { order })
             }
             topics::PAYMENT_CANCEL => {
-                if self.guarded && seen(|a| a.revoked) {
+                if self.cancelled.contains(&order) && self.variant != Variant::NoIdempotencyGuard {
                     return Decision::Ignore;
                 }
-                Decision::change(Change::Revoke { order })
+                // What to take back: what the record says the order earned.
+                let points = if self.awarded.contains(&order) { POINTS } else { 0 };
+                Decision::change(Change::Revoke { order, points })
             }
             _ => Decision::Ignore,
         }
@@ -95,19 +164,27 @@ impl Participant for Loyalty {
 
     fn apply(&mut self, change: &Change) {
         match change {
-            Change::Award { order } => self.accounts.entry(order.clone()).or_default().awarded += 1,
-            Change::Revoke { order } => self.accounts.entry(order.clone()).or_default().revoked += 1,
+            Change::Award { order } => {
+                *self.points.entry(order.clone()).or_default() += POINTS;
+                *self.credits.entry(order.clone()).or_default() += 1;
+                if self.variant != Variant::ForgetsToRecord {
+                    self.awarded.insert(order.clone());
+                }
+            }
+            Change::Revoke { order, points } => {
+                let held = self.points.entry(order.clone()).or_default();
+                *held = held.saturating_sub(*points);
+                self.cancelled.insert(order.clone());
+            }
         }
     }
 }
 
-/// Its own invariant: every award and every take-back at most once per order.
+/// Its own invariant, judged whenever the simulator judges safety: every
+/// order credited at most once.
 pub fn once_per_order(l: &Loyalty) -> Result<(), String> {
-    match l.accounts.iter().find(|(_, a)| a.awarded > 1 || a.revoked > 1) {
-        Some((order, a)) => Err(format!(
-            "order {order} awarded {} times, taken back {} times",
-            a.awarded, a.revoked
-        )),
+    match l.credits.iter().find(|(_, n)| **n > 1) {
+        Some((order, n)) => Err(format!("order {order} was credited {n} times")),
         None => Ok(()),
     }
 }

@@ -20,7 +20,6 @@ pub use svg::{html_page, svg};
 pub use xml::escape as xml_escape;
 
 use crate::event::{Event, Fate, MsgInfo, Node, Seq, What};
-use crate::topology::NODES;
 use crate::topology::{BROKER, CUSTOM, ORDER, PAYMENT, STOCK, WORKLOAD};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -143,13 +142,13 @@ impl Arrow<'_> {
             End::Lost(_) => 0,
         }
     }
-    /// The full text for a hover title.
-    pub(crate) fn title(&self) -> String {
+    /// The full text for a hover title, nodes named as `header` names the lanes.
+    pub(crate) fn title(&self, header: &Header) -> String {
         let mut s = format!(
             "#{} {} -> {}: {}\nsent t={}",
             self.seq.0,
-            NODES[self.from],
-            NODES[self.to],
+            header.name(self.from),
+            header.name(self.to),
             self.msg.text,
             sagamq::Time(self.t_send)
         );

@@ -14,7 +14,6 @@
 use super::xml::escape;
 use super::{Arrow, DiagramError, End, Loss, Model, Options, clip, fmt_ms, partition_nodes};
 use crate::event::{Event, MsgKind, Node, What};
-use crate::topology::NODES;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -38,9 +37,15 @@ const PLAN_LINES_MAX: usize = 4;
 struct Lanes<'a> {
     order: &'a [Node],
     width: f64,
+    /// Names the lanes (the custom node by its client id).
+    header: &'a crate::diagram::Header,
 }
 
 impl Lanes<'_> {
+    /// A node as the diagram names it, in labels and hover titles alike.
+    fn name(&self, node: Node) -> &str {
+        self.header.name(node)
+    }
     fn x(&self, node: Node) -> f64 {
         let col = self.order.iter().position(|&n| n == node).unwrap_or(0);
         AXIS_W + LANE_W * col as f64 + LANE_W / 2.0
@@ -116,6 +121,7 @@ fn render(m: &Model<'_>) -> String {
     let ln = Lanes {
         order: &m.lanes,
         width: (AXIS_W + LANE_W * m.lanes.len() as f64 + 20.0).max(WIDTH_MIN),
+        header: &m.header,
     };
     let width = ln.width;
     // Points: one per send (copies of a duplicated message share it), one per receive, one per mark.
@@ -530,7 +536,7 @@ fn arrow(out: &mut String, ln: &Lanes<'_>, a: &Arrow<'_>, y1: f64, y2: Option<f6
             }
         );
     }
-    let _ = write!(out, "\"><title>{}</title>", escape(&a.title()));
+    let _ = write!(out, "\"><title>{}</title>", escape(&a.title(ln.header)));
     match (a.end, y2) {
         (End::Received { .. }, Some(y2)) => {
             let x2 = xt - dir * 1.5;
@@ -629,7 +635,7 @@ fn intervals(out: &mut String, ln: &Lanes<'_>, m: &Model<'_>, mark_pt: &[usize],
             }
             What::Restart { node } => {
                 if let Some(y0) = down_since.remove(node) {
-                    bands.push((*node, y0, y, "down", RED, format!("{} down", NODES[*node])));
+                    bands.push((*node, y0, y, "down", RED, format!("{} down", ln.name(*node))));
                 }
             }
             What::PartitionStart { id, a, b, text } => {
@@ -646,7 +652,7 @@ fn intervals(out: &mut String, ln: &Lanes<'_>, m: &Model<'_>, mark_pt: &[usize],
         }
     }
     for (node, y0) in down_since {
-        bands.push((node, y0, bottom, "down", RED, format!("{} down", NODES[node])));
+        bands.push((node, y0, bottom, "down", RED, format!("{} down", ln.name(node))));
     }
     for (_, (y0, a, b, text)) in parts {
         for node in partition_nodes(a, b) {
@@ -674,13 +680,13 @@ fn mark(out: &mut String, ln: &Lanes<'_>, what: &What, t_ns: u64, y: f64) {
             let text = if *torn { "CRASH (torn write)" } else { "CRASH" };
             let title = format!(
                 "{at} {} crashes: unsynced writes lost{}",
-                NODES[*node],
+                ln.name(*node),
                 if *torn { ", last write torn" } else { "" }
             );
             lane_box(out, ln, "mark crash", *node, y, text, RED, &title);
         }
         What::Restart { node } => {
-            let title = format!("{at} {} restarts and recovers from its disk", NODES[*node]);
+            let title = format!("{at} {} restarts and recovers from its disk", ln.name(*node));
             lane_box(out, ln, "mark restart", *node, y, "restart", GREEN, &title);
         }
         What::PartitionStart { a, b, text, .. } => {
