@@ -1,6 +1,6 @@
 //! The madsim world: one node per service (broker, order, stock, payment,
-//! workload), each driving the shipped sans-IO machine; a faulty transport on
-//! madsim's network; a disk per node that lives outside the node so it survives
+//! workload), each driving the shipped sans-IO machine; a faulty transport
+//! (the plan's message faults over [`crate::transport`]'s mailboxes); a disk per node that lives outside the node so it survives
 //! a kill; a supervisor that schedules the plan's crashes and partitions, then
 //! heals and waits for quiescence.
 //!
@@ -19,8 +19,8 @@ use crate::scenario::Workload;
 use crate::topology::node_of_url;
 pub use crate::topology::{BROKER, CUSTOM, NODES, ORDER, PAYMENT, STOCK, WORKLOAD, notify_url};
 use crate::trace::Trace;
+use crate::transport::{Inbound, SimClock, Transport};
 use crate::wire::Wire;
-use madsim::net::{Endpoint, NetSim};
 use madsim::runtime::{Handle, NodeHandle, Runtime};
 use sagamq::broker::{
     Broker, BrokerConfig, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Reply, RequestId,
@@ -31,13 +31,11 @@ use sagamq::saga::{CallbackToken, Command, CommandOutcome, OutboxId, Participant
 use sagamq::{ClientId, MessageKey, Time, Topic};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
-const TAG: u64 = 7;
 /// A disk sync takes this long; writes issued meanwhile share it (group commit).
 const SYNC_LATENCY: Duration = Duration::from_micros(500);
 /// How long a torn-write crash waits for its node to start a write.
@@ -93,7 +91,10 @@ pub struct Shared {
     seed: u64,
     pub trace: Trace,
     pub events: EventLog,
-    start: madsim::time::Instant,
+    /// madsim's clock; 0 when the run started.
+    clock: SimClock,
+    /// The network between the nodes (mailboxes, cut links).
+    net: Transport,
     skews: [Skew; NODES.len()],
     pub disks: Vec<MemDisk>,
     pub slots: Vec<Slot>,
@@ -112,13 +113,9 @@ pub struct Shared {
     /// A torn-write crash waits for node i to start a write; the node reports it here.
     torn_armed: [bool; NODES.len()],
     torn_signal: Option<async_channel::Sender<usize>>,
-    /// The live broker incarnation's inbound queue, for the operator's requests.
-    operator_tx: Option<async_channel::Sender<Inbound>>,
     pub check: Checker,
     pub deliveries: u64,
     wakeups: u64,
-    /// Messages waiting in the broker's inbox at its last step.
-    broker_backlog: usize,
     /// The run's derived liveness bound (ms after healing).
     liveness_bound_ms: u64,
     /// A paused node handles nothing until this (elapsed ns).
@@ -127,7 +124,7 @@ pub struct Shared {
 
 impl Shared {
     fn elapsed_ns(&self) -> u64 {
-        u64::try_from(madsim::time::Instant::now().duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
+        self.clock.elapsed_ns()
     }
     /// Node `i`'s (skewed) clock.
     fn now(&self, i: usize) -> Time {
@@ -157,18 +154,9 @@ fn lock(w: &World) -> MutexGuard<'_, Shared> {
     w.lock().expect("single-threaded simulation never poisons")
 }
 
-fn addr(i: usize) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + i as u8)), 1)
-}
-
-fn node_of(a: SocketAddr) -> Option<usize> {
-    (0..NODES.len()).find(|&i| addr(i).ip() == a.ip())
-}
-
 /// Runs one seed under `plan` and judges it.
 pub fn run(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> RunResult {
-    let mut net = madsim::Config::default();
-    net.net.send_latency = Duration::from_micros(200)..Duration::from_millis(3);
+    let net = madsim::Config::default();
     let (plan, cfg) = (plan.clone(), cfg.clone());
     // A panic anywhere (a node's machine, an assertion, the checker) fails this
     // seed with its replay command instead of aborting the sweep.
@@ -222,7 +210,8 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
     let shared = Shared {
         trace: Trace::new(cfg.trace),
         events: EventLog::new(cfg.trace),
-        start: madsim::time::Instant::now(),
+        clock: SimClock::current(),
+        net: Transport::new(NODES.len()),
         skews,
         disks: vec![MemDisk::new(); NODES.len()],
         slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
@@ -239,11 +228,9 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         faults,
         torn_armed: [false; NODES.len()],
         torn_signal: None,
-        operator_tx: None,
         check: Checker::new(Spec::new(&def, &broker_config(&plan.profile))),
         deliveries: 0,
         wakeups: 0,
-        broker_backlog: 0,
         liveness_bound_ms: 0,
         paused_until_ns: [None; NODES.len()],
         cfg: cfg.clone(),
@@ -300,7 +287,6 @@ fn spawn_nodes(world: &World) -> Vec<NodeHandle> {
             handle
                 .create_node()
                 .name(NODES[i])
-                .ip(addr(i).ip())
                 .init(move || node_main(w.clone(), i))
                 .build()
         })
@@ -337,7 +323,7 @@ async fn chaos_phase(
     for (at_ms, k, is_end) in events {
         sleep_until_ms(world, u64::from(at_ms)).await;
         match plan.faults[k] {
-            Fault::Partition { a, b, .. } => partition(world, plan, nodes, k, a, b, is_end),
+            Fault::Partition { a, b, .. } => partition(world, plan, k, a, b, is_end),
             Fault::Pause { at_ms, for_ms, node } => {
                 let n = usize::from(node);
                 let mut s = lock(world);
@@ -381,8 +367,7 @@ async fn chaos_phase(
 }
 
 /// Cuts (or, `is_end`, heals) partition fault `k` between `a` and `b` (None: everyone).
-fn partition(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, a: u8, b: Option<u8>, is_end: bool) {
-    let net = NetSim::current();
+fn partition(world: &World, plan: &FaultPlan, k: usize, a: u8, b: Option<u8>, is_end: bool) {
     let a = usize::from(a);
     let links: Vec<(usize, usize)> = match b {
         Some(b) => vec![(a, usize::from(b))],
@@ -391,16 +376,10 @@ fn partition(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, a:
             .map(|j| (a, j))
             .collect(),
     };
-    for (x, y) in links {
-        if is_end {
-            net.unclog_link(nodes[x].id(), nodes[y].id());
-            net.unclog_link(nodes[y].id(), nodes[x].id());
-        } else {
-            net.clog_link(nodes[x].id(), nodes[y].id());
-            net.clog_link(nodes[y].id(), nodes[x].id());
-        }
-    }
     let mut s = lock(world);
+    for (x, y) in links {
+        s.net.set_cut(x, y, !is_end);
+    }
     if !is_end {
         s.fired("partition");
     }
@@ -427,23 +406,16 @@ fn partition(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, a:
 /// letters redriven by the operator; then liveness is required.
 async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[NodeHandle], down: [bool; NODES.len()]) {
     let handle = Handle::current();
-    let net = NetSim::current();
     {
         let mut s = lock(world);
         s.chaos = false;
+        s.net.heal_all();
         s.event(|| What::HealPhase);
         s.line(BROKER, || {
             "heal: faults off, partitions healed, crashed nodes restarted".to_string()
         });
         judge_safety(&mut s, cfg.chaos_ms.into());
         s.observe(Event::Healed);
-    }
-    for x in 0..NODES.len() {
-        for y in 0..NODES.len() {
-            if x != y {
-                net.unclog_link(nodes[x].id(), nodes[y].id());
-            }
-        }
     }
     for (n, was_down) in down.iter().enumerate() {
         if *was_down {
@@ -688,7 +660,11 @@ async fn monitor(world: World) {
         let now = s.now(BROKER);
         // A paused broker is as good as saturated for the progress bound.
         let paused = s.paused_until_ns[BROKER].is_some_and(|until| until > s.elapsed_ns());
-        let backlog = if paused { 1 } else { s.broker_backlog };
+        let backlog = if paused {
+            1
+        } else {
+            s.net.backlog(BROKER, s.elapsed_ns())
+        };
         let Shared { check, slots, .. } = &mut *s;
         if let Slot::Broker(b) = &slots[BROKER] {
             let mut snap = broker_snapshot(b, now, false);
@@ -754,8 +730,8 @@ fn orders_created(views: &BTreeMap<String, crate::check::View>) -> u64 {
 }
 
 async fn sleep_until_ms(world: &World, ms: u64) {
-    let start = lock(world).start;
-    madsim::time::sleep_until(start + Duration::from_millis(ms)).await;
+    let sleep = lock(world).clock.sleep_until_ns(ms * 1_000_000);
+    sleep.await;
 }
 
 fn crash(
@@ -768,6 +744,7 @@ fn crash(
 ) {
     handle.kill(nodes[n].id());
     let mut s = lock(world);
+    s.net.down(n);
     // Judge the state the crash is about to erase (a node that keeps effects
     // only in memory would otherwise hide them by forgetting).
     let at_ms = s.elapsed_ns() / 1_000_000;
@@ -1023,9 +1000,9 @@ fn redrive_all(s: &mut Shared) {
         .collect();
     for (client, st) in clients {
         *s.faults.entry("dead_letter").or_default() += st.dead_letters as u64;
-        if let Some(tx) = &s.operator_tx {
-            let _ = tx.try_send(Inbound::Redrive(client.clone()));
-        }
+        let now_ns = s.elapsed_ns();
+        let Shared { net, clock, .. } = &mut *s;
+        net.post(clock, now_ns, BROKER, Inbound::Redrive(client.clone()));
         s.event(|| What::Note {
             node: BROKER,
             text: format!("operator: redrive {} dead letters of {client}", st.dead_letters),
@@ -1034,12 +1011,6 @@ fn redrive_all(s: &mut Shared) {
             format!("operator: redrive {} dead letters of {client}", st.dead_letters)
         });
     }
-}
-
-/// What a node's task receives: a network message, or (broker) an operator's request.
-enum Inbound {
-    Net(SocketAddr, Seq, Wire),
-    Redrive(ClientId),
 }
 
 /// Waits for the first of a message and a deadline (None: the deadline passed).
@@ -1080,6 +1051,8 @@ struct Driver {
     /// A torn-write crash is armed and this step began a write: signal it once
     /// the step's messages are sent.
     torn_after_step: bool,
+    /// The virtual time the machine's timer was last handled.
+    timer_handled_ns: Option<u64>,
 }
 
 enum Pending {
@@ -1091,101 +1064,117 @@ async fn node_main(world: World, i: usize) {
     if !boot(&world, i) {
         return;
     }
-    let ep = Arc::new(Endpoint::bind(addr(i)).await.expect("bind simulated endpoint"));
-    let (tx, rx) = async_channel::unbounded();
-    let operator_tx = tx.clone();
-    {
-        // One receive task per endpoint feeding a channel: recv_from_raw is not cancel-safe.
-        let ep = ep.clone();
-        madsim::task::spawn(async move {
-            while let Ok((payload, from)) = ep.recv_from_raw(TAG).await {
-                let (seq, wire) = *payload.downcast::<(Seq, Wire)>().expect("only Wire values travel");
-                if tx.send(Inbound::Net(from, seq, wire)).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    if i == BROKER {
-        lock(&world).operator_tx = Some(operator_tx);
-    }
+    lock(&world).net.up(i);
     let mut drv = Driver::default();
-    // What woke the node: something received, or (None) its next deadline passed.
-    let mut wake: Option<Inbound> = None;
+    // A booted machine first gets a timer step: recovery may have left it
+    // work to announce (callbacks to resume, outbox entries to re-publish).
+    step(&world, &mut drv, i, true);
     loop {
-        // A paused node does nothing until its pause ends (what woke it waits).
-        let paused = {
-            let s = lock(&world);
-            s.paused_until_ns[i]
-                .filter(|until| *until > s.elapsed_ns())
-                .map(|until| s.start + Duration::from_nanos(until))
-        };
-        if let Some(until) = paused {
-            madsim::time::sleep_until(until).await;
-        }
-        let out = {
+        // Wait for the first of: a message due, the machine's deadline, the
+        // disk sync; a paused node waits for the end of its pause as well.
+        std::future::poll_fn(|cx| {
             let mut s = lock(&world);
-            s.wakeups += 1;
-            let now = s.now(i);
-            match wake {
-                Some(Inbound::Net(from, seq, wire)) => {
-                    // A sync that fell due while messages kept arriving completes
-                    // now: under a backlog the inbox is never empty, and a broker
-                    // at its unsynced bound would otherwise refuse forever.
-                    complete_sync(&mut s, &mut drv, i, now);
-                    on_wire(&mut s, &mut drv, i, now, from, seq, wire);
-                }
-                Some(Inbound::Redrive(client)) => {
-                    if let Slot::Broker(b) = &mut s.slots[i] {
-                        let dead = |b: &Broker| -> Vec<sagamq::MsgId> {
-                            b.dead_letters(&client).iter().map(|m| m.msg_id).collect()
-                        };
-                        let before = dead(b);
-                        let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
-                        b.handle(
-                            now,
-                            BrokerInput::Redrive {
-                                req,
-                                client: client.clone(),
-                            },
-                        );
-                        let after = dead(b);
-                        let moved: Vec<sagamq::MsgId> = before.iter().filter(|m| !after.contains(m)).copied().collect();
-                        s.observe(Event::Redrive {
-                            client: &client,
-                            dead: &before,
-                            moved: &moved,
-                        });
-                    }
-                }
-                None => on_timer(&mut s, &mut drv, i, now),
-            }
-            drain(&mut s, &mut drv, i);
-            std::mem::take(&mut drv.outgoing)
-        };
-        for (dst, wire) in out {
-            send(&world, &ep, i, dst, wire).await;
+            let now_ns = s.elapsed_ns();
+            let next = next_wake_ns(&s, &drv, i);
+            let Shared { net, clock, .. } = &mut *s;
+            net.wait(clock, now_ns, i, next, cx)
+        })
+        .await;
+        step(&world, &mut drv, i, false);
+    }
+}
+
+/// When node `i` must next wake (virtual ns): its first message due, its
+/// machine's deadline, its disk sync; not before a pause ends.
+fn next_wake_ns(s: &Shared, drv: &Driver, i: usize) -> Option<u64> {
+    let machine_ns = poll_timeout(&s.slots[i]).map(|t| {
+        let at = s.skews[i].virtual_at(t.0);
+        // A deadline handled at this very instant and still pending waits a
+        // millisecond (madsim's timer granularity) instead of spinning.
+        match drv.timer_handled_ns {
+            Some(h) if at <= h => h + 1_000_000,
+            _ => at,
         }
-        if std::mem::take(&mut drv.torn_after_step)
-            && let Some(tx) = &lock(&world).torn_signal
-        {
-            // The step that began the write is over (what it sent is out) and
-            // the write is not synced yet: the torn-write crash strikes now.
-            let _ = tx.try_send(i);
+    });
+    let next = [machine_ns, drv.sync_due_ns, s.net.next_due_ns(i)]
+        .into_iter()
+        .flatten()
+        .min()?;
+    Some(match s.paused_until_ns[i] {
+        Some(until) => next.max(until),
+        None => next,
+    })
+}
+
+/// One wake-up of node `i`: completes a due disk sync, handles every message
+/// due (in due order, each a step of its own: handled, outputs drained, sent),
+/// then the machine's timer if it is due (or `first`: the incarnation's first step).
+fn step(world: &World, drv: &mut Driver, i: usize, first: bool) {
+    let mut s = lock(world);
+    let now_ns = s.elapsed_ns();
+    if s.paused_until_ns[i].is_some_and(|until| until > now_ns) {
+        return; // woken early (a stale timer): what is due waits for the pause's end
+    }
+    s.wakeups += 1;
+    let now = s.now(i);
+    // A sync that fell due completes first: the device finishing a write
+    // never waits behind the node's inbox.
+    complete_sync(&mut s, drv, i, now);
+    drain(&mut s, drv, i);
+    send_outgoing(&mut s, drv, i);
+    while let Some(inbound) = s.net.pop_due(i, now_ns) {
+        match inbound {
+            Inbound::Net { from, seq, wire } => on_wire(&mut s, drv, i, now, from, seq, wire),
+            Inbound::Redrive(client) => on_redrive(&mut s, i, now, &client),
         }
-        let deadline = {
-            let s = lock(&world);
-            let machine_ns = poll_timeout(&s.slots[i]).map(|t| s.skews[i].virtual_at(t.0));
-            let next = match (machine_ns, drv.sync_due_ns) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            next.map(|ns| s.start + Duration::from_nanos(ns))
-        };
-        if i == BROKER {
-            lock(&world).broker_backlog = rx.len();
-        }
-        wake = recv_until(&rx, deadline).await;
+        drain(&mut s, drv, i);
+        send_outgoing(&mut s, drv, i);
+    }
+    let due = poll_timeout(&s.slots[i]).is_some_and(|t| s.skews[i].virtual_at(t.0) <= now_ns);
+    if first || due && drv.timer_handled_ns != Some(now_ns) {
+        drv.timer_handled_ns = Some(now_ns);
+        on_timer(&mut s, drv, i, now);
+        drain(&mut s, drv, i);
+        send_outgoing(&mut s, drv, i);
+    }
+}
+
+/// Sends what the last step produced; a torn-write crash armed for this node
+/// strikes once the step that began a write is over.
+fn send_outgoing(s: &mut Shared, drv: &mut Driver, i: usize) {
+    for (dst, wire) in std::mem::take(&mut drv.outgoing) {
+        send(s, i, dst, wire);
+    }
+    if std::mem::take(&mut drv.torn_after_step)
+        && let Some(tx) = &s.torn_signal
+    {
+        // The step that began the write is over (what it sent is out) and
+        // the write is not synced yet: the torn-write crash strikes now.
+        let _ = tx.try_send(i);
+    }
+}
+
+/// The operator's redrive of `client`'s dead letters, handled by the broker
+/// as a step of its own (its clock, its outputs drained at once).
+fn on_redrive(s: &mut Shared, i: usize, now: Time, client: &ClientId) {
+    if let Slot::Broker(b) = &mut s.slots[i] {
+        let dead = |b: &Broker| -> Vec<sagamq::MsgId> { b.dead_letters(client).iter().map(|m| m.msg_id).collect() };
+        let before = dead(b);
+        let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
+        b.handle(
+            now,
+            BrokerInput::Redrive {
+                req,
+                client: client.clone(),
+            },
+        );
+        let after = dead(b);
+        let moved: Vec<sagamq::MsgId> = before.iter().filter(|m| !after.contains(m)).copied().collect();
+        s.observe(Event::Redrive {
+            client,
+            dead: &before,
+            moved: &moved,
+        });
     }
 }
 
@@ -1290,8 +1279,7 @@ fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
 }
 
 #[allow(clippy::too_many_arguments)] // one more than clippy's limit: the message's sequence number
-fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAddr, seq: Seq, wire: Wire) {
-    let Some(src) = node_of(from) else { return };
+fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, src: usize, seq: Seq, wire: Wire) {
     s.event(|| What::Recv { seq, from: src, to: i });
     if s.trace.enabled() {
         let text = wire.to_string();
@@ -1414,6 +1402,8 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAd
 fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
     let now = s.now(i);
+    // Virtual time does not move within a step.
+    let t = s.elapsed_ns();
     loop {
         let Shared {
             cfg,
@@ -1421,11 +1411,9 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             disks,
             check,
             trace,
-            start,
             names,
             ..
         } = &mut *s;
-        let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
         match &mut slots[i] {
             Slot::Down | Slot::Absent => break,
             Slot::Broker(b) => {
@@ -1569,9 +1557,8 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
 /// Sends through the faulty transport: the plan decides drop, lost callback
 /// answer, delay and duplicate by the message's sequence number, which travels
 /// with the message so a receive can name its send (the diagrams' arrows).
-async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: Wire) {
+fn send(s: &mut Shared, from: usize, dst: usize, wire: Wire) {
     let (seq, delay_ms, copies) = {
-        let mut s = lock(world);
         let nth = s.sent_nth;
         s.sent_nth += 1;
         let answer_nth = if wire.is_callback_answer() {
@@ -1634,19 +1621,13 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
             (seq, delay, 1 + usize::from(dup))
         }
     };
-    let to = addr(dst);
-    if delay_ms > 0 {
-        let ep = ep.clone();
-        madsim::task::spawn(async move {
-            madsim::time::sleep(Duration::from_millis(u64::from(delay_ms))).await;
-            for _ in 0..copies {
-                let _ = ep.send_to_raw(to, TAG, Box::new((seq, wire.clone()))).await;
-            }
-        });
-    } else {
-        for _ in 0..copies {
-            // A send to a crashed node fails like a refused connection; the sender's retry logic covers it.
-            let _ = ep.send_to_raw(to, TAG, Box::new((seq, wire.clone()))).await;
-        }
+    // Each copy draws its own latency; a send to a crashed node is lost like
+    // a refused connection (the sender's retry logic covers it).
+    let now_ns = s.elapsed_ns();
+    let delay_ns = u64::from(delay_ms) * 1_000_000;
+    let Shared { net, clock, .. } = s;
+    for _ in 1..copies {
+        net.send(clock, now_ns, from, dst, seq, wire.clone(), delay_ns);
     }
+    net.send(clock, now_ns, from, dst, seq, wire, delay_ns);
 }

@@ -191,7 +191,11 @@ fn double_release() {
 fn ack_before_durable() {
     caught(&Case {
         bug: Bug::AckBeforeDurable,
-        scenario: SAGA6,
+        // saga:10, not saga:6: about 2.5% of the seeds catch it either way
+        // (saga:6 0..1000: 22 failing seeds on madsim's Endpoint, 28 on the
+        // mailbox transport), so which seed is first is luck: saga:6's first
+        // moved from 75 to 108, saga:10's is 22 on both transports.
+        scenario: SAGA10,
         budget: 80,
         invariant: "dedup",
         // A publish acknowledged, then lost in a crash: its message id is
