@@ -394,7 +394,8 @@ pub struct Checker {
     keys: BTreeMap<MessageKey, KeyState>,
     msg_keys: BTreeMap<MsgId, MessageKey>,
     subs: BTreeMap<(Topic, ClientId), Sub>,
-    pairs: BTreeMap<(ClientId, MessageKey), Pair>,
+    /// Per subscriber, per key (nested so a lookup borrows instead of cloning both).
+    pairs: BTreeMap<ClientId, BTreeMap<MessageKey, Pair>>,
     /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
     deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64, u32)>,
     /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
@@ -534,7 +535,34 @@ impl Checker {
     }
 
     fn story(&mut self, key: &MessageKey) -> &mut Story {
-        self.stories.entry(key.global_id.to_string()).or_default()
+        let id = key.global_id.as_str();
+        if !self.stories.contains_key(id) {
+            self.stories.insert(id.to_string(), Story::default());
+        }
+        self.stories.get_mut(id).expect("inserted above")
+    }
+
+    fn pair(&self, client: &ClientId, key: &MessageKey) -> Option<&Pair> {
+        self.pairs.get(client)?.get(key)
+    }
+
+    /// The (subscriber, key) pair, created on first use; clones ids only then.
+    fn pair_mut(&mut self, client: &ClientId, key: &MessageKey) -> &mut Pair {
+        if !self.pairs.contains_key(client) {
+            self.pairs.insert(client.clone(), BTreeMap::new());
+        }
+        let of_client = self.pairs.get_mut(client).expect("inserted above");
+        if !of_client.contains_key(key) {
+            of_client.insert(key.clone(), Pair::default());
+        }
+        of_client.get_mut(key).expect("inserted above")
+    }
+
+    /// Every pair in (subscriber, key) order.
+    fn all_pairs(&self) -> impl Iterator<Item = (&ClientId, &MessageKey, &Pair)> {
+        self.pairs
+            .iter()
+            .flat_map(|(client, keys)| keys.iter().map(move |(key, pair)| (client, key, pair)))
     }
 
     /// One more (or one fewer) unsettled message of `key`'s order.
@@ -579,7 +607,13 @@ impl Checker {
                     && *inc == self.incarnation
                 {
                     let (inc, redrives) = (*inc, *redrives);
-                    let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+                    let pair = match self.pairs.get_mut(client).and_then(|keys| keys.get_mut(key)) {
+                        Some(pair) => pair,
+                        None => {
+                            let (client, key) = (client.clone(), key.clone());
+                            self.pair_mut(&client, &key)
+                        }
+                    };
                     if pair.redrives == redrives {
                         pair.acked_in = Some(inc);
                     }
@@ -648,7 +682,10 @@ impl Checker {
 
     fn emitted(&mut self, at_ms: u64, node: usize, publish: &PublishRequest) {
         let key = publish.key();
-        let ks = self.keys.entry(key.clone()).or_insert_with(KeyState::unseen);
+        if !self.keys.contains_key(&key) {
+            self.keys.insert(key.clone(), KeyState::unseen());
+        }
+        let ks = self.keys.get_mut(&key).expect("inserted above");
         match &ks.emitted {
             Some(first) if *first != publish.content => {
                 let detail = format!(
@@ -940,9 +977,11 @@ impl Checker {
             }
             if duplicate {
                 let (inc, comp) = (ack.incarnation, ack.compactions);
+                let pairs = &self.pairs;
                 let settled = ack.entitled.iter().all(|c| {
-                    self.pairs
-                        .get(&(c.clone(), key.clone()))
+                    pairs
+                        .get(c)
+                        .and_then(|keys| keys.get(key))
                         .is_some_and(|p| p.processed > 0)
                 });
                 if inc < self.incarnation {
@@ -976,14 +1015,12 @@ impl Checker {
             self.open(key, false, at_ms);
         }
         for client in entitled {
-            let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
-            if pair.processed == 0 {
+            let pair = self.pair_mut(&client, key);
+            let (processed, attempted) = (pair.processed, pair.attempted);
+            if processed == 0 {
                 self.open(key, true, at_ms);
             }
-            let pair = &self.pairs[&(client.clone(), key.clone())];
-            if !pair.attempted
-                && let Some(topic) = &topic
-            {
+            if !attempted && let Some(topic) = &topic {
                 self.unattempted
                     .entry(client)
                     .or_default()
@@ -1008,8 +1045,13 @@ impl Checker {
         let client = &cb.client;
         let message = &cb.message;
         let key = message.key();
-        self.last_callback_ms.insert(client.clone(), at_ms);
-        let redrives = self.pairs.get(&(client.clone(), key.clone())).map_or(0, |p| p.redrives);
+        match self.last_callback_ms.get_mut(client) {
+            Some(last) => *last = at_ms,
+            None => {
+                self.last_callback_ms.insert(client.clone(), at_ms);
+            }
+        }
+        let redrives = self.pair(client, &key).map_or(0, |p| p.redrives);
         self.deliveries
             .insert(cb.delivery, (client.clone(), key.clone(), self.incarnation, redrives));
         let mut found = Vec::new();
@@ -1071,7 +1113,7 @@ impl Checker {
             self.keys.get_mut(&key).expect("present").delivered = Some(m);
         }
         let incarnation = self.incarnation;
-        let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+        let pair = self.pair_mut(client, &key);
         pair.attempts += 1;
         if pair.acked_in == Some(incarnation) {
             let detail = format!(
@@ -1118,8 +1160,10 @@ impl Checker {
     }
 
     fn processed(&mut self, at_ms: u64, node: usize, client: &ClientId, key: &MessageKey) {
-        self.client_nodes.insert(client.clone(), node);
-        let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+        if self.client_nodes.get(client) != Some(&node) {
+            self.client_nodes.insert(client.clone(), node);
+        }
+        let pair = self.pair_mut(client, key);
         pair.processed += 1;
         let first = pair.processed == 1;
         if !first {
@@ -1157,7 +1201,7 @@ impl Checker {
             let Some(key) = self.msg_keys.get(msg_id).cloned() else {
                 continue;
             };
-            let pair = self.pairs.entry((client.clone(), key)).or_default();
+            let pair = self.pair_mut(client, &key);
             pair.attempts = 0;
             pair.acked_in = None;
             pair.redrives += 1;
@@ -1170,7 +1214,7 @@ impl Checker {
             let Some(key) = self.msg_keys.get(msg_id).cloned() else {
                 continue;
             };
-            let attempts = self.pairs.get(&(client.clone(), key.clone())).map_or(0, |p| p.attempts);
+            let attempts = self.pair(client, &key).map_or(0, |p| p.attempts);
             if attempts < self.spec.attempts_max {
                 let detail = format!(
                     "{key} ({msg_id}) is a dead letter of {client} after {attempts} attempts on the wire; the budget is {}",
@@ -1441,11 +1485,7 @@ impl Checker {
         for (key, ks) in &self.keys {
             let Some(ack) = &ks.ack else { continue };
             for client in &ack.entitled {
-                if self
-                    .pairs
-                    .get(&(client.clone(), key.clone()))
-                    .is_some_and(|p| p.processed > 0)
-                {
+                if self.pair(client, key).is_some_and(|p| p.processed > 0) {
                     continue;
                 }
                 let dead = broker.dead.get(client).is_some_and(|d| d.contains(&ack.msg_id));
@@ -1465,7 +1505,7 @@ impl Checker {
             found.push(Violation::liveness("no-lost-request", detail, at_ms));
         }
         // Every 2xx a participant gave is still reflected in its state.
-        for ((client, key), pair) in &self.pairs {
+        for (client, key, pair) in self.all_pairs() {
             if pair.processed == 0 {
                 continue;
             }
@@ -1566,7 +1606,7 @@ impl Checker {
             .filter(|(_, ks)| ks.ack.is_some())
             .filter_map(|(key, ks)| Some((key.global_id.as_str(), ks.versions.first()?.topic.as_str())))
             .collect();
-        self.pairs.iter().find_map(|((client, key), pair)| {
+        self.all_pairs().find_map(|(client, key, pair)| {
             if pair.processed == 0 {
                 return None;
             }
