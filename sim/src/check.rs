@@ -393,7 +393,8 @@ pub struct Checker {
     spec: Spec,
     keys: BTreeMap<MessageKey, KeyState>,
     msg_keys: BTreeMap<MsgId, MessageKey>,
-    subs: BTreeMap<(Topic, ClientId), Sub>,
+    /// Per topic, per subscriber (nested: a publish looks up its topic's subscribers).
+    subs: BTreeMap<Topic, BTreeMap<ClientId, Sub>>,
     /// Per subscriber, per key (nested so a lookup borrows instead of cloning both).
     pairs: BTreeMap<ClientId, BTreeMap<MessageKey, Pair>>,
     /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
@@ -528,10 +529,9 @@ impl Checker {
     /// Confirmed subscribers of `topic` whose subscription has expired at `now`
     /// (broker clock): still owed new messages within the grace.
     pub fn lapsed(&self, topic: &Topic, now: Time) -> usize {
-        self.subs
-            .iter()
-            .filter(|((tp, _), s)| tp == topic && s.until.is_some_and(|u| now >= u))
-            .count()
+        self.subs.get(topic).map_or(0, |subs| {
+            subs.values().filter(|s| s.until.is_some_and(|u| now >= u)).count()
+        })
     }
 
     fn story(&mut self, key: &MessageKey) -> &mut Story {
@@ -540,6 +540,18 @@ impl Checker {
             self.stories.insert(id.to_string(), Story::default());
         }
         self.stories.get_mut(id).expect("inserted above")
+    }
+
+    /// The (topic, subscriber) subscription record, created on first use.
+    fn sub_mut(&mut self, topic: &Topic, client: &ClientId) -> &mut Sub {
+        if !self.subs.contains_key(topic) {
+            self.subs.insert(topic.clone(), BTreeMap::new());
+        }
+        let of_topic = self.subs.get_mut(topic).expect("inserted above");
+        if !of_topic.contains_key(client) {
+            of_topic.insert(client.clone(), Sub::default());
+        }
+        of_topic.get_mut(client).expect("inserted above")
     }
 
     fn pair(&self, client: &ClientId, key: &MessageKey) -> Option<&Pair> {
@@ -588,13 +600,13 @@ impl Checker {
                 expire,
                 now,
             } => {
-                let sub = self.subs.entry((topic.clone(), client.clone())).or_default();
+                let sub = self.sub_mut(topic, client);
                 if sub.requests.last() != Some(&(now, expire)) {
                     sub.requests.push((now, expire));
                 }
             }
             Event::Subscribed { client, topic, until } => {
-                let sub = self.subs.entry((topic.clone(), client.clone())).or_default();
+                let sub = self.sub_mut(topic, client);
                 sub.until = Some(sub.until.map_or(until, |u| u.max(until)));
             }
             Event::Emitted { node, publish } => self.emitted(at_ms, node, publish),
@@ -909,17 +921,15 @@ impl Checker {
 
     fn publish_received(&mut self, publish: &PublishRequest, now: Time) {
         let grace = self.spec.grace;
-        let live: BTreeSet<ClientId> = self
-            .subs
+        let empty = BTreeMap::new();
+        let subs = self.subs.get(&publish.topic).unwrap_or(&empty);
+        let live: BTreeSet<ClientId> = subs
             .iter()
-            .filter(|((tp, _), s)| *tp == publish.topic && s.until.is_some_and(|u| now < u.plus(grace)))
-            .map(|((_, c), _)| c.clone())
+            .filter(|(_, s)| s.until.is_some_and(|u| now < u.plus(grace)))
+            .map(|(c, _)| c.clone())
             .collect();
         let key = publish.key();
-        let lapsed_beyond_grace = self
-            .subs
-            .iter()
-            .any(|((tp, _), s)| *tp == publish.topic && s.until.is_some_and(|u| now >= u.plus(grace)));
+        let lapsed_beyond_grace = subs.values().any(|s| s.until.is_some_and(|u| now >= u.plus(grace)));
         if lapsed_beyond_grace {
             self.story(&key).lost_to_lapse = true;
             self.covered("lapsed_beyond_grace");
@@ -1033,7 +1043,7 @@ impl Checker {
     /// receipts in `[first, last]` (broker clock): some subscription request
     /// received by then, live (or in its grace) at a receipt.
     fn entitled(&self, client: &ClientId, topic: &Topic, first: Time, last: Time) -> bool {
-        let Some(sub) = self.subs.get(&(topic.clone(), client.clone())) else {
+        let Some(sub) = self.subs.get(topic).and_then(|subs| subs.get(client)) else {
             return false;
         };
         sub.requests
@@ -1144,7 +1154,8 @@ impl Checker {
         for ((ct, id), topic) in earlier {
             let live = self
                 .subs
-                .get(&(topic.clone(), client.clone()))
+                .get(&topic)
+                .and_then(|subs| subs.get(client))
                 .and_then(|s| s.until)
                 .is_some_and(|u| now < u);
             if live {
@@ -1252,8 +1263,9 @@ impl Checker {
             }
             let paused = self
                 .subs
-                .iter()
-                .any(|((_, c), s)| c == client && s.until.is_none_or(|u| broker.now >= u));
+                .values()
+                .filter_map(|subs| subs.get(client))
+                .any(|s| s.until.is_none_or(|u| broker.now >= u));
             if paused {
                 self.waiting_since_ms.insert(client.clone(), at_ms);
                 *self.coverage.entry("delivery_paused").or_default() += 1;

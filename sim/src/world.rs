@@ -95,6 +95,9 @@ pub struct Shared {
     clock: SimClock,
     /// The network between the nodes (mailboxes, cut links).
     net: Transport,
+    /// The virtual time of the node step in progress: time cannot move while
+    /// a step holds the world, so its clock is read once.
+    step_ns: Option<u64>,
     skews: [Skew; NODES.len()],
     pub disks: Vec<MemDisk>,
     pub slots: Vec<Slot>,
@@ -124,7 +127,7 @@ pub struct Shared {
 
 impl Shared {
     fn elapsed_ns(&self) -> u64 {
-        self.clock.elapsed_ns()
+        self.step_ns.unwrap_or_else(|| self.clock.elapsed_ns())
     }
     /// Node `i`'s (skewed) clock.
     fn now(&self, i: usize) -> Time {
@@ -212,6 +215,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         events: EventLog::new(cfg.trace),
         clock: SimClock::current(),
         net: Transport::new(NODES.len()),
+        step_ns: None,
         skews,
         disks: vec![MemDisk::new(); NODES.len()],
         slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
@@ -1124,7 +1128,13 @@ fn next_wake_ns(s: &Shared, drv: &Driver, i: usize) -> Option<u64> {
 /// then the machine's timer if it is due (or `first`: the incarnation's first step).
 fn step(world: &World, drv: &mut Driver, i: usize, first: bool) {
     let mut s = lock(world);
-    let now_ns = s.elapsed_ns();
+    let now_ns = s.clock.elapsed_ns();
+    s.step_ns = Some(now_ns);
+    step_locked(&mut s, drv, i, first, now_ns);
+    s.step_ns = None;
+}
+
+fn step_locked(s: &mut Shared, drv: &mut Driver, i: usize, first: bool, now_ns: u64) {
     if s.paused_until_ns[i].is_some_and(|until| until > now_ns) {
         return; // woken early (a stale timer): what is due waits for the pause's end
     }
@@ -1132,23 +1142,23 @@ fn step(world: &World, drv: &mut Driver, i: usize, first: bool) {
     let now = s.now(i);
     // A sync that fell due completes first: the device finishing a write
     // never waits behind the node's inbox.
-    complete_sync(&mut s, drv, i, now);
-    drain(&mut s, drv, i);
-    send_outgoing(&mut s, drv, i);
+    complete_sync(s, drv, i, now);
+    drain(s, drv, i);
+    send_outgoing(s, drv, i);
     while let Some(inbound) = s.net.pop_due(i, now_ns) {
         match inbound {
-            Inbound::Net { from, seq, wire } => on_wire(&mut s, drv, i, now, from, seq, wire),
-            Inbound::Redrive(client) => on_redrive(&mut s, i, now, &client),
+            Inbound::Net { from, seq, wire } => on_wire(s, drv, i, now, from, seq, wire),
+            Inbound::Redrive(client) => on_redrive(s, i, now, &client),
         }
-        drain(&mut s, drv, i);
-        send_outgoing(&mut s, drv, i);
+        drain(s, drv, i);
+        send_outgoing(s, drv, i);
     }
     let due = poll_timeout(&s.slots[i]).is_some_and(|t| s.skews[i].virtual_at(t.0) <= now_ns);
     if first || due && drv.timer_handled_ns != Some(now_ns) {
         drv.timer_handled_ns = Some(now_ns);
-        on_timer(&mut s, drv, i, now);
-        drain(&mut s, drv, i);
-        send_outgoing(&mut s, drv, i);
+        on_timer(s, drv, i, now);
+        drain(s, drv, i);
+        send_outgoing(s, drv, i);
     }
 }
 
