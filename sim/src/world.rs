@@ -446,8 +446,11 @@ async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[N
 fn finish(world: &World, seed: u64) -> RunResult {
     let mut s = lock(world);
     let sim_ms = s.elapsed_ns() / 1_000_000;
-    judge_safety(&mut s, sim_ms);
-    judge_liveness(&mut s, sim_ms);
+    // Safety, then liveness, on one reading of the world (nothing moves in between).
+    judge(&mut s, sim_ms, |check, snap| {
+        check.safety(snap);
+        check.liveness(snap);
+    });
     judge_custom_final(&mut s, sim_ms);
     final_state_lines(&mut s);
     let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
