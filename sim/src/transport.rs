@@ -1,8 +1,9 @@
 //! The simulated network: one deterministic mailbox per node, on madsim's
 //! clock, instead of madsim's `Endpoint`. A message sent at virtual time `t`
 //! is due at `t + delay + latency` (latency drawn from madsim's seeded RNG,
-//! 0.2-3 ms as madsim's network drew it); a node wakes once for everything
-//! due and handles it in (due time, send order). A message is lost when its
+//! 0.2-3 ms as madsim's network drew it); a node wakes when a message is due
+//! and takes messages in (due time, send order), at most one per
+//! [`RECEIVE_GAP_NS`] as madsim's receive path did. A message is lost when its
 //! link is cut when it is sent or when it falls due, or when its destination
 //! is down when it is sent or crashes before it falls due (madsim delivered
 //! to the socket of the incarnation it was sent to, which a kill closes).
@@ -33,6 +34,11 @@ use std::time::Duration;
 pub const LATENCY_NS: std::ops::Range<u64> = 200_000..3_000_000;
 /// madsim never fires a timer sooner than this after it is set.
 const TIMER_MIN_NS: u64 = 1_000_000;
+/// A node takes in at most one message per this long (madsim's receive path
+/// cost 1 ms per message). Without it a burst lands at once: four
+/// subscription renewals meet a broker allowed one unsynced request, three are
+/// refused, and with a short TTL the subscription lapses beyond its grace.
+pub const RECEIVE_GAP_NS: u64 = 1_000_000;
 
 /// madsim's virtual clock, read without the intercepted `clock_gettime`
 /// (each `Instant::now()` inside madsim looks up the runtime in thread-local
@@ -113,6 +119,8 @@ struct Mailbox {
     waker: Option<Waker>,
     /// The earliest madsim timer set to wake this node that may not have fired yet.
     armed_ns: Option<u64>,
+    /// The node takes in its next message no earlier than this.
+    receive_free_ns: u64,
 }
 
 /// Every node's mailbox and the links that are cut.
@@ -144,6 +152,7 @@ impl Transport {
         b.queue.clear();
         b.waker = None;
         b.armed_ns = None;
+        b.receive_free_ns = 0;
     }
 
     /// Cuts (or heals) the link between `a` and `b`, both ways.
@@ -192,25 +201,31 @@ impl Transport {
         self.arm(clock, now_ns, to, due_ns);
     }
 
-    /// The next message due for node `i` by `now_ns`, in (due, send) order;
-    /// one whose link is cut by the time it falls due is lost.
+    /// The next message due for node `i` by `now_ns`, in (due, send) order,
+    /// if the node may take one in now (see [`RECEIVE_GAP_NS`]); one whose
+    /// link is cut by the time it falls due is lost.
     pub fn pop_due(&mut self, i: usize, now_ns: u64) -> Option<Inbound> {
         loop {
             let b = &mut self.boxes[i];
-            if b.queue.peek().is_none_or(|Reverse(q)| q.due_ns > now_ns) {
+            if b.receive_free_ns > now_ns || b.queue.peek().is_none_or(|Reverse(q)| q.due_ns > now_ns) {
                 return None;
             }
             let Reverse(q) = b.queue.pop()?;
             match &q.inbound {
                 Inbound::Net { from, .. } if self.cut[*from][i] => continue,
-                _ => return Some(q.inbound),
+                Inbound::Net { .. } => {
+                    b.receive_free_ns = now_ns + RECEIVE_GAP_NS;
+                    return Some(q.inbound);
+                }
+                Inbound::Redrive(_) => return Some(q.inbound),
             }
         }
     }
 
-    /// When node `i`'s earliest queued message falls due.
+    /// When node `i` can next take in a queued message.
     pub fn next_due_ns(&self, i: usize) -> Option<u64> {
-        self.boxes[i].queue.peek().map(|Reverse(q)| q.due_ns)
+        let b = &self.boxes[i];
+        b.queue.peek().map(|Reverse(q)| q.due_ns.max(b.receive_free_ns))
     }
 
     /// Messages due for node `i` by `now_ns` and not handled yet (a paused node's backlog).

@@ -1126,9 +1126,10 @@ fn next_wake_ns(s: &Shared, drv: &Driver, i: usize) -> Option<u64> {
     })
 }
 
-/// One wake-up of node `i`: completes a due disk sync, handles every message
-/// due (in due order, each a step of its own: handled, outputs drained, sent),
-/// then the machine's timer if it is due (or `first`: the incarnation's first step).
+/// One wake-up of node `i`: completes a due disk sync, handles the messages
+/// it may take in now (each a step of its own: handled, outputs drained,
+/// sent), then the machine's timer if it is due (or `first`: the
+/// incarnation's first step).
 fn step(world: &World, drv: &mut Driver, i: usize, first: bool) {
     let mut s = lock(world);
     let now_ns = s.clock.elapsed_ns();
