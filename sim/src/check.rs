@@ -1240,9 +1240,9 @@ impl Checker {
     /// attempt within one callback timeout plus the backoff cap, unless one of
     /// its subscriptions has lapsed (delivery paused until it renews).
     pub fn progress(&mut self, at_ms: u64, broker: &BrokerSnapshot) {
-        // A node sends about one message per simulated millisecond (madsim's
-        // network), so with N messages queued the broker may legitimately take
-        // N ms more to come round to any one subscriber.
+        // A node takes in about one message per simulated millisecond (the
+        // transport's receive gap), so with N messages queued the broker may
+        // legitimately take N ms more to come round to any one subscriber.
         let load_ms = broker.queued.values().map(|n| *n as u64).sum::<u64>();
         let gap_max = u64::try_from(self.spec.dispatch_gap_max.as_millis()).unwrap_or(u64::MAX) + STALL_MS + load_ms;
         let mut stalled = None;
