@@ -461,8 +461,10 @@ pub struct Checker {
     spec: Spec,
     keys: BTreeMap<MessageKey, KeyState>,
     msg_keys: BTreeMap<MsgId, MessageKey>,
-    subs: BTreeMap<(Topic, ClientId), Sub>,
-    pairs: BTreeMap<(ClientId, MessageKey), Pair>,
+    /// Per topic, per subscriber (nested: a publish looks up its topic's subscribers).
+    subs: BTreeMap<Topic, BTreeMap<ClientId, Sub>>,
+    /// Per subscriber, per key (nested so a lookup borrows instead of cloning both).
+    pairs: BTreeMap<ClientId, BTreeMap<MessageKey, Pair>>,
     /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
     deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64, u32)>,
     /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
@@ -598,14 +600,52 @@ impl Checker {
     /// Confirmed subscribers of `topic` whose subscription has expired at `now`
     /// (broker clock): still owed new messages within the grace.
     pub fn lapsed(&self, topic: &Topic, now: Time) -> usize {
-        self.subs
-            .iter()
-            .filter(|((tp, _), s)| tp == topic && s.until.is_some_and(|u| now >= u))
-            .count()
+        self.subs.get(topic).map_or(0, |subs| {
+            subs.values().filter(|s| s.until.is_some_and(|u| now >= u)).count()
+        })
     }
 
     fn story(&mut self, key: &MessageKey) -> &mut Story {
-        self.stories.entry(key.global_id.to_string()).or_default()
+        let id = key.global_id.as_str();
+        if !self.stories.contains_key(id) {
+            self.stories.insert(id.to_string(), Story::default());
+        }
+        self.stories.get_mut(id).expect("inserted above")
+    }
+
+    /// The (topic, subscriber) subscription record, created on first use.
+    fn sub_mut(&mut self, topic: &Topic, client: &ClientId) -> &mut Sub {
+        if !self.subs.contains_key(topic) {
+            self.subs.insert(topic.clone(), BTreeMap::new());
+        }
+        let of_topic = self.subs.get_mut(topic).expect("inserted above");
+        if !of_topic.contains_key(client) {
+            of_topic.insert(client.clone(), Sub::default());
+        }
+        of_topic.get_mut(client).expect("inserted above")
+    }
+
+    fn pair(&self, client: &ClientId, key: &MessageKey) -> Option<&Pair> {
+        self.pairs.get(client)?.get(key)
+    }
+
+    /// The (subscriber, key) pair, created on first use; clones ids only then.
+    fn pair_mut(&mut self, client: &ClientId, key: &MessageKey) -> &mut Pair {
+        if !self.pairs.contains_key(client) {
+            self.pairs.insert(client.clone(), BTreeMap::new());
+        }
+        let of_client = self.pairs.get_mut(client).expect("inserted above");
+        if !of_client.contains_key(key) {
+            of_client.insert(key.clone(), Pair::default());
+        }
+        of_client.get_mut(key).expect("inserted above")
+    }
+
+    /// Every pair in (subscriber, key) order.
+    fn all_pairs(&self) -> impl Iterator<Item = (&ClientId, &MessageKey, &Pair)> {
+        self.pairs
+            .iter()
+            .flat_map(|(client, keys)| keys.iter().map(move |(key, pair)| (client, key, pair)))
     }
 
     /// One more (or one fewer) unsettled message of `key`'s order.
@@ -632,13 +672,14 @@ impl Checker {
                 expire,
                 now,
             } => {
-                let sub = self.subs.entry((topic.clone(), client.clone())).or_default();
+                let seq = self.seq;
+                let sub = self.sub_mut(topic, client);
                 if sub.requests.last().is_none_or(|&(_, n, e)| (n, e) != (now, expire)) {
-                    sub.requests.push((self.seq, now, expire));
+                    sub.requests.push((seq, now, expire));
                 }
             }
             Event::Subscribed { client, topic, until } => {
-                let sub = self.subs.entry((topic.clone(), client.clone())).or_default();
+                let sub = self.sub_mut(topic, client);
                 sub.until = Some(sub.until.map_or(until, |u| u.max(until)));
             }
             Event::Emitted { node, publish } => self.emitted(at_ms, node, publish),
@@ -651,7 +692,13 @@ impl Checker {
                     && *inc == self.incarnation
                 {
                     let (inc, redrives) = (*inc, *redrives);
-                    let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+                    let pair = match self.pairs.get_mut(client).and_then(|keys| keys.get_mut(key)) {
+                        Some(pair) => pair,
+                        None => {
+                            let (client, key) = (client.clone(), key.clone());
+                            self.pair_mut(&client, &key)
+                        }
+                    };
                     if pair.redrives == redrives {
                         pair.acked_in = Some(inc);
                     }
@@ -720,7 +767,10 @@ impl Checker {
 
     fn emitted(&mut self, at_ms: u64, node: usize, publish: &PublishRequest) {
         let key = publish.key();
-        let ks = self.keys.entry(key.clone()).or_insert_with(KeyState::unseen);
+        if !self.keys.contains_key(&key) {
+            self.keys.insert(key.clone(), KeyState::unseen());
+        }
+        let ks = self.keys.get_mut(&key).expect("inserted above");
         match &ks.emitted {
             Some(first) if *first != publish.content => {
                 let detail = format!(
@@ -944,17 +994,15 @@ impl Checker {
 
     fn publish_received(&mut self, publish: &PublishRequest, now: Time) {
         let grace = self.spec.grace;
-        let live: BTreeSet<ClientId> = self
-            .subs
+        let empty = BTreeMap::new();
+        let subs = self.subs.get(&publish.topic).unwrap_or(&empty);
+        let live: BTreeSet<ClientId> = subs
             .iter()
-            .filter(|((tp, _), s)| *tp == publish.topic && s.until.is_some_and(|u| now < u.plus(grace)))
-            .map(|((_, c), _)| c.clone())
+            .filter(|(_, s)| s.until.is_some_and(|u| now < u.plus(grace)))
+            .map(|(c, _)| c.clone())
             .collect();
         let key = publish.key();
-        let lapsed_beyond_grace = self
-            .subs
-            .iter()
-            .any(|((tp, _), s)| *tp == publish.topic && s.until.is_some_and(|u| now >= u.plus(grace)));
+        let lapsed_beyond_grace = subs.values().any(|s| s.until.is_some_and(|u| now >= u.plus(grace)));
         if lapsed_beyond_grace {
             self.story(&key).lost_to_lapse = true;
             self.covered("lapsed_beyond_grace");
@@ -1013,9 +1061,11 @@ impl Checker {
             }
             if duplicate {
                 let (inc, comp) = (ack.incarnation, ack.compactions);
+                let pairs = &self.pairs;
                 let settled = ack.entitled.iter().all(|c| {
-                    self.pairs
-                        .get(&(c.clone(), key.clone()))
+                    pairs
+                        .get(c)
+                        .and_then(|keys| keys.get(key))
                         .is_some_and(|p| p.processed > 0)
                 });
                 if inc < self.incarnation {
@@ -1049,14 +1099,12 @@ impl Checker {
             self.open(key, false, at_ms);
         }
         for client in entitled {
-            let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
-            if pair.processed == 0 {
+            let pair = self.pair_mut(&client, key);
+            let (processed, attempted) = (pair.processed, pair.attempted);
+            if processed == 0 {
                 self.open(key, true, at_ms);
             }
-            let pair = &self.pairs[&(client.clone(), key.clone())];
-            if !pair.attempted
-                && let Some(topic) = &topic
-            {
+            if !attempted && let Some(topic) = &topic {
                 self.unattempted
                     .entry(client)
                     .or_default()
@@ -1069,7 +1117,7 @@ impl Checker {
     /// `receipts`: some subscription request received before a receipt and
     /// live (or in its grace) on the broker's clock at that receipt.
     fn entitled(&self, client: &ClientId, topic: &Topic, receipts: &[(u64, Time)]) -> bool {
-        let Some(sub) = self.subs.get(&(topic.clone(), client.clone())) else {
+        let Some(sub) = self.subs.get(topic).and_then(|subs| subs.get(client)) else {
             return false;
         };
         sub.requests.iter().any(|&(seq, _, expire)| {
@@ -1083,8 +1131,13 @@ impl Checker {
         let client = &cb.client;
         let message = &cb.message;
         let key = message.key();
-        self.last_callback_ms.insert(client.clone(), at_ms);
-        let redrives = self.pairs.get(&(client.clone(), key.clone())).map_or(0, |p| p.redrives);
+        match self.last_callback_ms.get_mut(client) {
+            Some(last) => *last = at_ms,
+            None => {
+                self.last_callback_ms.insert(client.clone(), at_ms);
+            }
+        }
+        let redrives = self.pair(client, &key).map_or(0, |p| p.redrives);
         self.deliveries
             .insert(cb.delivery, (client.clone(), key.clone(), self.incarnation, redrives));
         let mut found = Vec::new();
@@ -1146,7 +1199,7 @@ impl Checker {
             self.keys.get_mut(&key).expect("present").delivered = Some(m);
         }
         let incarnation = self.incarnation;
-        let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+        let pair = self.pair_mut(client, &key);
         pair.attempts += 1;
         if pair.acked_in == Some(incarnation) {
             let detail = format!(
@@ -1177,7 +1230,8 @@ impl Checker {
         for ((ct, id), topic) in earlier {
             let live = self
                 .subs
-                .get(&(topic.clone(), client.clone()))
+                .get(&topic)
+                .and_then(|subs| subs.get(client))
                 .and_then(|s| s.until)
                 .is_some_and(|u| now < u);
             if live {
@@ -1193,8 +1247,10 @@ impl Checker {
     }
 
     fn processed(&mut self, at_ms: u64, node: usize, client: &ClientId, key: &MessageKey) {
-        self.client_nodes.insert(client.clone(), node);
-        let pair = self.pairs.entry((client.clone(), key.clone())).or_default();
+        if self.client_nodes.get(client) != Some(&node) {
+            self.client_nodes.insert(client.clone(), node);
+        }
+        let pair = self.pair_mut(client, key);
         pair.processed += 1;
         let first = pair.processed == 1;
         if !first {
@@ -1232,7 +1288,7 @@ impl Checker {
             let Some(key) = self.msg_keys.get(msg_id).cloned() else {
                 continue;
             };
-            let pair = self.pairs.entry((client.clone(), key)).or_default();
+            let pair = self.pair_mut(client, &key);
             pair.attempts = 0;
             pair.acked_in = None;
             pair.redrives += 1;
@@ -1245,7 +1301,7 @@ impl Checker {
             let Some(key) = self.msg_keys.get(msg_id).cloned() else {
                 continue;
             };
-            let attempts = self.pairs.get(&(client.clone(), key.clone())).map_or(0, |p| p.attempts);
+            let attempts = self.pair(client, &key).map_or(0, |p| p.attempts);
             if attempts < self.spec.attempts_max {
                 let detail = format!(
                     "{key} ({msg_id}) is a dead letter of {client} after {attempts} attempts on the wire; the budget is {}",
@@ -1260,9 +1316,9 @@ impl Checker {
     /// attempt within one callback timeout plus the backoff cap, unless one of
     /// its subscriptions has lapsed (delivery paused until it renews).
     pub fn progress(&mut self, at_ms: u64, broker: &BrokerSnapshot) {
-        // A node sends about one message per simulated millisecond (madsim's
-        // network), so with N messages queued the broker may legitimately take
-        // N ms more to come round to any one subscriber.
+        // A node takes in about one message per simulated millisecond (the
+        // transport's receive gap), so with N messages queued the broker may
+        // legitimately take N ms more to come round to any one subscriber.
         let load_ms = broker.queued.values().map(|n| *n as u64).sum::<u64>();
         let gap_max = u64::try_from(self.spec.dispatch_gap_max.as_millis()).unwrap_or(u64::MAX) + STALL_MS + load_ms;
         let mut stalled = None;
@@ -1283,8 +1339,9 @@ impl Checker {
             }
             let paused = self
                 .subs
-                .iter()
-                .any(|((_, c), s)| c == client && s.until.is_none_or(|u| broker.now >= u));
+                .values()
+                .filter_map(|subs| subs.get(client))
+                .any(|s| s.until.is_none_or(|u| broker.now >= u));
             if paused {
                 self.waiting_since_ms.insert(client.clone(), at_ms);
                 *self.coverage.entry("delivery_paused").or_default() += 1;
@@ -1516,11 +1573,7 @@ impl Checker {
         for (key, ks) in &self.keys {
             let Some(ack) = &ks.ack else { continue };
             for client in &ack.entitled {
-                if self
-                    .pairs
-                    .get(&(client.clone(), key.clone()))
-                    .is_some_and(|p| p.processed > 0)
-                {
+                if self.pair(client, key).is_some_and(|p| p.processed > 0) {
                     continue;
                 }
                 let dead = broker.dead.get(client).is_some_and(|d| d.contains(&ack.msg_id));
@@ -1540,7 +1593,7 @@ impl Checker {
             found.push(Violation::liveness("no-lost-request", detail, at_ms));
         }
         // Every 2xx a participant gave is still reflected in its state.
-        for ((client, key), pair) in &self.pairs {
+        for (client, key, pair) in self.all_pairs() {
             if pair.processed == 0 {
                 continue;
             }
@@ -1641,7 +1694,7 @@ impl Checker {
             .filter(|(_, ks)| ks.ack.is_some())
             .filter_map(|(key, ks)| Some((key.global_id.as_str(), ks.versions.first()?.topic.as_str())))
             .collect();
-        self.pairs.iter().find_map(|((client, key), pair)| {
+        self.all_pairs().find_map(|(client, key, pair)| {
             if pair.processed == 0 {
                 return None;
             }

@@ -17,6 +17,7 @@
 //! - [`check`]: the invariant checker (safety during and after chaos, liveness after healing).
 //! - [`runner`]: sweeps, summaries, shrinking, the benchmark.
 //! - [`trace`]: the canonical trace and its hash.
+//! - [`transport`]: the simulated network (a mailbox per node on madsim's clock, partitions).
 //! - [`event`]: the structured event stream of a traced run (sends, receives, faults).
 //! - [`diagram`]: sequence diagrams (SVG, Mermaid) drawn from those events.
 //!
@@ -38,6 +39,7 @@ pub mod runner;
 pub mod scenario;
 pub mod topology;
 pub mod trace;
+pub mod transport;
 pub mod view;
 pub mod wire;
 pub mod world;

@@ -76,7 +76,7 @@ enum Cmd {
         #[arg(long, default_value_t = 400)]
         runs_max: u32,
     },
-    /// Simulated deliveries and seeds per wall-clock second, next to a bare madsim relay.
+    /// Seeds/s, deliveries/s and simulated s per second (wall and CPU), next to a bare madsim relay run side by side.
     Bench {
         #[arg(long, default_value_t = 300)]
         seeds: u64,

@@ -445,12 +445,14 @@ pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Opt
 
 /// Bare madsim endpoint relay: a source node sends `messages` values to a
 /// relay node that forwards each to a sink (no broker logic). The yardstick
-/// for the simulator's own cost per delivery.
-pub fn bare_relay(seed: u64, messages: u64) -> u64 {
+/// for the simulator's own cost per delivery. Returns the values the sink got
+/// and the simulated milliseconds it took.
+pub fn bare_relay(seed: u64, messages: u64) -> (u64, u64) {
     use madsim::net::Endpoint;
     use std::net::SocketAddr;
     let rt = madsim::runtime::Runtime::with_seed_and_config(seed, madsim::Config::default());
     rt.block_on(async move {
+        let started = madsim::time::Instant::now();
         let ip = |n: u8| -> SocketAddr { format!("10.9.0.{n}:1").parse().expect("literal address") };
         let handle = madsim::runtime::Handle::current();
         let relay = handle.create_node().name("relay").ip(ip(2).ip()).build();
@@ -482,46 +484,105 @@ pub fn bare_relay(seed: u64, messages: u64) -> u64 {
                 }
             }
         });
-        sink_task.await.expect("sink finished")
+        let got = sink_task.await.expect("sink finished");
+        let sim_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        (got, sim_ms)
     })
 }
 
-/// Prints the simulator's figures: saga seeds/s and deliveries/s on one core,
-/// next to the bare relay's deliveries/s measured in the same run.
+/// CPU time this thread has run (Linux `/proc/thread-self/schedstat`), so a
+/// benchmark on a shared machine can tell its own cost from its waiting.
+fn thread_cpu() -> Option<std::time::Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(std::time::Duration::from_nanos(ns))
+}
+
+/// Wall and CPU time spent in one side of the benchmark, and what it did.
+#[derive(Default)]
+struct Side {
+    wall: std::time::Duration,
+    cpu: Option<std::time::Duration>,
+    seeds: u64,
+    deliveries: u64,
+    sim_ms: u64,
+}
+
+impl Side {
+    /// Runs `f`, adding its wall and CPU time.
+    fn time<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let (wall0, cpu0) = (Instant::now(), thread_cpu());
+        let r = f();
+        self.wall += wall0.elapsed();
+        self.cpu = match (self.cpu, cpu0, thread_cpu()) {
+            (Some(sum), Some(a), Some(b)) => Some(sum + b.saturating_sub(a)),
+            (None, Some(a), Some(b)) if self.seeds == 0 => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        r
+    }
+
+    fn line(&self, name: &str) -> String {
+        let per = |n: f64, d: std::time::Duration| n / d.as_secs_f64().max(1e-9);
+        let wall = self.wall;
+        let mut s = format!(
+            "{name}: {} seeds, {} deliveries, {:.1} s simulated in {:.2} s wall = {:.0} seeds/s, {:.0} deliveries/s, {:.0} simulated s per wall s",
+            self.seeds,
+            self.deliveries,
+            self.sim_ms as f64 / 1000.0,
+            wall.as_secs_f64(),
+            per(self.seeds as f64, wall),
+            per(self.deliveries as f64, wall),
+            per(self.sim_ms as f64 / 1000.0, wall),
+        );
+        if let Some(cpu) = self.cpu {
+            s.push_str(&format!(
+                "\n  on CPU {:.2} s ({:.0}% of wall) = {:.0} seeds/s, {:.0} deliveries/s, {:.0} simulated s per CPU s",
+                cpu.as_secs_f64(),
+                100.0 * cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9),
+                per(self.seeds as f64, cpu),
+                per(self.deliveries as f64, cpu),
+                per(self.sim_ms as f64 / 1000.0, cpu),
+            ));
+        }
+        s
+    }
+}
+
+/// Prints the simulator's figures for seeds `0..seeds` of the saga scenario
+/// on this thread: seeds/s, deliveries/s and simulated seconds per second,
+/// next to a bare madsim relay measured side by side (after each saga seed,
+/// one relay runtime with the same seed carrying as many deliveries), in wall
+/// time and, where Linux reports it, in this thread's CPU time.
 pub fn bench(seeds: u64) -> String {
     let cfg = RunConfig::new(Scenario::Saga { orders: 20 }, None);
-    let started = Instant::now();
-    let mut deliveries = 0;
-    let mut failed = 0;
-    let (mut messages, mut wakeups, mut sim_ms) = (0, 0, 0);
+    let (mut saga, mut relay) = (Side::default(), Side::default());
+    let (mut failed, mut messages, mut wakeups, mut orders) = (0, 0, 0, 0);
     for seed in 0..seeds {
-        let r = run_seed(seed, &cfg);
-        deliveries += r.deliveries;
+        let r = saga.time(|| run_seed(seed, &cfg));
+        saga.seeds += 1;
+        saga.deliveries += r.deliveries;
+        saga.sim_ms += r.sim_ms;
         messages += r.messages;
         wakeups += r.wakeups;
-        sim_ms += r.sim_ms;
+        orders += r.orders;
         failed += u64::from(!r.violations.is_empty());
+        let (got, sim_ms) = relay.time(|| bare_relay(seed, r.deliveries.max(1)));
+        relay.seeds += 1;
+        relay.deliveries += got;
+        relay.sim_ms += sim_ms;
     }
-    let saga_s = started.elapsed().as_secs_f64();
-    let per_seed = deliveries / seeds.max(1);
-    let started = Instant::now();
-    let mut relayed = 0;
-    for seed in 0..seeds {
-        relayed += bare_relay(seed, per_seed.max(1));
-    }
-    let relay_s = started.elapsed().as_secs_f64();
-    let saga_dps = deliveries as f64 / saga_s;
-    let relay_dps = relayed as f64 / relay_s;
+    let n = seeds.max(1);
+    let ratio = (saga.deliveries as f64 / saga.wall.as_secs_f64().max(1e-9))
+        / (relay.deliveries as f64 / relay.wall.as_secs_f64().max(1e-9));
     format!(
-        "saga (20 orders, swarm faults), 1 core: {seeds} seeds in {saga_s:.2} s = {:.0} seeds/s; {deliveries} deliveries = {saga_dps:.0} deliveries/s; {failed} failed\n\
-         bare madsim relay, same count of messages per runtime: {relayed} deliveries in {relay_s:.2} s = {relay_dps:.0} deliveries/s\n\
-         ratio saga/bare = {:.2}\n\
-         per saga seed: {} messages, {} node wake-ups, {} ms simulated",
-        seeds as f64 / saga_s,
-        saga_dps / relay_dps,
-        messages / seeds.max(1),
-        wakeups / seeds.max(1),
-        sim_ms / seeds.max(1),
+        "{}; {failed} failed\n{}\nratio of deliveries/s saga/bare = {ratio:.2}\nper saga seed: {} orders, {} messages, {} node wake-ups, {} ms simulated",
+        saga.line("saga (20 orders, swarm faults)"),
+        relay.line("bare madsim relay (same seeds, as many deliveries per seed, interleaved)"),
+        orders / n,
+        messages / n,
+        wakeups / n,
+        saga.sim_ms / n,
     )
 }
 

@@ -1,6 +1,6 @@
 //! The madsim world: one node per service (broker, order, stock, payment,
-//! workload), each driving the shipped sans-IO machine; a faulty transport on
-//! madsim's network; a disk per node that lives outside the node so it survives
+//! workload), each driving the shipped sans-IO machine; a faulty transport
+//! (the plan's message faults over [`crate::transport`]'s mailboxes); a disk per node that lives outside the node so it survives
 //! a kill; a supervisor that schedules the plan's crashes and partitions, then
 //! heals and waits for quiescence.
 //!
@@ -19,8 +19,8 @@ use crate::scenario::Workload;
 use crate::topology::node_of_url;
 pub use crate::topology::{BROKER, CUSTOM, NODES, ORDER, PAYMENT, STOCK, WORKLOAD, notify_url};
 use crate::trace::Trace;
+use crate::transport::{Inbound, SimClock, Transport};
 use crate::wire::Wire;
-use madsim::net::{Endpoint, NetSim};
 use madsim::runtime::{Handle, NodeHandle, Runtime};
 use sagamq::broker::{
     Broker, BrokerConfig, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Reply, RequestId,
@@ -31,13 +31,11 @@ use sagamq::saga::{CallbackToken, Command, CommandOutcome, OutboxId, Participant
 use sagamq::{ClientId, MessageKey, Time, Topic};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
-const TAG: u64 = 7;
 /// A node that fail-stopped on a full disk restarts after this long (a
 /// supervisor's restart delay); while the disk stays full it fails again.
 const DISK_FULL_RESTART_MS: u32 = 100;
@@ -97,7 +95,13 @@ pub struct Shared {
     seed: u64,
     pub trace: Trace,
     pub events: EventLog,
-    start: madsim::time::Instant,
+    /// madsim's clock; 0 when the run started.
+    clock: SimClock,
+    /// The network between the nodes (mailboxes, cut links).
+    net: Transport,
+    /// The virtual time of the node step in progress: time cannot move while
+    /// a step holds the world, so its clock is read once.
+    step_ns: Option<u64>,
     skews: [Skew; NODES.len()],
     pub disks: Vec<MemDisk>,
     pub slots: Vec<Slot>,
@@ -116,13 +120,9 @@ pub struct Shared {
     /// A torn-write crash waits for node i to start a write; the node reports it here.
     torn_armed: [bool; NODES.len()],
     torn_signal: Option<async_channel::Sender<usize>>,
-    /// The live broker incarnation's inbound queue, for the operator's requests.
-    operator_tx: Option<async_channel::Sender<Inbound>>,
     pub check: Checker,
     pub deliveries: u64,
     wakeups: u64,
-    /// Messages waiting in the broker's inbox at its last step.
-    broker_backlog: usize,
     /// The run's derived liveness bound (ms after healing).
     liveness_bound_ms: u64,
     /// A paused node handles nothing until this (elapsed ns).
@@ -194,7 +194,7 @@ impl EnvFaults {
 
 impl Shared {
     fn elapsed_ns(&self) -> u64 {
-        u64::try_from(madsim::time::Instant::now().duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
+        self.step_ns.unwrap_or_else(|| self.clock.elapsed_ns())
     }
     /// Node `i`'s (skewed) clock.
     fn now(&self, i: usize) -> Time {
@@ -224,18 +224,9 @@ fn lock(w: &World) -> MutexGuard<'_, Shared> {
     w.lock().expect("single-threaded simulation never poisons")
 }
 
-fn addr(i: usize) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + i as u8)), 1)
-}
-
-fn node_of(a: SocketAddr) -> Option<usize> {
-    (0..NODES.len()).find(|&i| addr(i).ip() == a.ip())
-}
-
 /// Runs one seed under `plan` and judges it.
 pub fn run(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> RunResult {
-    let mut net = madsim::Config::default();
-    net.net.send_latency = Duration::from_micros(200)..Duration::from_millis(3);
+    let net = madsim::Config::default();
     let (plan, cfg) = (plan.clone(), cfg.clone());
     // A panic anywhere (a node's machine, an assertion, the checker) fails this
     // seed with its replay command instead of aborting the sweep.
@@ -289,7 +280,9 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
     let shared = Shared {
         trace: Trace::new(cfg.trace),
         events: EventLog::new(cfg.trace),
-        start: madsim::time::Instant::now(),
+        clock: SimClock::current(),
+        net: Transport::new(NODES.len()),
+        step_ns: None,
         skews,
         disks: vec![MemDisk::new(); NODES.len()],
         slots: (0..NODES.len()).map(|_| Slot::Down).collect(),
@@ -306,11 +299,9 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         faults,
         torn_armed: [false; NODES.len()],
         torn_signal: None,
-        operator_tx: None,
         check: Checker::new(Spec::new(&def, &broker_config(&plan.profile))),
         deliveries: 0,
         wakeups: 0,
-        broker_backlog: 0,
         liveness_bound_ms: 0,
         paused_until_ns: [None; NODES.len()],
         down: [false; NODES.len()],
@@ -361,7 +352,6 @@ fn spawn_nodes(world: &World) -> Vec<NodeHandle> {
             handle
                 .create_node()
                 .name(NODES[i])
-                .ip(addr(i).ip())
                 .init(move || node_main(w.clone(), i))
                 .build()
         })
@@ -405,8 +395,8 @@ async fn chaos_phase(
         sleep_until_ms(world, u64::from(at_ms)).await;
         let down = lock(world).down;
         match plan.faults[k] {
-            Fault::Partition { a, b, .. } => partition(world, plan, nodes, k, a, b, is_end),
-            Fault::OneWay { from, to, .. } => one_way(world, plan, nodes, k, from, to, is_end),
+            Fault::Partition { a, b, .. } => partition(world, plan, k, a, b, is_end),
+            Fault::OneWay { from, to, .. } => one_way(world, plan, k, from, to, is_end),
             Fault::Pause { at_ms, for_ms, node } => {
                 let n = usize::from(node);
                 let mut s = lock(world);
@@ -474,14 +464,9 @@ async fn fail_stops(world: World, nodes: Vec<NodeHandle>, rx: async_channel::Rec
 
 /// Cuts (or, `is_end`, heals) the one-way partition fault `k`: `from` can no
 /// longer reach `to`; `to` still reaches `from`.
-fn one_way(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, from: u8, to: u8, is_end: bool) {
-    let net = NetSim::current();
+fn one_way(world: &World, plan: &FaultPlan, k: usize, from: u8, to: u8, is_end: bool) {
     let (a, b) = (usize::from(from), usize::from(to));
-    if is_end {
-        net.unclog_link(nodes[a].id(), nodes[b].id());
-    } else {
-        net.clog_link(nodes[a].id(), nodes[b].id());
-    }
+    lock(world).net.set_cut_one_way(a, b, !is_end);
     let mut s = lock(world);
     if !is_end {
         s.fired("one_way");
@@ -515,8 +500,7 @@ fn one_way(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, from
 }
 
 /// Cuts (or, `is_end`, heals) partition fault `k` between `a` and `b` (None: everyone).
-fn partition(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, a: u8, b: Option<u8>, is_end: bool) {
-    let net = NetSim::current();
+fn partition(world: &World, plan: &FaultPlan, k: usize, a: u8, b: Option<u8>, is_end: bool) {
     let a = usize::from(a);
     let links: Vec<(usize, usize)> = match b {
         Some(b) => vec![(a, usize::from(b))],
@@ -525,16 +509,10 @@ fn partition(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, a:
             .map(|j| (a, j))
             .collect(),
     };
-    for (x, y) in links {
-        if is_end {
-            net.unclog_link(nodes[x].id(), nodes[y].id());
-            net.unclog_link(nodes[y].id(), nodes[x].id());
-        } else {
-            net.clog_link(nodes[x].id(), nodes[y].id());
-            net.clog_link(nodes[y].id(), nodes[x].id());
-        }
-    }
     let mut s = lock(world);
+    for (x, y) in links {
+        s.net.set_cut(x, y, !is_end);
+    }
     if !is_end {
         s.fired("partition");
     }
@@ -561,10 +539,10 @@ fn partition(world: &World, plan: &FaultPlan, nodes: &[NodeHandle], k: usize, a:
 /// letters redriven by the operator; then liveness is required.
 async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[NodeHandle], down: [bool; NODES.len()]) {
     let handle = Handle::current();
-    let net = NetSim::current();
     {
         let mut s = lock(world);
         s.chaos = false;
+        s.net.heal_all();
         s.event(|| What::HealPhase);
         s.line(BROKER, || {
             "heal: faults off, partitions healed, crashed nodes restarted".to_string()
@@ -572,13 +550,6 @@ async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[N
         judge_safety(&mut s, cfg.chaos_ms.into());
         probe_power_cut(&mut s, "at the heal");
         s.observe(Event::Healed);
-    }
-    for x in 0..NODES.len() {
-        for y in 0..NODES.len() {
-            if x != y {
-                net.unclog_link(nodes[x].id(), nodes[y].id());
-            }
-        }
     }
     // Down now (a fail-stopped node may have restarted since the chaos ended).
     let down_now = lock(world).down;
@@ -607,10 +578,13 @@ async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[N
 fn finish(world: &World, seed: u64) -> RunResult {
     let mut s = lock(world);
     let sim_ms = s.elapsed_ns() / 1_000_000;
-    judge_safety(&mut s, sim_ms);
+    // Safety, then liveness, on one reading of the world (nothing moves in between).
+    judge(&mut s, sim_ms, |check, snap| {
+        check.safety(snap);
+        check.liveness(snap);
+    });
     probe_power_cut(&mut s, "at the end");
     probe_recovery_equivalence(&mut s, sim_ms);
-    judge_liveness(&mut s, sim_ms);
     judge_custom_final(&mut s, sim_ms);
     final_state_lines(&mut s);
     let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
@@ -830,7 +804,7 @@ async fn monitor(world: World) {
         let t = s.elapsed_ns();
         let paused = s.paused_until_ns[BROKER].is_some_and(|until| until > t)
             || (s.chaos && s.env.stalled_until(BROKER, t).is_some());
-        let backlog = if paused { 1 } else { s.broker_backlog };
+        let backlog = if paused { 1 } else { s.net.backlog(BROKER, t) };
         let Shared { check, slots, .. } = &mut *s;
         if let Slot::Broker(b) = &slots[BROKER] {
             let mut snap = broker_snapshot(b, now, false);
@@ -896,8 +870,8 @@ fn orders_created(views: &BTreeMap<String, crate::check::View>) -> u64 {
 }
 
 async fn sleep_until_ms(world: &World, ms: u64) {
-    let start = lock(world).start;
-    madsim::time::sleep_until(start + Duration::from_millis(ms)).await;
+    let sleep = lock(world).clock.sleep_until_ns(ms * 1_000_000);
+    sleep.await;
 }
 
 fn crash(
@@ -912,6 +886,7 @@ fn crash(
     let mut s = lock(world);
     s.down[n] = true;
     s.crashes[n] += 1;
+    s.net.down(n);
     // Judge the state the crash is about to erase (a node that keeps effects
     // only in memory would otherwise hide them by forgetting).
     let at_ms = s.elapsed_ns() / 1_000_000;
@@ -1229,12 +1204,25 @@ async fn settle(world: &World, t_ms: &mut u64, until_ms: u64, operator: bool) {
             redrive_all(&mut s);
         }
         let at_ms = s.elapsed_ns() / 1_000_000;
-        let quiet = judge(&mut s, at_ms, |check, snap| check.quiescent(snap));
+        let quiet = !busy(&s) && judge(&mut s, at_ms, |check, snap| check.quiescent(snap));
         let done = quiet && (!operator || dead_letters(&s) == 0);
         if done || *t_ms >= until_ms {
             return;
         }
     }
+}
+
+/// Work visibly left (a node down, a participant unsettled, the workload
+/// waiting, a delivery queued): the checker would find the world not
+/// quiescent, so the settle loop need not read every participant's view.
+fn busy(s: &Shared) -> bool {
+    s.slots.iter().any(|slot| match slot {
+        Slot::Down => true,
+        Slot::Participant(p) => !p.settled(),
+        Slot::Workload(w) => !w.all_answered(),
+        Slot::Broker(b) => b.stats().subscribers.values().any(|st| st.pending + st.in_flight > 0),
+        Slot::Absent => false,
+    })
 }
 
 /// With a slow operator: judges liveness now and, if it holds and dead letters
@@ -1276,9 +1264,9 @@ fn redrive_all(s: &mut Shared) {
         .collect();
     for (client, st) in clients {
         *s.faults.entry("dead_letter").or_default() += st.dead_letters as u64;
-        if let Some(tx) = &s.operator_tx {
-            let _ = tx.try_send(Inbound::Redrive(client.clone()));
-        }
+        let now_ns = s.elapsed_ns();
+        let Shared { net, clock, .. } = &mut *s;
+        net.post(clock, now_ns, BROKER, Inbound::Redrive(client.clone()));
         s.event(|| What::Note {
             node: BROKER,
             text: format!("operator: redrive {} dead letters of {client}", st.dead_letters),
@@ -1287,12 +1275,6 @@ fn redrive_all(s: &mut Shared) {
             format!("operator: redrive {} dead letters of {client}", st.dead_letters)
         });
     }
-}
-
-/// What a node's task receives: a network message, or (broker) an operator's request.
-enum Inbound {
-    Net(SocketAddr, Seq, Wire),
-    Redrive(ClientId),
 }
 
 /// Waits for the first of a message and a deadline (None: the deadline passed).
@@ -1335,6 +1317,8 @@ struct Driver {
     torn_after_step: bool,
     /// The disk failed: this incarnation does nothing more (fail-stop).
     failed: bool,
+    /// The virtual time the machine's timer was last handled.
+    timer_handled_ns: Option<u64>,
 }
 
 enum Pending {
@@ -1346,109 +1330,142 @@ async fn node_main(world: World, i: usize) {
     if !boot(&world, i) {
         return;
     }
-    let ep = Arc::new(Endpoint::bind(addr(i)).await.expect("bind simulated endpoint"));
-    let (tx, rx) = async_channel::unbounded();
-    let operator_tx = tx.clone();
-    {
-        // One receive task per endpoint feeding a channel: recv_from_raw is not cancel-safe.
-        let ep = ep.clone();
-        madsim::task::spawn(async move {
-            while let Ok((payload, from)) = ep.recv_from_raw(TAG).await {
-                let (seq, wire) = *payload.downcast::<(Seq, Wire)>().expect("only Wire values travel");
-                if tx.send(Inbound::Net(from, seq, wire)).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    if i == BROKER {
-        lock(&world).operator_tx = Some(operator_tx);
-    }
+    lock(&world).net.up(i);
     let mut drv = Driver::default();
-    // What woke the node: something received, or (None) its next deadline passed.
-    let mut wake: Option<Inbound> = None;
+    // A booted machine first gets a timer step: recovery may have left it
+    // work to announce (callbacks to resume, outbox entries to re-publish).
+    step(&world, &mut drv, i, true);
     loop {
-        // A paused node does nothing until its pause ends (what woke it waits).
-        let paused = {
-            let s = lock(&world);
-            s.paused_until_ns[i]
-                .filter(|until| *until > s.elapsed_ns())
-                .map(|until| s.start + Duration::from_nanos(until))
-        };
-        if let Some(until) = paused {
-            madsim::time::sleep_until(until).await;
-        }
-        let out = {
+        // Wait for the first of: a message due, the machine's deadline, the
+        // disk sync; a paused node waits for the end of its pause as well.
+        std::future::poll_fn(|cx| {
             let mut s = lock(&world);
-            s.wakeups += 1;
-            let now = s.now(i);
-            match wake {
-                Some(Inbound::Net(from, seq, wire)) => {
-                    // A sync that fell due while messages kept arriving completes
-                    // now: under a backlog the inbox is never empty, and a broker
-                    // at its unsynced bound would otherwise refuse forever.
-                    complete_sync(&mut s, &mut drv, i, now);
-                    if !drv.failed {
-                        on_wire(&mut s, &mut drv, i, now, from, seq, wire);
-                    }
-                }
-                Some(Inbound::Redrive(client)) => {
-                    if let Slot::Broker(b) = &mut s.slots[i] {
-                        let dead = |b: &Broker| -> Vec<sagamq::MsgId> {
-                            b.dead_letters(&client).iter().map(|m| m.msg_id).collect()
-                        };
-                        let before = dead(b);
-                        let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
-                        b.handle(
-                            now,
-                            BrokerInput::Redrive {
-                                req,
-                                client: client.clone(),
-                            },
-                        );
-                        let after = dead(b);
-                        let moved: Vec<sagamq::MsgId> = before.iter().filter(|m| !after.contains(m)).copied().collect();
-                        s.observe(Event::Redrive {
-                            client: &client,
-                            dead: &before,
-                            moved: &moved,
-                        });
-                    }
-                }
-                None => on_timer(&mut s, &mut drv, i, now),
-            }
-            if !drv.failed {
-                drain(&mut s, &mut drv, i);
-            }
-            std::mem::take(&mut drv.outgoing)
-        };
+            let now_ns = s.elapsed_ns();
+            let next = next_wake_ns(&s, &drv, i);
+            let Shared { net, clock, .. } = &mut *s;
+            net.wait(clock, now_ns, i, next, cx)
+        })
+        .await;
+        step(&world, &mut drv, i, false);
         if drv.failed {
             // Fail-stop: this incarnation waits to be killed and restarted.
             std::future::pending::<()>().await;
         }
-        for (dst, wire) in out {
-            send(&world, &ep, i, dst, wire).await;
+    }
+}
+
+/// When node `i` must next wake (virtual ns): its first message due, its
+/// machine's deadline, its disk sync; not before a pause ends.
+fn next_wake_ns(s: &Shared, drv: &Driver, i: usize) -> Option<u64> {
+    let machine_ns = poll_timeout(&s.slots[i]).map(|t| {
+        let at = s.skews[i].virtual_at(t.0);
+        // A deadline handled at this very instant and still pending waits a
+        // millisecond (madsim's timer granularity) instead of spinning.
+        match drv.timer_handled_ns {
+            Some(h) if at <= h => h + 1_000_000,
+            _ => at,
         }
-        if std::mem::take(&mut drv.torn_after_step)
-            && let Some(tx) = &lock(&world).torn_signal
-        {
-            // The step that began the write is over (what it sent is out) and
-            // the write is not synced yet: the torn-write crash strikes now.
-            let _ = tx.try_send(i);
+    });
+    let next = [machine_ns, drv.sync_due_ns, s.net.next_due_ns(i)]
+        .into_iter()
+        .flatten()
+        .min()?;
+    Some(match s.paused_until_ns[i] {
+        Some(until) => next.max(until),
+        None => next,
+    })
+}
+
+/// One wake-up of node `i`: completes a due disk sync, handles the messages
+/// it may take in now (each a step of its own: handled, outputs drained,
+/// sent), then the machine's timer if it is due (or `first`: the
+/// incarnation's first step).
+fn step(world: &World, drv: &mut Driver, i: usize, first: bool) {
+    let mut s = lock(world);
+    let now_ns = s.clock.elapsed_ns();
+    s.step_ns = Some(now_ns);
+    step_locked(&mut s, drv, i, first, now_ns);
+    s.step_ns = None;
+}
+
+fn step_locked(s: &mut Shared, drv: &mut Driver, i: usize, first: bool, now_ns: u64) {
+    if drv.failed {
+        return; // fail-stopped: waiting to be killed
+    }
+    if s.paused_until_ns[i].is_some_and(|until| until > now_ns) {
+        return; // woken early (a stale timer): what is due waits for the pause's end
+    }
+    s.wakeups += 1;
+    let now = s.now(i);
+    // A sync that fell due completes first: the device finishing a write
+    // never waits behind the node's inbox.
+    complete_sync(s, drv, i, now);
+    if drv.failed {
+        return;
+    }
+    drain(s, drv, i);
+    send_outgoing(s, drv, i);
+    while !drv.failed
+        && let Some(inbound) = s.net.pop_due(i, now_ns)
+    {
+        match inbound {
+            Inbound::Net { from, seq, wire } => on_wire(s, drv, i, now, from, seq, wire),
+            Inbound::Redrive(client) => on_redrive(s, i, now, &client),
         }
-        let deadline = {
-            let s = lock(&world);
-            let machine_ns = poll_timeout(&s.slots[i]).map(|t| s.skews[i].virtual_at(t.0));
-            let next = match (machine_ns, drv.sync_due_ns) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            next.map(|ns| s.start + Duration::from_nanos(ns))
-        };
-        if i == BROKER {
-            lock(&world).broker_backlog = rx.len();
+        drain(s, drv, i);
+        send_outgoing(s, drv, i);
+    }
+    if drv.failed {
+        return;
+    }
+    let due = poll_timeout(&s.slots[i]).is_some_and(|t| s.skews[i].virtual_at(t.0) <= now_ns);
+    if first || due && drv.timer_handled_ns != Some(now_ns) {
+        drv.timer_handled_ns = Some(now_ns);
+        on_timer(s, drv, i, now);
+        if drv.failed {
+            return;
         }
-        wake = recv_until(&rx, deadline).await;
+        drain(s, drv, i);
+        send_outgoing(s, drv, i);
+    }
+}
+
+/// Sends what the last step produced; a torn-write crash armed for this node
+/// strikes once the step that began a write is over.
+fn send_outgoing(s: &mut Shared, drv: &mut Driver, i: usize) {
+    for (dst, wire) in std::mem::take(&mut drv.outgoing) {
+        send(s, i, dst, wire);
+    }
+    if std::mem::take(&mut drv.torn_after_step)
+        && let Some(tx) = &s.torn_signal
+    {
+        // The step that began the write is over (what it sent is out) and
+        // the write is not synced yet: the torn-write crash strikes now.
+        let _ = tx.try_send(i);
+    }
+}
+
+/// The operator's redrive of `client`'s dead letters, handled by the broker
+/// as a step of its own (its clock, its outputs drained at once).
+fn on_redrive(s: &mut Shared, i: usize, now: Time, client: &ClientId) {
+    if let Slot::Broker(b) = &mut s.slots[i] {
+        let dead = |b: &Broker| -> Vec<sagamq::MsgId> { b.dead_letters(client).iter().map(|m| m.msg_id).collect() };
+        let before = dead(b);
+        let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
+        b.handle(
+            now,
+            BrokerInput::Redrive {
+                req,
+                client: client.clone(),
+            },
+        );
+        let after = dead(b);
+        let moved: Vec<sagamq::MsgId> = before.iter().filter(|m| !after.contains(m)).copied().collect();
+        s.observe(Event::Redrive {
+            client,
+            dead: &before,
+            moved: &moved,
+        });
     }
 }
 
@@ -1596,8 +1613,7 @@ fn on_timer(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
 }
 
 #[allow(clippy::too_many_arguments)] // one more than clippy's limit: the message's sequence number
-fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, from: SocketAddr, seq: Seq, wire: Wire) {
-    let Some(src) = node_of(from) else { return };
+fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, src: usize, seq: Seq, wire: Wire) {
     s.event(|| What::Recv { seq, from: src, to: i });
     if s.trace.enabled() {
         let text = wire.to_string();
@@ -1721,6 +1737,8 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
     let mut disk_full = false;
     let now = s.now(i);
+    // Virtual time does not move within a step.
+    let t = s.elapsed_ns();
     loop {
         let Shared {
             cfg,
@@ -1728,13 +1746,11 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             disks,
             check,
             trace,
-            start,
             names,
             env,
             chaos,
             ..
         } = &mut *s;
-        let t = u64::try_from(madsim::time::Instant::now().duration_since(*start).as_nanos()).unwrap_or(0);
         // An append to a full disk fails (ENOSPC): the process dies with it.
         let full = *chaos && env.full(i, t);
         match &mut slots[i] {
@@ -1894,9 +1910,8 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
 /// Sends through the faulty transport: the plan decides drop, lost callback
 /// answer, delay and duplicate by the message's sequence number, which travels
 /// with the message so a receive can name its send (the diagrams' arrows).
-async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: Wire) {
+fn send(s: &mut Shared, from: usize, dst: usize, wire: Wire) {
     let (seq, delay_ms, copies) = {
-        let mut s = lock(world);
         let nth = s.sent_nth;
         s.sent_nth += 1;
         let answer_nth = if wire.is_callback_answer() {
@@ -1959,19 +1974,13 @@ async fn send(world: &World, ep: &Arc<Endpoint>, from: usize, dst: usize, wire: 
             (seq, delay, 1 + usize::from(dup))
         }
     };
-    let to = addr(dst);
-    if delay_ms > 0 {
-        let ep = ep.clone();
-        madsim::task::spawn(async move {
-            madsim::time::sleep(Duration::from_millis(u64::from(delay_ms))).await;
-            for _ in 0..copies {
-                let _ = ep.send_to_raw(to, TAG, Box::new((seq, wire.clone()))).await;
-            }
-        });
-    } else {
-        for _ in 0..copies {
-            // A send to a crashed node fails like a refused connection; the sender's retry logic covers it.
-            let _ = ep.send_to_raw(to, TAG, Box::new((seq, wire.clone()))).await;
-        }
+    // Each copy draws its own latency; a send to a crashed node is lost like
+    // a refused connection (the sender's retry logic covers it).
+    let now_ns = s.elapsed_ns();
+    let delay_ns = u64::from(delay_ms) * 1_000_000;
+    let Shared { net, clock, .. } = s;
+    for _ in 1..copies {
+        net.send(clock, now_ns, from, dst, seq, wire.clone(), delay_ns);
     }
+    net.send(clock, now_ns, from, dst, seq, wire, delay_ns);
 }

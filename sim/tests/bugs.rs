@@ -107,7 +107,10 @@ fn publish_before_commit() {
         scenario: Scenario::Seed,
         budget: 500,
         invariant: "saga-progress",
-        or_invariant: None,
+        // Or the reply outlives the effect it announced: stock answered "1"
+        // for order 1, a crash erased the unsynced deduction, and stock then
+        // deducts order 2's 10 units from a shelf the replies say holds 9.
+        or_invariant: Some("decision"),
     });
 }
 
@@ -194,7 +197,11 @@ fn double_release() {
 fn ack_before_durable() {
     caught(&Case {
         bug: Bug::AckBeforeDurable,
-        scenario: SAGA6,
+        // saga:10, not saga:6: about 2.5% of the seeds catch it either way
+        // (saga:6 0..1000: 22 failing seeds on madsim's Endpoint, 28 on the
+        // mailbox transport), so which seed is first is luck: saga:6's first
+        // moved from 75 to 108, saga:10's is 22 on both transports.
+        scenario: SAGA10,
         budget: 80,
         invariant: "dedup",
         // A publish acknowledged, then lost in a crash: its message id is
@@ -300,7 +307,8 @@ fn canary_simulator_still_catches_planted_bugs() {
         r.faults
     );
 
-    // A strict log reader is only hurt by a crash that tears a write.
+    // A strict log reader is only hurt by a crash that leaves part of a
+    // write behind: a torn write, or a failed sync's zeros.
     let s = caught(&Case {
         bug: Bug::StrictRecovery,
         scenario: Scenario::Seed,
@@ -309,7 +317,11 @@ fn canary_simulator_still_catches_planted_bugs() {
         or_invariant: Some("power-cut-probe"),
     });
     assert!(s.faults.get("crash").copied().unwrap_or(0) > 0, "{:?}", s.faults);
-    assert!(s.faults.get("torn_write").copied().unwrap_or(0) > 0, "{:?}", s.faults);
+    let partial: u64 = ["torn_write", "sync_error"]
+        .iter()
+        .map(|k| s.faults.get(*k).copied().unwrap_or(0))
+        .sum();
+    assert!(partial > 0, "{:?}", s.faults);
 }
 
 /// With several workers and `stop_at_first`, the first failure and the

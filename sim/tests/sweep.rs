@@ -59,7 +59,10 @@ fn saga_sweep_passes_and_every_fault_kind_fires() {
 
 #[test]
 fn seed_scenario_sweep_passes_and_every_fault_kind_fires() {
-    let s = sweep(Scenario::Seed, 1_000..1_400);
+    // 800 seeds: a subscription lapse needs a short TTL and a publish after
+    // it, which two orders rarely give (1,000..1,400 had one on madsim's
+    // Endpoint and none on the mailbox transport; 1,000..1,800 has 8).
+    let s = sweep(Scenario::Seed, 1_000..1_800);
     assert_eq!(s.failed, 0, "{}", s.human());
     // The seed's own expectation: order 1 is served, order 2 refused, in most seeds.
     let done = s.outcomes.get("StockOutboundDone").copied().unwrap_or(0);
