@@ -549,6 +549,8 @@ async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[N
         });
         judge_safety(&mut s, cfg.chaos_ms.into());
         probe_power_cut(&mut s, "at the heal");
+        let at_ms = s.elapsed_ns() / 1_000_000;
+        probe_recovery_equivalence(&mut s, at_ms);
         s.observe(Event::Healed);
     }
     // Down now (a fail-stopped node may have restarted since the chaos ended).
@@ -1037,9 +1039,10 @@ fn probe_power_cut(s: &mut Shared, when: &str) {
     }
 }
 
-/// Recovery equivalence, at the end of a run that is otherwise clean: each
-/// node recovered (on the side) from what it wrote must hold the state the
-/// live node holds. A record that forgets part of the state (a compaction that
+/// Recovery equivalence, at the heal and at the end of a run that is
+/// otherwise clean: each running node recovered (on the side) from what it
+/// wrote must hold the state the live node holds (at the heal, dead letters
+/// are still waiting for the operator). A record that forgets part of the state (a compaction that
 /// drops dead letters or dedup keys, an apply that skips a field) shows here
 /// without needing a crash to land after it.
 fn probe_recovery_equivalence(s: &mut Shared, at_ms: u64) {
