@@ -149,11 +149,8 @@ pub fn plan(
     let mut owned: BTreeMap<&InstanceId, usize> = live.iter().map(|i| (i, 0)).collect();
     for l in leases {
         match &l.owner {
-            Some(o) if o == me => {
-                if serving.contains(&l.partition) {
-                    out.renew.push((l.partition, l.epoch));
-                }
-            }
+            Some(o) if o == me && serving.contains(&l.partition) => out.renew.push((l.partition, l.epoch)),
+            Some(o) if o == me => {}
             Some(o) if l.live => {
                 if let Some(n) = owned.get_mut(o) {
                     *n += 1;
