@@ -200,3 +200,63 @@ pub async fn start(o: ClusterOptions) -> Result<RunningInstance, String> {
         leases,
     })
 }
+
+/// Fresh databases for tests on the PostgreSQL named by `SAGAMQ_TEST_PG`.
+pub mod testdb {
+    /// The variable naming the test server (`postgres://user@host:port/db`).
+    pub const TEST_PG_VAR: &str = "SAGAMQ_TEST_PG";
+    /// When set to 1 (as `.ci/run` does), a test that needs PostgreSQL fails
+    /// instead of skipping when `SAGAMQ_TEST_PG` is missing.
+    pub const REQUIRE_PG_VAR: &str = "SAGAMQ_REQUIRE_PG";
+
+    /// A new empty database for `test` (dropped first if a previous run left
+    /// it), or `None` with a printed note when no test server is configured.
+    pub async fn fresh(test: &str) -> Option<String> {
+        let base = match std::env::var(TEST_PG_VAR) {
+            Ok(u) if !u.is_empty() => u,
+            _ => {
+                assert!(
+                    std::env::var(REQUIRE_PG_VAR).as_deref() != Ok("1"),
+                    "{test}: {REQUIRE_PG_VAR}=1 but {TEST_PG_VAR} is not set (start one with \
+                     `eval \"$(scripts/pg_throwaway.sh start)\"`)"
+                );
+                eprintln!(
+                    "SKIPPED {test}: needs PostgreSQL; set {TEST_PG_VAR}=postgres://... (e.g. \
+                     `eval \"$(scripts/pg_throwaway.sh start)\"`), as .ci/run does"
+                );
+                return None;
+            }
+        };
+        let name = format!(
+            "sagamq_t_{}_{}",
+            test.chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect::<String>(),
+            std::process::id()
+        );
+        let name: String = name.chars().take(60).collect();
+        let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{test}: connect to {TEST_PG_VAR}: {e}"));
+        let conn = tokio::spawn(conn);
+        // Two statements: CREATE DATABASE may not share an (implicit) transaction.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            client
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{test}: {sql}: {e}: {:?}", e.as_db_error()));
+        }
+        drop(client);
+        let _ = conn.await;
+        let cut = base
+            .rfind('/')
+            .filter(|i| *i > "postgres://".len())
+            .unwrap_or(base.len());
+        let (head, tail) = base.split_at(cut);
+        let query = tail.find('?').map(|q| &tail[q..]).unwrap_or("");
+        Some(format!("{head}/{name}{query}"))
+    }
+}

@@ -119,8 +119,16 @@ impl std::fmt::Display for WriteError {
     }
 }
 
-fn db(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// An error with its causes (tokio-postgres says only "db error" at the top).
+fn db(e: impl std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Runs `f` with a bound on its time (a cut connection must not hang a caller).
@@ -466,5 +474,138 @@ pub fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{decode_all, encode_frame};
+
+    fn frames(payloads: &[&str]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in payloads {
+            encode_frame(p.as_bytes(), &mut out);
+        }
+        out
+    }
+
+    fn row(lsn: u64, payloads: &[&str], replaces: bool) -> RecordRow {
+        RecordRow {
+            lsn,
+            frames: frames(payloads),
+            replaces,
+        }
+    }
+
+    async fn payloads(s: &Store, p: PartitionId) -> Vec<String> {
+        let (image, _) = s.load(p).await.unwrap();
+        decode_all(&image)
+            .unwrap()
+            .records
+            .iter()
+            .map(|(_, r)| String::from_utf8(r.to_vec()).unwrap())
+            .collect()
+    }
+
+    async fn store(test: &str) -> Option<Store> {
+        let url = super::super::testdb::fresh(test).await?;
+        let s = Store::connect(&url, 4).unwrap();
+        let meta = s.init(Some(2), "key-1").await.unwrap();
+        assert_eq!(meta.partitions.count(), 2);
+        Some(s)
+    }
+
+    /// Forces partition `p`'s lease to have expired (as if its owner stopped renewing).
+    async fn expire(s: &Store, p: PartitionId) {
+        let c = s.client().await.unwrap();
+        c.execute(
+            "UPDATE sagamq_leases SET expires_at = now() - interval '1 second' WHERE partition = $1",
+            &[&(p.0 as i32)],
+        )
+        .await
+        .unwrap();
+    }
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn a_stale_owner_s_write_is_fenced_and_stores_nothing() {
+        let Some(s) = store("fenced").await else { return };
+        let (a, b) = (InstanceId("a".into()), InstanceId("b".into()));
+        let p = PartitionId(0);
+        let ea = s.acquire(p, &a, TTL).await.unwrap().expect("free lease");
+        assert_eq!(s.acquire(p, &b, TTL).await.unwrap(), None, "a live lease is not taken");
+        s.write(p, &a, ea, &[row(1, &["a1"], false)]).await.unwrap();
+        expire(&s, p).await;
+        let eb = s.acquire(p, &b, TTL).await.unwrap().expect("an expired lease is taken");
+        assert_eq!(eb, ea + 1, "a takeover raises the epoch");
+        let err = s.write(p, &a, ea, &[row(2, &["a2"], false)]).await.unwrap_err();
+        assert_eq!(
+            err,
+            WriteError::Fenced {
+                owner: Some("b".into()),
+                epoch: eb
+            }
+        );
+        assert!(s.renew(&a, &[(p, ea)], TTL).await.unwrap().is_empty(), "a cannot renew");
+        // A stale compaction cannot delete either.
+        assert!(s.write(p, &a, ea, &[row(3, &["snap"], true)]).await.is_err());
+        s.write(p, &b, eb, &[row(1, &["b1"], false)]).await.unwrap();
+        assert_eq!(
+            payloads(&s, p).await,
+            ["a1", "b1"],
+            "in (epoch, lsn) order; a2 never stored"
+        );
+        assert_eq!(s.renew(&b, &[(p, eb)], TTL).await.unwrap(), [p].into());
+    }
+
+    #[tokio::test]
+    async fn a_batch_written_again_after_an_unknown_outcome_is_stored_once() {
+        let Some(s) = store("retry").await else { return };
+        let a = InstanceId("a".into());
+        let p = PartitionId(1);
+        let e = s.acquire(p, &a, TTL).await.unwrap().unwrap();
+        let batch = [row(1, &["x", "y"], false), row(2, &["z"], false)];
+        s.write(p, &a, e, &batch).await.unwrap();
+        // The COMMIT's answer was lost: the driver writes the same rows again.
+        s.write(p, &a, e, &batch).await.unwrap();
+        assert_eq!(payloads(&s, p).await, ["x", "y", "z"]);
+        assert_eq!(s.record_rows(p).await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn compaction_replaces_a_partition_s_rows_in_one_transaction() {
+        let Some(s) = store("compact").await else { return };
+        let a = InstanceId("a".into());
+        let p = PartitionId(0);
+        let e1 = s.acquire(p, &a, TTL).await.unwrap().unwrap();
+        s.write(p, &a, e1, &[row(1, &["old1"], false)]).await.unwrap();
+        expire(&s, p).await;
+        let e2 = s.acquire(p, &a, TTL).await.unwrap().unwrap();
+        s.write(p, &a, e2, &[row(1, &["old2"], false), row(2, &["old3"], false)])
+            .await
+            .unwrap();
+        let compaction = [row(3, &["snapshot"], true), row(4, &["after"], false)];
+        s.write(p, &a, e2, &compaction).await.unwrap();
+        assert_eq!(payloads(&s, p).await, ["snapshot", "after"]);
+        // Written again (unknown outcome): the same result.
+        s.write(p, &a, e2, &compaction).await.unwrap();
+        assert_eq!(payloads(&s, p).await, ["snapshot", "after"]);
+        // The other partition is untouched.
+        assert_eq!(s.record_rows(PartitionId(1)).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_partition_count_and_signing_key_are_fixed_at_the_first_start() {
+        let Some(s) = store("meta").await else { return };
+        let meta = s.init(None, "key-2").await.unwrap();
+        assert_eq!(meta.partitions.count(), 2, "kept");
+        assert_eq!(meta.signing_key, "key-1", "the first key stays");
+        let err = s.init(Some(4), "key-3").await.unwrap_err();
+        assert!(err.contains("initialised with 2 partitions"), "{err}");
+        let view = s.view(TTL).await.unwrap();
+        assert_eq!(view.leases.len(), 2);
+        assert!(view.leases.iter().all(|l| l.view.owner.is_none() && !l.view.live));
     }
 }
