@@ -172,6 +172,18 @@ impl Node {
         let leases: Vec<_> = view.leases.iter().map(|l| l.view.clone()).collect();
         let plan = plan(me, &leases, &view.live, &serving);
 
+        // Served here but no longer ours in the table (taken over while this
+        // instance was paused or cut off): stop at once rather than at the
+        // first fenced write.
+        let planned: BTreeSet<PartitionId> = plan.renew.iter().chain(&plan.release).map(|(p, _)| *p).collect();
+        let gone: Vec<PartitionId> = tasks.keys().filter(|p| !planned.contains(p)).copied().collect();
+        for p in gone {
+            if let Some((_, join)) = tasks.remove(&p) {
+                tracing::warn!(partition = %p, "the lease table names another owner: stopping");
+                join.abort();
+                self.local.write().expect("lock").remove(&p);
+            }
+        }
         let sent = self.now_ms();
         let kept = self.store.renew(me, &plan.renew, ttl).await?;
         for (p, _) in &plan.renew {
