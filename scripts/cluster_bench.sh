@@ -64,7 +64,7 @@ wait_balanced() { # urls...: every instance serves something, all partitions ser
 }
 
 echo "== file log (one process, --data) =="
-$B bench --parts throughput --messages "$MESSAGES" >"$WORK/file.txt"
+$B bench --parts throughput --repeat 1 --msgs "$MESSAGES" >"$WORK/file.txt"
 echo "file log: $(rate "$WORK/file.txt") acked publishes/s"
 
 for n in 1 2 3; do
@@ -78,7 +78,7 @@ for n in 1 2 3; do
     wait_balanced "${urls[@]}"
     bench_pids=()
     for k in $(seq 1 $n); do
-        $B bench --url "${urls[$((k - 1))]}" --parts throughput --runs 1 --messages "$((MESSAGES / n))" \
+        $B bench --url "${urls[$((k - 1))]}" --parts throughput --repeat 1 --msgs "$((MESSAGES / n))" \
             >"$WORK/$db-bench-$k.txt" 2>&1 &
         bench_pids+=($!)
     done

@@ -163,8 +163,7 @@ pub async fn start(s: PartitionStart) -> Result<(PartitionHandle, tokio::task::J
         commands: rx,
         replies: BTreeMap::new(),
         request_next: 0,
-        pending: Vec::new(),
-        pending_lsn: None,
+        pending: PendingRows::default(),
         in_flight: None,
         done_tx,
         done_rx,
@@ -172,6 +171,52 @@ pub async fn start(s: PartitionStart) -> Result<(PartitionHandle, tokio::task::J
         stopping: false,
     };
     Ok((handle, tokio::spawn(runner.run()), rows))
+}
+
+/// The rows gathered while the previous write was in flight: consecutive
+/// appends share one row keyed by their last lsn; a compaction supersedes
+/// everything pending before it.
+#[derive(Debug, Default)]
+pub struct PendingRows {
+    rows: Vec<RecordRow>,
+    lsn: Option<Lsn>,
+}
+
+impl PendingRows {
+    pub fn is_empty(&self) -> bool {
+        self.lsn.is_none()
+    }
+
+    pub fn append(&mut self, lsn: Lsn, frames: Vec<u8>) {
+        match self.rows.last_mut() {
+            Some(row) if !row.replaces => {
+                row.frames.extend_from_slice(&frames);
+                row.lsn = lsn.0;
+            }
+            _ => self.rows.push(RecordRow {
+                lsn: lsn.0,
+                frames,
+                replaces: false,
+            }),
+        }
+        self.lsn = Some(lsn);
+    }
+
+    pub fn replace(&mut self, lsn: Lsn, frames: Vec<u8>) {
+        self.rows.clear();
+        self.rows.push(RecordRow {
+            lsn: lsn.0,
+            frames,
+            replaces: true,
+        });
+        self.lsn = Some(lsn);
+    }
+
+    /// The rows of the next write and the lsn it makes durable.
+    pub fn take(&mut self) -> Option<(Lsn, Vec<RecordRow>)> {
+        let lsn = self.lsn.take()?;
+        Some((lsn, std::mem::take(&mut self.rows)))
+    }
 }
 
 struct Runner {
@@ -182,8 +227,7 @@ struct Runner {
     commands: mpsc::Receiver<Command>,
     replies: BTreeMap<RequestId, oneshot::Sender<Reply>>,
     request_next: u64,
-    pending: Vec<RecordRow>,
-    pending_lsn: Option<Lsn>,
+    pending: PendingRows,
     in_flight: Option<Lsn>,
     done_tx: mpsc::Sender<(Lsn, Result<(), WriteError>)>,
     done_rx: mpsc::Receiver<(Lsn, Result<(), WriteError>)>,
@@ -208,7 +252,7 @@ impl Runner {
             if !self.lease_valid() {
                 return self.lost("the lease could not be renewed in time");
             }
-            if self.stopping && self.in_flight.is_none() && self.pending_lsn.is_none() {
+            if self.stopping && self.in_flight.is_none() && self.pending.is_empty() {
                 tracing::info!(partition = %p, "partition handed back cleanly");
                 return PartitionEnd::Clean;
             }
@@ -307,31 +351,8 @@ impl Runner {
         let (parts, p) = (self.s.partitions, self.s.partition);
         while let Some(out) = self.broker.poll_output() {
             match out {
-                BrokerOutput::Persist { lsn, frames } => {
-                    match self.pending.last_mut() {
-                        // Consecutive appends share one row, keyed by the last lsn.
-                        Some(row) if !row.replaces => {
-                            row.frames.extend_from_slice(&frames);
-                            row.lsn = lsn.0;
-                        }
-                        _ => self.pending.push(RecordRow {
-                            lsn: lsn.0,
-                            frames,
-                            replaces: false,
-                        }),
-                    }
-                    self.pending_lsn = Some(lsn);
-                }
-                BrokerOutput::Rewrite { lsn, frames } => {
-                    // The live state supersedes every earlier pending write.
-                    self.pending.clear();
-                    self.pending.push(RecordRow {
-                        lsn: lsn.0,
-                        frames,
-                        replaces: true,
-                    });
-                    self.pending_lsn = Some(lsn);
-                }
+                BrokerOutput::Persist { lsn, frames } => self.pending.append(lsn, frames),
+                BrokerOutput::Rewrite { lsn, frames } => self.pending.replace(lsn, frames),
                 BrokerOutput::Reply { req, reply } => {
                     let reply = match reply {
                         Reply::Published { msg_id, duplicate } => Reply::Published {
@@ -359,8 +380,7 @@ impl Runner {
         if self.in_flight.is_some() {
             return;
         }
-        let Some(lsn) = self.pending_lsn.take() else { return };
-        let rows = std::mem::take(&mut self.pending);
+        let Some((lsn, rows)) = self.pending.take() else { return };
         self.in_flight = Some(lsn);
         let store = self.s.store.clone();
         let (p, me, epoch) = (self.s.partition, self.s.me.clone(), self.s.epoch);
@@ -384,5 +404,112 @@ impl Runner {
             };
             let _ = done.send((lsn, result)).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::real::callbacks::Allowlist;
+    use crate::types::{GlobalId, PublishRequest, SenderId, SubId, Topic};
+
+    #[test]
+    fn appends_share_a_row_and_a_compaction_supersedes_what_was_pending() {
+        let mut p = PendingRows::default();
+        assert!(p.is_empty());
+        p.append(Lsn(1), b"a".to_vec());
+        p.append(Lsn(2), b"b".to_vec());
+        p.replace(Lsn(3), b"S".to_vec());
+        p.append(Lsn(4), b"c".to_vec());
+        p.append(Lsn(5), b"d".to_vec());
+        let (lsn, rows) = p.take().unwrap();
+        assert_eq!(lsn, Lsn(5));
+        let shape: Vec<(u64, &[u8], bool)> = rows.iter().map(|r| (r.lsn, &r.frames[..], r.replaces)).collect();
+        assert_eq!(shape, [(3, &b"S"[..], true), (5, &b"cd"[..], false)]);
+        assert!(p.is_empty() && p.take().is_none());
+    }
+
+    fn publish(gid: &str) -> Request {
+        Request::Publish(PublishRequest {
+            global_id: GlobalId::lit(gid),
+            sub_id: SubId::lit("1"),
+            sender_id: SenderId::lit("t"),
+            create_time: 0,
+            topic: Topic::lit("t"),
+            content: "x".into(),
+        })
+    }
+
+    async fn serve(store: &Store, me: &str, epoch: u64) -> (PartitionHandle, tokio::task::JoinHandle<PartitionEnd>) {
+        let origin = Instant::now();
+        let (h, join, _) = start(PartitionStart {
+            partition: PartitionId(0),
+            partitions: Partitions::new(1).unwrap(),
+            epoch,
+            me: InstanceId(me.into()),
+            store: store.clone(),
+            config: BrokerConfig::default(),
+            seed: 1,
+            callbacks: CallbackConfig {
+                timeout: Duration::from_secs(1),
+                signing_key: None,
+                allow: Allowlist::loopback(),
+                inflight_per_subscriber_max: 4,
+                extra_roots: Vec::new(),
+            },
+            clock: Clock::new(),
+            origin,
+            valid_until_ms: 60_000,
+        })
+        .await
+        .unwrap();
+        (h, join)
+    }
+
+    /// A stale owner answers nothing it cannot store; the new owner has
+    /// everything the old one acknowledged and answers it with the original id.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fenced_owner_stops_and_the_new_owner_answers_the_original_msg_id() {
+        crate::real::callbacks::install_default_crypto_provider();
+        let Some(url) = super::super::testdb::fresh("partition_fenced").await else {
+            return;
+        };
+        let store = Store::connect(&url, 4).unwrap();
+        store.init(Some(1), "k").await.unwrap();
+        let ttl = Duration::from_secs(60);
+        let (a, b) = (InstanceId("a".into()), InstanceId("b".into()));
+        let ea = store.acquire(PartitionId(0), &a, ttl).await.unwrap().unwrap();
+        let (ha, join_a) = serve(&store, "a", ea).await;
+        let Ok(Reply::Published {
+            msg_id,
+            duplicate: false,
+        }) = ha.request(publish("g1")).await
+        else {
+            panic!("first publish")
+        };
+        // b takes the partition over (a's lease "expired": a was paused).
+        let c = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(c.1);
+        c.0.execute("UPDATE sagamq_leases SET expires_at = now() - interval '1 second'", &[])
+            .await
+            .unwrap();
+        let eb = store.acquire(PartitionId(0), &b, ttl).await.unwrap().unwrap();
+        let (hb, _join_b) = serve(&store, "b", eb).await;
+        // a's next write is fenced: its request is not acknowledged, a stops.
+        assert_eq!(ha.request(publish("g2")).await, Err(PartitionGone::Stopped));
+        assert!(matches!(join_a.await.unwrap(), PartitionEnd::Lost(why) if why.contains("fenced")));
+        assert!(ha.request(publish("g3")).await.is_err(), "a stopped serving");
+        // b has g1 under its original id, and g2 was never stored.
+        assert_eq!(
+            hb.request(publish("g1")).await,
+            Ok(Reply::Published {
+                msg_id,
+                duplicate: true
+            })
+        );
+        assert!(matches!(
+            hb.request(publish("g2")).await,
+            Ok(Reply::Published { duplicate: false, .. })
+        ));
     }
 }
