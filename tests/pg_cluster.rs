@@ -32,6 +32,10 @@ struct Instance {
 
 impl Instance {
     fn spawn(store: &str, n: usize) -> Instance {
+        Instance::spawn_with(store, n, &[])
+    }
+
+    fn spawn_with(store: &str, n: usize, extra: &[&str]) -> Instance {
         let log = std::env::temp_dir().join(format!("sagamq-pg-cluster-{}-{n}.log", std::process::id()));
         let mut child = Command::new(BIN)
             .args(["serve", "--addr", "127.0.0.1:0", "--store", store])
@@ -42,6 +46,7 @@ impl Instance {
                 &LEASE_MS.to_string(),
             ])
             .args(["--retry-initial-ms", "50", "--retry-max-ms", "500"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -320,4 +325,126 @@ async fn three_instances_lose_nothing_when_the_busiest_owner_is_killed() {
         .await
         .unwrap();
     assert_eq!(r["Duplicate"], true, "{r}");
+}
+
+/// Runs `sagamq serve ARGS` to its exit: (exit code, stderr).
+fn serve_refused(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run sagamq");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Bad flags and an unreachable database are refused with a clear error,
+/// before anything is served (no database needed).
+#[test]
+fn bad_store_flags_and_an_unreachable_database_are_refused_clearly() {
+    let (code, err) = serve_refused(&["--addr", "127.0.0.1:0", "--store", "mysql://db/x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("expected a postgres:// URL"), "{err}");
+
+    let (code, err) = serve_refused(&["--store", "postgres://u@127.0.0.1:1/x", "--data", "/tmp/never"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+
+    let (code, err) = serve_refused(&["--store", "postgres://u@127.0.0.1:1/x", "--partitions", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("partition count must be between 1 and"), "{err}");
+
+    let (code, err) = serve_refused(&["--partitions", "4"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--store"), "--partitions without --store: {err}");
+
+    // Nothing listens on port 1: a clear error naming the database, no password shown.
+    let t = Instant::now();
+    let (code, err) = serve_refused(&["--addr", "127.0.0.1:0", "--store", "postgres://u:secret@127.0.0.1:1/x"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("connect to PostgreSQL"), "{err}");
+    assert!(!err.contains("secret"), "the password leaked: {err}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+/// Dead letters live in each message's partition; any instance lists them
+/// all and redrives them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_of_every_partition_are_listed_and_redriven_through_any_instance() {
+    let Some(store) = testdb::fresh("dead_letters").await else {
+        return;
+    };
+    let inbox = Arc::new(Inbox::default());
+    inbox.status.store(500, std::sync::atomic::Ordering::Relaxed);
+    let receiver = inbox.serve(loopback0()).await;
+    let extra = ["--attempts-max", "2"];
+    let a = Instance::spawn_with(&store, 0, &extra);
+    let b = Instance::spawn_with(&store, 1, &extra);
+    let http = client();
+    let sub = json!({"ClientID": "dl", "Topic": "orders", "NotifyUrl": receiver.url("/cb"),
+                     "ExpireTime": u64::MAX / 2});
+    let t = Instant::now();
+    while !http
+        .post(format!("{}/subscribe", a.url))
+        .json(&sub)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "subscribe never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    const N: usize = 20;
+    let tally = Mutex::new(Tally::default());
+    let urls = vec![a.url.clone(), b.url.clone()];
+    for i in 0..N {
+        publish_until_acked(&http, &urls, i, i, &tally).await;
+    }
+    let list = |url: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("{url}/dead-letters?client=dl")).send().await.unwrap();
+            if !r.status().is_success() {
+                return None;
+            }
+            let v: Value = r.json().await.unwrap();
+            Some(v["Count"].as_u64().unwrap())
+        }
+    };
+    let t = Instant::now();
+    while list(b.url.clone()).await != Some(N as u64) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not every message became a dead letter"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        list(a.url.clone()).await,
+        Some(N as u64),
+        "both instances see every partition"
+    );
+    inbox.status.store(0, std::sync::atomic::Ordering::Relaxed);
+    let r: Value = http
+        .post(format!("{}/dead-letters/redrive", a.url))
+        .json(&json!({"ClientID": "dl"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["Redriven"], N as u64, "{r}");
+    let want: BTreeSet<String> = (0..N).map(|i| format!("order-{i}")).collect();
+    let t = Instant::now();
+    while !want.is_subset(&inbox.delivered_gids()) {
+        assert!(t.elapsed() < Duration::from_secs(30), "redriven messages not delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(list(b.url.clone()).await, Some(0));
 }

@@ -1,6 +1,8 @@
 //! The cluster's HTTP API: the same public routes and JSON as a single
 //! broker (`/publish`, `/subscribe`, `/unsubscribe`, `/ping`), plus the
-//! internal routes instances forward to each other.
+//! internal routes instances forward to each other. The dead-letter routes
+//! (`GET /dead-letters?client=ID`, `POST /dead-letters/redrive`) fan out to
+//! every partition and merge (ordered by `(CreateTime, MsgID)`; counts summed).
 //!
 //! **Invariants:** any instance accepts any request. A publish goes to the
 //! owner of its `GlobalID`'s partition (served here, or forwarded once to
@@ -19,7 +21,7 @@ use crate::cluster::PartitionId;
 use crate::real::auth::{Auth, Scope};
 use crate::real::callbacks::Allowlist;
 use crate::real::driver::Request;
-use crate::types::{CONTENT_LEN_MAX, ClientId, PublishRequest, SubscribeRequest, Topic};
+use crate::types::{CONTENT_LEN_MAX, ClientId, Message, PublishRequest, SubscribeRequest, Topic};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -50,6 +52,9 @@ pub fn router(state: ClusterHttp, body_len_max: usize) -> Router {
         .route("/publish", post(publish))
         .route("/subscribe", post(|s, h, b| fan_out(s, h, b, Kind::Subscribe)))
         .route("/unsubscribe", post(|s, h, b| fan_out(s, h, b, Kind::Unsubscribe)))
+        .route("/dead-letters/redrive", post(|s, h, b| fan_out(s, h, b, Kind::Redrive)))
+        .route("/dead-letters", get(dead_letters))
+        .route("/internal/dead-letters", get(internal_dead_letters))
         .route("/internal/{kind}", post(internal))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(body_len_max))
@@ -61,6 +66,7 @@ enum Kind {
     Publish,
     Subscribe,
     Unsubscribe,
+    Redrive,
 }
 
 impl Kind {
@@ -69,6 +75,7 @@ impl Kind {
             Kind::Publish => "publish",
             Kind::Subscribe => "subscribe",
             Kind::Unsubscribe => "unsubscribe",
+            Kind::Redrive => "redrive",
         }
     }
 }
@@ -118,6 +125,13 @@ struct UnsubscribeBody {
     topic: Topic,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientBody {
+    #[serde(rename = "ClientID")]
+    client_id: ClientId,
+}
+
 /// Parses and checks a request body of `kind` (token scope included).
 #[allow(clippy::result_large_err)] // the error is the response itself
 fn parse(kind: Kind, scope: &Scope, body: &[u8]) -> Result<Request, Response> {
@@ -155,6 +169,16 @@ fn parse(kind: Kind, scope: &Scope, body: &[u8]) -> Result<Request, Response> {
                 client: u.client_id,
                 topic: u.topic,
             })
+        }
+        Kind::Redrive => {
+            let c: ClientBody = serde_json::from_slice(body).map_err(bad)?;
+            if !scope.dead_letters.allows(&c.client_id) {
+                return Err(forbidden(format!(
+                    "redrive the dead letters of ClientID {:?}",
+                    c.client_id.as_str()
+                )));
+            }
+            Ok(Request::Redrive { client: c.client_id })
         }
     }
 }
@@ -280,11 +304,133 @@ async fn fan_out(State(s): State<Arc<ClusterHttp>>, headers: HeaderMap, body: By
     if let Some(i) = answers.iter().position(|(_, r)| !r.status().is_success()) {
         return answers.swap_remove(i).1;
     }
+    if kind == Kind::Redrive {
+        // Each partition redrove its own dead letters: the total.
+        let mut total = 0u64;
+        for (p, r) in answers {
+            let bytes = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            match v["Redriven"].as_u64() {
+                Some(n) => total += n,
+                None => return error(StatusCode::BAD_GATEWAY, format!("partition {p}: unexpected answer")),
+            }
+        }
+        return ok(json!({"Redriven": total}));
+    }
     answers
         .into_iter()
         .next()
         .map(|(_, r)| r)
         .unwrap_or_else(|| error(StatusCode::INTERNAL_SERVER_ERROR, "no partitions"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientQuery {
+    client: ClientId,
+    partition: Option<u32>,
+}
+
+/// Every partition's dead letters of a client, in `(CreateTime, MsgID)` order.
+async fn dead_letters(
+    State(s): State<Arc<ClusterHttp>>,
+    headers: HeaderMap,
+    q: Result<Query<ClientQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = q else {
+        return error(StatusCode::BAD_REQUEST, "expected ?client=ID");
+    };
+    let scope = match scope_of(&s, &headers) {
+        Ok(sc) => sc,
+        Err(r) => return r,
+    };
+    if !scope.dead_letters.allows(&q.client) {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "the token {:?} may not read the dead letters of ClientID {:?}",
+                scope.name,
+                q.client.as_str()
+            ),
+        );
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for p in s.node.config.partitions.all() {
+        let (s, headers, client) = (s.clone(), headers.clone(), q.client.clone());
+        set.spawn(async move { (p, partition_dead_letters(&s, &headers, p, client).await) });
+    }
+    let mut all: Vec<Message> = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok((_, Ok(list))) => all.extend(list),
+            Ok((_, Err(resp))) => return resp,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("fan-out task: {e}")),
+        }
+    }
+    all.sort_by_key(|m| (m.create_time, m.msg_id));
+    ok(json!({"ClientID": q.client, "Count": all.len(), "Messages": all}))
+}
+
+async fn partition_dead_letters(
+    s: &ClusterHttp,
+    headers: &HeaderMap,
+    p: PartitionId,
+    client: ClientId,
+) -> Result<Vec<Message>, Response> {
+    match s.node.route(p) {
+        Route::Local(h) => h.dead_letters(client).await.map_err(|e| answer(Err(e), p)),
+        Route::Remote { owner, addr } => {
+            let unreachable = |e: String| retry_later(format!("partition {p}: its owner {owner}: {e}; retry"));
+            let mut url = reqwest::Url::parse(&format!("{addr}/internal/dead-letters"))
+                .map_err(|e| unreachable(format!("bad address {addr:?}: {e}")))?;
+            url.query_pairs_mut()
+                .append_pair("client", client.as_str())
+                .append_pair("partition", &p.0.to_string());
+            let mut req = s.forward.get(url);
+            if let Some(a) = headers.get(header::AUTHORIZATION) {
+                req = req.header(header::AUTHORIZATION, a.clone());
+            }
+            let resp = req.send().await.map_err(|e| unreachable(e.to_string()))?;
+            if !resp.status().is_success() {
+                return Err(unreachable(format!("answered {}", resp.status())));
+            }
+            let v: serde_json::Value = resp.json().await.map_err(|e| unreachable(e.to_string()))?;
+            serde_json::from_value(v["Messages"].clone()).map_err(|e| unreachable(e.to_string()))
+        }
+        Route::NoOwner => Err(retry_later(format!("partition {p} has no owner right now; retry"))),
+    }
+}
+
+/// One partition's dead letters, for another instance (never forwarded).
+async fn internal_dead_letters(
+    State(s): State<Arc<ClusterHttp>>,
+    headers: HeaderMap,
+    q: Result<Query<ClientQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(ClientQuery {
+        client,
+        partition: Some(p),
+    })) = q
+    else {
+        return error(StatusCode::BAD_REQUEST, "expected ?client=ID&partition=N");
+    };
+    let scope = match scope_of(&s, &headers) {
+        Ok(sc) => sc,
+        Err(r) => return r,
+    };
+    if !scope.dead_letters.allows(&client) {
+        return error(StatusCode::FORBIDDEN, "this token may not read these dead letters");
+    }
+    match s.node.local_handle(PartitionId(p)) {
+        Some(h) => match h.dead_letters(client.clone()).await {
+            Ok(list) => ok(json!({"ClientID": client, "Count": list.len(), "Messages": list})),
+            Err(e) => answer(Err(e), PartitionId(p)),
+        },
+        None => retry_later(format!(
+            "instance {} does not serve partition {p}; retry",
+            s.node.config.me
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -304,6 +450,7 @@ async fn internal(
         "publish" => Kind::Publish,
         "subscribe" => Kind::Subscribe,
         "unsubscribe" => Kind::Unsubscribe,
+        "redrive" => Kind::Redrive,
         _ => return error(StatusCode::NOT_FOUND, "no such internal route"),
     };
     let Ok(Query(q)) = q else {
