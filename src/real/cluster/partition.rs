@@ -408,28 +408,12 @@ impl Runner {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
     use crate::real::callbacks::Allowlist;
     use crate::types::{GlobalId, PublishRequest, SenderId, SubId, Topic};
 
-    #[test]
-    fn appends_share_a_row_and_a_compaction_supersedes_what_was_pending() {
-        let mut p = PendingRows::default();
-        assert!(p.is_empty());
-        p.append(Lsn(1), b"a".to_vec());
-        p.append(Lsn(2), b"b".to_vec());
-        p.replace(Lsn(3), b"S".to_vec());
-        p.append(Lsn(4), b"c".to_vec());
-        p.append(Lsn(5), b"d".to_vec());
-        let (lsn, rows) = p.take().unwrap();
-        assert_eq!(lsn, Lsn(5));
-        let shape: Vec<(u64, &[u8], bool)> = rows.iter().map(|r| (r.lsn, &r.frames[..], r.replaces)).collect();
-        assert_eq!(shape, [(3, &b"S"[..], true), (5, &b"cd"[..], false)]);
-        assert!(p.is_empty() && p.take().is_none());
-    }
-
-    fn publish(gid: &str) -> Request {
+    pub fn publish(gid: &str) -> Request {
         Request::Publish(PublishRequest {
             global_id: GlobalId::lit(gid),
             sub_id: SubId::lit("1"),
@@ -440,7 +424,11 @@ mod tests {
         })
     }
 
-    async fn serve(store: &Store, me: &str, epoch: u64) -> (PartitionHandle, tokio::task::JoinHandle<PartitionEnd>) {
+    pub async fn serve(
+        store: &Store,
+        me: &str,
+        epoch: u64,
+    ) -> (PartitionHandle, tokio::task::JoinHandle<PartitionEnd>) {
         let origin = Instant::now();
         let (h, join, _) = start(PartitionStart {
             partition: PartitionId(0),
@@ -464,6 +452,28 @@ mod tests {
         .await
         .unwrap();
         (h, join)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
+
+    #[test]
+    fn appends_share_a_row_and_a_compaction_supersedes_what_was_pending() {
+        let mut p = PendingRows::default();
+        assert!(p.is_empty());
+        p.append(Lsn(1), b"a".to_vec());
+        p.append(Lsn(2), b"b".to_vec());
+        p.replace(Lsn(3), b"S".to_vec());
+        p.append(Lsn(4), b"c".to_vec());
+        p.append(Lsn(5), b"d".to_vec());
+        let (lsn, rows) = p.take().unwrap();
+        assert_eq!(lsn, Lsn(5));
+        let shape: Vec<(u64, &[u8], bool)> = rows.iter().map(|r| (r.lsn, &r.frames[..], r.replaces)).collect();
+        assert_eq!(shape, [(3, &b"S"[..], true), (5, &b"cd"[..], false)]);
+        assert!(p.is_empty() && p.take().is_none());
     }
 
     /// A stale owner answers nothing it cannot store; the new owner has
@@ -511,5 +521,124 @@ mod tests {
             hb.request(publish("g2")).await,
             Ok(Reply::Published { duplicate: false, .. })
         ));
+    }
+}
+
+/// A COMMIT whose answer never arrives (the connection cut right after it
+/// left), through a TCP proxy between the store and PostgreSQL.
+#[cfg(test)]
+mod commit_lost {
+    use super::tests_support::*;
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Relays bytes both ways; when `arm` is set, the first client chunk
+    /// holding a `COMMIT` query is forwarded and then the connection is cut
+    /// before any answer reaches the client.
+    async fn proxy(upstream: String, arm: Arc<AtomicBool>, cuts: Arc<AtomicU64>) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (arm, cuts) = (arm.clone(), cuts.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let cut = Arc::new(AtomicBool::new(false));
+                    let cut2 = cut.clone();
+                    let up = tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let commit = buf[..n].windows(6).any(|w| w == b"COMMIT");
+                            if commit && arm.swap(false, Ordering::SeqCst) {
+                                cut2.store(true, Ordering::SeqCst);
+                                cuts.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if cut.load(Ordering::SeqCst) {
+                            // The answer to COMMIT is dropped, the client's side closed.
+                            break;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    drop(cw);
+                    up.abort();
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_whose_commit_answer_is_lost_is_written_again_stored_once_and_answered() {
+        crate::real::callbacks::install_default_crypto_provider();
+        let Some(url) = super::super::testdb::fresh("commit_lost").await else {
+            return;
+        };
+        let parsed = reqwest::Url::parse(&url).unwrap();
+        let upstream = format!("{}:{}", parsed.host_str().unwrap(), parsed.port().unwrap_or(5432));
+        let (arm, cuts) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let via = proxy(upstream, arm.clone(), cuts.clone()).await;
+        let mut proxied = parsed.clone();
+        proxied.set_host(Some("127.0.0.1")).unwrap();
+        proxied.set_port(Some(via.port())).unwrap();
+        let store = Store::connect(proxied.as_str(), 2).unwrap();
+        store.init(Some(1), "k").await.unwrap();
+        let ttl = Duration::from_secs(60);
+        let a = InstanceId("a".into());
+        let ea = store.acquire(PartitionId(0), &a, ttl).await.unwrap().unwrap();
+        let (ha, _join) = serve(&store, "a", ea).await;
+        // Let the recovered core's first write (its Epoch record) commit first.
+        ha.stats().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        arm.store(true, Ordering::SeqCst);
+        let reply = ha.request(publish("g1")).await;
+        assert_eq!(
+            cuts.load(Ordering::SeqCst),
+            1,
+            "the COMMIT answer was cut; reply {reply:?}"
+        );
+        let Ok(Reply::Published {
+            msg_id,
+            duplicate: false,
+        }) = reply
+        else {
+            panic!("{reply:?}")
+        };
+        // Stored once: recovery refuses a key stored twice, and knows one key
+        // (settled at once: nobody is subscribed).
+        let (image, _) = store.load(PartitionId(0)).await.unwrap();
+        let (recovered, _) = Broker::recover(BrokerConfig::default(), 1, &image).expect("one copy");
+        let st = recovered.stats();
+        assert_eq!(st.messages_live + st.dedup_settled, 1);
+        // Published again: the original id.
+        assert_eq!(
+            ha.request(publish("g1")).await,
+            Ok(Reply::Published {
+                msg_id,
+                duplicate: true
+            })
+        );
     }
 }
