@@ -2,7 +2,7 @@
 //! sans-IO state machines.
 //!
 //! **Architecture invariant:** nothing under `types`, `machine`, `rng`, `log`,
-//! `broker` and `saga` performs IO, reads a clock or an OS random source. Time
+//! `broker`, `saga` and `cluster` performs IO, reads a clock or an OS random source. Time
 //! arrives as an argument, randomness comes from [`rng::Rng`] seeded by the
 //! caller, and every side effect leaves as an output value. The simulator
 //! (`sim/`) and the real runtime (`src/real/`, feature `real`) are thin drivers
@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+pub mod cluster;
 pub mod log;
 pub mod machine;
 pub mod rng;

@@ -5,13 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
-const CORE: [&str; 6] = [
+const CORE: [&str; 7] = [
     "src/types.rs",
     "src/machine.rs",
     "src/rng.rs",
     "src/log",
     "src/broker",
     "src/saga",
+    "src/cluster",
 ];
 
 const FORBIDDEN: [(&str, &str); 12] = [

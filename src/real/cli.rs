@@ -53,9 +53,11 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3333")]
     pub addr: SocketAddr,
-    /// Directory of the log (created if missing).
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Directory of the log (created if missing). Not with --store.
+    #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: super::cluster_args::ClusterArgs,
     /// Shared secret required as `Authorization: Bearer` on mutating routes.
     #[arg(long, env = "SAGAMQ_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -182,7 +184,7 @@ pub struct DemoArgs {
 
 impl ServeArgs {
     pub fn options(&self) -> Result<ServeOptions, String> {
-        let mut o = ServeOptions::new(self.addr, self.data.clone());
+        let mut o = ServeOptions::new(self.addr, self.data.clone().unwrap_or_default());
         o.token = self.token.clone().filter(|t| !t.is_empty());
         o.signing_key = self.signing_key.clone().filter(|t| !t.is_empty());
         o.allow = Allowlist::parse(&self.callback_allow)?;
@@ -317,6 +319,9 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if args.cluster.store.is_some() {
+                return super::cluster_args::serve(&opts, &args.cluster, &rt);
+            }
             if opts.auth().is_open() {
                 tracing::warn!(
                     "no --token and no --credentials: mutating routes are open to anyone who can reach --addr"

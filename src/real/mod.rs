@@ -12,7 +12,8 @@
 //! the accept loop with the connection bounds; [`http`] maps routes to driver
 //! requests under [`auth`]'s scopes; [`callbacks`] signs deliveries (key from
 //! [`signing_key`]), checks targets by name and resolved address, and POSTs
-//! them; [`cli`] is `sagamq serve|demo|bench|signing-key`.
+//! them; [`cli`] is `sagamq serve|demo|bench|signing-key`; `cluster` (feature
+//! `postgres`) serves from PostgreSQL instead of the file log.
 
 pub mod auth;
 pub mod bench;
@@ -22,6 +23,9 @@ pub mod client;
 pub mod clock;
 #[cfg(test)]
 mod clock_step;
+#[cfg(feature = "postgres")]
+pub mod cluster;
+pub mod cluster_args;
 pub mod demo;
 pub mod driver;
 pub mod file_disk;
