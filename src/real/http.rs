@@ -431,6 +431,10 @@ pub fn stats_json(st: &Stats) -> serde_json::Value {
             "failed": io.callbacks_failed,
             "timed_out": io.callbacks_timed_out,
         },
+        "process": {
+            "cpu_user_seconds": st.cpu.map(|c| c.user.as_secs_f64()),
+            "cpu_system_seconds": st.cpu.map(|c| c.system.as_secs_f64()),
+        },
     })
 }
 
@@ -543,6 +547,17 @@ pub fn metrics_text(st: &Stats) -> String {
             ("{result=\"timed_out\"}", io.callbacks_timed_out as f64),
         ],
     );
+    if let Some(cpu) = st.cpu {
+        metric(
+            "sagamq_process_cpu_seconds_total",
+            "counter",
+            "CPU time of the broker process (getrusage RUSAGE_SELF), by mode.",
+            &[
+                ("{mode=\"user\"}", cpu.user.as_secs_f64()),
+                ("{mode=\"system\"}", cpu.system.as_secs_f64()),
+            ],
+        );
+    }
     let per = |f: fn(&crate::broker::SubscriberStats) -> usize| -> Vec<(String, f64)> {
         b.subscribers
             .iter()

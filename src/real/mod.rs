@@ -1,5 +1,5 @@
 //! The real runtime (feature `real`): the broker core driven by tokio, an HTTP
-//! API (axum), HTTP callbacks (reqwest) and a log file with group commit.
+//! API (axum), HTTP callbacks (hyper; reqwest for https) and a log file with group commit.
 //!
 //! **Invariant:** this module is a thin driver. Every decision (dedup, order,
 //! retries, dead letters, compaction) is the core's; this code only moves
@@ -12,7 +12,7 @@
 //! the accept loop with the connection bounds; [`http`] maps routes to driver
 //! requests under [`auth`]'s scopes; [`callbacks`] signs deliveries (key from
 //! [`signing_key`]), checks targets by name and resolved address, and POSTs
-//! them; [`cli`] is `sagamq serve|demo|bench|signing-key`.
+//! them (plain http over [`http_pool`]); [`cli`] is `sagamq serve|demo|bench|signing-key`.
 
 pub mod auth;
 pub mod bench;
@@ -22,11 +22,13 @@ pub mod client;
 pub mod clock;
 #[cfg(test)]
 mod clock_step;
+pub mod cpu;
 pub mod demo;
 pub mod driver;
 pub mod file_disk;
 pub mod fs;
 pub mod http;
+pub mod http_pool;
 pub mod listener;
 pub mod log_writer;
 pub mod page_cache;
