@@ -190,3 +190,128 @@ async fn connect(addr: SocketAddr) -> Result<http1::SendRequest<Full<Bytes>>, Po
     });
     Ok(sender)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A minimal HTTP/1.1 server: answers every request 200 and, with
+    /// `close_after_answer`, closes the connection after its answer without
+    /// saying so (what a server's idle timeout looks like to a pooled client).
+    async fn server(close_after_answer: bool) -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, answered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (acc, ans) = (accepted.clone(), answered.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                acc.fetch_add(1, Ordering::SeqCst);
+                let ans = ans.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request: head, then Content-Length bytes of body.
+                        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < head_end + 4 + len {
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + 4 + len);
+                        ans.fetch_add(1, Ordering::SeqCst);
+                        if tcp
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        if close_after_answer {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, answered)
+    }
+
+    fn post(host: &HeaderValue) -> Post<'_> {
+        Post {
+            path_and_query: "/cb?x=1",
+            host,
+            headers: &[],
+            body: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_kept_alive_connection_is_reused() {
+        let (addr, accepted, answered) = server(false).await;
+        let pool = HttpPool::new(4, Duration::from_secs(5));
+        let host = HeaderValue::from_static("example");
+        for _ in 0..5 {
+            assert_eq!(pool.post(addr, post(&host)).await.unwrap(), StatusCode::OK);
+        }
+        assert_eq!(answered.load(Ordering::SeqCst), 5);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for sequential callbacks"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced_without_a_failure() {
+        let (addr, accepted, answered) = server(true).await;
+        let pool = HttpPool::new(4, Duration::from_secs(5));
+        let host = HeaderValue::from_static("example");
+        for i in 0..5 {
+            // Let the server's close reach the pooled connection (or not): either way no failure.
+            if i % 2 == 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(
+                pool.post(addr, post(&host)).await.unwrap(),
+                StatusCode::OK,
+                "callback {i}"
+            );
+        }
+        assert_eq!(answered.load(Ordering::SeqCst), 5, "each callback answered once");
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn no_answer_within_the_deadline_is_a_timeout() {
+        // Accepts and never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                open.push(tcp);
+            }
+        });
+        let pool = HttpPool::new(4, Duration::from_millis(200));
+        let host = HeaderValue::from_static("example");
+        assert!(matches!(pool.post(addr, post(&host)).await, Err(PostError::TimedOut)));
+    }
+}
