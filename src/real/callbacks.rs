@@ -664,7 +664,8 @@ const USER_AGENT: &str = concat!("sagamq/", env!("CARGO_PKG_VERSION"));
 /// Spawns one task per callback and collects their results on a channel.
 pub struct Dispatcher {
     clients: Arc<Clients>,
-    allow: Allowlist,
+    /// Shared with every callback task (a clone per callback would copy its entries).
+    allow: Arc<Allowlist>,
     per_subscriber: BTreeMap<ClientId, Window>,
     inflight_per_subscriber_max: usize,
     total: Arc<Semaphore>,
@@ -698,7 +699,7 @@ impl Dispatcher {
                     tls: http,
                     signing_key: config.signing_key,
                 }),
-                allow: config.allow,
+                allow: Arc::new(config.allow),
                 per_subscriber: BTreeMap::new(),
                 inflight_per_subscriber_max: config.inflight_per_subscriber_max.max(1),
                 total: Arc::new(Semaphore::new(CALLBACKS_INFLIGHT_TOTAL_MAX)),
