@@ -1,7 +1,9 @@
 //! `sagamq bench`: the project's own numbers, without peers. Starts the broker
 //! binary as a child process (or uses `--url`), then measures
 //! 1. acked durable publishes/s with `--inflight` publishes in flight and the
-//!    subscriber attached (closed loop), and end-to-end msgs/s;
+//!    subscriber attached (closed loop), and end-to-end msgs/s, with the
+//!    broker's µs of CPU per acked publish and per delivered callback (its
+//!    `getrusage(RUSAGE_SELF)` from `/stats` before and after the phase);
 //! 2. end-to-end latency (publish start to callback receipt) at a fixed rate
 //!    (open loop), p50/p99, and the publish-ack latency;
 //! 3. recovery speed: builds a log of `--recovery-records` records through the
@@ -61,6 +63,9 @@ pub struct BenchArgs {
     /// Extra argument for the `serve` child (repeatable), e.g. `--serve-arg=--threads=1`.
     #[arg(long = "serve-arg", allow_hyphen_values = true)]
     pub serve_args: Vec<String>,
+    /// Start this broker binary instead of this one (an A/B against another build).
+    #[arg(long)]
+    pub broker_exe: Option<PathBuf>,
     /// Bearer token for `--url`.
     #[arg(long, env = "SAGAMQ_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -157,6 +162,11 @@ struct PhaseResult {
     /// CPU of the broker and of this load generator, in % of one core over the phase.
     server_cpu_pct: Option<f64>,
     loadgen_cpu_pct: Option<f64>,
+    /// The broker's CPU over the phase (its `getrusage(RUSAGE_SELF)`, read
+    /// through `/stats`) per publish it acked and per callback it saw
+    /// delivered in that time: one CPU figure, two divisors.
+    cpu_us_per_publish: Option<f64>,
+    cpu_us_per_callback: Option<f64>,
     publish_per_s: f64,
     e2e_per_s: f64,
     ack_p50_ms: f64,
@@ -206,6 +216,7 @@ impl Bench {
         let errors = Arc::new(AtomicU64::new(0));
         let last_ack = Arc::new(AtomicU64::new(0));
         let base = self.shared.base;
+        let counters0 = BrokerCounters::read(&self.client, self.server_pid).await;
         let cpu0 = (self.server_pid.and_then(cpu_seconds), cpu_seconds(std::process::id()));
         let t0 = mono_ns(base);
         let publish_one = {
@@ -328,6 +339,11 @@ impl Bench {
         let cpu_pct = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / wall.max(1e-9) * 100.0);
         let server_cpu_pct = cpu_pct(cpu0.0, self.server_pid.and_then(cpu_seconds));
         let loadgen_cpu_pct = cpu_pct(cpu0.1, cpu_seconds(std::process::id()));
+        let counters1 = BrokerCounters::read(&self.client, self.server_pid).await;
+        let (cpu_us_per_publish, cpu_us_per_callback) = match (counters0, counters1) {
+            (Some(a), Some(b)) => a.per_message_us(&b),
+            _ => (None, None),
+        };
         let mut acks = std::mem::take(&mut *acks.lock().expect("acks"));
         acks.sort_unstable();
         let mut e2e = rec.e2e_ns;
@@ -337,6 +353,8 @@ impl Bench {
         Ok(PhaseResult {
             server_cpu_pct,
             loadgen_cpu_pct,
+            cpu_us_per_publish,
+            cpu_us_per_callback,
             publish_per_s: acks.len() as f64 / pub_s.max(1e-9),
             e2e_per_s: rec.received as f64 / e2e_s.max(1e-9),
             ack_p50_ms: pct(&acks, 0.50),
@@ -351,6 +369,48 @@ impl Bench {
     }
 }
 
+/// What `/stats` says about the broker's CPU and work so far.
+#[derive(Clone, Copy, Debug)]
+struct BrokerCounters {
+    cpu_seconds: f64,
+    publishes_acked: u64,
+    callbacks_delivered: u64,
+}
+
+impl BrokerCounters {
+    /// From `/stats`; a broker built before `/stats` carried its CPU is read
+    /// from `/proc/<pid>/stat` instead (the same kernel counters, in 10 ms ticks).
+    async fn read(client: &BrokerClient, pid: Option<u32>) -> Option<BrokerCounters> {
+        let (200, st) = client.get_json("/stats").await.ok()? else {
+            return None;
+        };
+        let process = &st["process"];
+        let rusage = process["cpu_user_seconds"]
+            .as_f64()
+            .zip(process["cpu_system_seconds"].as_f64())
+            .map(|(u, s)| u + s);
+        Some(BrokerCounters {
+            cpu_seconds: rusage.or_else(|| pid.and_then(cpu_seconds))?,
+            publishes_acked: st["publishes"]["acked"].as_u64()?,
+            callbacks_delivered: st["callbacks"]["delivered"].as_u64()?,
+        })
+    }
+
+    /// µs of CPU per acked publish and per delivered callback between `self` and `later`.
+    fn per_message_us(&self, later: &BrokerCounters) -> (Option<f64>, Option<f64>) {
+        let cpu_us = (later.cpu_seconds - self.cpu_seconds) * 1e6;
+        let per = |n: u64| (n > 0).then(|| cpu_us / n as f64);
+        (
+            per(later.publishes_acked.saturating_sub(self.publishes_acked)),
+            per(later.callbacks_delivered.saturating_sub(self.callbacks_delivered)),
+        )
+    }
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    v.map_or("n/a".to_string(), |v| format!("{v:.1} µs"))
+}
+
 /// The broker binary as a child process; SIGTERM (graceful) when dropped.
 struct ChildBroker {
     child: Child,
@@ -358,8 +418,11 @@ struct ChildBroker {
 }
 
 impl ChildBroker {
-    fn start(data: &Path, log: &Path, extra: &[String]) -> Result<ChildBroker, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    fn start(exe: Option<&Path>, data: &Path, log: &Path, extra: &[String]) -> Result<ChildBroker, String> {
+        let exe = match exe {
+            Some(e) => e.to_path_buf(),
+            None => std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?,
+        };
         let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
         let mut child = std::process::Command::new(exe)
             .args(["serve", "--addr", "127.0.0.1:0", "--data"])
@@ -437,7 +500,12 @@ async fn run(args: BenchArgs) -> Result<(), String> {
             None => {
                 let data = work.join("broker");
                 let _ = std::fs::remove_dir_all(&data);
-                child = ChildBroker::start(&data, &work.join("broker.log"), &args.serve_args)?;
+                child = ChildBroker::start(
+                    args.broker_exe.as_deref(),
+                    &data,
+                    &work.join("broker.log"),
+                    &args.serve_args,
+                )?;
                 (child.url.clone(), None, Some(child.child.id()))
             }
         };
@@ -477,7 +545,7 @@ async fn run(args: BenchArgs) -> Result<(), String> {
             for r in 0..args.repeat.max(1) {
                 let res = bench.phase(&format!("thr{r}"), 10 + r, args.msgs, None).await?;
                 println!(
-                    "throughput run {r}: {} msgs: {:.0} acked publishes/s, {:.0} e2e msgs/s, ack p50/p99 {:.2}/{:.2} ms, e2e p50/p99 {:.2}/{:.2} ms, delivered {}, duplicates {}, publish errors {}, CPU broker {} loadgen {}",
+                    "throughput run {r}: {} msgs: {:.0} acked publishes/s, {:.0} e2e msgs/s, ack p50/p99 {:.2}/{:.2} ms, e2e p50/p99 {:.2}/{:.2} ms, delivered {}, duplicates {}, publish errors {}, CPU broker {} loadgen {}; broker CPU {} per acked publish, {} per delivered callback",
                     args.msgs,
                     res.publish_per_s,
                     res.e2e_per_s,
@@ -489,7 +557,9 @@ async fn run(args: BenchArgs) -> Result<(), String> {
                     res.duplicates,
                     res.errors,
                     fmt_pct(res.server_cpu_pct),
-                    fmt_pct(res.loadgen_cpu_pct)
+                    fmt_pct(res.loadgen_cpu_pct),
+                    fmt_us(res.cpu_us_per_publish),
+                    fmt_us(res.cpu_us_per_callback)
                 );
                 runs.push(res);
             }
@@ -497,12 +567,14 @@ async fn run(args: BenchArgs) -> Result<(), String> {
                 summary.insert("publish_msgs_per_s".into(), m.publish_per_s.round().into());
                 summary.insert("e2e_msgs_per_s".into(), m.e2e_per_s.round().into());
                 summary.insert("thr_e2e_p99_ms".into(), m.e2e_p99_ms.into());
+                summary.insert("thr_cpu_us_per_acked_publish".into(), m.cpu_us_per_publish.into());
+                summary.insert("thr_cpu_us_per_delivered_callback".into(), m.cpu_us_per_callback.into());
             }
         }
         if want("latency") {
             let res = bench.phase("lat", 2, args.lat_msgs, Some(args.rate)).await?;
             println!(
-                "latency at {} msgs/s ({} msgs): e2e p50/p99 {:.2}/{:.2} ms, ack p50/p99 {:.2}/{:.2} ms, delivered {}, late sends {}, publish errors {}, CPU broker {} loadgen {}",
+                "latency at {} msgs/s ({} msgs): e2e p50/p99 {:.2}/{:.2} ms, ack p50/p99 {:.2}/{:.2} ms, delivered {}, late sends {}, publish errors {}, CPU broker {} loadgen {}; broker CPU {} per acked publish, {} per delivered callback",
                 args.rate,
                 args.lat_msgs,
                 res.e2e_p50_ms,
@@ -513,9 +585,12 @@ async fn run(args: BenchArgs) -> Result<(), String> {
                 res.late,
                 res.errors,
                 fmt_pct(res.server_cpu_pct),
-                fmt_pct(res.loadgen_cpu_pct)
+                fmt_pct(res.loadgen_cpu_pct),
+                fmt_us(res.cpu_us_per_publish),
+                fmt_us(res.cpu_us_per_callback)
             );
             summary.insert("lat_rate".into(), args.rate.into());
+            summary.insert("lat_cpu_us_per_acked_publish".into(), res.cpu_us_per_publish.into());
             summary.insert("lat_e2e_p50_ms".into(), res.e2e_p50_ms.into());
             summary.insert("lat_e2e_p99_ms".into(), res.e2e_p99_ms.into());
             summary.insert("lat_pub_ack_p99_ms".into(), res.ack_p99_ms.into());

@@ -9,8 +9,11 @@
 //! redirects are never followed, because a redirect could lead past the
 //! allowlist; every callback is signed with a timestamp (see [`sign`]).
 
+use super::http_pool::{HttpPool, Post, PostError};
 use crate::broker::{Callback, CallbackResult, DeliveryId};
 use crate::types::{ClientId, URL_LEN_MAX};
+use axum::body::Bytes;
+use axum::http::{HeaderName, HeaderValue, header};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use std::collections::BTreeMap;
@@ -607,15 +610,62 @@ impl std::error::Error for UrlError {}
 struct Window {
     slots: Arc<Semaphore>,
     url: String,
-    /// The allowlist's verdict on `url` (parsing a URL per callback is not free).
-    checked: Result<reqwest::Url, UrlError>,
+    /// The allowlist's verdict on `url` and what a request to it needs
+    /// (parsing a URL per callback is not free).
+    checked: Result<Arc<Target>, UrlError>,
 }
+
+/// A callback URL that passed [`Allowlist::check_url`], with the parts each
+/// request needs computed once.
+struct Target {
+    url: reqwest::Url,
+    /// `https`: through reqwest (TLS needs the name); `http`: through [`HttpPool`].
+    https: bool,
+    path_and_query: String,
+    /// The `Host` header: the URL's host (and port when it gives one).
+    host: HeaderValue,
+}
+
+impl Target {
+    fn of(url: reqwest::Url) -> Result<Target, UrlError> {
+        let host = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or("")),
+            None => url.host_str().unwrap_or("").to_string(),
+        };
+        let host = HeaderValue::from_str(&host)
+            .map_err(|_| UrlError(format!("NotifyUrl host {host:?} is not a valid Host header")))?;
+        let mut path_and_query = url.path().to_string();
+        if let Some(q) = url.query() {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
+        Ok(Target {
+            https: url.scheme() == "https",
+            url,
+            path_and_query,
+            host,
+        })
+    }
+}
+
+/// The clients callbacks go out with, and their signing key.
+struct Clients {
+    /// `http` callbacks: hyper, keep-alive connections pooled per address.
+    plain: HttpPool,
+    /// `https` callbacks: reqwest with rustls and [`CheckedResolver`].
+    tls: reqwest::Client,
+    signing_key: Option<Vec<u8>>,
+}
+
+static SIGNATURE_HEADER_NAME: HeaderName = HeaderName::from_static("x-sagamq-signature");
+static ATTEMPT_HEADER_NAME: HeaderName = HeaderName::from_static("x-sagamq-attempt");
+const USER_AGENT: &str = concat!("sagamq/", env!("CARGO_PKG_VERSION"));
 
 /// Spawns one task per callback and collects their results on a channel.
 pub struct Dispatcher {
-    http: reqwest::Client,
-    signing_key: Option<Arc<[u8]>>,
-    allow: Allowlist,
+    clients: Arc<Clients>,
+    /// Shared with every callback task (a clone per callback would copy its entries).
+    allow: Arc<Allowlist>,
     per_subscriber: BTreeMap<ClientId, Window>,
     inflight_per_subscriber_max: usize,
     total: Arc<Semaphore>,
@@ -625,6 +675,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn new(config: CallbackConfig) -> Result<(Dispatcher, mpsc::Receiver<(DeliveryId, CallbackResult)>), String> {
         let tls = tls_config(&config.extra_roots)?;
+        let idle_per_host = config.inflight_per_subscriber_max.max(1) * 4;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .dns_resolver(Arc::new(CheckedResolver {
@@ -635,17 +686,20 @@ impl Dispatcher {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(config.inflight_per_subscriber_max.max(1) * 4)
+            .pool_max_idle_per_host(idle_per_host)
             .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("sagamq/", env!("CARGO_PKG_VERSION")))
+            .user_agent(USER_AGENT)
             .build()
             .map_err(|e| format!("HTTP client: {e}"))?;
         let (tx, rx) = mpsc::channel(CALLBACK_RESULTS_MAX);
         Ok((
             Dispatcher {
-                http,
-                signing_key: config.signing_key.map(Arc::from),
-                allow: config.allow,
+                clients: Arc::new(Clients {
+                    plain: HttpPool::new(idle_per_host, config.timeout),
+                    tls: http,
+                    signing_key: config.signing_key,
+                }),
+                allow: Arc::new(config.allow),
                 per_subscriber: BTreeMap::new(),
                 inflight_per_subscriber_max: config.inflight_per_subscriber_max.max(1),
                 total: Arc::new(Semaphore::new(CALLBACKS_INFLIGHT_TOTAL_MAX)),
@@ -656,22 +710,21 @@ impl Dispatcher {
     }
 
     pub fn dispatch(&mut self, cb: Callback) {
-        let (window, url) = self.window(&cb.client, &cb.url);
-        let http = self.http.clone();
-        let key = self.signing_key.clone();
+        let (window, target) = self.window(&cb.client, &cb.url);
+        let clients = self.clients.clone();
         let total = self.total.clone();
         let results = self.results.clone();
         let allow = self.allow.clone();
         tokio::spawn(async move {
             let delivery = cb.delivery;
-            let result = match url {
+            let result = match target {
                 Err(e) => {
                     tracing::warn!(client = %cb.client, msg = %cb.message.msg_id, "callback refused: {e}");
                     CallbackResult::Failed
                 }
-                Ok(url) => match (window.acquire_owned().await, total.acquire_owned().await) {
-                    (Ok(_w), Ok(_t)) => match allow.resolve(&url).await {
-                        Ok(addrs) => post(&http, key.as_deref(), url, addrs[0], cb).await,
+                Ok(target) => match (window.acquire_owned().await, total.acquire_owned().await) {
+                    (Ok(_w), Ok(_t)) => match allow.resolve(&target.url).await {
+                        Ok(addrs) => post(&clients, &target, addrs[0], cb).await,
                         Err(e) => {
                             tracing::warn!(client = %cb.client, msg = %cb.message.msg_id, "callback refused: {e}");
                             CallbackResult::Failed
@@ -685,13 +738,20 @@ impl Dispatcher {
         });
     }
 
-    fn window(&mut self, client: &ClientId, url: &str) -> (Arc<Semaphore>, Result<reqwest::Url, UrlError>) {
-        if let Some(w) = self.per_subscriber.get_mut(client) {
-            if w.url != url {
-                // The subscriber renewed with another URL.
-                w.url = url.to_string();
-                w.checked = self.allow.check_url(url);
+    fn check(&self, url: &str) -> Result<Arc<Target>, UrlError> {
+        self.allow.check_url(url).and_then(Target::of).map(Arc::new)
+    }
+
+    fn window(&mut self, client: &ClientId, url: &str) -> (Arc<Semaphore>, Result<Arc<Target>, UrlError>) {
+        if let Some(w) = self.per_subscriber.get(client) {
+            if w.url == url {
+                return (w.slots.clone(), w.checked.clone());
             }
+            // The subscriber renewed with another URL.
+            let checked = self.check(url);
+            let w = self.per_subscriber.get_mut(client).expect("present above");
+            w.url = url.to_string();
+            w.checked = checked;
             return (w.slots.clone(), w.checked.clone());
         }
         if self.per_subscriber.len() >= SUBSCRIBER_WINDOWS_MAX {
@@ -701,7 +761,7 @@ impl Dispatcher {
         let w = Window {
             slots: Arc::new(Semaphore::new(self.inflight_per_subscriber_max)),
             url: url.to_string(),
-            checked: self.allow.check_url(url),
+            checked: self.check(url),
         };
         let out = (w.slots.clone(), w.checked.clone());
         self.per_subscriber.insert(client.clone(), w);
@@ -714,23 +774,7 @@ impl Dispatcher {
 /// the name in `Host`). `https` needs the name for the certificate check, so
 /// it connects through [`CheckedResolver`], which answers only addresses that
 /// pass.
-async fn post(
-    http: &reqwest::Client,
-    key: Option<&[u8]>,
-    url: reqwest::Url,
-    addr: SocketAddr,
-    cb: Callback,
-) -> CallbackResult {
-    let host_header = match url.port() {
-        Some(p) => format!("{}:{p}", url.host_str().unwrap_or("")),
-        None => url.host_str().unwrap_or("").to_string(),
-    };
-    let mut target = url;
-    if target.scheme() == "http"
-        && (target.set_ip_host(addr.ip()).is_err() || target.set_port(Some(addr.port())).is_err())
-    {
-        return CallbackResult::Failed;
-    }
+async fn post(clients: &Clients, target: &Target, addr: SocketAddr, cb: Callback) -> CallbackResult {
     let body = match serde_json::to_vec(&cb.message) {
         Ok(b) => b,
         Err(e) => {
@@ -738,14 +782,62 @@ async fn post(
             return CallbackResult::Failed;
         }
     };
+    // Stamped per attempt: a retry carries a fresh timestamp.
+    let signature = clients
+        .signing_key
+        .as_deref()
+        .map(|key| sign(key, unix_secs_now(), &body));
+    if target.https {
+        return post_tls(&clients.tls, target, signature, cb, body).await;
+    }
+    let mut headers = Vec::with_capacity(4);
+    headers.push((header::CONTENT_TYPE, HeaderValue::from_static("application/json")));
+    headers.push((header::USER_AGENT, HeaderValue::from_static(USER_AGENT)));
+    headers.push((ATTEMPT_HEADER_NAME.clone(), HeaderValue::from(cb.attempt)));
+    if let Some(s) = signature {
+        match HeaderValue::try_from(s) {
+            Ok(v) => headers.push((SIGNATURE_HEADER_NAME.clone(), v)),
+            Err(_) => return CallbackResult::Failed,
+        }
+    }
+    let request = Post {
+        path_and_query: &target.path_and_query,
+        host: &target.host,
+        headers: &headers,
+        body: Bytes::from(body),
+    };
+    match clients.plain.post(addr, request).await {
+        Ok(status) if status.is_success() => CallbackResult::Delivered,
+        Ok(status) => {
+            tracing::debug!(client = %cb.client, msg = %cb.message.msg_id, attempt = cb.attempt, %status, "callback refused by subscriber");
+            CallbackResult::Failed
+        }
+        Err(PostError::TimedOut) => {
+            tracing::debug!(client = %cb.client, msg = %cb.message.msg_id, attempt = cb.attempt, "callback timed out");
+            CallbackResult::TimedOut
+        }
+        Err(PostError::Failed(e)) => {
+            tracing::debug!(client = %cb.client, msg = %cb.message.msg_id, attempt = cb.attempt, "callback failed: {e}");
+            CallbackResult::Failed
+        }
+    }
+}
+
+/// An `https` callback through reqwest.
+async fn post_tls(
+    http: &reqwest::Client,
+    target: &Target,
+    signature: Option<String>,
+    cb: Callback,
+    body: Vec<u8>,
+) -> CallbackResult {
     let mut req = http
-        .post(target)
-        .header(reqwest::header::HOST, host_header)
+        .post(target.url.clone())
+        .header(reqwest::header::HOST, target.host.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(ATTEMPT_HEADER, cb.attempt.to_string());
-    if let Some(key) = key {
-        // Stamped per attempt: a retry carries a fresh timestamp.
-        req = req.header(SIGNATURE_HEADER, sign(key, unix_secs_now(), &body));
+    if let Some(s) = signature {
+        req = req.header(SIGNATURE_HEADER, s);
     }
     match req.body(body).send().await {
         Ok(resp) if resp.status().is_success() => {

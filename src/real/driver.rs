@@ -108,6 +108,8 @@ pub struct IoStats {
 pub struct Stats {
     pub broker: BrokerStats,
     pub io: IoStats,
+    /// CPU this process has used so far (`getrusage(RUSAGE_SELF)`).
+    pub cpu: Option<super::cpu::CpuTime>,
 }
 
 /// Why the driver did not take a request.
@@ -321,6 +323,7 @@ impl<B: BrokerCore> Driver<B> {
                 let _ = reply.send(Stats {
                     broker: self.broker.stats(),
                     io: self.io.clone(),
+                    cpu: super::cpu::process_cpu(),
                 });
             }
             Command::DeadLetters { client, reply } => {

@@ -22,12 +22,15 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Extension, Query, Request as HttpRequest, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use hyper::body::Incoming;
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::json;
+use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -51,7 +54,16 @@ struct AppState {
     config: Arc<HttpConfig>,
 }
 
-pub fn router(driver: DriverHandle, config: HttpConfig) -> Router {
+/// The routes, ready for [`super::listener::serve`]: `POST /publish` is
+/// answered by [`publish_direct`], every other request by the axum router.
+#[derive(Clone)]
+pub struct Api {
+    router: Router,
+    /// None: every request goes through the router (see [`Api::routed`]).
+    state: Option<AppState>,
+}
+
+pub fn router(driver: DriverHandle, config: HttpConfig) -> Api {
     let body_len_max = config.body_len_max;
     let state = AppState {
         driver,
@@ -67,7 +79,7 @@ pub fn router(driver: DriverHandle, config: HttpConfig) -> Router {
         // the body is read, then the body is read whole, bounded in size and time.
         .route_layer(middleware::from_fn_with_state(state.clone(), read_body_bounded))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let router = Router::new()
         .route("/ping", get(ping))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
@@ -75,7 +87,86 @@ pub fn router(driver: DriverHandle, config: HttpConfig) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_len_max))
-        .with_state(state)
+        .with_state(state.clone());
+    Api {
+        router,
+        state: Some(state),
+    }
+}
+
+/// One connection's service: the hot path without the router, the rest through it.
+pub struct ConnectionService {
+    fallback: TowerToHyperService<Router>,
+    state: Option<AppState>,
+}
+
+impl Api {
+    /// Routes served with every request through `router` (the cluster
+    /// instance's routes, which forward publishes and have no direct path).
+    pub fn routed(router: Router) -> Api {
+        Api { router, state: None }
+    }
+
+    pub fn connection_service(&self) -> ConnectionService {
+        ConnectionService {
+            fallback: TowerToHyperService::new(self.router.clone()),
+            state: self.state.clone(),
+        }
+    }
+}
+
+type ServiceFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl hyper::service::Service<HttpRequest<Incoming>> for ConnectionService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ServiceFuture;
+
+    fn call(&self, req: HttpRequest<Incoming>) -> ServiceFuture {
+        if let Some(state) = &self.state
+            && req.method() == Method::POST
+            && req.uri().path() == "/publish"
+        {
+            let state = state.clone();
+            Box::pin(async move { Ok(publish_direct(state, req).await) })
+        } else {
+            Box::pin(self.fallback.call(req.map(axum::body::Body::new)))
+        }
+    }
+}
+
+/// `POST /publish` without the router's layers, in the order they apply to
+/// the other routes: the token (401, before the body is read), the bounded
+/// body read (408/413/400), the token's scope (403), then [`publish`]'s
+/// parse and the request to the core. The publish is the hot path; the
+/// router's boxing, state clones and the body's second wrapping cost as much
+/// as the rest of the request.
+async fn publish_direct(s: AppState, req: HttpRequest<Incoming>) -> Response {
+    let auth = &s.config.auth;
+    let scope = if auth.is_open() {
+        None
+    } else {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        match auth.scope_of(presented) {
+            Some(scope) => Some(scope),
+            None => return unauthorized(),
+        }
+    };
+    let bytes = match read_bounded(&s.config, req.into_body()).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    if let Some(scope) = scope
+        && !scope.publish
+    {
+        return forbidden(scope, "publish");
+    }
+    publish_body(&s, Ok(bytes)).await
 }
 
 fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
@@ -170,16 +261,19 @@ async fn require_token(State(s): State<AppState>, headers: HeaderMap, mut req: H
             .unwrap_or("");
         match s.config.auth.scope_of(presented) {
             Some(scope) => scope.clone(),
-            None => {
-                let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong Authorization: Bearer token");
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return r;
-            }
+            None => return unauthorized(),
         }
     };
     req.extensions_mut().insert(Arc::new(scope));
     next.run(req).await
+}
+
+/// 401 for a missing or unknown token.
+fn unauthorized() -> Response {
+    let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong Authorization: Bearer token");
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
 }
 
 /// 403 naming the token's name (never the token) and what it lacks.
@@ -195,26 +289,43 @@ fn forbidden(scope: &Scope, what: impl std::fmt::Display) -> Response {
 /// to the core: a body trickled in (slow loris) is cut with 408.
 async fn read_body_bounded(State(s): State<AppState>, req: HttpRequest, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let limited = http_body_util::Limited::new(body, s.config.body_len_max);
-    let collected = tokio::time::timeout(s.config.body_read_timeout, http_body_util::BodyExt::collect(limited)).await;
+    match read_bounded(&s.config, body).await {
+        Ok(bytes) => {
+            next.run(HttpRequest::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Err(r) => r,
+    }
+}
+
+/// The whole body within `body_read_timeout` and `body_len_max`, or the answer refusing it.
+#[allow(clippy::result_large_err)] // the error is the response itself, built once per bad request
+async fn read_bounded<B>(config: &HttpConfig, body: B) -> Result<Bytes, Response>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limited = http_body_util::Limited::new(body, config.body_len_max);
+    let collected = tokio::time::timeout(config.body_read_timeout, http_body_util::BodyExt::collect(limited)).await;
     match collected {
         Err(_) => {
             let mut r = error(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("request body not received within {:?}", s.config.body_read_timeout),
+                format!("request body not received within {:?}", config.body_read_timeout),
             );
             r.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            r
+            Err(r)
         }
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            error(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than the limit")
-        }
-        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}")),
-        Ok(Ok(c)) => {
-            next.run(HttpRequest::from_parts(parts, axum::body::Body::from(c.to_bytes())))
-                .await
-        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than the limit",
+        )),
+        Ok(Err(e)) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        )),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
     }
 }
 
@@ -238,6 +349,11 @@ async fn publish(
     if !scope.publish {
         return forbidden(&scope, "publish");
     }
+    publish_body(&s, body).await
+}
+
+/// A publish whose scope was checked: parse, check, ask the core, answer.
+async fn publish_body(s: &AppState, body: Result<Bytes, BytesRejection>) -> Response {
     let p: PublishRequest = match parse(body) {
         Ok(p) => p,
         Err(r) => return r,
@@ -431,6 +547,10 @@ pub fn stats_json(st: &Stats) -> serde_json::Value {
             "failed": io.callbacks_failed,
             "timed_out": io.callbacks_timed_out,
         },
+        "process": {
+            "cpu_user_seconds": st.cpu.map(|c| c.user.as_secs_f64()),
+            "cpu_system_seconds": st.cpu.map(|c| c.system.as_secs_f64()),
+        },
     })
 }
 
@@ -543,6 +663,17 @@ pub fn metrics_text(st: &Stats) -> String {
             ("{result=\"timed_out\"}", io.callbacks_timed_out as f64),
         ],
     );
+    if let Some(cpu) = st.cpu {
+        metric(
+            "sagamq_process_cpu_seconds_total",
+            "counter",
+            "CPU time of the broker process (getrusage RUSAGE_SELF), by mode.",
+            &[
+                ("{mode=\"user\"}", cpu.user.as_secs_f64()),
+                ("{mode=\"system\"}", cpu.system.as_secs_f64()),
+            ],
+        );
+    }
     let per = |f: fn(&crate::broker::SubscriberStats) -> usize| -> Vec<(String, f64)> {
         b.subscribers
             .iter()

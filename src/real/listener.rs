@@ -11,7 +11,6 @@
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -55,7 +54,7 @@ pub enum Stopped {
 /// at once) and returns once all are done or `grace` has passed.
 pub async fn serve(
     listener: TcpListener,
-    app: axum::Router,
+    app: super::http::Api,
     limits: ConnectionLimits,
     mut stop: oneshot::Receiver<()>,
     grace: Duration,
@@ -91,7 +90,7 @@ pub async fn serve(
         };
         // Small request/response exchanges: never let Nagle hold a reply back.
         let _ = tcp.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let service = app.connection_service();
         let conn = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -1,5 +1,5 @@
 //! The real runtime (feature `real`): the broker core driven by tokio, an HTTP
-//! API (axum), HTTP callbacks (reqwest) and a log file with group commit.
+//! API (axum), HTTP callbacks (hyper; reqwest for https) and a log file with group commit.
 //!
 //! **Invariant:** this module is a thin driver. Every decision (dedup, order,
 //! retries, dead letters, compaction) is the core's; this code only moves
@@ -12,8 +12,9 @@
 //! the accept loop with the connection bounds; [`http`] maps routes to driver
 //! requests under [`auth`]'s scopes; [`callbacks`] signs deliveries (key from
 //! [`signing_key`]), checks targets by name and resolved address, and POSTs
-//! them; [`cli`] is `sagamq serve|demo|bench|signing-key`; `cluster` (feature
-//! `postgres`) serves from PostgreSQL instead of the file log.
+//! them (plain http over [`http_pool`]); [`cli`] is `sagamq
+//! serve|demo|bench|signing-key`; `cluster` (feature `postgres`) serves from
+//! PostgreSQL instead of the file log.
 
 pub mod auth;
 pub mod bench;
@@ -26,11 +27,13 @@ mod clock_step;
 #[cfg(feature = "postgres")]
 pub mod cluster;
 pub mod cluster_args;
+pub mod cpu;
 pub mod demo;
 pub mod driver;
 pub mod file_disk;
 pub mod fs;
 pub mod http;
+pub mod http_pool;
 pub mod listener;
 pub mod log_writer;
 pub mod page_cache;

@@ -188,6 +188,7 @@ pub async fn start(o: ClusterOptions) -> Result<RunningInstance, String> {
     let (stop_http, http_rx) = tokio::sync::oneshot::channel();
     let limits = o.connections;
     let http = tokio::spawn(async move {
+        let app = crate::real::http::Api::routed(app);
         crate::real::listener::serve(listener, app, limits, http_rx, crate::real::server::SHUTDOWN_GRACE).await;
     });
     tracing::info!(%addr, instance = %me, %advertise, partitions = meta.partitions.count(), store = %store::redact(&o.store_url), "sagamq cluster instance serving");
