@@ -548,9 +548,8 @@ async fn heal_phase(world: &World, plan: &FaultPlan, cfg: &RunConfig, nodes: &[N
             "heal: faults off, partitions healed, crashed nodes restarted".to_string()
         });
         judge_safety(&mut s, cfg.chaos_ms.into());
-        probe_power_cut(&mut s, "at the heal");
         let at_ms = s.elapsed_ns() / 1_000_000;
-        probe_recovery_equivalence(&mut s, at_ms);
+        probe_disks(&mut s, "at the heal", at_ms);
         s.observe(Event::Healed);
     }
     // Down now (a fail-stopped node may have restarted since the chaos ended).
@@ -585,8 +584,7 @@ fn finish(world: &World, seed: u64) -> RunResult {
         check.safety(snap);
         check.liveness(snap);
     });
-    probe_power_cut(&mut s, "at the end");
-    probe_recovery_equivalence(&mut s, sim_ms);
+    probe_disks(&mut s, "at the end", sim_ms);
     judge_custom_final(&mut s, sim_ms);
     final_state_lines(&mut s);
     let texts: Vec<String> = s.check.violations().iter().map(|v| v.to_string()).collect();
@@ -994,95 +992,138 @@ fn probe_dedup(s: &mut Shared) {
     }
 }
 
-/// The power-cut probe, at the heal and at the end: what a power cut at this
-/// instant would leave on each node's disk (its durable bytes, not what the
-/// process reads from its page cache) must recover, and the broker recovered
-/// from it must know every publish it acknowledged. A driver that acknowledges
-/// what is not durable (a write still in flight, or one whose fsync failed)
-/// fails here without waiting for a crash to land at the wrong moment.
-fn probe_power_cut(s: &mut Shared, when: &str) {
-    let at = s.elapsed_ns() / 1_000_000;
+/// The disk probes, at the heal and at the end. Each node is recovered on
+/// the side, once per image (the durable bytes and, when some are not synced
+/// yet, what was written), and judged twice:
+///
+/// - **power cut:** what a power cut at this instant would leave (the durable
+///   bytes, not the page cache) must recover, and the broker recovered from
+///   it must know every publish it acknowledged. A driver that acknowledges
+///   what is not durable (a write in flight, or one whose fsync failed) fails
+///   here without waiting for a crash to land at the wrong moment.
+/// - **recovery equivalence** (running nodes, a run otherwise clean): the
+///   node recovered from what it wrote must hold the state the live node
+///   holds. A record that forgets part of the state (a compaction that drops
+///   dead letters or dedup keys, an apply that skips a field) shows here
+///   without a crash after it; at the heal, dead letters still wait for the
+///   operator.
+fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
+    let mut clean = s.check.violations().is_empty();
+    let mut found = Vec::new();
+    let safety = |found: &mut Vec<Violation>, invariant: &'static str, detail: String| {
+        found.push(Violation::safety(invariant, detail, at_ms));
+    };
     for i in 0..NODES.len() {
-        if matches!(s.slots[i], Slot::Absent) || i == WORKLOAD {
+        if i == WORKLOAD || matches!(s.slots[i], Slot::Absent) {
             continue;
         }
-        let image = s.disks[i].durable().to_vec();
+        let durable = s.disks[i].durable().to_vec();
+        // Recovered from the durable bytes, the same as from what was written.
+        let same_image = !s.disks[i].unsynced();
+        let mut equivalence_done = false;
         if i == BROKER {
-            if image.is_empty() {
+            let live = match &s.slots[i] {
+                Slot::Broker(b) => Some(crate::check::DurableState::of(b)),
+                _ => None,
+            };
+            if durable.is_empty() {
                 if let Some((p, m)) = s.check.acknowledged().first() {
                     let detail = format!(
                         "{when}, a power cut would leave the broker an empty log, yet it acknowledged {} as {m}",
                         p.key()
                     );
-                    s.check.violation(Violation::safety("power-cut-probe", detail, at));
+                    safety(&mut found, "power-cut-probe", detail);
+                    clean = false;
                 }
-                continue;
-            }
-            match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) {
-                Err(e) => {
-                    let detail = format!("{when}, a power cut would leave the broker a log it refuses: {e}");
-                    s.check.violation(Violation::safety("power-cut-probe", detail, at));
-                }
-                Ok((b, _)) => {
-                    if let Some(wrong) = retries_answered_wrongly(s, b) {
-                        let detail = format!("{when}, after a power cut {wrong}: acknowledged but not durable");
-                        s.check.violation(Violation::safety("power-cut-probe", detail, at));
+            } else {
+                match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &durable) {
+                    Err(e) => {
+                        let detail = format!("{when}, a power cut would leave the broker a log it refuses: {e}");
+                        safety(&mut found, "power-cut-probe", detail);
+                        clean = false;
                     }
-                }
-            }
-        } else if !image.is_empty()
-            && let Err(e) = recover_copy(s, i, &image)
-        {
-            let detail = format!("{when}, a power cut would leave {} a log it refuses: {e}", s.names[i]);
-            s.check.violation(Violation::safety("power-cut-probe", detail, at));
-        }
-    }
-}
-
-/// Recovery equivalence, at the heal and at the end of a run that is
-/// otherwise clean: each running node recovered (on the side) from what it
-/// wrote must hold the state the live node holds (at the heal, dead letters
-/// are still waiting for the operator). A record that forgets part of the state (a compaction that
-/// drops dead letters or dedup keys, an apply that skips a field) shows here
-/// without needing a crash to land after it.
-fn probe_recovery_equivalence(s: &mut Shared, at_ms: u64) {
-    if !s.check.violations().is_empty() {
-        return;
-    }
-    let mut wrong = Vec::new();
-    for i in 0..NODES.len() {
-        let image = s.disks[i].read_all();
-        match &s.slots[i] {
-            Slot::Broker(b) => {
-                let live = crate::check::DurableState::of(b);
-                match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) {
                     Ok((r, _)) => {
-                        if let Some(d) = live.differs(&crate::check::DurableState::of(&r)) {
-                            wrong.push(format!(
-                                "the broker recovered from its own log differs from the live one: {d}"
-                            ));
+                        if clean
+                            && same_image
+                            && let Some(live) = &live
+                        {
+                            equivalence_done = true;
+                            if let Some(d) = live.differs(&crate::check::DurableState::of(&r)) {
+                                let detail = format!(
+                                    "{when}, the broker recovered from its own log differs from the live one: {d}"
+                                );
+                                safety(&mut found, "recovery-equivalence", detail);
+                            }
+                        }
+                        if let Some(wrong) = retries_answered_wrongly(s, r) {
+                            let detail = format!("{when}, after a power cut {wrong}: acknowledged but not durable");
+                            safety(&mut found, "power-cut-probe", detail);
+                            clean = false;
                         }
                     }
-                    Err(e) => wrong.push(format!("the broker refuses its own log: {e}")),
                 }
             }
-            Slot::Participant(p) => match build_participant(s, i, &image) {
-                Ok((r, _, _)) => {
-                    if let Some(d) = p.view().differs(&r.view()) {
-                        wrong.push(format!(
-                            "{} recovered from its own log differs from the live one: {d}",
-                            s.names[i]
-                        ));
+            if clean
+                && !equivalence_done
+                && let Some(live) = &live
+            {
+                let detail =
+                    match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &s.disks[i].read_all()) {
+                        Ok((r, _)) => live.differs(&crate::check::DurableState::of(&r)).map(|d| {
+                            format!("{when}, the broker recovered from its own log differs from the live one: {d}")
+                        }),
+                        Err(e) => Some(format!("{when}, the broker refuses its own log: {e}")),
+                    };
+                if let Some(detail) = detail {
+                    safety(&mut found, "recovery-equivalence", detail);
+                }
+            }
+        } else {
+            let name = s.names[i].clone();
+            let live = match &s.slots[i] {
+                Slot::Participant(p) => Some(p.view()),
+                _ => None,
+            };
+            if !durable.is_empty() {
+                match build_participant(s, i, &durable) {
+                    Err(e) => {
+                        let detail = format!("{when}, a power cut would leave {name} a log it refuses: {e}");
+                        safety(&mut found, "power-cut-probe", detail);
+                        clean = false;
+                    }
+                    Ok((r, _, _)) => {
+                        if clean
+                            && same_image
+                            && let Some(v) = &live
+                        {
+                            equivalence_done = true;
+                            if let Some(d) = v.differs(&r.view()) {
+                                let detail =
+                                    format!("{when}, {name} recovered from its own log differs from the live one: {d}");
+                                safety(&mut found, "recovery-equivalence", detail);
+                            }
+                        }
                     }
                 }
-                Err(e) => wrong.push(format!("{} refuses its own log: {e}", s.names[i])),
-            },
-            _ => {}
+            }
+            if clean
+                && !equivalence_done
+                && let Some(v) = &live
+            {
+                let detail = match build_participant(s, i, &s.disks[i].read_all()) {
+                    Ok((r, _, _)) => v
+                        .differs(&r.view())
+                        .map(|d| format!("{when}, {name} recovered from its own log differs from the live one: {d}")),
+                    Err(e) => Some(format!("{when}, {name} refuses its own log: {e}")),
+                };
+                if let Some(detail) = detail {
+                    safety(&mut found, "recovery-equivalence", detail);
+                }
+            }
         }
     }
-    for detail in wrong {
-        s.check
-            .violation(Violation::safety("recovery-equivalence", detail, at_ms));
+    for v in found {
+        s.check.violation(v);
     }
 }
 
