@@ -1127,6 +1127,30 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
     }
 }
 
+/// Recovery equivalence of the broker alone (see [`probe_disks`]), on what it
+/// wrote, in a run otherwise clean.
+fn broker_equivalence(s: &mut Shared, when: &str, at_ms: u64) {
+    if !s.check.violations().is_empty() {
+        return;
+    }
+    let Slot::Broker(b) = &s.slots[BROKER] else { return };
+    let live = crate::check::DurableState::of(b);
+    let detail = match Broker::recover(
+        s.broker_config.clone(),
+        s.seed ^ 0xB20C_E500,
+        &s.disks[BROKER].read_all(),
+    ) {
+        Ok((r, _)) => live
+            .differs(&crate::check::DurableState::of(&r))
+            .map(|d| format!("{when}, the broker recovered from its own log differs from the live one: {d}")),
+        Err(e) => Some(format!("{when}, the broker refuses its own log: {e}")),
+    };
+    if let Some(detail) = detail {
+        s.check
+            .violation(Violation::safety("recovery-equivalence", detail, at_ms));
+    }
+}
+
 /// Retries every acknowledged publish against `b` (a recovered broker, on
 /// the side): the first one not answered as a duplicate with its original
 /// id, described; None when all are.
@@ -1452,12 +1476,18 @@ fn step_locked(s: &mut Shared, drv: &mut Driver, i: usize, first: bool, now_ns: 
     while !drv.failed
         && let Some(inbound) = s.net.pop_due(i, now_ns)
     {
+        let redrive = matches!(inbound, Inbound::Redrive(_));
         match inbound {
             Inbound::Net { from, seq, wire } => on_wire(s, drv, i, now, from, seq, wire),
             Inbound::Redrive(client) => on_redrive(s, i, now, &client),
         }
         drain(s, drv, i);
         send_outgoing(s, drv, i);
+        if redrive {
+            // The sweep never crashes the broker after the operator acts:
+            // judge the redrive's record against the live state now.
+            broker_equivalence(s, "after a redrive", now_ns / 1_000_000);
+        }
     }
     if drv.failed {
         return;
