@@ -1055,6 +1055,11 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                                 safety(&mut found, "recovery-equivalence", detail);
                             }
                         }
+                        let mut r = r;
+                        if clean && let Some(wrong) = hostile_requests_accepted(s, &mut r) {
+                            safety(&mut found, "hostile-input-probe", format!("{when}, {wrong}"));
+                            clean = false;
+                        }
                         if let Some(wrong) = retries_answered_wrongly(s, r) {
                             let detail = format!("{when}, after a power cut {wrong}: acknowledged but not durable");
                             safety(&mut found, "power-cut-probe", detail);
@@ -1149,6 +1154,94 @@ fn broker_equivalence(s: &mut Shared, when: &str, at_ms: u64) {
         s.check
             .violation(Violation::safety("recovery-equivalence", detail, at_ms));
     }
+}
+
+/// The hostile-input probe (with the power-cut probe, on the recovered
+/// broker): requests a careless or hostile client sends (an empty or
+/// oversized callback URL, a subscription already expired, an oversized
+/// content) must each be refused with its own error, and leave nothing
+/// stored. The sweep's participants never send them. None when all are.
+fn hostile_requests_accepted(s: &Shared, b: &mut Broker) -> Option<String> {
+    use sagamq::broker::BrokerError;
+    let now = s.now(BROKER);
+    let client = ClientId::lit("hostile-client");
+    let topic = Topic::lit(sagamq::saga::topics::SALE_ORDER_CREATED);
+    let subscribe = |url: String, expire: Time| sagamq::SubscribeRequest {
+        client_id: client.clone(),
+        topic: topic.clone(),
+        notify_url: url,
+        expire_time: expire,
+    };
+    let later = Time(now.0 + 60_000_000_000);
+    let long_url = format!("sim://{}", "x".repeat(sagamq::types::URL_LEN_MAX));
+    let long_content = "x".repeat(sagamq::types::CONTENT_LEN_MAX + 1);
+    type Case = (&'static str, BrokerInput, fn(&BrokerError) -> bool);
+    let cases: Vec<Case> = vec![
+        (
+            "a subscribe with an empty callback URL",
+            BrokerInput::Subscribe {
+                req: RequestId(u64::MAX - 1),
+                subscribe: subscribe(String::new(), later),
+            },
+            |e| matches!(e, BrokerError::InvalidUrl),
+        ),
+        (
+            "a subscribe with an oversized callback URL",
+            BrokerInput::Subscribe {
+                req: RequestId(u64::MAX - 1),
+                subscribe: subscribe(long_url, later),
+            },
+            |e| matches!(e, BrokerError::InvalidUrl),
+        ),
+        (
+            "a subscribe that has already expired",
+            BrokerInput::Subscribe {
+                req: RequestId(u64::MAX - 1),
+                subscribe: subscribe("sim://hostile".to_string(), now),
+            },
+            |e| matches!(e, BrokerError::AlreadyExpired),
+        ),
+        (
+            "a publish with an oversized content",
+            BrokerInput::Publish {
+                req: RequestId(u64::MAX - 1),
+                publish: sagamq::PublishRequest {
+                    global_id: sagamq::GlobalId::lit("hostile"),
+                    sub_id: sagamq::SubId::lit("1"),
+                    sender_id: sagamq::SenderId::lit("hostile-client"),
+                    create_time: 0,
+                    topic: topic.clone(),
+                    content: long_content,
+                },
+            },
+            |e| matches!(e, BrokerError::ContentTooLong { .. }),
+        ),
+    ];
+    // What the recovered broker has to do of its own (timers due, records
+    // of its recovery) happens first, so what follows is the requests' doing.
+    b.handle_timeout(now);
+    while b.poll_output().is_some() {}
+    for (what, input, expected) in cases {
+        let before = crate::check::DurableState::of(b);
+        b.handle(now, input);
+        let mut answer = None;
+        let mut wrote = false;
+        while let Some(out) = b.poll_output() {
+            match out {
+                BrokerOutput::Reply { reply, .. } => answer = Some(reply),
+                BrokerOutput::Persist { .. } | BrokerOutput::Rewrite { .. } => wrote = true,
+                BrokerOutput::Callback(_) => {}
+            }
+        }
+        let refused = matches!(&answer, Some(Reply::Rejected(e)) if expected(e));
+        if !refused || wrote || crate::check::DurableState::of(b) != before {
+            return Some(format!(
+                "{what} was answered {answer:?}{} instead of refused with nothing stored",
+                if wrote { " and written to the log" } else { "" }
+            ));
+        }
+    }
+    None
 }
 
 /// Retries every acknowledged publish against `b` (a recovered broker, on
