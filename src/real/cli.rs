@@ -357,17 +357,7 @@ pub fn main() -> ExitCode {
                 let _ = std::io::Write::flush(&mut std::io::stdout());
                 running.run_until(signal.recv()).await
             });
-            match r {
-                Ok(()) => {
-                    tracing::info!("stopped cleanly");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("sagamq serve: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            serve_exit(r)
         }
         Command::Demo(args) => rt.block_on(super::demo::main(args)),
         Command::Bench(args) => rt.block_on(super::bench::main(args)),
@@ -405,6 +395,21 @@ fn signing_key_command(dir: &std::path::Path) -> Result<String, String> {
             _ => format!("lock {}: {e}", dir.display()),
         })?;
     super::signing_key::load_or_create(dir)
+}
+
+/// How `sagamq serve` ends: a clean stop, or the error on stderr and a failure code.
+pub(crate) fn serve_exit<E: std::fmt::Display>(r: Result<(), E>) -> ExitCode {
+    match r {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("sagamq serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Reads the `sagamq listening on URL` line a starting `serve` prints on stdout.

@@ -49,17 +49,7 @@ pub fn serve(opts: &super::ServeOptions, args: &ClusterArgs, rt: &tokio::runtime
         running.run_until(signal.recv()).await;
         Ok::<(), String>(())
     });
-    match r {
-        Ok(()) => {
-            tracing::info!("stopped cleanly");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("sagamq serve: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    super::cli::serve_exit(r)
 }
 
 /// Without the `postgres` feature: a clear refusal.

@@ -169,11 +169,11 @@ async fn publish_direct(s: AppState, req: HttpRequest<Incoming>) -> Response {
     publish_body(&s, Ok(bytes)).await
 }
 
-fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
+pub(crate) fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
     (status, axum::Json(json!({"ok": false, "error": msg.to_string()}))).into_response()
 }
 
-fn ok(mut body: serde_json::Value) -> Response {
+pub(crate) fn ok(mut body: serde_json::Value) -> Response {
     if let Some(map) = body.as_object_mut() {
         map.insert("ok".into(), true.into());
     }
@@ -213,7 +213,8 @@ pub fn rejection_status(e: &BrokerError) -> StatusCode {
     }
 }
 
-fn rejected(e: BrokerError) -> Response {
+/// A refusal of the core as an answer (503 with `Retry-After` for capacity).
+pub(crate) fn rejected(e: BrokerError) -> Response {
     let status = rejection_status(&e);
     let mut r = error(status, &e);
     if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -403,11 +404,11 @@ async fn subscribe(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UnsubscribeBody {
+pub(crate) struct UnsubscribeBody {
     #[serde(rename = "ClientID")]
-    client_id: ClientId,
+    pub(crate) client_id: ClientId,
     #[serde(rename = "Topic")]
-    topic: Topic,
+    pub(crate) topic: Topic,
 }
 
 async fn unsubscribe(
@@ -436,9 +437,9 @@ async fn unsubscribe(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ClientBody {
+pub(crate) struct ClientBody {
     #[serde(rename = "ClientID")]
-    client_id: ClientId,
+    pub(crate) client_id: ClientId,
 }
 
 async fn redrive(

@@ -21,7 +21,8 @@ use crate::cluster::PartitionId;
 use crate::real::auth::{Auth, Scope};
 use crate::real::callbacks::Allowlist;
 use crate::real::driver::Request;
-use crate::types::{CONTENT_LEN_MAX, ClientId, Message, PublishRequest, SubscribeRequest, Topic};
+use crate::real::http::{ClientBody, UnsubscribeBody, error, ok, rejected};
+use crate::types::{CONTENT_LEN_MAX, ClientId, Message, PublishRequest, SubscribeRequest};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -80,22 +81,11 @@ impl Kind {
     }
 }
 
-fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response {
-    (status, axum::Json(json!({"ok": false, "error": msg.to_string()}))).into_response()
-}
-
 fn retry_later(msg: impl std::fmt::Display) -> Response {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, msg);
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r
-}
-
-fn ok(mut body: serde_json::Value) -> Response {
-    if let Some(map) = body.as_object_mut() {
-        map.insert("ok".into(), true.into());
-    }
-    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 #[allow(clippy::result_large_err)] // the error is the response itself
@@ -114,22 +104,6 @@ fn scope_of(s: &ClusterHttp, headers: &HeaderMap) -> Result<Scope, Response> {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         r
     })
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UnsubscribeBody {
-    #[serde(rename = "ClientID")]
-    client_id: ClientId,
-    #[serde(rename = "Topic")]
-    topic: Topic,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ClientBody {
-    #[serde(rename = "ClientID")]
-    client_id: ClientId,
 }
 
 /// Parses and checks a request body of `kind` (token scope included).
@@ -180,15 +154,6 @@ fn parse(kind: Kind, scope: &Scope, body: &[u8]) -> Result<Request, Response> {
             }
             Ok(Request::Redrive { client: c.client_id })
         }
-    }
-}
-
-fn rejected(e: BrokerError) -> Response {
-    let status = crate::real::http::rejection_status(&e);
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        retry_later(e)
-    } else {
-        error(status, e)
     }
 }
 
