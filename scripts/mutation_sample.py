@@ -12,7 +12,7 @@ seeded sample, applies each mutant in a scratch worktree and judges it:
 
 A mutant that does not compile is "unviable" and not counted.
 
-    python3 scripts/mutation_sample.py [--n 30] [--seed 1] [--out target/mutation.jsonl]
+    python3 scripts/mutation_sample.py [--n 30] [--seed 1] [--out target/mutation.jsonl] [--sim-only]
 
 (`cargo mutants` itself is the harness of choice for the whole set, but its
 baseline ran the workspace's full test command, real-broker process tests
@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="target/mutation.jsonl")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--sim-only", action="store_true",
+                    help="judge by the sweeps alone (a mutant they miss is `missed_by_sim`)")
     a = ap.parse_args()
     root = subprocess.check_output(["git", "rev-parse", "--show-toplevel"], text=True).strip()
     listed = run(["cargo", "mutants", "--list", "--json", "--diff"]
@@ -58,7 +60,7 @@ def main():
     env.pop("RUSTFLAGS", None)
     exe = os.path.join(env["CARGO_TARGET_DIR"], "release", "sagamq-sim")
     out = open(os.path.join(root, a.out), "w")
-    tally = {"caught_by_sim": 0, "caught_by_suite": 0, "survived": 0, "unviable": 0}
+    tally = {"caught_by_sim": 0, "caught_by_suite": 0, "survived": 0, "missed_by_sim": 0, "unviable": 0}
     for k, m in enumerate(sample):
         run(["git", "checkout", "--", "."], scratch, check=True)
         path = os.path.join(scratch, m["file"])
@@ -82,6 +84,8 @@ def main():
                     verdict = "caught_by_sim"
                     detail = f"{scen} seed {f0.get('seed')} `{f0.get('invariant')}`"
                     break
+            if verdict is None and a.sim_only:
+                verdict = "missed_by_sim"
             if verdict is None:
                 t1 = run(["cargo", "test", "--release", "-q", "-p", "sagamq", "--lib", "--tests"], scratch, env=env)
                 t2 = run(["cargo", "test", "--release", "-q", "-p", "sagamq-sim"], scratch, env=env) \
@@ -97,8 +101,11 @@ def main():
         print(f"[{k + 1}/{len(sample)}] {verdict:16} {m['name']}  {detail}", flush=True)
     run(["git", "checkout", "--", "."], scratch)
     viable = len(sample) - tally["unviable"]
-    print(f"viable {viable}: simulator alone {tally['caught_by_sim']}, "
-          f"whole suite {tally['caught_by_sim'] + tally['caught_by_suite']}, survived {tally['survived']}")
+    if a.sim_only:
+        print(f"viable {viable}: simulator alone {tally['caught_by_sim']}, missed {tally['missed_by_sim']}")
+    else:
+        print(f"viable {viable}: simulator alone {tally['caught_by_sim']}, "
+              f"whole suite {tally['caught_by_sim'] + tally['caught_by_suite']}, survived {tally['survived']}")
 
 
 if __name__ == "__main__":

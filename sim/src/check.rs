@@ -250,6 +250,36 @@ impl DurableState {
         }
     }
 
+    /// The stats audit: what the broker reports about its own log and dedup
+    /// memory (`/stats` shows it to operators; compaction decides on it) must
+    /// match a recount of what it wrote: `log_len` bytes holding `log_records`
+    /// records, and no more settled keys remembered than the bound. None when
+    /// it does; else what differs.
+    pub fn audit(b: &sagamq::broker::Broker, settled_max: usize, log_len: u64, log_records: u64) -> Option<String> {
+        let stats = b.stats();
+        let mut out = Vec::new();
+        if stats.log_bytes != log_len {
+            out.push(format!(
+                "it reports {} log bytes, its log holds {log_len}",
+                stats.log_bytes
+            ));
+        }
+        if stats.log_records != log_records {
+            out.push(format!(
+                "it reports {} log records, its log holds {log_records}",
+                stats.log_records
+            ));
+        }
+        let max = settled_max;
+        if stats.dedup_settled > max {
+            out.push(format!(
+                "it reports {} settled dedup keys remembered, above the bound {max}",
+                stats.dedup_settled
+            ));
+        }
+        (!out.is_empty()).then(|| out.join("; "))
+    }
+
     /// Recovery equivalence: the broker recovered from what the live one
     /// wrote must hold the same state. None when it does; else what differs.
     pub fn differs(&self, recovered: &DurableState) -> Option<String> {

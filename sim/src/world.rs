@@ -1042,7 +1042,7 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                         safety(&mut found, "power-cut-probe", detail);
                         clean = false;
                     }
-                    Ok((r, _)) => {
+                    Ok((r, report)) => {
                         if clean
                             && same_image
                             && let Some(live) = &live
@@ -1053,6 +1053,9 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                                     "{when}, the broker recovered from its own log differs from the live one: {d}"
                                 );
                                 safety(&mut found, "recovery-equivalence", detail);
+                            }
+                            if let Some(d) = broker_audit(s, durable.len(), report.records) {
+                                safety(&mut found, "stats-audit", format!("{when}, {d}"));
                             }
                         }
                         let mut r = r;
@@ -1129,20 +1132,30 @@ fn broker_equivalence(s: &mut Shared, when: &str, at_ms: u64) {
     }
     let Slot::Broker(b) = &s.slots[BROKER] else { return };
     let live = crate::check::DurableState::of(b);
-    let detail = match Broker::recover(
-        s.broker_config.clone(),
-        s.seed ^ 0xB20C_E500,
-        &s.disks[BROKER].read_all(),
-    ) {
-        Ok((r, _)) => live
-            .differs(&crate::check::DurableState::of(&r))
-            .map(|d| format!("{when}, the broker recovered from its own log differs from the live one: {d}")),
-        Err(e) => Some(format!("{when}, the broker refuses its own log: {e}")),
+    let image = s.disks[BROKER].read_all();
+    let (detail, audit) = match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) {
+        Ok((r, report)) => (
+            live.differs(&crate::check::DurableState::of(&r))
+                .map(|d| format!("{when}, the broker recovered from its own log differs from the live one: {d}")),
+            broker_audit(s, image.len(), report.records),
+        ),
+        Err(e) => (Some(format!("{when}, the broker refuses its own log: {e}")), None),
     };
     if let Some(detail) = detail {
         s.check
             .violation(Violation::safety("recovery-equivalence", detail, at_ms));
     }
+    if let Some(d) = audit {
+        s.check
+            .violation(Violation::safety("stats-audit", format!("{when}, {d}"), at_ms));
+    }
+}
+
+/// The live broker's stats against a recount of the log it wrote (see
+/// [`crate::check::DurableState::audit`]).
+fn broker_audit(s: &Shared, log_len: usize, log_records: u64) -> Option<String> {
+    let Slot::Broker(b) = &s.slots[BROKER] else { return None };
+    crate::check::DurableState::audit(b, s.broker_config.dedup_settled_max, log_len as u64, log_records)
 }
 
 /// The hostile-input probe (with the power-cut probe, on the recovered

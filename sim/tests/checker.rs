@@ -751,4 +751,15 @@ fn recovery_equivalence_a_log_that_forgot_a_dead_letter() {
     let (forgot, _) = Broker::recover(config, 1, &before_dead_letter).expect("recovers");
     let d = live.differs(&DurableState::of(&forgot)).expect("the states differ");
     assert!(d.contains("dead letters"), "{d}");
+
+    // The stats audit: the live broker's log figures match a recount of what
+    // it wrote, and fire when they do not (a miscounted batch, a lost write).
+    let image = disk.read_all();
+    let (_, report) = Broker::recover(BrokerConfig::default(), 1, &image).expect("recovers");
+    let max = BrokerConfig::default().dedup_settled_max;
+    assert_eq!(DurableState::audit(&b, max, image.len() as u64, report.records), None);
+    let d = DurableState::audit(&b, max, image.len() as u64, report.records + 1).expect("miscounted records");
+    assert!(d.contains("log records"), "{d}");
+    let d = DurableState::audit(&b, max, before_dead_letter.len() as u64, report.records).expect("miscounted bytes");
+    assert!(d.contains("log bytes"), "{d}");
 }
