@@ -176,4 +176,10 @@ impl<P: Participant + Send + Sync> SimParticipant for Checked<P> {
     fn outbox(&self) -> usize {
         self.host.outbox_len()
     }
+    fn stats(&self) -> Option<&sagamq::saga::HostStats> {
+        Some(self.host.stats())
+    }
+    fn consumed(&self, key: &sagamq::MessageKey) -> bool {
+        self.host.consumed(key)
+    }
 }

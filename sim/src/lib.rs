@@ -14,6 +14,8 @@
 //! - [`scenario`]: the `seed` and `saga` workloads (saga order deadlines swarm-drawn: half the
 //!   seeds short enough to fire while messages are still in flight).
 //! - [`custom`]: plug your own participant into the world, under the same faults.
+//! - [`audit`]: the stats audit of a participant host (its counters against a recount of its
+//!   inputs and outputs since boot).
 //! - [`check`]: the invariant checker (safety during and after chaos, liveness after healing).
 //! - [`runner`]: sweeps, summaries, shrinking, the benchmark.
 //! - [`trace`]: the canonical trace and its hash.
@@ -25,6 +27,7 @@
 //! same trace bytes, in any process.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod bugs;
 pub mod check;
 pub mod clock;

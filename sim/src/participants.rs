@@ -33,6 +33,16 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn outbox(&self) -> usize {
         0
     }
+    /// The host's counters, for the stats audit ([`crate::audit`]); None
+    /// for a participant that is not a plain host (a planted flaw rewrites
+    /// its host's inputs and outputs, so the world's recount is not the host's).
+    fn stats(&self) -> Option<&sagamq::saga::HostStats> {
+        None
+    }
+    /// Whether the host has consumed a message with this key (its inbox).
+    fn consumed(&self, _key: &sagamq::MessageKey) -> bool {
+        false
+    }
 }
 
 /// For participants idempotent by state (the shipped ones): the state reflects a
@@ -80,6 +90,12 @@ impl<P: Observed> SimParticipant for ParticipantHost<P> {
     }
     fn outbox(&self) -> usize {
         self.outbox_len()
+    }
+    fn stats(&self) -> Option<&sagamq::saga::HostStats> {
+        Some(ParticipantHost::stats(self))
+    }
+    fn consumed(&self, key: &sagamq::MessageKey) -> bool {
+        ParticipantHost::consumed(self, key)
     }
 }
 

@@ -135,6 +135,8 @@ pub struct Shared {
     /// A node whose disk failed asks here to die (fail-stop) and be restarted
     /// after the given ms.
     fail_stop: Option<async_channel::Sender<(usize, u32)>>,
+    /// Per node, what its host took in and put out since it booted (the stats audit).
+    tally: Vec<crate::audit::HostTally>,
 }
 
 /// The plan's disk and clock faults in the form the driver checks them.
@@ -308,6 +310,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         crashes: [0; NODES.len()],
         env: EnvFaults::from_plan(plan),
         fail_stop: None,
+        tally: vec![crate::audit::HostTally::default(); NODES.len()],
         cfg: cfg.clone(),
         seed,
         def,
@@ -1081,6 +1084,12 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                 Slot::Participant(p) => Some(p.view()),
                 _ => None,
             };
+            if let Slot::Participant(p) = &s.slots[i]
+                && let Some(stats) = p.stats()
+                && let Some(d) = s.tally[i].audit(stats)
+            {
+                safety(&mut found, "stats-audit", format!("{when}, {name} miscounts: {d}"));
+            }
             if !durable.is_empty() {
                 match build_participant(s, i, &durable) {
                     Err(e) => {
@@ -1671,6 +1680,7 @@ fn boot(world: &World, i: usize) -> bool {
             });
             s.disks[i].truncate(valid_len);
             s.slots[i] = slot;
+            s.tally[i] = crate::audit::HostTally::default();
             if !image.is_empty() {
                 s.line(i, || format!("recovered from {records} records ({valid_len} bytes)"));
             }
@@ -1849,6 +1859,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, src: usize, se
                 Reply::Published { msg_id, .. } => ParticipantInput::PublishAcked { outbox, msg_id },
                 _ => ParticipantInput::PublishFailed { outbox },
             };
+            s.tally[i].replied(&input);
             p.handle(now, input);
         }
         (
@@ -1890,7 +1901,9 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, src: usize, se
             };
             let token = CallbackToken(drv.next_token);
             drv.next_token += 1;
-            drv.callbacks.insert(token, (delivery, message.key()));
+            let key = message.key();
+            s.tally[i].delivered(p.consumed(&key));
+            drv.callbacks.insert(token, (delivery, key));
             p.handle(now, ParticipantInput::Deliver { token, message });
         }
         (Slot::Participant(p), Wire::CreateOrder { spec }) if i == ORDER => {
@@ -1918,6 +1931,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             names,
             env,
             chaos,
+            tally,
             ..
         } = &mut *s;
         // An append to a full disk fails (ENOSPC): the process dies with it.
@@ -1992,6 +2006,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             }
             Slot::Participant(p) => {
                 let Some(out) = p.poll_output() else { break };
+                tally[i].output(&out);
                 if trace.enabled() {
                     let text = out.to_string();
                     trace.line(t, &names[i], || text);
