@@ -80,6 +80,14 @@ BUGS = [
      "                let level = self.levels.entry(product.clone()).or_insert(0);\n                *level = level.checked_add(quantity).expect(\"stock level fits u64\");\n                entry.release",
      "                let to = self.levels.keys().next().cloned().unwrap_or(product.clone());\n                let level = self.levels.entry(to).or_insert(0);\n                *level = level.checked_add(quantity).expect(\"stock level fits u64\");\n                entry.release",
      "stock puts released units back on the first shelf, not the product's"),
+    ("retries-without-backoff", "src/broker/delivery.rs",
+     "Duration::from_nanos(full - half + jitter)",
+     "Duration::from_nanos(jitter)",
+     "the broker retries a failed callback after the jitter alone, hammering a failing subscriber"),
+    ("compaction-miscounts-the-log", "src/broker/core.rs",
+     "self.log_records = records;",
+     "self.log_records += records;",
+     "after a compaction the broker adds the snapshot's records to the old count: /stats lies and compaction runs ever more often"),
 ]
 
 def run(cmd, cwd, **kw):

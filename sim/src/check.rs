@@ -174,6 +174,10 @@ pub struct Spec {
     /// The longest a subscriber with queued messages may legitimately wait
     /// for the next attempt: one callback timeout plus the backoff cap.
     pub dispatch_gap_max: Duration,
+    /// The broker's retry backoff: after the n-th failed attempt it waits at
+    /// least half of `initial * 2^(n-1)` capped at `max` (equal jitter).
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
 }
 
 impl Spec {
@@ -200,6 +204,8 @@ impl Spec {
             attempts_max: broker.attempts_max,
             grace: broker.subscription_grace,
             dispatch_gap_max: broker.callback_timeout + broker.retry_backoff_max,
+            backoff_initial: broker.retry_backoff_initial,
+            backoff_max: broker.retry_backoff_max,
         }
     }
 }
@@ -410,6 +416,53 @@ struct Pair {
     /// Redrives so far: a late 2xx for an attempt made before the latest
     /// redrive answers a delivery the broker no longer knows.
     redrives: u32,
+    /// The latest attempt on the wire: (broker incarnation, redrives before
+    /// it, its attempt number, the broker's clock when it was sent).
+    last_sent: Option<(u64, u32, u32, Time)>,
+}
+
+/// Retries on the wire: within one broker incarnation and between redrives,
+/// a callback's attempts are numbered 1, 2, 3, ... and attempt n+1 leaves no
+/// sooner than the backoff floor after attempt n (whose failure came after
+/// it was sent). A restart or a redrive starts the count again.
+fn retry_violation(
+    pair: &Pair,
+    cb: &sagamq::broker::Callback,
+    now: Time,
+    incarnation: u64,
+    floor: Duration,
+    at_ms: u64,
+) -> Option<Violation> {
+    let (client, id) = (&cb.client, cb.message.msg_id);
+    let Some((inc, redrives, attempt, sent)) = pair.last_sent else {
+        return (cb.attempt != 1).then(|| {
+            let detail = format!(
+                "{client} got message {id} as attempt {} before any attempt 1",
+                cb.attempt
+            );
+            Violation::safety("retry", detail, at_ms)
+        });
+    };
+    if inc != incarnation || redrives != pair.redrives {
+        return None;
+    }
+    if cb.attempt != attempt + 1 {
+        let detail = format!(
+            "{client} got message {id} as attempt {} right after attempt {attempt} of the same broker incarnation",
+            cb.attempt
+        );
+        return Some(Violation::safety("retry", detail, at_ms));
+    }
+    let waited = Duration::from_nanos(now.0.saturating_sub(sent.0));
+    (waited < floor).then(|| {
+        let detail = format!(
+            "{client} got attempt {} of message {id} {}ms after attempt {attempt}: the backoff after it is at least {}ms",
+            cb.attempt,
+            waited.as_millis(),
+            floor.as_millis()
+        );
+        Violation::safety("retry", detail, at_ms)
+    })
 }
 
 /// One order's story as the messages tell it.
@@ -1229,8 +1282,14 @@ impl Checker {
             self.keys.get_mut(&key).expect("present").delivered = Some(m);
         }
         let incarnation = self.incarnation;
+        let floor = |n: u32| self.backoff_floor(n);
+        let floor = floor(cb.attempt.saturating_sub(1));
         let pair = self.pair_mut(client, &key);
         pair.attempts += 1;
+        if let Some(v) = retry_violation(pair, cb, now, incarnation, floor, at_ms) {
+            found.push(v);
+        }
+        pair.last_sent = Some((incarnation, pair.redrives, cb.attempt, now));
         if pair.acked_in == Some(incarnation) {
             let detail = format!(
                 "{client} got {key} again after the broker had received its 2xx, with no broker crash or redrive in between"
@@ -1245,6 +1304,17 @@ impl Checker {
         if first {
             self.first_attempt(at_ms, client, message, now);
         }
+    }
+
+    /// The least wait the broker owes after the `n`-th failed attempt of a
+    /// callback (see [`Spec::backoff_initial`]).
+    fn backoff_floor(&self, n: u32) -> Duration {
+        let full = self
+            .spec
+            .backoff_initial
+            .saturating_mul(1u32 << n.saturating_sub(1).min(31))
+            .min(self.spec.backoff_max);
+        full - full / 2
     }
 
     /// Per subscriber, first attempts follow `(CreateTime, MsgID)` among the

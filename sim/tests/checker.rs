@@ -33,6 +33,8 @@ fn spec() -> Spec {
         attempts_max: 3,
         grace: Duration::ZERO,
         dispatch_gap_max: Duration::from_millis(800),
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_millis(400),
     }
 }
 
@@ -59,13 +61,14 @@ fn message(p: &PublishRequest, id: u64) -> Message {
     }
 }
 
+/// Attempt `delivery` of `m` (the tests number deliveries as attempts).
 fn callback(client: &str, m: &Message, delivery: u64) -> Callback {
     Callback {
         delivery: DeliveryId(delivery),
         client: ClientId::lit(client),
         url: "sim://x".into(),
         message: m.clone(),
-        attempt: 1,
+        attempt: delivery as u32,
     }
 }
 
@@ -240,7 +243,7 @@ fn redelivery_after_the_broker_got_its_2xx() {
             ok: true,
         },
     );
-    sent(&mut c, 15, t::STOCK_SERVICE, &m, 2);
+    sent(&mut c, 200, t::STOCK_SERVICE, &m, 2);
     assert_eq!(first(&c), Some("redelivery"));
 }
 
@@ -503,12 +506,12 @@ fn redelivery_after_a_redrive_is_fine_even_with_a_late_2xx_of_an_older_attempt()
     let m = created(&mut c);
     let stock = ClientId::lit(t::STOCK_SERVICE);
     for d in 1..=3 {
-        sent(&mut c, 13, t::STOCK_SERVICE, &m, d);
+        sent(&mut c, 13 + 400 * (d - 1), t::STOCK_SERVICE, &m, d);
     }
     // Dead-lettered after 3 attempts, redriven; then attempt 1's 2xx arrives late
     // (the broker no longer knows that attempt) and the redriven copy goes out.
     c.observe(
-        20,
+        820,
         Event::Redrive {
             client: &stock,
             dead: &[MsgId(1)],
@@ -516,13 +519,21 @@ fn redelivery_after_a_redrive_is_fine_even_with_a_late_2xx_of_an_older_attempt()
         },
     );
     c.observe(
-        21,
+        821,
         Event::AnswerReceived {
             delivery: DeliveryId(1),
             ok: true,
         },
     );
-    sent(&mut c, 22, t::STOCK_SERVICE, &m, 4);
+    let mut again = callback(t::STOCK_SERVICE, &m, 4);
+    again.attempt = 1; // a redrive starts the count again
+    c.observe(
+        822,
+        Event::CallbackSent {
+            callback: &again,
+            now: Time::from_millis(822),
+        },
+    );
     assert_eq!(c.violations(), &[]);
 }
 
@@ -762,4 +773,42 @@ fn recovery_equivalence_a_log_that_forgot_a_dead_letter() {
     assert!(d.contains("log records"), "{d}");
     let d = DurableState::audit(&b, max, before_dead_letter.len() as u64, report.records).expect("miscounted bytes");
     assert!(d.contains("log bytes"), "{d}");
+}
+
+#[test]
+fn retry_too_soon_after_the_previous_attempt() {
+    let mut c = subscribed();
+    let m = created(&mut c);
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
+    c.observe(
+        14,
+        Event::AnswerReceived {
+            delivery: DeliveryId(1),
+            ok: false,
+        },
+    );
+    // The backoff after attempt 1 is at least half of 100 ms.
+    sent(&mut c, 40, t::STOCK_SERVICE, &m, 2);
+    assert_eq!(first(&c), Some("retry"));
+}
+
+#[test]
+fn retry_spaced_by_the_backoff_passes_and_a_skipped_number_fails() {
+    let mut c = subscribed();
+    let m = created(&mut c);
+    sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
+    sent(&mut c, 63, t::STOCK_SERVICE, &m, 2);
+    // After attempt 2 the floor is half of 200 ms.
+    sent(&mut c, 163, t::STOCK_SERVICE, &m, 3);
+    assert_eq!(c.violations(), &[]);
+    let mut skipped = callback(t::STOCK_SERVICE, &m, 5);
+    skipped.attempt = 5;
+    c.observe(
+        1_000,
+        Event::CallbackSent {
+            callback: &skipped,
+            now: Time::from_millis(1_000),
+        },
+    );
+    assert_eq!(first(&c), Some("retry"));
 }

@@ -52,6 +52,8 @@ enum Rec {
         node: usize,
         client: ClientId,
         message: Message,
+        /// The broker's `x-sagamq-attempt` header.
+        attempt: u32,
         ok: bool,
         now: Time,
     },
@@ -103,6 +105,11 @@ fn judge(recs: &[(u64, Rec)], attempts_max: u32) -> Checker {
         attempts_max,
         grace: Duration::from_secs(300),
         dispatch_gap_max: Duration::from_secs(5),
+        // The recorder sees receipts, not sends: a retry's receipt may come
+        // sooner after its predecessor's than the broker's backoff (network
+        // jitter), so the wait is not judged here; the numbering is.
+        backoff_initial: Duration::ZERO,
+        backoff_max: Duration::ZERO,
     });
     let mut delivery = 0;
     for (at_ms, rec) in recs {
@@ -139,6 +146,7 @@ fn judge(recs: &[(u64, Rec)], attempts_max: u32) -> Checker {
                 node,
                 client,
                 message,
+                attempt,
                 ok,
                 now,
             } => {
@@ -148,7 +156,7 @@ fn judge(recs: &[(u64, Rec)], attempts_max: u32) -> Checker {
                     client: client.clone(),
                     url: String::new(),
                     message: message.clone(),
-                    attempt: 1,
+                    attempt: *attempt,
                 };
                 c.observe(
                     at_ms,
@@ -240,10 +248,14 @@ fn spawn(dir: &Path) -> (Child, String) {
 async fn subscriber(history: &Arc<History>, node: usize, client: &str, fail_every: usize) -> Receiver {
     let (h, client) = (history.clone(), ClientId::lit(client));
     let seen = Arc::new(Mutex::new(0usize));
-    let handler: CallbackHandler = Arc::new(move |_headers, body| {
+    let handler: CallbackHandler = Arc::new(move |headers, body| {
         let Ok(message) = serde_json::from_slice::<Message>(body) else {
             return axum::http::StatusCode::BAD_REQUEST;
         };
+        let attempt = headers
+            .get("x-sagamq-attempt")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
         let n = {
             let mut s = seen.lock().unwrap();
             *s += 1;
@@ -254,6 +266,7 @@ async fn subscriber(history: &Arc<History>, node: usize, client: &str, fail_ever
             node,
             client: client.clone(),
             message,
+            attempt,
             ok,
             now: Time(unix_nanos_now()),
         });
