@@ -1471,7 +1471,12 @@ impl Checker {
         let mut found = Vec::new();
         for (_, v) in &snap.views {
             match v {
-                View::Stock { initial, level, orders } => {
+                View::Stock {
+                    initial,
+                    level,
+                    orders,
+                    reported_held,
+                } => {
                     for (id, e) in orders {
                         let facts = self.spec.orders.get(id);
                         let quantity = facts.map_or(0, |f| f.quantity);
@@ -1502,6 +1507,14 @@ impl Checker {
                             .filter(|e| &e.product == product)
                             .map(StockEffects::held)
                             .sum();
+                        if let Some(reported) = reported_held.as_ref().map(|r| r.get(product).copied().unwrap_or(0))
+                            && reported != out
+                        {
+                            let detail = format!(
+                                "stock reports {reported} units of {product} held, its orders' effects hold {out}"
+                            );
+                            found.push(Violation::safety("conservation", detail, at_ms));
+                        }
                         if now + out != *start {
                             let detail = format!(
                                 "stock of {product}: initial {start} != level {now} + held {out} (an effect was lost or invented)"
@@ -1515,6 +1528,7 @@ impl Checker {
                     initial,
                     balance,
                     orders,
+                    reported_held,
                 } => {
                     for (id, e) in orders {
                         let facts = self.spec.orders.get(id);
@@ -1546,6 +1560,14 @@ impl Checker {
                             .filter(|e| &e.customer == customer)
                             .map(PaymentEffects::held)
                             .sum();
+                        if let Some(reported) = reported_held.as_ref().map(|r| r.get(customer).copied().unwrap_or(0))
+                            && reported != out
+                        {
+                            let detail = format!(
+                                "payment reports {reported} of {customer}'s money held, its orders' effects hold {out}"
+                            );
+                            found.push(Violation::safety("conservation", detail, at_ms));
+                        }
                         if now + out != *start {
                             let detail = format!(
                                 "balance of {customer}: initial {start} != balance {now} + charged {out} (an effect was lost or invented)"

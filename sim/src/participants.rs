@@ -114,6 +114,7 @@ impl Observed for Stock {
                 .iter()
                 .filter_map(|(id, o)| stock_effects(o).map(|e| (id.to_string(), e)))
                 .collect(),
+            reported_held: Some(initial.levels().keys().map(|p| (p.to_string(), self.held(p))).collect()),
         }
     }
 }
@@ -144,6 +145,13 @@ impl Observed for Payment {
                 .iter()
                 .filter_map(|(id, o)| payment_effects(o).map(|e| (id.to_string(), e)))
                 .collect(),
+            reported_held: Some(
+                initial
+                    .balances()
+                    .keys()
+                    .map(|c| (c.to_string(), self.held(c)))
+                    .collect(),
+            ),
         }
     }
 }

@@ -26,12 +26,18 @@ pub enum View {
         level: BTreeMap<String, u64>,
         /// order -> what stock did for it (only orders with an effect).
         orders: BTreeMap<String, StockEffects>,
+        /// product -> units held by orders as the participant itself reports
+        /// them (its `held` accessor, what its users read); None when it has
+        /// no such report. Judged against the recount from `orders`.
+        reported_held: Option<BTreeMap<String, u64>>,
     },
     Payment {
         initial: BTreeMap<String, u64>,
         balance: BTreeMap<String, u64>,
         /// order -> what payment did for it (only orders with an effect).
         orders: BTreeMap<String, PaymentEffects>,
+        /// customer -> money held by orders as the participant reports it.
+        reported_held: Option<BTreeMap<String, u64>>,
     },
     /// A user's participant: its own invariant's verdict and a copy of its state.
     Custom {

@@ -812,3 +812,42 @@ fn retry_spaced_by_the_backoff_passes_and_a_skipped_number_fails() {
     );
     assert_eq!(first(&c), Some("retry"));
 }
+
+/// Stock's view with order o1 deducted (2 of p1, level 3 of 5): the
+/// conservation holds; `reported` is what stock itself reports as held.
+fn stock_view(reported: u64) -> View {
+    View::Stock {
+        initial: BTreeMap::from([("p1".to_string(), 5)]),
+        level: BTreeMap::from([("p1".to_string(), 3)]),
+        orders: BTreeMap::from([(
+            "o1".to_string(),
+            sagamq_sim::view::StockEffects {
+                product: "p1".into(),
+                deducted: 2,
+                restocked: 0,
+            },
+        )]),
+        reported_held: Some(BTreeMap::from([("p1".to_string(), reported)])),
+    }
+}
+
+#[test]
+fn conservation_a_participant_that_misreports_what_it_holds() {
+    let judge = |reported: u64| {
+        let mut c = subscribed();
+        let snap = Snapshot {
+            at_ms: 9_000,
+            down: vec![],
+            broker: Some(BrokerSnapshot::default()),
+            views: vec![(sagamq_sim::topology::STOCK, stock_view(reported))],
+            unsettled: vec![],
+            workload_waiting: false,
+            reflects: &|_, _| None,
+            recorded: None,
+        };
+        c.safety(&snap);
+        c.violations().iter().map(|v| v.invariant).collect::<Vec<_>>()
+    };
+    assert_eq!(judge(2), Vec::<&str>::new());
+    assert_eq!(judge(0), vec!["conservation"]);
+}

@@ -261,6 +261,7 @@ impl Observed for LedgerStock {
                     Some((id.to_string(), effects))
                 })
                 .collect(),
+            reported_held: None,
         }
     }
     fn reflects(&self, message: &Message) -> bool {
@@ -462,6 +463,7 @@ impl Observed for LedgerPayment {
                     Some((id.to_string(), effects))
                 })
                 .collect(),
+            reported_held: None,
         }
     }
     fn reflects(&self, message: &Message) -> bool {

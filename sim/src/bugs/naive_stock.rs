@@ -253,6 +253,7 @@ impl SimParticipant for NaiveStock {
                     (id.to_string(), effects)
                 })
                 .collect(),
+            reported_held: None,
         }
     }
     fn settled(&self) -> bool {
