@@ -139,7 +139,8 @@ mod tests {
             ignored: 7, // not audited: a delivery or a command may be ignored
         };
         assert_eq!(t.audit(&right), None);
-        let wrong: [(&str, fn(&mut HostStats)); 7] = [
+        type Spoil = fn(&mut HostStats);
+        let wrong: [(&str, Spoil); 7] = [
             ("effects", |s| s.effects += 1),
             ("acks", |s| s.acks = 0),
             ("publishes", |s| s.publishes -= 1),
