@@ -178,6 +178,10 @@ pub struct Spec {
     /// least half of `initial * 2^(n-1)` capped at `max` (equal jitter).
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// The broker's window: at most this many callbacks outstanding per
+    /// subscriber, each for at most `callback_timeout` of the broker's clock.
+    pub inflight_max: usize,
+    pub callback_timeout: Duration,
 }
 
 impl Spec {
@@ -206,6 +210,8 @@ impl Spec {
             dispatch_gap_max: broker.callback_timeout + broker.retry_backoff_max,
             backoff_initial: broker.retry_backoff_initial,
             backoff_max: broker.retry_backoff_max,
+            inflight_max: broker.inflight_per_subscriber_max,
+            callback_timeout: broker.callback_timeout,
         }
     }
 }
@@ -548,6 +554,13 @@ pub struct Checker {
     subs: BTreeMap<Topic, BTreeMap<ClientId, Sub>>,
     /// Per subscriber, per key (nested so a lookup borrows instead of cloning both).
     pairs: BTreeMap<ClientId, BTreeMap<MessageKey, Pair>>,
+    /// Per subscriber, the attempts the broker may still count as in flight:
+    /// (delivery, its message, broker incarnation, its deadline on the
+    /// broker's clock). A lower bound of the broker's count: an attempt
+    /// leaves at its answer or its deadline, whichever the checker sees
+    /// first, and with every other attempt of its message at a 2xx to any
+    /// of them (the broker then settles the message for that subscriber).
+    in_flight: BTreeMap<ClientId, Vec<(sagamq::broker::DeliveryId, MessageKey, u64, Time)>>,
     /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
     deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64, u32)>,
     /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
@@ -616,6 +629,7 @@ impl Checker {
             msg_keys: BTreeMap::new(),
             subs: BTreeMap::new(),
             pairs: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
             deliveries: BTreeMap::new(),
             unattempted: BTreeMap::new(),
             unacked: BTreeSet::new(),
@@ -770,6 +784,11 @@ impl Checker {
             Event::PublishAnswered { key, reply } => self.publish_answered(at_ms, key, reply),
             Event::CallbackSent { callback, now } => self.callback_sent(at_ms, callback, now),
             Event::AnswerReceived { delivery, ok } => {
+                if let Some((client, key, ..)) = self.deliveries.get(&delivery)
+                    && let Some(flying) = self.in_flight.get_mut(client)
+                {
+                    flying.retain(|f| f.0 != delivery && !(ok && f.1 == *key));
+                }
                 if let Some((client, key, inc, redrives)) = self.deliveries.get(&delivery)
                     && ok
                     && *inc == self.incarnation
@@ -1220,6 +1239,7 @@ impl Checker {
                 self.last_callback_ms.insert(client.clone(), at_ms);
             }
         }
+        self.window(at_ms, cb, now);
         let redrives = self.pair(client, &key).map_or(0, |p| p.redrives);
         self.deliveries
             .insert(cb.delivery, (client.clone(), key.clone(), self.incarnation, redrives));
@@ -1303,6 +1323,27 @@ impl Checker {
         }
         if first {
             self.first_attempt(at_ms, client, message, now);
+        }
+    }
+
+    /// The window bound: a callback leaves only while fewer than
+    /// `inflight_max` attempts to the same subscriber are outstanding.
+    fn window(&mut self, at_ms: u64, cb: &sagamq::broker::Callback, now: Time) {
+        let incarnation = self.incarnation;
+        let flying = match self.in_flight.get_mut(&cb.client) {
+            Some(f) => f,
+            None => self.in_flight.entry(cb.client.clone()).or_default(),
+        };
+        flying.retain(|&(_, _, inc, deadline)| inc == incarnation && deadline > now);
+        let outstanding = flying.len();
+        let deadline = now.plus(self.spec.callback_timeout);
+        flying.push((cb.delivery, cb.message.key(), incarnation, deadline));
+        if outstanding >= self.spec.inflight_max {
+            let detail = format!(
+                "{} got attempt {} of message {} while {outstanding} earlier attempts were still outstanding (window {})",
+                cb.client, cb.attempt, cb.message.msg_id, self.spec.inflight_max
+            );
+            self.violation(Violation::safety("window", detail, at_ms));
         }
     }
 

@@ -35,6 +35,8 @@ fn spec() -> Spec {
         dispatch_gap_max: Duration::from_millis(800),
         backoff_initial: Duration::from_millis(100),
         backoff_max: Duration::from_millis(400),
+        inflight_max: 2,
+        callback_timeout: Duration::from_millis(1_000),
     }
 }
 
@@ -850,4 +852,97 @@ fn conservation_a_participant_that_misreports_what_it_holds() {
     };
     assert_eq!(judge(2), Vec::<&str>::new());
     assert_eq!(judge(0), vec!["conservation"]);
+}
+
+/// Three messages for stock, stored at once (ids 1, 2, 3).
+fn three_created(c: &mut Checker) -> Vec<Message> {
+    (1..=3)
+        .map(|n| {
+            let p = publish(
+                &format!("o{n}.created"),
+                t::SALE_ORDER_CREATED,
+                ORDER_JSON,
+                t::ORDER_SERVICE,
+            );
+            c.observe(
+                10,
+                Event::PublishReceived {
+                    publish: &p,
+                    now: Time::from_millis(10),
+                },
+            );
+            let reply = Reply::Published {
+                msg_id: MsgId(n),
+                duplicate: false,
+            };
+            c.observe(
+                11,
+                Event::PublishAnswered {
+                    key: &p.key(),
+                    reply: &reply,
+                },
+            );
+            message(&p, n)
+        })
+        .collect()
+}
+
+#[test]
+fn window_a_third_callback_while_two_are_outstanding() {
+    let mut c = subscribed();
+    let m = three_created(&mut c);
+    let send = |c: &mut Checker, at_ms: u64, m: &Message, delivery: u64| {
+        let mut cb = callback(t::STOCK_SERVICE, m, delivery);
+        cb.attempt = 1;
+        c.observe(
+            at_ms,
+            Event::CallbackSent {
+                callback: &cb,
+                now: Time::from_millis(at_ms),
+            },
+        );
+    };
+    send(&mut c, 20, &m[0], 1);
+    send(&mut c, 21, &m[1], 2);
+    assert_eq!(c.violations(), &[]);
+    send(&mut c, 22, &m[2], 3);
+    assert_eq!(first(&c), Some("window"));
+}
+
+#[test]
+fn window_frees_a_slot_at_an_answer_or_a_deadline() {
+    let mut c = subscribed();
+    let m = three_created(&mut c);
+    let send = |c: &mut Checker, at_ms: u64, m: &Message, delivery: u64| {
+        let mut cb = callback(t::STOCK_SERVICE, m, delivery);
+        cb.attempt = 1;
+        c.observe(
+            at_ms,
+            Event::CallbackSent {
+                callback: &cb,
+                now: Time::from_millis(at_ms),
+            },
+        );
+    };
+    send(&mut c, 20, &m[0], 1);
+    send(&mut c, 21, &m[1], 2);
+    c.observe(
+        30,
+        Event::AnswerReceived {
+            delivery: DeliveryId(1),
+            ok: true,
+        },
+    );
+    send(&mut c, 31, &m[2], 3);
+    // Delivery 2's deadline (1,021 ms) has passed: its slot is free again.
+    let mut again = callback(t::STOCK_SERVICE, &m[1], 4);
+    again.attempt = 2;
+    c.observe(
+        1_100,
+        Event::CallbackSent {
+            callback: &again,
+            now: Time::from_millis(1_100),
+        },
+    );
+    assert_eq!(c.violations(), &[]);
 }

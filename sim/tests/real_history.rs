@@ -110,6 +110,11 @@ fn judge(recs: &[(u64, Rec)], attempts_max: u32) -> Checker {
         // jitter), so the wait is not judged here; the numbering is.
         backoff_initial: Duration::ZERO,
         backoff_max: Duration::ZERO,
+        // The broker runs with its default window; an answer is recorded
+        // before the broker reads it, so the checker's count stays below
+        // the broker's.
+        inflight_max: sagamq::broker::BrokerConfig::default().inflight_per_subscriber_max,
+        callback_timeout: sagamq::broker::BrokerConfig::default().callback_timeout,
     });
     let mut delivery = 0;
     for (at_ms, rec) in recs {
