@@ -88,6 +88,14 @@ BUGS = [
      "self.log_records = records;",
      "self.log_records += records;",
      "after a compaction the broker adds the snapshot's records to the old count: /stats lies and compaction runs ever more often"),
+    ("window-ignored", "src/broker/delivery.rs",
+     "if q.in_flight >= self.config.inflight_per_subscriber_max {",
+     "if q.in_flight >= self.config.inflight_per_subscriber_max.saturating_mul(64) {",
+     "the broker floods a subscriber, ignoring its in-flight window"),
+    ("queue-bound-off-by-one", "src/broker/core.rs",
+     "            if q.entries.len() >= self.config.pending_per_subscriber_max {",
+     "            if q.entries.len() > self.config.pending_per_subscriber_max {",
+     "the broker stores one message more than pending_per_subscriber_max for a subscriber"),
 ]
 
 def run(cmd, cwd, **kw):

@@ -182,6 +182,9 @@ pub struct Spec {
     /// subscriber, each for at most `callback_timeout` of the broker's clock.
     pub inflight_max: usize,
     pub callback_timeout: Duration,
+    /// The broker stores a message only while each subscriber entitled to it
+    /// has fewer than this many queued (`QueueFull` otherwise).
+    pub pending_max: usize,
 }
 
 impl Spec {
@@ -212,6 +215,7 @@ impl Spec {
             backoff_max: broker.retry_backoff_max,
             inflight_max: broker.inflight_per_subscriber_max,
             callback_timeout: broker.callback_timeout,
+            pending_max: broker.pending_per_subscriber_max,
         }
     }
 }
@@ -385,6 +389,10 @@ struct KeyState {
     emitted: Option<String>,
     /// The message as first delivered.
     delivered: Option<Message>,
+    /// Per subscriber owed it, the fewest messages the checker knew queued
+    /// for it at any receipt before the key was acknowledged: the broker
+    /// stored it at one of them, so that count must be below the bound.
+    min_queued: Vec<(ClientId, usize)>,
 }
 
 impl KeyState {
@@ -397,6 +405,7 @@ impl KeyState {
             ack: None,
             emitted: None,
             delivered: None,
+            min_queued: Vec::new(),
         }
     }
 }
@@ -425,6 +434,8 @@ struct Pair {
     /// The latest attempt on the wire: (broker incarnation, redrives before
     /// it, its attempt number, the broker's clock when it was sent).
     last_sent: Option<(u64, u32, u32, Time)>,
+    /// Counted in [`Checker::queued`].
+    queued: bool,
 }
 
 /// Retries on the wire: within one broker incarnation and between redrives,
@@ -561,6 +572,11 @@ pub struct Checker {
     /// first, and with every other attempt of its message at a 2xx to any
     /// of them (the broker then settles the message for that subscriber).
     in_flight: BTreeMap<ClientId, Vec<(sagamq::broker::DeliveryId, MessageKey, u64, Time)>>,
+    /// Per subscriber, messages the broker certainly holds queued for it (a
+    /// lower bound): stored with the subscriber owed, not yet answered 2xx
+    /// or processed by it, and with fewer than `attempts_max` attempts since
+    /// the last redrive (so not dead-lettered).
+    queued: BTreeMap<ClientId, usize>,
     /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
     deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64, u32)>,
     /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
@@ -630,6 +646,7 @@ impl Checker {
             subs: BTreeMap::new(),
             pairs: BTreeMap::new(),
             in_flight: BTreeMap::new(),
+            queued: BTreeMap::new(),
             deliveries: BTreeMap::new(),
             unattempted: BTreeMap::new(),
             unacked: BTreeSet::new(),
@@ -788,6 +805,10 @@ impl Checker {
                     && let Some(flying) = self.in_flight.get_mut(client)
                 {
                     flying.retain(|f| f.0 != delivery && !(ok && f.1 == *key));
+                }
+                if ok && let Some((client, key, ..)) = self.deliveries.get(&delivery) {
+                    let (client, key) = (client.clone(), key.clone());
+                    self.dequeue(&client, &key);
                 }
                 if let Some((client, key, inc, redrives)) = self.deliveries.get(&delivery)
                     && ok
@@ -1119,6 +1140,17 @@ impl Checker {
         if ks.receipts.len() < 64 {
             ks.receipts.push((self.seq, now));
         }
+        if ks.ack.is_none() {
+            let queued = &self.queued;
+            let load = |c: &ClientId| queued.get(c).copied().unwrap_or(0);
+            ks.min_queued.retain(|(c, _)| ks.owed.contains(c));
+            for c in &ks.owed {
+                match ks.min_queued.iter_mut().find(|(m, _)| m == c) {
+                    Some((_, n)) => *n = (*n).min(load(c)),
+                    None => ks.min_queued.push((c.clone(), load(c))),
+                }
+            }
+        }
         if ks.versions.len() < 64 && !ks.versions.contains(publish) {
             ks.versions.push(publish.clone());
         }
@@ -1197,10 +1229,19 @@ impl Checker {
             compactions: self.compactions,
             entitled: entitled.clone(),
         });
+        let min_queued = std::mem::take(&mut ks.min_queued);
         if self.unacked.remove(key) {
             self.open(key, false, at_ms);
         }
+        self.queue_bound(at_ms, key, &min_queued);
         for client in entitled {
+            let attempts_max = self.spec.attempts_max;
+            let pair = self.pair_mut(&client, key);
+            let enqueue = pair.processed == 0 && pair.attempts < attempts_max && !pair.queued;
+            pair.queued |= enqueue;
+            if enqueue {
+                *self.queued.entry(client.clone()).or_default() += 1;
+            }
             let pair = self.pair_mut(&client, key);
             let (processed, attempted) = (pair.processed, pair.attempted);
             if processed == 0 {
@@ -1304,8 +1345,10 @@ impl Checker {
         let incarnation = self.incarnation;
         let floor = |n: u32| self.backoff_floor(n);
         let floor = floor(cb.attempt.saturating_sub(1));
+        let attempts_max = self.spec.attempts_max;
         let pair = self.pair_mut(client, &key);
         pair.attempts += 1;
+        let may_be_dead = pair.attempts >= attempts_max;
         if let Some(v) = retry_violation(pair, cb, now, incarnation, floor, at_ms) {
             found.push(v);
         }
@@ -1321,8 +1364,36 @@ impl Checker {
         for v in found {
             self.violation(v);
         }
+        if may_be_dead {
+            self.dequeue(client, &key);
+        }
         if first {
             self.first_attempt(at_ms, client, message, now);
+        }
+    }
+
+    /// The queue bound: a message stored for a subscriber that already had
+    /// `pending_max` messages queued should have been refused (`QueueFull`).
+    fn queue_bound(&mut self, at_ms: u64, key: &MessageKey, min_queued: &[(ClientId, usize)]) {
+        let max = self.spec.pending_max;
+        if let Some((client, n)) = min_queued.iter().find(|(_, n)| *n >= max) {
+            let detail = format!(
+                "{key} was stored while {client} had at least {n} messages queued (bound {max}): it should have been refused as QueueFull"
+            );
+            self.violation(Violation::safety("queue-bound", detail, at_ms));
+        }
+    }
+
+    /// `client`'s queue no longer certainly holds `key` (answered, processed
+    /// or possibly dead-lettered).
+    fn dequeue(&mut self, client: &ClientId, key: &MessageKey) {
+        if let Some(pair) = self.pairs.get_mut(client).and_then(|keys| keys.get_mut(key))
+            && pair.queued
+        {
+            pair.queued = false;
+            if let Some(n) = self.queued.get_mut(client) {
+                *n = n.saturating_sub(1);
+            }
         }
     }
 
@@ -1334,10 +1405,13 @@ impl Checker {
             Some(f) => f,
             None => self.in_flight.entry(cb.client.clone()).or_default(),
         };
-        flying.retain(|&(_, _, inc, deadline)| inc == incarnation && deadline > now);
+        // A new attempt of a message also ends its earlier one: the broker
+        // retries only after a failure or a deadline.
+        let key = cb.message.key();
+        flying.retain(|(_, k, inc, deadline)| *inc == incarnation && *deadline > now && *k != key);
         let outstanding = flying.len();
         let deadline = now.plus(self.spec.callback_timeout);
-        flying.push((cb.delivery, cb.message.key(), incarnation, deadline));
+        flying.push((cb.delivery, key, incarnation, deadline));
         if outstanding >= self.spec.inflight_max {
             let detail = format!(
                 "{} got attempt {} of message {} while {outstanding} earlier attempts were still outstanding (window {})",
@@ -1388,6 +1462,7 @@ impl Checker {
     }
 
     fn processed(&mut self, at_ms: u64, node: usize, client: &ClientId, key: &MessageKey) {
+        self.dequeue(client, key);
         if self.client_nodes.get(client) != Some(&node) {
             self.client_nodes.insert(client.clone(), node);
         }
