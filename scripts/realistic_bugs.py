@@ -96,6 +96,10 @@ BUGS = [
      "            if q.entries.len() >= self.config.pending_per_subscriber_max {",
      "            if q.entries.len() > self.config.pending_per_subscriber_max {",
      "the broker stores one message more than pending_per_subscriber_max for a subscriber"),
+    ("messages-bound-ignored", "src/broker/core.rs",
+     "        if self.messages.len() >= self.config.messages_max {",
+     "        if self.messages.len() >= self.config.messages_max.saturating_mul(64) {",
+     "the broker stores messages beyond messages_max (memory grows without bound)"),
 ]
 
 def run(cmd, cwd, **kw):

@@ -185,6 +185,9 @@ pub struct Spec {
     /// The broker stores a message only while each subscriber entitled to it
     /// has fewer than this many queued (`QueueFull` otherwise).
     pub pending_max: usize,
+    /// ... and while it holds fewer than this many live messages
+    /// (`TooManyMessages` otherwise).
+    pub messages_max: usize,
 }
 
 impl Spec {
@@ -216,6 +219,7 @@ impl Spec {
             inflight_max: broker.inflight_per_subscriber_max,
             callback_timeout: broker.callback_timeout,
             pending_max: broker.pending_per_subscriber_max,
+            messages_max: broker.messages_max,
         }
     }
 }
@@ -393,6 +397,10 @@ struct KeyState {
     /// for it at any receipt before the key was acknowledged: the broker
     /// stored it at one of them, so that count must be below the bound.
     min_queued: Vec<(ClientId, usize)>,
+    /// The fewest messages the checker knew live at any of those receipts.
+    min_live: usize,
+    /// Subscribers whose queue certainly holds this message ([`Pair::queued`]).
+    queued_for: u32,
 }
 
 impl KeyState {
@@ -406,6 +414,8 @@ impl KeyState {
             emitted: None,
             delivered: None,
             min_queued: Vec::new(),
+            min_live: usize::MAX,
+            queued_for: 0,
         }
     }
 }
@@ -577,6 +587,8 @@ pub struct Checker {
     /// or processed by it, and with fewer than `attempts_max` attempts since
     /// the last redrive (so not dead-lettered).
     queued: BTreeMap<ClientId, usize>,
+    /// Messages certainly live: queued for at least one subscriber.
+    live: usize,
     /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
     deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64, u32)>,
     /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
@@ -647,6 +659,7 @@ impl Checker {
             pairs: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             queued: BTreeMap::new(),
+            live: 0,
             deliveries: BTreeMap::new(),
             unattempted: BTreeMap::new(),
             unacked: BTreeSet::new(),
@@ -1141,6 +1154,7 @@ impl Checker {
             ks.receipts.push((self.seq, now));
         }
         if ks.ack.is_none() {
+            ks.min_live = ks.min_live.min(self.live);
             let queued = &self.queued;
             let load = |c: &ClientId| queued.get(c).copied().unwrap_or(0);
             ks.min_queued.retain(|(c, _)| ks.owed.contains(c));
@@ -1230,10 +1244,11 @@ impl Checker {
             entitled: entitled.clone(),
         });
         let min_queued = std::mem::take(&mut ks.min_queued);
+        let min_live = ks.min_live;
         if self.unacked.remove(key) {
             self.open(key, false, at_ms);
         }
-        self.queue_bound(at_ms, key, &min_queued);
+        self.queue_bound(at_ms, key, &min_queued, min_live);
         for client in entitled {
             let attempts_max = self.spec.attempts_max;
             let pair = self.pair_mut(&client, key);
@@ -1241,6 +1256,11 @@ impl Checker {
             pair.queued |= enqueue;
             if enqueue {
                 *self.queued.entry(client.clone()).or_default() += 1;
+                let ks = self.keys.get_mut(key).expect("acknowledged above");
+                ks.queued_for += 1;
+                if ks.queued_for == 1 {
+                    self.live += 1;
+                }
             }
             let pair = self.pair_mut(&client, key);
             let (processed, attempted) = (pair.processed, pair.attempted);
@@ -1374,11 +1394,19 @@ impl Checker {
 
     /// The queue bound: a message stored for a subscriber that already had
     /// `pending_max` messages queued should have been refused (`QueueFull`).
-    fn queue_bound(&mut self, at_ms: u64, key: &MessageKey, min_queued: &[(ClientId, usize)]) {
+    /// Likewise with `messages_max` messages live (`TooManyMessages`).
+    fn queue_bound(&mut self, at_ms: u64, key: &MessageKey, min_queued: &[(ClientId, usize)], min_live: usize) {
         let max = self.spec.pending_max;
         if let Some((client, n)) = min_queued.iter().find(|(_, n)| *n >= max) {
             let detail = format!(
                 "{key} was stored while {client} had at least {n} messages queued (bound {max}): it should have been refused as QueueFull"
+            );
+            self.violation(Violation::safety("queue-bound", detail, at_ms));
+        }
+        let max = self.spec.messages_max;
+        if min_live != usize::MAX && min_live >= max {
+            let detail = format!(
+                "{key} was stored while at least {min_live} messages were live (bound {max}): it should have been refused as TooManyMessages"
             );
             self.violation(Violation::safety("queue-bound", detail, at_ms));
         }
@@ -1393,6 +1421,12 @@ impl Checker {
             pair.queued = false;
             if let Some(n) = self.queued.get_mut(client) {
                 *n = n.saturating_sub(1);
+            }
+            if let Some(ks) = self.keys.get_mut(key) {
+                ks.queued_for = ks.queued_for.saturating_sub(1);
+                if ks.queued_for == 0 {
+                    self.live = self.live.saturating_sub(1);
+                }
             }
         }
     }

@@ -38,6 +38,7 @@ fn spec() -> Spec {
         inflight_max: 2,
         callback_timeout: Duration::from_millis(1_000),
         pending_max: 2,
+        messages_max: 100,
     }
 }
 
@@ -77,7 +78,11 @@ fn callback(client: &str, m: &Message, delivery: u64) -> Callback {
 
 /// A checker with stock subscribed to `sale-order.created` until 10 s.
 fn subscribed() -> Checker {
-    let mut c = Checker::new(spec());
+    subscribed_with(spec())
+}
+
+fn subscribed_with(spec: Spec) -> Checker {
+    let mut c = Checker::new(spec);
     let (client, topic) = (ClientId::lit(t::STOCK_SERVICE), Topic::lit(t::SALE_ORDER_CREATED));
     let expire = Time::from_millis(10_000);
     let now = Time::from_millis(1);
@@ -998,4 +1003,20 @@ fn queue_bound_a_processed_message_leaves_the_queue() {
 
 fn fired(c: &Checker, invariant: &str) -> bool {
     c.violations().iter().any(|v| v.invariant == invariant)
+}
+
+#[test]
+fn queue_bound_a_message_stored_beyond_messages_max() {
+    let mut c = subscribed_with(Spec {
+        messages_max: 2,
+        pending_max: 100,
+        ..spec()
+    });
+    three_created(&mut c);
+    let v = c
+        .violations()
+        .iter()
+        .find(|v| v.invariant == "queue-bound")
+        .expect("fires");
+    assert!(v.detail.contains("TooManyMessages"), "{}", v.detail);
 }
