@@ -100,6 +100,10 @@ BUGS = [
      "        if self.messages.len() >= self.config.messages_max {",
      "        if self.messages.len() >= self.config.messages_max.saturating_mul(64) {",
      "the broker stores messages beyond messages_max (memory grows without bound)"),
+    ("unsynced-bound-ignored", "src/broker/core.rs",
+     "        if self.waiting_count >= self.config.publishes_unsynced_max {\n            return self.reject(req, BrokerError::TooManyUnsyncedPublishes);\n        }\n        if self.messages.len()",
+     "        if self.waiting_count >= self.config.publishes_unsynced_max.saturating_mul(64) {\n            return self.reject(req, BrokerError::TooManyUnsyncedPublishes);\n        }\n        if self.messages.len()",
+     "the broker admits new publishes however many replies already wait for an fsync"),
 ]
 
 def run(cmd, cwd, **kw):

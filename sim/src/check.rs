@@ -186,8 +186,11 @@ pub struct Spec {
     /// has fewer than this many queued (`QueueFull` otherwise).
     pub pending_max: usize,
     /// ... and while it holds fewer than this many live messages
-    /// (`TooManyMessages` otherwise).
+    /// (`TooManyMessages` otherwise), and while fewer than this many
+    /// replies wait for their records to be durable
+    /// (`TooManyUnsyncedPublishes` otherwise).
     pub messages_max: usize,
+    pub unsynced_max: usize,
 }
 
 impl Spec {
@@ -220,6 +223,7 @@ impl Spec {
             callback_timeout: broker.callback_timeout,
             pending_max: broker.pending_per_subscriber_max,
             messages_max: broker.messages_max,
+            unsynced_max: broker.publishes_unsynced_max,
         }
     }
 }
@@ -399,6 +403,8 @@ struct KeyState {
     min_queued: Vec<(ClientId, usize)>,
     /// The fewest messages the checker knew live at any of those receipts.
     min_live: usize,
+    /// The fewest publishes received and not yet answered at any of them.
+    min_waiting: usize,
     /// Subscribers whose queue certainly holds this message ([`Pair::queued`]).
     queued_for: u32,
 }
@@ -415,6 +421,7 @@ impl KeyState {
             delivered: None,
             min_queued: Vec::new(),
             min_live: usize::MAX,
+            min_waiting: usize::MAX,
             queued_for: 0,
         }
     }
@@ -589,6 +596,9 @@ pub struct Checker {
     queued: BTreeMap<ClientId, usize>,
     /// Messages certainly live: queued for at least one subscriber.
     live: usize,
+    /// Publishes the broker received in this incarnation and has not
+    /// answered yet (a lower bound of the replies it holds until durable).
+    unanswered: usize,
     /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
     deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64, u32)>,
     /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
@@ -660,6 +670,7 @@ impl Checker {
             in_flight: BTreeMap::new(),
             queued: BTreeMap::new(),
             live: 0,
+            unanswered: 0,
             deliveries: BTreeMap::new(),
             unattempted: BTreeMap::new(),
             unacked: BTreeSet::new(),
@@ -863,6 +874,7 @@ impl Checker {
                 self.down.insert(node);
                 if node == crate::topology::BROKER {
                     self.incarnation += 1;
+                    self.unanswered = 0;
                 }
             }
             Event::Booted {
@@ -1155,6 +1167,7 @@ impl Checker {
         }
         if ks.ack.is_none() {
             ks.min_live = ks.min_live.min(self.live);
+            ks.min_waiting = ks.min_waiting.min(self.unanswered);
             let queued = &self.queued;
             let load = |c: &ClientId| queued.get(c).copied().unwrap_or(0);
             ks.min_queued.retain(|(c, _)| ks.owed.contains(c));
@@ -1168,9 +1181,11 @@ impl Checker {
         if ks.versions.len() < 64 && !ks.versions.contains(publish) {
             ks.versions.push(publish.clone());
         }
+        self.unanswered += 1;
     }
 
     fn publish_answered(&mut self, at_ms: u64, key: &MessageKey, reply: &Reply) {
+        self.unanswered = self.unanswered.saturating_sub(1);
         let (msg_id, duplicate) = match reply {
             Reply::Published { msg_id, duplicate } => (*msg_id, *duplicate),
             Reply::Rejected(
@@ -1245,10 +1260,18 @@ impl Checker {
         });
         let min_queued = std::mem::take(&mut ks.min_queued);
         let min_live = ks.min_live;
+        let min_waiting = ks.min_waiting;
         if self.unacked.remove(key) {
             self.open(key, false, at_ms);
         }
         self.queue_bound(at_ms, key, &min_queued, min_live);
+        if !duplicate && min_waiting != usize::MAX && min_waiting >= self.spec.unsynced_max {
+            let detail = format!(
+                "{key} was stored while at least {min_waiting} publishes waited for their answer (bound {}): it should have been refused as TooManyUnsyncedPublishes",
+                self.spec.unsynced_max
+            );
+            self.violation(Violation::safety("queue-bound", detail, at_ms));
+        }
         for client in entitled {
             let attempts_max = self.spec.attempts_max;
             let pair = self.pair_mut(&client, key);

@@ -39,6 +39,7 @@ fn spec() -> Spec {
         callback_timeout: Duration::from_millis(1_000),
         pending_max: 2,
         messages_max: 100,
+        unsynced_max: 100,
     }
 }
 
@@ -1019,4 +1020,54 @@ fn queue_bound_a_message_stored_beyond_messages_max() {
         .find(|v| v.invariant == "queue-bound")
         .expect("fires");
     assert!(v.detail.contains("TooManyMessages"), "{}", v.detail);
+}
+
+#[test]
+fn queue_bound_a_message_stored_while_too_many_publishes_wait() {
+    let mut c = subscribed_with(Spec {
+        unsynced_max: 2,
+        pending_max: 100,
+        ..spec()
+    });
+    // Three publishes received before any answer: the third should have
+    // been refused (two replies already waited for their records).
+    let ps: Vec<PublishRequest> = (1..=3)
+        .map(|n| {
+            publish(
+                &format!("o{n}.created"),
+                t::SALE_ORDER_CREATED,
+                ORDER_JSON,
+                t::ORDER_SERVICE,
+            )
+        })
+        .collect();
+    for p in &ps {
+        c.observe(
+            10,
+            Event::PublishReceived {
+                publish: p,
+                now: Time::from_millis(10),
+            },
+        );
+    }
+    for (n, p) in ps.iter().enumerate() {
+        let reply = Reply::Published {
+            msg_id: MsgId(n as u64 + 1),
+            duplicate: false,
+        };
+        c.observe(
+            11,
+            Event::PublishAnswered {
+                key: &p.key(),
+                reply: &reply,
+            },
+        );
+    }
+    let v = c
+        .violations()
+        .iter()
+        .find(|v| v.invariant == "queue-bound")
+        .expect("fires");
+    assert!(v.detail.contains("TooManyUnsyncedPublishes"), "{}", v.detail);
+    assert!(v.detail.contains("o3.created"), "{}", v.detail);
 }

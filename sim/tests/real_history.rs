@@ -117,6 +117,7 @@ fn judge(recs: &[(u64, Rec)], attempts_max: u32) -> Checker {
         callback_timeout: sagamq::broker::BrokerConfig::default().callback_timeout,
         pending_max: sagamq::broker::BrokerConfig::default().pending_per_subscriber_max,
         messages_max: sagamq::broker::BrokerConfig::default().messages_max,
+        unsynced_max: sagamq::broker::BrokerConfig::default().publishes_unsynced_max,
     });
     let mut delivery = 0;
     for (at_ms, rec) in recs {
