@@ -1491,6 +1491,9 @@ struct Driver {
     failed: bool,
     /// The virtual time the machine's timer was last handled.
     timer_handled_ns: Option<u64>,
+    /// Outputs drained from the machine so far (a timeout that yields none
+    /// and is still due is a spin, see [`spin_check`]).
+    drained: u64,
 }
 
 enum Pending {
@@ -1599,12 +1602,36 @@ fn step_locked(s: &mut Shared, drv: &mut Driver, i: usize, first: bool, now_ns: 
     let due = poll_timeout(&s.slots[i]).is_some_and(|t| s.skews[i].virtual_at(t.0) <= now_ns);
     if first || due && drv.timer_handled_ns != Some(now_ns) {
         drv.timer_handled_ns = Some(now_ns);
+        let drained = drv.drained;
         on_timer(s, drv, i, now);
         if drv.failed {
             return;
         }
         drain(s, drv, i);
+        spin_check(s, i, now, drv.drained > drained);
         send_outgoing(s, drv, i);
+    }
+}
+
+/// The machine contract: a timeout handled at `now` either does something
+/// (an output) or leaves the next timeout later (or none). One that does
+/// nothing and is still due wakes the node again at once, forever: a busy
+/// loop that a real driver burns a core on.
+fn spin_check(s: &mut Shared, i: usize, now: Time, produced: bool) {
+    if produced {
+        return;
+    }
+    if let Some(next) = poll_timeout(&s.slots[i])
+        && next <= now
+    {
+        let at = s.elapsed_ns() / 1_000_000;
+        let detail = format!(
+            "{} handled its timeout at {}ms, did nothing, and still asks to be woken at {}ms: it would spin",
+            s.names[i],
+            now.0 / 1_000_000,
+            next.0 / 1_000_000
+        );
+        s.check.violation(Violation::safety("timer-spin", detail, at));
     }
 }
 
@@ -1940,6 +1967,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             Slot::Down | Slot::Absent => break,
             Slot::Broker(b) => {
                 let Some(out) = b.poll_output() else { break };
+                drv.drained += 1;
                 if trace.enabled() {
                     let text = out.to_string();
                     trace.line(t, &names[i], || text);
@@ -2006,6 +2034,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             }
             Slot::Participant(p) => {
                 let Some(out) = p.poll_output() else { break };
+                drv.drained += 1;
                 tally[i].output(&out);
                 if trace.enabled() {
                     let text = out.to_string();
@@ -2072,6 +2101,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             }
             Slot::Workload(w) => {
                 let Some(spec) = w.poll_output() else { break };
+                drv.drained += 1;
                 drv.outgoing.push((ORDER, Wire::CreateOrder { spec }));
             }
         }
