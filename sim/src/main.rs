@@ -2,6 +2,7 @@
 //! hunt planted bugs, shrink a failing plan, and benchmark the simulator.
 
 use clap::{Parser, Subcommand};
+use sagamq_sim::cluster::{self, ClusterBug, ClusterConfig};
 use sagamq_sim::plan::FaultPlan;
 use sagamq_sim::runner::{self, Summary};
 use sagamq_sim::scenario::Scenario;
@@ -80,6 +81,44 @@ enum Cmd {
     Bench {
         #[arg(long, default_value_t = 300)]
         seeds: u64,
+    },
+    /// The cluster mode: sweep seeds of several instances on a simulated PostgreSQL under
+    /// crashes, pauses, cuts from the database, database restarts, lost COMMITs and
+    /// partitions between instances; exit 0 only if every seed passed.
+    Cluster {
+        /// A range `A..B` (B excluded) or a single seed.
+        #[arg(long, value_parser = parse_seeds)]
+        seeds: Range<u64>,
+        #[arg(long, default_value_t = 3)]
+        instances: usize,
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// A planted cluster bug: no-fencing, partial-subscription, double-store-retried-commit.
+        #[arg(long)]
+        bug: Option<ClusterBug>,
+        /// Print the summary as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        stop_at_first: bool,
+    },
+    /// Print the canonical trace of one cluster seed, ending with `trace-hash: <hex>`.
+    ClusterReplay {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long, default_value_t = 3)]
+        instances: usize,
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        #[arg(long)]
+        bug: Option<ClusterBug>,
+    },
+    /// Simulated acknowledged publishes/s and failover time for 1, 2, 3, 5 instances and
+    /// 4, 16 partitions under the stated database commit-cost model (not a measurement).
+    ClusterBench {
+        /// Lease of the failover runs (ms).
+        #[arg(long, default_value_t = 2_000)]
+        lease_ms: u64,
     },
 }
 
@@ -250,6 +289,47 @@ fn main() -> ExitCode {
         }
         Cmd::Bench { seeds } => {
             println!("{}", sagamq_sim::runner::bench(seeds));
+            ExitCode::SUCCESS
+        }
+        Cmd::Cluster {
+            seeds,
+            instances,
+            partitions,
+            bug,
+            json,
+            stop_at_first,
+        } => {
+            let s = cluster::sweep(&ClusterConfig::new(instances, partitions, bug), seeds, stop_at_first);
+            print!("{}", s.human());
+            if json {
+                println!("{}", serde_json::to_string(&s).expect("summary serializes"));
+            }
+            if s.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Cmd::ClusterReplay {
+            seed,
+            instances,
+            partitions,
+            bug,
+        } => {
+            let mut cfg = ClusterConfig::new(instances, partitions, bug);
+            cfg.trace = true;
+            let r = cluster::run(seed, &cfg);
+            print!("{}", trace::render(&r.trace));
+            match r.violations.first() {
+                None => ExitCode::SUCCESS,
+                Some(v) => {
+                    eprintln!("seed {seed}: FAIL {v}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::ClusterBench { lease_ms } => {
+            print!("{}", cluster::bench::figures(lease_ms));
             ExitCode::SUCCESS
         }
     }
