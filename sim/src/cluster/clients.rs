@@ -18,6 +18,8 @@ const CALLBACK_FAIL_PPM: u32 = 100_000;
 pub(super) const PUB_NODE: usize = 100;
 pub(super) const SUB_NODE: usize = 200;
 const TOPICS: [&str; 2] = ["t0", "t1"];
+/// The subscriber that subscribes halfway through the chaos phase (entitlement after subscribe).
+const LATE_SUBSCRIBER: usize = 2;
 
 pub(super) struct PubJob {
     pub publisher: usize,
@@ -235,6 +237,9 @@ impl World {
                 });
                 if ok {
                     let key = message.key();
+                    if s == LATE_SUBSCRIBER {
+                        self.check.count("cluster_late_subscriber_processed");
+                    }
                     self.observe(Event::Processed {
                         node: SUB_NODE + s,
                         client: &client,

@@ -96,6 +96,15 @@ impl World {
                 return;
             }
         }
+        if let Op::Write { p, epoch, .. } = &op {
+            let (_, current, _) = self.db.db.lease(*p, self.now);
+            if *epoch != current {
+                let (p, epoch) = (*p, *epoch);
+                self.line("db", || {
+                    format!("write of {p} at epoch {epoch} while the lease is at epoch {current}")
+                });
+            }
+        }
         let result = self.db.db.execute(self.now, &op);
         if op.mutates() {
             self.db.awaiting.push(Awaiting {

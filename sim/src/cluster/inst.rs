@@ -179,6 +179,7 @@ impl World {
         match self.insts[i].parts.get(&p) {
             Some(part) if part.valid(self.now, lease_ms) => true,
             Some(_) => {
+                self.check.count("cluster_lease_ran_out");
                 self.stop(i, p, "its lease ran out on the owner's clock");
                 false
             }
@@ -323,17 +324,24 @@ impl World {
         }
         match self.insts[i].owners.get(p.0 as usize).copied().flatten() {
             Some(j) if j != i => {
+                self.check.count("cluster_forwarded_publish");
                 let fid = self.id();
                 self.insts[i].fwds.insert(fid, (c, req));
                 self.send(Node::Inst(i), Node::Inst(j), Msg::FwdPublish { fid, publish }, 0);
                 self.timer(i, self.now + FORWARD_TIMEOUT_NS, ITimer::FwdTimeout(fid));
             }
-            _ => self.send(Node::Inst(i), Node::Pub(c), Msg::PubReply { req, reply: None }, 0),
+            _ => {
+                self.check.count("cluster_no_owner_503");
+                self.send(Node::Inst(i), Node::Pub(c), Msg::PubReply { req, reply: None }, 0);
+            }
         }
     }
 
     fn feed_publish(&mut self, i: usize, p: PartitionId, publish: PublishRequest, to: ReplyTo) {
         let now = self.time();
+        let id = self.insts[i].id.clone();
+        let key = publish.key();
+        self.line("inst", || format!("{id} {p} takes publish {key}"));
         self.observe(Event::PublishReceived { publish: &publish, now });
         self.feed(
             i,
@@ -513,6 +521,7 @@ impl World {
         };
         match to {
             ReplyTo::Client { c, req, key } => {
+                self.line("inst", || format!("i{i} {p} answers {key}: {reply:?}"));
                 self.observe(Event::PublishAnswered {
                     key: &key,
                     reply: &reply,
@@ -528,6 +537,9 @@ impl World {
                 );
             }
             ReplyTo::Peer { j, fid, key } => {
+                self.line("inst", || {
+                    format!("i{i} {p} answers {key} (forwarded by i{j}): {reply:?}")
+                });
                 self.observe(Event::PublishAnswered {
                     key: &key,
                     reply: &reply,
@@ -656,6 +668,11 @@ impl World {
     }
 
     fn write_done(&mut self, i: usize, p: PartitionId, epoch: u64, result: Option<OpResult>) {
+        if result == Some(OpResult::Fenced) {
+            // The database refused a stale owner's write (whether or not the
+            // owner's own clock already told it to stop).
+            self.check.count("cluster_write_fenced");
+        }
         if !self.serves(i, p) || self.insts[i].parts[&p].lease.epoch != epoch {
             return;
         }
@@ -667,8 +684,17 @@ impl World {
                 part.core.handle(now, BrokerInput::Durable { lsn });
                 self.drain(i, p);
             }
-            Some(_) => self.stop(i, p, "its write was fenced (the lease moved on)"),
-            None => self.timer(i, self.now + WRITE_RETRY_NS, ITimer::RetryWrite(p, epoch)),
+            Some(_) => {
+                self.stop(i, p, "its write was fenced (the lease moved on)");
+            }
+            None => {
+                self.check.count("cluster_write_retried");
+                let id = self.insts[i].id.clone();
+                self.line("inst", || {
+                    format!("{id}: the write of {p} has an unknown outcome; writing it again")
+                });
+                self.timer(i, self.now + WRITE_RETRY_NS, ITimer::RetryWrite(p, epoch));
+            }
         }
     }
 

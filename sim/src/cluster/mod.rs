@@ -121,7 +121,7 @@ impl Default for CostModel {
             db_txn_us: 50,
             db_row_us: 5,
             wal_flush_us: 1_000,
-            instance_msg_us: 20,
+            instance_msg_us: 40,
             net_us: (200, 1_000),
         }
     }
@@ -157,8 +157,8 @@ impl ClusterConfig {
             lease_ms: 1_000,
             chaos_ms: 6_000,
             heal_ms_max: 40_000,
-            publishers: 3,
-            publishes_each: 12,
+            publishers: 4,
+            publishes_each: 20,
             bug,
             faults: true,
             cost: CostModel::default(),

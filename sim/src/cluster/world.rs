@@ -201,7 +201,7 @@ impl World {
             retry_backoff_max: Duration::from_millis(500),
             attempts_max: 12,
             subscription_grace: Duration::from_secs(60),
-            compact_garbage_records_min: 48,
+            compact_garbage_records_min: 16,
             ..BrokerConfig::default()
         };
         let spec = Spec {
