@@ -243,7 +243,7 @@ impl ClusterSummary {
         out.push_str(&format!("paths reached: {}\n", paths.join(", ")));
         for (seed, inv, detail) in &self.failures {
             out.push_str(&format!(
-                "seed {seed}: {inv}: {detail}\n  replay: cargo run --release -p sagamq-sim -- cluster-replay --seed {seed} --instances {} --partitions {}{}\n",
+                "seed {seed}: {inv}: {detail}\n  replay: cargo run --release -p sagamq-sim -- replay --scenario cluster --seed {seed} --instances {} --partitions {}{}\n",
                 self.instances,
                 self.partitions,
                 self.bug.as_ref().map(|b| format!(" --bug {b}")).unwrap_or_default()

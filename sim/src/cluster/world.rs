@@ -302,7 +302,11 @@ impl World {
         self.trace.line(self.now, node, text);
     }
 
+    /// Records a violation (the checker keeps the first of each invariant; so does the trace).
     pub(super) fn violation(&mut self, v: Violation) {
+        if self.check.violations().iter().any(|old| old.invariant == v.invariant) {
+            return;
+        }
         let detail = v.detail.clone();
         self.line("checker", || format!("VIOLATION {}: {detail}", v.invariant));
         self.check.violation(v);
