@@ -94,6 +94,9 @@ enum Cmd {
         /// Lease of the failover runs (ms).
         #[arg(long, default_value_t = 2_000)]
         lease_ms: u64,
+        /// Seeds per configuration (throughput averaged, failover as a range).
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
     },
 }
 
@@ -108,7 +111,9 @@ fn parse_scenario(s: &str) -> Result<Which, String> {
     if s == "cluster" {
         return Ok(Which::Cluster);
     }
-    s.parse::<Scenario>().map(Which::Single).map_err(|e| format!("{e} (or cluster)"))
+    s.parse::<Scenario>()
+        .map(Which::Single)
+        .map_err(|e| format!("{e} (or cluster)"))
 }
 
 /// A planted bug of either catalogue.
@@ -395,8 +400,8 @@ fn main() -> ExitCode {
             println!("{}", sagamq_sim::runner::bench(seeds));
             ExitCode::SUCCESS
         }
-        Cmd::ClusterBench { lease_ms } => {
-            print!("{}", cluster::bench::figures(lease_ms));
+        Cmd::ClusterBench { lease_ms, seeds } => {
+            print!("{}", cluster::bench::figures(lease_ms, seeds));
             ExitCode::SUCCESS
         }
     }

@@ -34,7 +34,7 @@ fn sweep(instances: usize, partitions: u32, bug: Option<ClusterBug>, seeds: std:
 
 #[test]
 fn cluster_sweep_passes_with_every_fault_kind_firing() {
-    let seeds = common::seeds(0..120);
+    let seeds = common::seeds(0..200);
     let mut total = ClusterSummary::default();
     for (instances, partitions) in [(3, 8), (2, 4), (5, 16)] {
         let s = sweep(instances, partitions, None, seeds.clone());
@@ -49,7 +49,10 @@ fn cluster_sweep_passes_with_every_fault_kind_firing() {
     }
     if common::default_seeds() {
         for kind in FAULT_KINDS {
-            assert!(total.faults.get(kind).copied().unwrap_or(0) > 0, "fault {kind} never fired");
+            assert!(
+                total.faults.get(kind).copied().unwrap_or(0) > 0,
+                "fault {kind} never fired"
+            );
         }
         for path in PATHS {
             assert!(
@@ -61,23 +64,43 @@ fn cluster_sweep_passes_with_every_fault_kind_firing() {
     }
 }
 
+/// A planted bug, the seeds it must be caught within (from 0), and the
+/// invariants that name its consequence.
+struct BugCase {
+    bug: ClusterBug,
+    budget: u64,
+    invariants: &'static [&'static str],
+}
+
 /// Each bug is caught within its budget, by the invariant that names its
 /// consequence; the shipped code passes the same seeds (the sweep above
-/// covers 0..120 of the same shapes).
+/// covers 0..200 of the same shapes).
 #[test]
 fn planted_cluster_bugs_are_caught_within_their_seed_budget() {
-    // (bug, shape, budget, invariants that may catch it)
-    let cases: [(ClusterBug, (usize, u32), u64, &[&str]); 3] = [
-        (ClusterBug::NoFencing, (3, 8), 40, &["recovery", "recovery-equivalence"]),
-        (ClusterBug::PartialSubscription, (3, 8), 5, &["no-lost-publish"]),
-        (
-            ClusterBug::DoubleStoreRetriedCommit,
-            (3, 8),
-            40,
-            &["recovery", "recovery-equivalence"],
-        ),
+    let cases = [
+        BugCase {
+            bug: ClusterBug::NoFencing,
+            budget: 40,
+            invariants: &["recovery", "recovery-equivalence"],
+        },
+        BugCase {
+            bug: ClusterBug::PartialSubscription,
+            budget: 5,
+            invariants: &["no-lost-publish"],
+        },
+        BugCase {
+            bug: ClusterBug::DoubleStoreRetriedCommit,
+            budget: 40,
+            invariants: &["recovery", "recovery-equivalence"],
+        },
     ];
-    for (bug, (instances, partitions), budget, invariants) in cases {
+    let (instances, partitions) = (3, 8);
+    for BugCase {
+        bug,
+        budget,
+        invariants,
+    } in cases
+    {
         let cfg = ClusterConfig::new(instances, partitions, Some(bug));
         let s = cluster::sweep(&cfg, 0..budget, true);
         let Some(seed) = s.first_failing_seed else {
@@ -112,5 +135,8 @@ fn a_cluster_seed_replays_to_the_same_trace() {
     // Tracing does not change the run.
     cfg.trace = false;
     let quiet = cluster::run(11, &cfg);
-    assert_eq!((quiet.acked, quiet.takeovers, quiet.sim_ms), (a.acked, a.takeovers, a.sim_ms));
+    assert_eq!(
+        (quiet.acked, quiet.takeovers, quiet.sim_ms),
+        (a.acked, a.takeovers, a.sim_ms)
+    );
 }

@@ -290,8 +290,8 @@ impl Db {
                 self.serial += 1;
                 (p.0, epoch, row.lsn, self.serial)
             };
-            if !self.records.contains_key(&key) {
-                self.records.insert(key, row.frames.clone());
+            if let std::collections::btree_map::Entry::Vacant(e) = self.records.entry(key) {
+                e.insert(row.frames.clone());
                 undo.push(Undo::Row(key, None));
             }
         }
