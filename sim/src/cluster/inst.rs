@@ -104,8 +104,9 @@ pub(super) struct Part {
 }
 
 impl Part {
-    pub fn valid(&self, now_ns: u64, lease_ms: u64) -> bool {
-        self.lease.valid_at(now_ns / MS, lease_ms)
+    /// Whether the lease is valid at `local_ms` on the owner's clock.
+    pub fn valid(&self, local_ms: u64, lease_ms: u64) -> bool {
+        self.lease.valid_at(local_ms, lease_ms)
     }
 
     pub fn writing(&self) -> bool {
@@ -131,11 +132,15 @@ pub(super) struct Inst {
     pub callbacks: BTreeMap<u64, (PartitionId, u64, DeliveryId)>,
     /// A pause fault waiting for this instance's next write (the fault's index).
     pub pause_armed: Option<usize>,
+    /// This process's clock rate error (parts per million): its lease
+    /// bound is judged on its own clock, the lease itself on the database's.
+    pub drift_ppm: i64,
 }
 
 impl Inst {
-    pub fn new(i: usize, inc: u64) -> Inst {
+    pub fn new(i: usize, inc: u64, drift_ppm: i64) -> Inst {
         Inst {
+            drift_ppm,
             id: InstanceId(format!("i{i}.{inc}")),
             inc,
             up: false,
@@ -150,6 +155,14 @@ impl Inst {
             callbacks: BTreeMap::new(),
             pause_armed: None,
         }
+    }
+}
+
+impl Inst {
+    /// This instance's monotonic clock (ms) at virtual time `now_ns`.
+    pub fn local_ms(&self, now_ns: u64) -> u64 {
+        let t = i128::from(now_ns) * i128::from(1_000_000 + self.drift_ppm) / 1_000_000;
+        u64::try_from(t).unwrap_or(0) / MS
     }
 }
 
@@ -175,9 +188,9 @@ impl World {
     /// Whether `i` serves `p` now; a partition whose lease ran out on the
     /// owner's clock is dropped here (stops serving, answers nothing more).
     fn serves(&mut self, i: usize, p: PartitionId) -> bool {
-        let lease_ms = self.cfg.lease_ms;
+        let (lease_ms, local) = (self.cfg.lease_ms, self.insts[i].local_ms(self.now));
         match self.insts[i].parts.get(&p) {
-            Some(part) if part.valid(self.now, lease_ms) => true,
+            Some(part) if part.valid(local, lease_ms) => true,
             Some(_) => {
                 self.check.count("cluster_lease_ran_out");
                 self.stop(i, p, "its lease ran out on the owner's clock");
@@ -702,9 +715,9 @@ impl World {
     fn take_over(&mut self, i: usize, p: PartitionId, epoch: u64, sent: u64, image: &[u8], rows: u64) {
         let lease = LocalLease {
             epoch,
-            renew_sent_ms: sent / MS,
+            renew_sent_ms: self.insts[i].local_ms(sent),
         };
-        if !lease.valid_at(self.now / MS, self.cfg.lease_ms) {
+        if !lease.valid_at(self.insts[i].local_ms(self.now), self.cfg.lease_ms) {
             return;
         }
         let seed = self.seed ^ (u64::from(p.0) << 32) ^ epoch;
@@ -775,9 +788,10 @@ impl World {
         leases: &[LeaseView],
         live: &BTreeSet<InstanceId>,
     ) {
+        let sent_ms = self.insts[i].local_ms(sent);
         for p in renewed {
             if let Some(part) = self.insts[i].parts.get_mut(p) {
-                part.lease.renew_sent_ms = part.lease.renew_sent_ms.max(sent / MS);
+                part.lease.renew_sent_ms = part.lease.renew_sent_ms.max(sent_ms);
             }
         }
         self.insts[i].owners = leases

@@ -152,6 +152,8 @@ pub(super) struct Streams {
     pub work: Rng,
     pub answers: Rng,
     pub db: Rng,
+    /// Each instance process's clock rate.
+    pub clocks: Rng,
 }
 
 pub struct World {
@@ -229,8 +231,9 @@ impl World {
                 work: Rng::new(seed ^ 0x3023_C000_0000_0000),
                 answers: Rng::new(seed ^ 0xA45E_2000_0000_0000),
                 db: Rng::new(seed ^ 0xDB00_0000_0000_0000),
+                clocks: Rng::new(seed ^ 0xC10C_D21F_0000_0000),
             },
-            insts: (0..n).map(|i| Inst::new(i, 0)).collect(),
+            insts: Vec::new(),
             db,
             pubs: Vec::new(),
             subs: Vec::new(),
@@ -257,6 +260,10 @@ impl World {
             done: false,
             cfg: cfg.clone(),
         };
+        for i in 0..n {
+            let drift = w.drift();
+            w.insts.push(Inst::new(i, 0, drift));
+        }
         let faults = format!("{:?}", w.faults_plan);
         w.line("world", || {
             format!(
@@ -267,6 +274,11 @@ impl World {
             )
         });
         w
+    }
+
+    /// A process's clock rate error: up to 0.5% either way (a lease margin is 20%).
+    fn drift(&mut self) -> i64 {
+        self.rng.clocks.range_inclusive(0, 10_000) as i64 - 5_000
     }
 
     /// Schedules `ev` at `at_ns` (never in the past).
@@ -515,7 +527,8 @@ impl World {
             return;
         }
         let inc = self.insts[i].inc + 1;
-        self.insts[i] = Inst::new(i, inc);
+        let drift = self.drift();
+        self.insts[i] = Inst::new(i, inc, drift);
         self.insts[i].up = true;
         let id = self.insts[i].id.clone();
         self.line("world", || format!("{id} started"));
@@ -582,8 +595,9 @@ impl World {
             if !inst.up {
                 continue;
             }
+            let local = inst.local_ms(self.now);
             for (p, part) in &inst.parts {
-                if part.valid(self.now, self.cfg.lease_ms) {
+                if part.valid(local, self.cfg.lease_ms) {
                     out.entry(*p).or_insert(i);
                 }
             }
