@@ -34,7 +34,7 @@ fn sweep(instances: usize, partitions: u32, bug: Option<ClusterBug>, seeds: std:
 
 #[test]
 fn cluster_sweep_passes_with_every_fault_kind_firing() {
-    let seeds = common::seeds(0..200);
+    let seeds = common::seeds(0..150);
     let mut total = ClusterSummary::default();
     for (instances, partitions) in [(3, 8), (2, 4), (5, 16)] {
         let s = sweep(instances, partitions, None, seeds.clone());
@@ -74,7 +74,7 @@ struct BugCase {
 
 /// Each bug is caught within its budget, by the invariant that names its
 /// consequence; the shipped code passes the same seeds (the sweep above
-/// covers 0..200 of the same shapes).
+/// covers 0..150 of the same shapes).
 #[test]
 fn planted_cluster_bugs_are_caught_within_their_seed_budget() {
     let cases = [
