@@ -132,6 +132,10 @@ pub(super) struct Inst {
     pub callbacks: BTreeMap<u64, (PartitionId, u64, DeliveryId)>,
     /// A pause fault waiting for this instance's next write (the fault's index).
     pub pause_armed: Option<usize>,
+    /// Events waiting while the instance is busy or paused, first in, first out.
+    pub inbox: std::collections::VecDeque<Ev>,
+    /// A wake-up to take the inbox's next event is scheduled.
+    pub wake_armed: bool,
     /// This process's clock rate error (parts per million): its lease
     /// bound is judged on its own clock, the lease itself on the database's.
     pub drift_ppm: i64,
@@ -141,6 +145,8 @@ impl Inst {
     pub fn new(i: usize, inc: u64, drift_ppm: i64) -> Inst {
         Inst {
             drift_ppm,
+            inbox: std::collections::VecDeque::new(),
+            wake_armed: false,
             id: InstanceId(format!("i{i}.{inc}")),
             inc,
             up: false,

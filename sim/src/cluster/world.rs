@@ -139,6 +139,11 @@ pub(super) enum Ev {
     DbUp {
         life: u64,
     },
+    /// Instance `i` takes the next event of its inbox.
+    Wake {
+        i: usize,
+        inc: u64,
+    },
     Fault(usize),
     FaultEnd(usize),
     Heal,
@@ -393,12 +398,8 @@ impl World {
     fn step(&mut self, ev: Ev) {
         match ev {
             Ev::Net { from, to, to_inc, msg } => self.arrive(from, to, to_inc, msg),
-            Ev::Inst { i, inc, t } => {
-                if self.defer(i, inc, || Ev::Inst { i, inc, t }) {
-                    return;
-                }
-                self.inst_timer(i, t);
-            }
+            Ev::Inst { i, inc, .. } => self.to_instance(i, inc, ev),
+            Ev::Wake { i, inc } => self.wake(i, inc),
             Ev::Pub(t) => self.pub_timer(t),
             Ev::Sub(t) => self.sub_timer(t),
             Ev::DbCpu { life } => self.db_cpu(life),
@@ -412,19 +413,57 @@ impl World {
         }
     }
 
-    /// An instance that is paused or busy takes the event once it is free;
-    /// one that is down (or restarted since) never takes it.
-    fn defer(&mut self, i: usize, inc: u64, ev: impl FnOnce() -> Ev) -> bool {
-        let inst = &self.insts[i];
+    /// An event for instance `i`'s process `inc`: lost if that process is
+    /// gone; queued behind earlier ones while the instance is busy or paused
+    /// (its inbox is first in, first out); handled now otherwise.
+    fn to_instance(&mut self, i: usize, inc: u64, ev: Ev) {
+        let inst = &mut self.insts[i];
         if !inst.up || inst.inc != inc {
-            return true;
+            return;
         }
-        if self.now < inst.busy_until {
-            let at = inst.busy_until;
-            self.at(at, ev());
-            return true;
+        if self.now < inst.busy_until || !inst.inbox.is_empty() {
+            inst.inbox.push_back(ev);
+            self.arm_wake(i);
+            return;
         }
-        false
+        self.handle_at_instance(i, ev);
+    }
+
+    fn arm_wake(&mut self, i: usize) {
+        let inst = &mut self.insts[i];
+        if inst.wake_armed || inst.inbox.is_empty() {
+            return;
+        }
+        inst.wake_armed = true;
+        let (at, inc) = (inst.busy_until.max(self.now), inst.inc);
+        self.at(at, Ev::Wake { i, inc });
+    }
+
+    fn wake(&mut self, i: usize, inc: u64) {
+        let inst = &mut self.insts[i];
+        if !inst.up || inst.inc != inc {
+            return;
+        }
+        inst.wake_armed = false;
+        if self.now >= inst.busy_until
+            && let Some(ev) = inst.inbox.pop_front()
+        {
+            self.handle_at_instance(i, ev);
+        }
+        self.arm_wake(i);
+    }
+
+    /// Handles one event at a free instance; a message costs it CPU time.
+    fn handle_at_instance(&mut self, i: usize, ev: Ev) {
+        match ev {
+            Ev::Net { from, msg, .. } => {
+                let cost = self.cfg.cost.instance_msg_us * 1_000;
+                self.insts[i].busy_until = self.now + cost;
+                self.inst_msg(i, from, msg);
+            }
+            Ev::Inst { t, .. } => self.inst_timer(i, t),
+            _ => {}
+        }
     }
 
     fn arrive(&mut self, from: Node, to: Node, to_inc: u64, msg: Msg) {
@@ -433,19 +472,7 @@ impl World {
         }
         match to {
             Node::Db => self.db_arrive(from, msg),
-            Node::Inst(i) => {
-                if self.defer(i, to_inc, || Ev::Net {
-                    from,
-                    to,
-                    to_inc,
-                    msg: msg.clone(),
-                }) {
-                    return;
-                }
-                let cost = self.cfg.cost.instance_msg_us * 1_000;
-                self.insts[i].busy_until = self.now + cost;
-                self.inst_msg(i, from, msg);
-            }
+            Node::Inst(i) => self.to_instance(i, to_inc, Ev::Net { from, to, to_inc, msg }),
             Node::Pub(_) => self.pub_msg(msg),
             Node::Sub(s) => self.sub_msg(s, from, msg),
         }
