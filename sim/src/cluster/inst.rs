@@ -398,24 +398,10 @@ impl World {
             expire: sub.expire_time,
             now,
         });
-        let partial = self.cfg.bug == Some(ClusterBug::PartialSubscription);
-        let mut local = Vec::new();
-        let mut remote = Vec::new();
-        for p in self.parts.all() {
-            if self.serves(i, p) {
-                local.push(p);
-            } else if partial {
-                continue;
-            } else {
-                match self.insts[i].owners.get(p.0 as usize).copied().flatten() {
-                    Some(j) if j != i => remote.push((p, j)),
-                    _ => {
-                        self.send(Node::Inst(i), Node::Sub(s), Msg::SubReply { req, until: None }, 0);
-                        return;
-                    }
-                }
-            }
-        }
+        let Some((local, remote)) = self.subscribe_targets(i) else {
+            self.send(Node::Inst(i), Node::Sub(s), Msg::SubReply { req, until: None }, 0);
+            return;
+        };
         let op = self.id();
         let remaining = local.iter().copied().chain(remote.iter().map(|(p, _)| *p)).collect();
         let (client, topic, until) = (sub.client_id.clone(), sub.topic.clone(), sub.expire_time);
@@ -455,6 +441,26 @@ impl World {
         }
         self.timer(i, self.now + FORWARD_TIMEOUT_NS, ITimer::SubOpTimeout(op));
         self.sub_op_check(i, op);
+    }
+
+    /// Where a subscribe taken by `i` goes: the partitions `i` serves, and
+    /// every other partition's owner; None while some partition has none.
+    /// (The planted `partial-subscription` skips the partitions served elsewhere.)
+    fn subscribe_targets(&mut self, i: usize) -> Option<(Vec<PartitionId>, Vec<(PartitionId, usize)>)> {
+        let partial = self.cfg.bug == Some(ClusterBug::PartialSubscription);
+        let mut local = Vec::new();
+        let mut remote = Vec::new();
+        for p in self.parts.all() {
+            if self.serves(i, p) {
+                local.push(p);
+            } else if !partial {
+                match self.insts[i].owners.get(p.0 as usize).copied().flatten() {
+                    Some(j) if j != i => remote.push((p, j)),
+                    _ => return None,
+                }
+            }
+        }
+        Some((local, remote))
     }
 
     fn sub_part_reply(&mut self, i: usize, op: u64, p: PartitionId, until: Option<Time>) {
