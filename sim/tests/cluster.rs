@@ -140,3 +140,24 @@ fn a_cluster_seed_replays_to_the_same_trace() {
         (a.acked, a.takeovers, a.sim_ms)
     );
 }
+
+/// The benchmark's failover (the owner of the most partitions killed, to the
+/// last of its partitions serving elsewhere) stays within the bound users are
+/// told (`takeover_bound_ms`: the lease plus one lease round) plus loading,
+/// and is not instant (the lease must run out first); publishes flow before.
+#[test]
+fn a_killed_owner_s_partitions_serve_again_within_the_takeover_bound() {
+    let lease_ms = 1_000;
+    let bound = sagamq::cluster::takeover_bound_ms(lease_ms) + 50;
+    for seed in 1..=3 {
+        let (rate, failover) = cluster::bench::measure_with(3, 8, lease_ms, seed, 16);
+        let failover = failover.expect("the killed owner's partitions serve again");
+        println!("seed {seed}: {rate:.0} acked/s, failover {failover} ms");
+        assert!(rate > 0.0);
+        assert!(
+            (lease_ms / 2..=bound).contains(&failover),
+            "failover {failover} ms outside {}..={bound}",
+            lease_ms / 2
+        );
+    }
+}

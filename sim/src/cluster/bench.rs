@@ -13,11 +13,16 @@ pub const LANES: usize = 256;
 
 /// One run's figures: acknowledged publishes/s in the window, failover ms.
 pub fn measure(instances: usize, partitions: u32, lease_ms: u64, seed: u64) -> (f64, Option<u64>) {
+    measure_with(instances, partitions, lease_ms, seed, LANES)
+}
+
+/// [`measure`] with `lanes` closed-loop publishers.
+pub fn measure_with(instances: usize, partitions: u32, lease_ms: u64, seed: u64, lanes: usize) -> (f64, Option<u64>) {
     let mut cfg = ClusterConfig::new(instances, partitions, None);
     cfg.faults = false;
     cfg.lease_ms = lease_ms;
     let load = BenchLoad {
-        lanes: LANES,
+        lanes,
         from_ms: 2 * lease_ms,
         to_ms: 2 * lease_ms + 1_000,
         end_ms: 2 * lease_ms + 1_000 + 2 * lease_ms,
