@@ -37,7 +37,7 @@ enum Cmd {
         /// Print the summary as one JSON object on the last line.
         #[arg(long)]
         json: bool,
-        /// Worker threads (default: all cores).
+        /// Worker threads (default: all cores; the cluster sweep runs on one).
         #[arg(long)]
         jobs: Option<usize>,
         /// Stop at the first failing seed.

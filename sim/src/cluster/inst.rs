@@ -43,6 +43,9 @@ pub(super) enum DbCtx {
     Write { p: PartitionId, epoch: u64 },
 }
 
+/// A subscribe's partitions served here, and the others with their owners.
+type SubscribeTargets = (Vec<PartitionId>, Vec<(PartitionId, usize)>);
+
 /// A subscribe this instance fans out to every partition.
 pub(super) struct SubOp {
     s: usize,
@@ -446,7 +449,7 @@ impl World {
     /// Where a subscribe taken by `i` goes: the partitions `i` serves, and
     /// every other partition's owner; None while some partition has none.
     /// (The planted `partial-subscription` skips the partitions served elsewhere.)
-    fn subscribe_targets(&mut self, i: usize) -> Option<(Vec<PartitionId>, Vec<(PartitionId, usize)>)> {
+    fn subscribe_targets(&mut self, i: usize) -> Option<SubscribeTargets> {
         let partial = self.cfg.bug == Some(ClusterBug::PartialSubscription);
         let mut local = Vec::new();
         let mut remote = Vec::new();

@@ -398,7 +398,7 @@ impl World {
     fn step(&mut self, ev: Ev) {
         match ev {
             Ev::Net { from, to, to_inc, msg } => self.arrive(from, to, to_inc, msg),
-            Ev::Inst { i, inc, .. } => self.to_instance(i, inc, ev),
+            Ev::Inst { i, inc, .. } => self.deliver_to_instance(i, inc, ev),
             Ev::Wake { i, inc } => self.wake(i, inc),
             Ev::Pub(t) => self.pub_timer(t),
             Ev::Sub(t) => self.sub_timer(t),
@@ -416,7 +416,7 @@ impl World {
     /// An event for instance `i`'s process `inc`: lost if that process is
     /// gone; queued behind earlier ones while the instance is busy or paused
     /// (its inbox is first in, first out); handled now otherwise.
-    fn to_instance(&mut self, i: usize, inc: u64, ev: Ev) {
+    fn deliver_to_instance(&mut self, i: usize, inc: u64, ev: Ev) {
         let inst = &mut self.insts[i];
         if !inst.up || inst.inc != inc {
             return;
@@ -472,7 +472,7 @@ impl World {
         }
         match to {
             Node::Db => self.db_arrive(from, msg),
-            Node::Inst(i) => self.to_instance(i, to_inc, Ev::Net { from, to, to_inc, msg }),
+            Node::Inst(i) => self.deliver_to_instance(i, to_inc, Ev::Net { from, to, to_inc, msg }),
             Node::Pub(_) => self.pub_msg(msg),
             Node::Sub(s) => self.sub_msg(s, from, msg),
         }
