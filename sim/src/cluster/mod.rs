@@ -8,7 +8,7 @@
 //! - [`plan`]: the fault plan drawn from the seed.
 //! - [`world`]: the world (instances, clients, the database node, the network) and its run.
 //! - `inst`, `clients`, `dbnode` (private): an instance, the clients, the database node.
-//! - [`bench`]: the simulated throughput and failover figures (`sagamq-sim cluster-bench`).
+//! - [`bench`](mod@bench): the simulated throughput and failover figures (`sagamq-sim cluster-bench`).
 //!
 //! Each instance runs the shipped lease plan ([`sagamq::cluster::plan`]) and
 //! owner-side lease bound ([`sagamq::cluster::LocalLease`]), one shipped
