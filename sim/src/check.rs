@@ -601,8 +601,11 @@ pub struct Checker {
     unanswered: usize,
     /// Each attempt: its pair, the broker incarnation and the pair's redrive count when sent.
     deliveries: BTreeMap<sagamq::broker::DeliveryId, (ClientId, MessageKey, u64, u32)>,
-    /// Per subscriber: stored, owed, never attempted: (CreateTime, MsgID) -> topic.
-    unattempted: BTreeMap<ClientId, BTreeMap<(i64, MsgId), Topic>>,
+    /// Per subscriber: stored, owed, never attempted: (order scope, CreateTime, MsgID) -> topic.
+    unattempted: BTreeMap<ClientId, BTreeMap<(u32, i64, MsgId), Topic>>,
+    /// Delivery order holds within one broker core: the whole broker (None),
+    /// or in a cluster each partition of these (see [`Checker::order_within_partitions`]).
+    order_partitions: Option<sagamq::cluster::Partitions>,
     /// Committed publishes not yet acknowledged.
     unacked: BTreeSet<MessageKey>,
     stories: BTreeMap<String, Story>,
@@ -673,6 +676,7 @@ impl Checker {
             unanswered: 0,
             deliveries: BTreeMap::new(),
             unattempted: BTreeMap::new(),
+            order_partitions: None,
             unacked: BTreeSet::new(),
             stories: BTreeMap::new(),
             client_nodes: BTreeMap::new(),
@@ -690,6 +694,20 @@ impl Checker {
             account: Account::default(),
             violations: Vec::new(),
         }
+    }
+
+    /// A cluster's checker: per-subscriber delivery order is judged within
+    /// each partition (a `GlobalID`'s partition), since each partition is one
+    /// broker core and the cluster promises no order across them. Every other
+    /// invariant is judged as for one broker.
+    pub fn order_within_partitions(mut self, partitions: sagamq::cluster::Partitions) -> Checker {
+        self.order_partitions = Some(partitions);
+        self
+    }
+
+    /// The delivery-order scope of a key: its partition in a cluster, else 0.
+    fn order_scope(&self, key: &MessageKey) -> u32 {
+        self.order_partitions.map_or(0, |p| p.of(&key.global_id).0)
     }
 
     pub fn violations(&self) -> &[Violation] {
@@ -1272,6 +1290,7 @@ impl Checker {
             );
             self.violation(Violation::safety("queue-bound", detail, at_ms));
         }
+        let scope = self.order_scope(key);
         for client in entitled {
             let attempts_max = self.spec.attempts_max;
             let pair = self.pair_mut(&client, key);
@@ -1294,7 +1313,7 @@ impl Checker {
                 self.unattempted
                     .entry(client)
                     .or_default()
-                    .insert((create_time, msg_id), topic.clone());
+                    .insert((scope, create_time, msg_id), topic.clone());
             }
         }
     }
@@ -1492,14 +1511,18 @@ impl Checker {
     /// Per subscriber, first attempts follow `(CreateTime, MsgID)` among the
     /// messages stored for it, never attempted, whose subscription is live.
     fn first_attempt(&mut self, at_ms: u64, client: &ClientId, message: &Message, now: Time) {
-        let this = (message.create_time, message.msg_id);
+        let scope = self.order_scope(&message.key());
+        let this = (scope, message.create_time, message.msg_id);
         let Some(waiting) = self.unattempted.get_mut(client) else {
             return;
         };
         waiting.remove(&this);
-        let earlier: Vec<((i64, MsgId), Topic)> =
-            waiting.range(..this).map(|(k, tp)| (*k, tp.clone())).take(64).collect();
-        for ((ct, id), topic) in earlier {
+        let earlier: Vec<((u32, i64, MsgId), Topic)> = waiting
+            .range((scope, i64::MIN, MsgId(0))..this)
+            .map(|(k, tp)| (*k, tp.clone()))
+            .take(64)
+            .collect();
+        for ((_, ct, id), topic) in earlier {
             let live = self
                 .subs
                 .get(&topic)

@@ -22,6 +22,11 @@
 //! - [`transport`]: the simulated network (a mailbox per node on madsim's clock, partitions).
 //! - [`event`]: the structured event stream of a traced run (sends, receives, faults).
 //! - [`diagram`]: sequence diagrams (SVG, Mermaid) drawn from those events.
+//! - [`cluster`]: the cluster mode (issue 15): several broker instances on a simulated
+//!   PostgreSQL (a sans-IO model of its tables, transactions, WAL and clock), instance crashes,
+//!   pauses, cuts from the database, database restarts, lost COMMITs, partitions between
+//!   instances; its planted bugs; the simulated throughput and failover figures. A leaf: it
+//!   feeds the [`check`] checker, which knows nothing of it.
 //!
 //! **Invariant:** a seed (plus scenario and bug) determines the run: same seed, same build,
 //! same trace bytes, in any process.
@@ -31,6 +36,7 @@ pub mod audit;
 pub mod bugs;
 pub mod check;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod custom;
 pub mod diagram;

@@ -2,6 +2,7 @@
 //! hunt planted bugs, shrink a failing plan, and benchmark the simulator.
 
 use clap::{Parser, Subcommand};
+use sagamq_sim::cluster::{self, ClusterBug, ClusterConfig};
 use sagamq_sim::plan::FaultPlan;
 use sagamq_sim::runner::{self, Summary};
 use sagamq_sim::scenario::Scenario;
@@ -25,14 +26,18 @@ enum Cmd {
         /// A range `A..B` (B excluded) or a single seed.
         #[arg(long, value_parser = parse_seeds)]
         seeds: Range<u64>,
-        #[arg(long, default_value = "saga")]
-        scenario: Scenario,
-        #[arg(long)]
-        bug: Option<Bug>,
+        /// `seed`, `saga`, `saga:N`, or `cluster` (several instances on a simulated PostgreSQL).
+        #[arg(long, default_value = "saga", value_parser = parse_scenario)]
+        scenario: Which,
+        /// A planted bug (`list-bugs`); the cluster's own with `--scenario cluster`.
+        #[arg(long, value_parser = parse_bug)]
+        bug: Option<BugArg>,
+        #[command(flatten)]
+        shape: ClusterShape,
         /// Print the summary as one JSON object on the last line.
         #[arg(long)]
         json: bool,
-        /// Worker threads (default: all cores).
+        /// Worker threads (default: all cores; the cluster sweep runs on one).
         #[arg(long)]
         jobs: Option<usize>,
         /// Stop at the first failing seed.
@@ -43,10 +48,12 @@ enum Cmd {
     Replay {
         #[arg(long)]
         seed: u64,
-        #[arg(long, default_value = "saga")]
-        scenario: Scenario,
-        #[arg(long)]
-        bug: Option<Bug>,
+        #[arg(long, default_value = "saga", value_parser = parse_scenario)]
+        scenario: Which,
+        #[arg(long, value_parser = parse_bug)]
+        bug: Option<BugArg>,
+        #[command(flatten)]
+        shape: ClusterShape,
         /// Replay an explicit plan (JSON: the `plan JSON:` line `shrink` prints, or a `plan.json` /
         /// `shrunk-plan.json` written by `runner::explain_failure`) instead of the seed's.
         #[arg(long)]
@@ -81,6 +88,120 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         seeds: u64,
     },
+    /// Simulated acknowledged publishes/s and failover time for 1, 2, 3, 5 instances and
+    /// 4, 16 partitions under the stated database commit-cost model (not a measurement).
+    ClusterBench {
+        /// Lease of the failover runs (ms).
+        #[arg(long, default_value_t = 2_000)]
+        lease_ms: u64,
+        /// Seeds per configuration (throughput averaged, failover as a range).
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
+    },
+}
+
+/// What `--scenario` names: one of the single-broker workloads, or the cluster.
+#[derive(Clone, Copy, Debug)]
+enum Which {
+    Single(Scenario),
+    Cluster,
+}
+
+fn parse_scenario(s: &str) -> Result<Which, String> {
+    if s == "cluster" {
+        return Ok(Which::Cluster);
+    }
+    s.parse::<Scenario>()
+        .map(Which::Single)
+        .map_err(|e| format!("{e} (or cluster)"))
+}
+
+/// A planted bug of either catalogue.
+#[derive(Clone, Copy, Debug)]
+enum BugArg {
+    Single(Bug),
+    Cluster(ClusterBug),
+}
+
+fn parse_bug(s: &str) -> Result<BugArg, String> {
+    match (s.parse::<Bug>(), s.parse::<ClusterBug>()) {
+        (Ok(b), _) => Ok(BugArg::Single(b)),
+        (_, Ok(b)) => Ok(BugArg::Cluster(b)),
+        (Err(e), Err(c)) => Err(format!("{e}; {c}")),
+    }
+}
+
+/// The cluster's shape (`--scenario cluster` only).
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct ClusterShape {
+    /// Instances of `sagamq serve` sharing the simulated database.
+    #[arg(long)]
+    instances: Option<usize>,
+    /// Partitions of the store.
+    #[arg(long)]
+    partitions: Option<u32>,
+}
+
+/// The configuration `--scenario`, `--bug` and the shape name, or why they do not fit together.
+enum Config {
+    Single(RunConfig),
+    Cluster(ClusterConfig),
+}
+
+fn config(which: Which, bug: Option<BugArg>, shape: ClusterShape) -> Result<Config, String> {
+    match (which, bug) {
+        (Which::Cluster, None | Some(BugArg::Cluster(_))) => {
+            let bug = match bug {
+                Some(BugArg::Cluster(b)) => Some(b),
+                _ => None,
+            };
+            Ok(Config::Cluster(ClusterConfig::new(
+                shape.instances.unwrap_or(3),
+                shape.partitions.unwrap_or(8),
+                bug,
+            )))
+        }
+        (Which::Cluster, Some(BugArg::Single(b))) => Err(format!(
+            "{b} is a single-broker bug; the cluster's are no-fencing, partial-subscription, double-store-retried-commit"
+        )),
+        (Which::Single(_), Some(BugArg::Cluster(b))) => Err(format!("{b} is a cluster bug: add --scenario cluster")),
+        (Which::Single(_), _) if shape.instances.is_some() || shape.partitions.is_some() => {
+            Err("--instances and --partitions need --scenario cluster".to_string())
+        }
+        (Which::Single(scenario), bug) => {
+            let bug = match bug {
+                Some(BugArg::Single(b)) => Some(b),
+                _ => None,
+            };
+            Ok(Config::Single(RunConfig::new(scenario, bug)))
+        }
+    }
+}
+
+fn cluster_sweep(cfg: &ClusterConfig, seeds: Range<u64>, stop_at_first: bool, json: bool) -> ExitCode {
+    let s = cluster::sweep(cfg, seeds, stop_at_first);
+    print!("{}", s.human());
+    if json {
+        println!("{}", serde_json::to_string(&s).expect("summary serializes"));
+    }
+    if s.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn cluster_replay(mut cfg: ClusterConfig, seed: u64) -> ExitCode {
+    cfg.trace = true;
+    let r = cluster::run(seed, &cfg);
+    print!("{}", trace::render(&r.trace));
+    match r.violations.first() {
+        None => ExitCode::SUCCESS,
+        Some(v) => {
+            eprintln!("seed {seed}: FAIL {v}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn parse_seeds(s: &str) -> Result<Range<u64>, String> {
@@ -106,11 +227,19 @@ fn main() -> ExitCode {
             seeds,
             scenario,
             bug,
+            shape,
             json,
             jobs,
             stop_at_first,
         } => {
-            let cfg = RunConfig::new(scenario, bug);
+            let cfg = match config(scenario, bug, shape) {
+                Ok(Config::Single(cfg)) => cfg,
+                Ok(Config::Cluster(cfg)) => return cluster_sweep(&cfg, seeds, stop_at_first, json),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let tty = std::io::stderr().is_terminal();
             let progress = move |done: u64, total: u64, failed: u64| {
@@ -128,11 +257,26 @@ fn main() -> ExitCode {
             seed,
             scenario,
             bug,
+            shape,
             plan,
             svg,
             mermaid,
             order,
         } => {
+            let (scenario, bug) = match config(scenario, bug, shape) {
+                Ok(Config::Single(cfg)) => (cfg.scenario, cfg.bug),
+                Ok(Config::Cluster(cfg)) => {
+                    if plan.is_some() || svg.is_some() || mermaid.is_some() || order.is_some() {
+                        eprintln!("--plan, --svg, --mermaid and --order are not available for the cluster");
+                        return ExitCode::from(2);
+                    }
+                    return cluster_replay(cfg, seed);
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
             if order.is_some() && svg.is_none() && mermaid.is_none() {
                 eprintln!("--order selects what a diagram shows: add --svg FILE or --mermaid FILE");
                 return ExitCode::from(2);
@@ -214,6 +358,10 @@ fn main() -> ExitCode {
             for b in Bug::ALL {
                 println!("{:<24} {}", b.name(), b.explain());
             }
+            println!("with --scenario cluster:");
+            for b in cluster::CLUSTER_BUGS {
+                println!("{:<28} {}", b.name(), b.explain());
+            }
             ExitCode::SUCCESS
         }
         Cmd::Shrink {
@@ -250,6 +398,10 @@ fn main() -> ExitCode {
         }
         Cmd::Bench { seeds } => {
             println!("{}", sagamq_sim::runner::bench(seeds));
+            ExitCode::SUCCESS
+        }
+        Cmd::ClusterBench { lease_ms, seeds } => {
+            print!("{}", cluster::bench::figures(lease_ms, seeds));
             ExitCode::SUCCESS
         }
     }
