@@ -239,6 +239,17 @@ fn ack_after_failed_sync() {
 }
 
 #[test]
+fn stale_timer() {
+    caught(&Case {
+        bug: Bug::StaleTimer,
+        scenario: Scenario::Seed,
+        budget: 5,
+        invariant: "timer-spin",
+        or_invariant: None,
+    });
+}
+
+#[test]
 fn lenient_recovery() {
     caught(&Case {
         bug: Bug::LenientRecovery,
@@ -265,6 +276,7 @@ fn every_bug_has_a_case_and_a_name_that_parses() {
         Bug::StrictRecovery,
         Bug::LenientRecovery,
         Bug::AckAfterFailedSync,
+        Bug::StaleTimer,
     ];
     assert_eq!(covered.len(), Bug::ALL.len(), "a new bug needs a test above");
     for b in Bug::ALL {

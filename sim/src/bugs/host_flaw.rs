@@ -27,6 +27,10 @@ pub enum HostFlaw {
     /// Keys the inbox on the delivery attempt instead of `(GlobalID, SubID)`, so
     /// no redelivery is ever recognised: in effect, no inbox.
     NoInbox,
+    /// Reports the timeout it last handled as its next one (a timer wheel
+    /// that never advances past a fired slot): the node wakes again at once,
+    /// every time, with nothing to do.
+    StaleTimer,
 }
 
 /// A shipped host with one [`HostFlaw`].
@@ -42,6 +46,8 @@ pub struct Flawed<P: Participant> {
     /// on), salted with the records it recovered so incarnations differ.
     deliveries: u64,
     salt: u64,
+    /// `StaleTimer`: the last timeout handled.
+    handled: Option<Time>,
 }
 
 impl<P: Participant> Flawed<P> {
@@ -54,6 +60,7 @@ impl<P: Participant> Flawed<P> {
             answered: BTreeSet::new(),
             deliveries: 0,
             salt: records,
+            handled: None,
         }
     }
 
@@ -145,6 +152,9 @@ impl<P: Participant> Machine for Flawed<P> {
 
     fn handle_timeout(&mut self, now: Time) {
         self.host.handle_timeout(now);
+        if self.flaw == HostFlaw::StaleTimer {
+            self.handled = Some(now);
+        }
         self.pump();
     }
 
@@ -154,7 +164,10 @@ impl<P: Participant> Machine for Flawed<P> {
     }
 
     fn poll_timeout(&self) -> Option<Time> {
-        self.host.poll_timeout()
+        match (self.host.poll_timeout(), self.handled) {
+            (Some(next), Some(stale)) => Some(next.min(stale)),
+            (next, stale) => next.or(stale),
+        }
     }
 }
 

@@ -39,10 +39,11 @@ pub enum Bug {
     StrictRecovery,
     LenientRecovery,
     AckAfterFailedSync,
+    StaleTimer,
 }
 
 impl Bug {
-    pub const ALL: [Bug; 13] = [
+    pub const ALL: [Bug; 14] = [
         Bug::NaiveStock,
         Bug::NoInbox,
         Bug::PublishBeforeCommit,
@@ -56,6 +57,7 @@ impl Bug {
         Bug::StrictRecovery,
         Bug::LenientRecovery,
         Bug::AckAfterFailedSync,
+        Bug::StaleTimer,
     ];
 
     pub fn name(self) -> &'static str {
@@ -73,6 +75,7 @@ impl Bug {
             Bug::StrictRecovery => "strict-recovery",
             Bug::LenientRecovery => "lenient-recovery",
             Bug::AckAfterFailedSync => "ack-after-failed-sync",
+            Bug::StaleTimer => "stale-timer",
         }
     }
 
@@ -114,6 +117,9 @@ impl Bug {
             }
             Bug::AckAfterFailedSync => {
                 "broker driver treats a failed fsync (EIO) as done and carries on: the publishes it flushed are acknowledged, though their bytes never reach the disk"
+            }
+            Bug::StaleTimer => {
+                "every participant host reports the timeout it last handled as its next one: its node wakes again at once, every time, with nothing to do (a busy loop that burns a core)"
             }
         }
     }
@@ -231,6 +237,7 @@ pub fn build(
         Bug::PublishBeforeCommit => shipped_flawed(node, def, HostFlaw::PublishBeforeCommit, config, image),
         Bug::CommitWithoutOutbox => shipped_flawed(node, def, HostFlaw::CommitWithoutOutbox, config, image),
         Bug::AckBeforeEffect => shipped_flawed(node, def, HostFlaw::AckBeforeEffect, config, image),
+        Bug::StaleTimer => shipped_flawed(node, def, HostFlaw::StaleTimer, config, image),
         Bug::NoNullCompensation => ledger_stock(
             node,
             def,
