@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 21] = [
+pub const COVERAGE: [&str; 24] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -128,6 +128,12 @@ pub const COVERAGE: [&str; 21] = [
     "delivery_paused",
     "lapsed_beyond_grace",
     "dedup_probe",
+    // The bounds the oracle judges were reached: a retry whose backoff was
+    // judged, a callback that filled a subscriber's window, a message stored
+    // into the last free place of a subscriber's queue.
+    "retry_backoff_judged",
+    "window_filled",
+    "queue_filled",
 ];
 
 /// A per-subscriber account in the spirit of Jepsen's total-queue checker.
@@ -1411,6 +1417,9 @@ impl Checker {
         let pair = self.pair_mut(client, &key);
         pair.attempts += 1;
         let may_be_dead = pair.attempts >= attempts_max;
+        let judged = pair.last_sent.is_some_and(|(inc, redrives, attempt, _)| {
+            inc == incarnation && redrives == pair.redrives && cb.attempt == attempt + 1
+        });
         if let Some(v) = retry_violation(pair, cb, now, incarnation, floor, at_ms) {
             found.push(v);
         }
@@ -1429,6 +1438,9 @@ impl Checker {
         if may_be_dead {
             self.dequeue(client, &key);
         }
+        if judged {
+            self.covered("retry_backoff_judged");
+        }
         if first {
             self.first_attempt(at_ms, client, message, now);
         }
@@ -1439,6 +1451,9 @@ impl Checker {
     /// Likewise with `messages_max` messages live (`TooManyMessages`).
     fn queue_bound(&mut self, at_ms: u64, key: &MessageKey, min_queued: &[(ClientId, usize)], min_live: usize) {
         let max = self.spec.pending_max;
+        if min_queued.iter().any(|(_, n)| *n + 1 == max) {
+            self.covered("queue_filled");
+        }
         if let Some((client, n)) = min_queued.iter().find(|(_, n)| *n >= max) {
             let detail = format!(
                 "{key} was stored while {client} had at least {n} messages queued (bound {max}): it should have been refused as QueueFull"
@@ -1488,6 +1503,9 @@ impl Checker {
         let outstanding = flying.len();
         let deadline = now.plus(self.spec.callback_timeout);
         flying.push((cb.delivery, key, incarnation, deadline));
+        if outstanding + 1 == self.spec.inflight_max {
+            self.covered("window_filled");
+        }
         if outstanding >= self.spec.inflight_max {
             let detail = format!(
                 "{} got attempt {} of message {} while {outstanding} earlier attempts were still outstanding (window {})",
