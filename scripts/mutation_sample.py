@@ -12,7 +12,7 @@ seeded sample, applies each mutant in a scratch worktree and judges it:
 
 A mutant that does not compile is "unviable" and not counted.
 
-    python3 scripts/mutation_sample.py [--n 30] [--seed 1] [--out target/mutation.jsonl] [--sim-only]
+    python3 scripts/mutation_sample.py [--n 30] [--seed 1] [--out target/mutation.jsonl] [--sim-only] [--reuse OLD.jsonl]
 
 (`cargo mutants` itself is the harness of choice for the whole set, but its
 baseline ran the workspace's full test command, real-broker process tests
@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="target/mutation.jsonl")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--reuse", help="a previous --out file: its caught_by_sim and unviable verdicts "
+                    "are kept (checks are only ever added), the rest judged again")
     ap.add_argument("--sim-only", action="store_true",
                     help="judge by the sweeps alone (a mutant they miss is `missed_by_sim`)")
     a = ap.parse_args()
@@ -61,7 +63,20 @@ def main():
     exe = os.path.join(env["CARGO_TARGET_DIR"], "release", "sagamq-sim")
     out = open(os.path.join(root, a.out), "w")
     tally = {"caught_by_sim": 0, "caught_by_suite": 0, "survived": 0, "missed_by_sim": 0, "unviable": 0}
+    kept = {}
+    if a.reuse and os.path.exists(a.reuse):
+        for line in open(a.reuse):
+            r = json.loads(line)
+            if r["verdict"] in ("caught_by_sim", "unviable"):
+                kept[r["name"]] = r
     for k, m in enumerate(sample):
+        if m["name"] in kept:
+            rec = kept[m["name"]]
+            tally[rec["verdict"]] += 1
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            print(f"[{k + 1}/{len(sample)}] {rec['verdict']:16} {m['name']}  {rec['detail']} (kept)", flush=True)
+            continue
         run(["git", "checkout", "--", "."], scratch, check=True)
         path = os.path.join(scratch, m["file"])
         p = subprocess.run(["patch", "-s", path], input=m["diff"], capture_output=True, text=True)
