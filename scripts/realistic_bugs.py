@@ -104,6 +104,10 @@ BUGS = [
      "        if self.waiting_count >= self.config.publishes_unsynced_max {\n            return self.reject(req, BrokerError::TooManyUnsyncedPublishes);\n        }\n        if self.messages.len()",
      "        if self.waiting_count >= self.config.publishes_unsynced_max.saturating_mul(64) {\n            return self.reject(req, BrokerError::TooManyUnsyncedPublishes);\n        }\n        if self.messages.len()",
      "the broker admits new publishes however many replies already wait for an fsync"),
+    ("redrive-keeps-attempts", "src/broker/apply.rs",
+     "                phase: Phase::Ready,\n                attempts: 0,",
+     "                phase: Phase::Ready,\n                attempts: self.config.attempts_max.saturating_sub(1),",
+     "a redriven dead letter keeps its spent attempt budget: one more failure dead-letters it again"),
 ]
 
 def run(cmd, cwd, **kw):

@@ -483,7 +483,27 @@ fn retry_violation(
             Violation::safety("retry", detail, at_ms)
         });
     };
-    if inc != incarnation || redrives != pair.redrives {
+    if inc == incarnation && redrives != pair.redrives && cb.attempt != 1 {
+        // A redrive starts the count again (attempts are not persisted).
+        let detail = format!(
+            "{client} got message {id} as attempt {} right after a redrive moved it back (attempts start over)",
+            cb.attempt
+        );
+        return Some(Violation::safety("retry", detail, at_ms));
+    }
+    if inc != incarnation {
+        // A restart starts the count again; in a cluster a takeover of
+        // another partition counts as a restart here, and there the count
+        // goes on.
+        return (cb.attempt != 1 && cb.attempt != attempt + 1).then(|| {
+            let detail = format!(
+                "{client} got message {id} as attempt {} after attempt {attempt} and a broker restart",
+                cb.attempt
+            );
+            Violation::safety("retry", detail, at_ms)
+        });
+    }
+    if redrives != pair.redrives {
         return None;
     }
     if cb.attempt != attempt + 1 {

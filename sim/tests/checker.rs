@@ -1114,3 +1114,32 @@ fn queue_bound_a_message_stored_while_too_many_publishes_wait() {
     assert!(v.detail.contains("TooManyUnsyncedPublishes"), "{}", v.detail);
     assert!(v.detail.contains("o3.created"), "{}", v.detail);
 }
+
+#[test]
+fn retry_after_a_redrive_starts_at_attempt_one() {
+    let mut c = subscribed();
+    let m = created(&mut c);
+    let stock = ClientId::lit(t::STOCK_SERVICE);
+    for d in 1..=3 {
+        sent(&mut c, 13 + 400 * (d - 1), t::STOCK_SERVICE, &m, d);
+    }
+    c.observe(
+        900,
+        Event::Redrive {
+            client: &stock,
+            dead: &[MsgId(1)],
+            moved: &[MsgId(1)],
+        },
+    );
+    // The redriven message goes out as attempt 3 again: the count kept on.
+    let mut again = callback(t::STOCK_SERVICE, &m, 4);
+    again.attempt = 3;
+    c.observe(
+        901,
+        Event::CallbackSent {
+            callback: &again,
+            now: Time::from_millis(901),
+        },
+    );
+    assert!(fired(&c, "retry"));
+}
