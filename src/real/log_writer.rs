@@ -1,14 +1,16 @@
 //! The log writer thread: applies one batch of appends/replaces to the
 //! [`FileDisk`] and syncs it once (group commit), off the async runtime.
 //!
-//! **Invariant:** at most one batch is in flight (the driver waits for its
-//! [`WriteDone`] before sending the next), so batches are applied in order and
-//! `WriteDone { lsn }` means every write up to `lsn` is durable.
+//! **Invariant:** the thread applies batches one at a time, in the order the
+//! writes were handed over, so `WriteDone { lsn }` means every write up to
+//! `lsn` is durable. Writes handed over while a batch is syncing wait in a
+//! shared queue, and the thread takes all of them as its next batch as soon as
+//! that `fdatasync` returns (no round trip through the driver in between).
 
 use super::file_disk::FileDisk;
 use crate::broker::Lsn;
 use crate::log::FRAME_HEADER_LEN;
-use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -57,6 +59,19 @@ impl PendingWrites {
             lsn,
         })
     }
+
+    /// Moves everything in `other` behind what is here (a rewrite in `other`
+    /// supersedes what is here, as [`PendingWrites::replace`] does).
+    fn absorb(&mut self, other: &mut PendingWrites) {
+        let Some(lsn) = other.lsn.take() else { return };
+        for op in other.ops.drain(..) {
+            match op {
+                WriteOp::Append(frames) => self.append(lsn, frames),
+                WriteOp::Replace(frames) => self.replace(lsn, frames),
+            }
+        }
+        self.lsn = Some(lsn);
+    }
 }
 
 #[derive(Debug)]
@@ -80,13 +95,40 @@ pub struct WriteDone {
     pub result: Result<BatchReport, String>,
 }
 
-/// Handle to the writer thread. Dropping it ends the thread after its current batch.
+/// What the driver and the writer thread share: the writes handed over and
+/// not yet taken.
+struct Queue {
+    pending: PendingWrites,
+    /// The thread sleeps on the condvar (a hand-over must wake it).
+    idle: bool,
+    /// No more batches: the handle was dropped or a write failed.
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Handle to the writer thread. Dropping it ends the thread after the writes
+/// already handed over.
 pub struct LogWriter {
-    jobs: Option<std_mpsc::SyncSender<WriteBatch>>,
+    shared: Arc<Shared>,
     done: mpsc::Receiver<WriteDone>,
-    in_flight: Option<Lsn>,
+    /// The last lsn handed over, and the last one reported back.
+    handed: Option<Lsn>,
+    reported: Option<Lsn>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Reports waiting for the driver; a full channel holds the thread back.
+const REPORTS_QUEUED_MAX: usize = 64;
 
 impl LogWriter {
     pub fn spawn(disk: FileDisk) -> std::io::Result<LogWriter> {
@@ -101,11 +143,18 @@ impl LogWriter {
     }
 
     fn spawn_with(mut disk: FileDisk, reply_before_fsync: bool) -> std::io::Result<LogWriter> {
-        // Capacity 1 on both sides: one batch in flight is the design.
-        let (jobs_tx, jobs_rx) = std_mpsc::sync_channel::<WriteBatch>(1);
-        let (done_tx, done_rx) = mpsc::channel::<WriteDone>(1);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                pending: PendingWrites::default(),
+                idle: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let (done_tx, done_rx) = mpsc::channel::<WriteDone>(REPORTS_QUEUED_MAX);
+        let queue = shared.clone();
         let thread = std::thread::Builder::new().name("sagamq-log".into()).spawn(move || {
-            while let Ok(batch) = jobs_rx.recv() {
+            while let Some(batch) = next_batch(&queue) {
                 if reply_before_fsync {
                     let result = apply_unsynced(&mut disk, &batch.ops);
                     let failed = result.is_err();
@@ -124,47 +173,59 @@ impl LogWriter {
                     break;
                 }
             }
+            queue.lock().closed = true;
         })?;
         Ok(LogWriter {
-            jobs: Some(jobs_tx),
+            shared,
             done: done_rx,
-            in_flight: None,
+            handed: None,
+            reported: None,
             thread: Some(thread),
         })
     }
 
+    /// The last lsn handed over whose batch has not been reported yet.
     pub fn in_flight(&self) -> Option<Lsn> {
-        self.in_flight
+        match (self.handed, self.reported) {
+            (Some(h), Some(r)) if h <= r => None,
+            (h, _) => h,
+        }
     }
 
-    /// Starts a batch with everything pending, unless one is already in flight.
+    /// Hands everything pending to the thread: it joins the writes the thread
+    /// has not taken yet, and goes out with them in its next batch.
     pub fn start(&mut self, pending: &mut PendingWrites) {
-        if self.in_flight.is_some() {
+        let Some(lsn) = pending.lsn else { return };
+        let mut q = self.shared.lock();
+        // The thread only stops after a failure, which the driver already saw
+        // (or sees next in `done`).
+        if q.closed {
             return;
         }
-        let Some(batch) = pending.take() else { return };
-        let lsn = batch.lsn;
-        let Some(jobs) = &self.jobs else { return };
-        // The thread only stops after a failure, which the driver already saw.
-        if jobs.send(batch).is_ok() {
-            self.in_flight = Some(lsn);
+        q.pending.absorb(pending);
+        self.handed = Some(lsn);
+        if q.idle {
+            q.idle = false;
+            drop(q);
+            self.shared.wake.notify_one();
         }
     }
 
-    /// Waits for the batch in flight (pending forever when none is, for `select!`).
+    /// Waits for the next batch report (pending forever when nothing was
+    /// handed over since the last one, for `select!`).
     pub async fn done(&mut self) -> WriteDone {
-        if self.in_flight.is_none() {
+        let Some(handed) = self.in_flight() else {
             return std::future::pending().await;
-        }
+        };
         match self.done.recv().await {
             Some(d) => {
-                self.in_flight = None;
+                self.reported = Some(d.lsn);
                 d
             }
             None => {
-                let lsn = self.in_flight.take().unwrap_or_default();
+                self.reported = Some(handed);
                 WriteDone {
-                    lsn,
+                    lsn: handed,
                     result: Err("log writer thread stopped".into()),
                 }
             }
@@ -172,9 +233,26 @@ impl LogWriter {
     }
 }
 
+/// The writer thread's wait for work: everything handed over so far, as one
+/// batch; `None` once closed with nothing left.
+fn next_batch(shared: &Shared) -> Option<WriteBatch> {
+    let mut q = shared.lock();
+    loop {
+        if let Some(batch) = q.pending.take() {
+            return Some(batch);
+        }
+        if q.closed {
+            return None;
+        }
+        q.idle = true;
+        q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
 impl Drop for LogWriter {
     fn drop(&mut self) {
-        self.jobs.take();
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
         self.done.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -247,6 +325,28 @@ mod tests {
     }
 
     #[test]
+    fn handing_over_joins_the_queue_and_a_handed_replace_supersedes_it() {
+        let mut queue = PendingWrites::default();
+        let mut p = PendingWrites::default();
+        p.append(Lsn(1), b"a".to_vec());
+        queue.absorb(&mut p);
+        assert!(p.is_empty());
+        p.append(Lsn(2), b"b".to_vec());
+        queue.absorb(&mut p);
+        assert_eq!(queue.lsn, Some(Lsn(2)));
+        assert!(matches!(&queue.ops[..], [WriteOp::Append(ab)] if ab == b"ab"));
+        p.replace(Lsn(3), b"R".to_vec());
+        p.append(Lsn(4), b"c".to_vec());
+        queue.absorb(&mut p);
+        let batch = queue.take().unwrap();
+        assert_eq!(batch.lsn, Lsn(4));
+        assert!(matches!(&batch.ops[..], [WriteOp::Replace(r), WriteOp::Append(c)] if r == b"R" && c == b"c"));
+        // Nothing to hand over: the queue is unchanged.
+        queue.absorb(&mut p);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
     fn counts_frames() {
         let mut buf = Vec::new();
         for p in [&b"x"[..], b"", b"hello"] {
@@ -269,15 +369,21 @@ mod tests {
             p.append(Lsn(1), f.clone());
             w.start(&mut p);
             assert_eq!(w.in_flight(), Some(Lsn(1)));
+            assert!(p.is_empty());
+            // Handed over while the first may still be syncing: it joins the
+            // thread's next batch (or the first, if not yet taken).
             p.append(Lsn(2), f.clone());
-            w.start(&mut p); // one in flight: stays pending
-            assert!(!p.is_empty());
-            let d = w.done().await;
-            assert_eq!(d.lsn, Lsn(1));
-            assert_eq!(d.result.unwrap().records, 1);
             w.start(&mut p);
-            let d = w.done().await;
-            assert_eq!(d.lsn, Lsn(2));
+            assert_eq!(w.in_flight(), Some(Lsn(2)));
+            let mut records = 0;
+            let mut last = Lsn(0);
+            while w.in_flight().is_some() {
+                let d = w.done().await;
+                assert!(d.lsn > last, "reports in order");
+                last = d.lsn;
+                records += d.result.unwrap().records;
+            }
+            assert_eq!((last, records), (Lsn(2), 2));
         });
         let disk = FileDisk::open(&dir).unwrap();
         assert_eq!(decode_all(&disk.try_read_all().unwrap()).unwrap().records.len(), 2);
