@@ -8,8 +8,10 @@
 //! that `fdatasync` returns (no round trip through the driver in between).
 
 use super::file_disk::FileDisk;
+use super::fs::FsFile;
 use crate::broker::Lsn;
 use crate::log::FRAME_HEADER_LEN;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -154,8 +156,8 @@ impl LogWriter {
         let (done_tx, done_rx) = mpsc::channel::<WriteDone>(REPORTS_QUEUED_MAX);
         let queue = shared.clone();
         let thread = std::thread::Builder::new().name("sagamq-log".into()).spawn(move || {
-            while let Some(batch) = next_batch(&queue) {
-                if reply_before_fsync {
+            if reply_before_fsync {
+                while let Some(batch) = next_batch(&queue) {
                     let result = apply_unsynced(&mut disk, &batch.ops);
                     let failed = result.is_err();
                     if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
@@ -164,14 +166,9 @@ impl LogWriter {
                     if disk.try_sync().is_err() {
                         break;
                     }
-                    continue;
                 }
-                let result = apply(&mut disk, &batch.ops);
-                let failed = result.is_err();
-                if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
-                    // After a failed fsync nothing more may be written.
-                    break;
-                }
+            } else {
+                write_and_sync(&mut disk, &queue, done_tx);
             }
             queue.lock().closed = true;
         })?;
@@ -230,6 +227,229 @@ impl LogWriter {
                 }
             }
         }
+    }
+}
+
+/// `fdatasync` calls in flight at once, each on its own descriptor of the
+/// log, by as many sync threads. The device flushes of concurrent calls are
+/// coalesced by the kernel's block layer, so more of them complete per second
+/// than one at a time (on this project's VM disk, 4 concurrent callers did
+/// several times the syncs per second of one).
+pub const SYNCS_IN_FLIGHT_MAX: usize = 4;
+/// A batch's `fdatasync` starts while another is in flight only once the
+/// latest one has run this long: on a fast disk the batches keep going one
+/// at a time (fewer, larger group commits, less CPU per message); on a slow
+/// one the next sync does not wait for the whole of the previous.
+pub const SYNC_OVERLAP_AFTER: Duration = Duration::from_micros(500);
+
+/// One batch written to the page cache, waiting for its `fdatasync`.
+struct SyncJob {
+    /// Dispatch order: reports go to the driver in this order.
+    seq: u64,
+    lsn: Lsn,
+    report: BatchReport,
+    file: Box<dyn FsFile>,
+    /// The log file it is a descriptor of (a compaction starts a new one).
+    generation: u64,
+}
+
+/// What the writer thread and the sync threads share.
+#[derive(Default)]
+struct SyncState {
+    in_flight: usize,
+    /// Idle descriptors of the current log file.
+    files: Vec<Box<dyn FsFile>>,
+    generation: u64,
+    failed: bool,
+    /// When the latest sync in flight started.
+    latest_started: Option<Instant>,
+    /// Finished syncs not yet reported (an earlier one still runs).
+    finished: BTreeMap<u64, WriteDone>,
+    next_report: u64,
+}
+
+struct Syncs {
+    state: Mutex<SyncState>,
+    changed: Condvar,
+}
+
+impl Syncs {
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
+        self.changed.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_timeout<'a>(&self, g: MutexGuard<'a, SyncState>, d: Duration) -> MutexGuard<'a, SyncState> {
+        match self.changed.wait_timeout(g, d) {
+            Ok((g, _)) => g,
+            Err(e) => e.into_inner().0,
+        }
+    }
+}
+
+/// The writer thread: writes each batch to the page cache at once, then has
+/// one of [`SYNCS_IN_FLIGHT_MAX`] sync threads `fdatasync` it while it writes
+/// the next (whose sync waits for the one in flight, up to
+/// [`SYNC_OVERLAP_AFTER`] of it). Reports go to the driver in the order the batches were written,
+/// so `WriteDone { lsn }` still means every write up to `lsn` is durable (a
+/// sync that finished early waits for the earlier ones to be reported; POSIX
+/// would let it cover them, but an earlier failure must be seen first). A
+/// compaction (`Replace`) waits for every sync in flight, then runs alone.
+fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<WriteDone>) {
+    let syncs = Arc::new(Syncs {
+        state: Mutex::new(SyncState::default()),
+        changed: Condvar::new(),
+    });
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<SyncJob>();
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    let mut threads = Vec::new();
+    for i in 0..SYNCS_IN_FLIGHT_MAX {
+        let (syncs, jobs_rx, tx) = (syncs.clone(), jobs_rx.clone(), done_tx.clone());
+        let path = disk.path().to_path_buf();
+        let t = std::thread::Builder::new()
+            .name(format!("sagamq-sync{i}"))
+            .spawn(move || sync_thread(&syncs, &jobs_rx, &tx, &path));
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                let _ = done_tx.blocking_send(WriteDone {
+                    lsn: Lsn::default(),
+                    result: Err(format!("start a log sync thread: {e}")),
+                });
+                return;
+            }
+        }
+    }
+    let mut seq = 0;
+    while let Some(batch) = next_batch(queue) {
+        if syncs.lock().failed {
+            break;
+        }
+        if batch.ops.iter().any(|op| matches!(op, WriteOp::Replace(_))) {
+            let mut g = syncs.lock();
+            while g.in_flight > 0 && !g.failed {
+                g = syncs.wait(g);
+            }
+            if g.failed {
+                break;
+            }
+            // Descriptors of the old file would sync the old file.
+            g.files.clear();
+            g.generation += 1;
+            drop(g);
+            let result = apply(disk, &batch.ops);
+            let failed = result.is_err();
+            if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
+                break;
+            }
+            continue;
+        }
+        let report = match apply_unsynced(disk, &batch.ops) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = done_tx.blocking_send(WriteDone {
+                    lsn: batch.lsn,
+                    result: Err(e),
+                });
+                break;
+            }
+        };
+        let mut g = syncs.lock();
+        loop {
+            if g.failed || g.in_flight == 0 {
+                break;
+            }
+            let ran = g.latest_started.map_or(SYNC_OVERLAP_AFTER, |t| t.elapsed());
+            if g.in_flight < SYNCS_IN_FLIGHT_MAX && ran >= SYNC_OVERLAP_AFTER {
+                break;
+            }
+            g = if g.in_flight < SYNCS_IN_FLIGHT_MAX {
+                syncs.wait_timeout(g, SYNC_OVERLAP_AFTER - ran)
+            } else {
+                syncs.wait(g)
+            };
+        }
+        if g.failed {
+            break;
+        }
+        let file = match g.files.pop() {
+            Some(f) => f,
+            None => match disk.open_sync_descriptor() {
+                Ok(f) => f,
+                Err(e) => {
+                    drop(g);
+                    let _ = done_tx.blocking_send(WriteDone {
+                        lsn: batch.lsn,
+                        result: Err(format!("open {} to sync it: {e}", disk.path().display())),
+                    });
+                    break;
+                }
+            },
+        };
+        g.in_flight += 1;
+        g.latest_started = Some(Instant::now());
+        let generation = g.generation;
+        drop(g);
+        let job = SyncJob {
+            seq,
+            lsn: batch.lsn,
+            report,
+            file,
+            generation,
+        };
+        seq += 1;
+        if jobs_tx.send(job).is_err() {
+            break;
+        }
+    }
+    // The syncs already started finish and are reported before the thread ends.
+    drop(jobs_tx);
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn sync_thread(
+    syncs: &Syncs,
+    jobs: &Mutex<std::sync::mpsc::Receiver<SyncJob>>,
+    done_tx: &mpsc::Sender<WriteDone>,
+    path: &std::path::Path,
+) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        let Ok(mut job) = job else { return };
+        let t0 = Instant::now();
+        let result = job.file.sync_data();
+        job.report.sync_time = t0.elapsed();
+        let failed = result.is_err();
+        let result = result
+            .map(|()| job.report)
+            .map_err(|e| format!("fdatasync {}: {e}", path.display()));
+        let mut g = syncs.lock();
+        if failed {
+            // After a failed fsync nothing more may be written.
+            g.failed = true;
+        } else if job.generation == g.generation {
+            g.files.push(job.file);
+        }
+        g.finished.insert(job.seq, WriteDone { lsn: job.lsn, result });
+        while let Some(done) = {
+            let next = g.next_report;
+            g.finished.remove(&next)
+        } {
+            g.next_report += 1;
+            g.in_flight -= 1;
+            // Reported under the lock: in dispatch order.
+            let _ = done_tx.blocking_send(done);
+        }
+        drop(g);
+        syncs.changed.notify_all();
     }
 }
 
