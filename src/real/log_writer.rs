@@ -236,12 +236,6 @@ impl LogWriter {
 /// than one at a time (on this project's VM disk, 4 concurrent callers did
 /// several times the syncs per second of one).
 pub const SYNCS_IN_FLIGHT_MAX: usize = 4;
-/// A batch's `fdatasync` starts while another is in flight only once the
-/// latest one has run this long: on a fast disk the batches keep going one
-/// at a time (fewer, larger group commits, less CPU per message); on a slow
-/// one the next sync does not wait for the whole of the previous.
-pub const SYNC_OVERLAP_AFTER: Duration = Duration::from_micros(500);
-
 /// One batch written to the page cache, waiting for its `fdatasync`.
 struct SyncJob {
     /// Dispatch order: reports go to the driver in this order.
@@ -261,8 +255,6 @@ struct SyncState {
     files: Vec<Box<dyn FsFile>>,
     generation: u64,
     failed: bool,
-    /// When the latest sync in flight started.
-    latest_started: Option<Instant>,
     /// Finished syncs not yet reported (an earlier one still runs).
     finished: BTreeMap<u64, WriteDone>,
     next_report: u64,
@@ -281,19 +273,11 @@ impl Syncs {
     fn wait<'a>(&self, g: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
         self.changed.wait(g).unwrap_or_else(|e| e.into_inner())
     }
-
-    fn wait_timeout<'a>(&self, g: MutexGuard<'a, SyncState>, d: Duration) -> MutexGuard<'a, SyncState> {
-        match self.changed.wait_timeout(g, d) {
-            Ok((g, _)) => g,
-            Err(e) => e.into_inner().0,
-        }
-    }
 }
 
 /// The writer thread: writes each batch to the page cache at once, then has
 /// one of [`SYNCS_IN_FLIGHT_MAX`] sync threads `fdatasync` it while it writes
-/// the next (whose sync waits for the one in flight, up to
-/// [`SYNC_OVERLAP_AFTER`] of it). Reports go to the driver in the order the batches were written,
+/// and syncs the next. Reports go to the driver in the order the batches were written,
 /// so `WriteDone { lsn }` still means every write up to `lsn` is durable (a
 /// sync that finished early waits for the earlier ones to be reported; POSIX
 /// would let it cover them, but an earlier failure must be seen first). A
@@ -358,19 +342,8 @@ fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<Wri
             }
         };
         let mut g = syncs.lock();
-        loop {
-            if g.failed || g.in_flight == 0 {
-                break;
-            }
-            let ran = g.latest_started.map_or(SYNC_OVERLAP_AFTER, |t| t.elapsed());
-            if g.in_flight < SYNCS_IN_FLIGHT_MAX && ran >= SYNC_OVERLAP_AFTER {
-                break;
-            }
-            g = if g.in_flight < SYNCS_IN_FLIGHT_MAX {
-                syncs.wait_timeout(g, SYNC_OVERLAP_AFTER - ran)
-            } else {
-                syncs.wait(g)
-            };
+        while g.in_flight >= SYNCS_IN_FLIGHT_MAX && !g.failed {
+            g = syncs.wait(g);
         }
         if g.failed {
             break;
@@ -390,7 +363,6 @@ fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<Wri
             },
         };
         g.in_flight += 1;
-        g.latest_started = Some(Instant::now());
         let generation = g.generation;
         drop(g);
         let job = SyncJob {
