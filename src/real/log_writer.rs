@@ -1,17 +1,19 @@
 //! The log writer thread: applies one batch of appends/replaces to the
 //! [`FileDisk`] and syncs it once (group commit), off the async runtime.
 //!
-//! **Invariant:** the thread applies batches one at a time, in the order the
-//! writes were handed over, so `WriteDone { lsn }` means every write up to
-//! `lsn` is durable. Writes handed over while a batch is syncing wait in a
-//! shared queue, and the thread takes all of them as its next batch as soon as
-//! that `fdatasync` returns (no round trip through the driver in between).
+//! **Invariant:** the thread writes batches one at a time, in the order the
+//! writes were handed over, and `WriteDone { lsn }` means every write up to
+//! `lsn` is durable (reports may come out of order: a report with a lower
+//! `lsn` than an earlier one says nothing new, unless it is an error).
+//! Writes handed over meanwhile wait in a shared queue; the thread takes all
+//! of them as its next batch as soon as it has written the previous one and
+//! one of the [`SYNCS_IN_FLIGHT_MAX`] sync slots is free (no round trip
+//! through the driver in between).
 
 use super::file_disk::FileDisk;
 use super::fs::FsFile;
 use crate::broker::Lsn;
 use crate::log::FRAME_HEADER_LEN;
-use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -211,21 +213,23 @@ impl LogWriter {
     /// Waits for the next batch report (pending forever when nothing was
     /// handed over since the last one, for `select!`).
     pub async fn done(&mut self) -> WriteDone {
-        let Some(handed) = self.in_flight() else {
-            return std::future::pending().await;
-        };
+        // Even with nothing in flight: a sync overtaken by a later one still
+        // reports (an error included, which must not wait for more work).
         match self.done.recv().await {
             Some(d) => {
-                self.reported = Some(d.lsn);
+                self.reported = self.reported.max(Some(d.lsn));
                 d
             }
-            None => {
-                self.reported = Some(handed);
-                WriteDone {
-                    lsn: handed,
-                    result: Err("log writer thread stopped".into()),
+            None => match self.in_flight() {
+                Some(handed) => {
+                    self.reported = Some(handed);
+                    WriteDone {
+                        lsn: handed,
+                        result: Err("log writer thread stopped".into()),
+                    }
                 }
-            }
+                None => std::future::pending().await,
+            },
         }
     }
 }
@@ -238,8 +242,6 @@ impl LogWriter {
 pub const SYNCS_IN_FLIGHT_MAX: usize = 4;
 /// One batch written to the page cache, waiting for its `fdatasync`.
 struct SyncJob {
-    /// Dispatch order: reports go to the driver in this order.
-    seq: u64,
     lsn: Lsn,
     report: BatchReport,
     file: Box<dyn FsFile>,
@@ -255,9 +257,6 @@ struct SyncState {
     files: Vec<Box<dyn FsFile>>,
     generation: u64,
     failed: bool,
-    /// Finished syncs not yet reported (an earlier one still runs).
-    finished: BTreeMap<u64, WriteDone>,
-    next_report: u64,
 }
 
 struct Syncs {
@@ -277,11 +276,17 @@ impl Syncs {
 
 /// The writer thread: writes each batch to the page cache at once, then has
 /// one of [`SYNCS_IN_FLIGHT_MAX`] sync threads `fdatasync` it while it writes
-/// and syncs the next. Reports go to the driver in the order the batches were written,
-/// so `WriteDone { lsn }` still means every write up to `lsn` is durable (a
-/// sync that finished early waits for the earlier ones to be reported; POSIX
-/// would let it cover them, but an earlier failure must be seen first). A
-/// compaction (`Replace`) waits for every sync in flight, then runs alone.
+/// and syncs the next. Each sync reports as soon as it returns, and
+/// `WriteDone { lsn }` still means every write up to `lsn` is durable: an
+/// `fdatasync` makes durable all that was written to the file before it
+/// (POSIX), through any descriptor. On Linux it first waits for the
+/// writeback of every dirty or in-flight page of the file, an earlier sync's
+/// included, and fails if any of those writes failed since this descriptor's
+/// last sync; a descriptor goes back to the pool only after a successful
+/// sync, and after any failure nothing more is dispatched. So a later sync
+/// may report before an earlier, slower one (whose report then says nothing
+/// new), and an error from any sync still reaches the driver. A compaction
+/// (`Replace`) waits for every sync in flight, then runs alone.
 fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<WriteDone>) {
     let syncs = Arc::new(Syncs {
         state: Mutex::new(SyncState::default()),
@@ -307,7 +312,6 @@ fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<Wri
             }
         }
     }
-    let mut seq = 0;
     while let Some(batch) = next_batch(queue) {
         if syncs.lock().failed {
             break;
@@ -366,13 +370,11 @@ fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<Wri
         let generation = g.generation;
         drop(g);
         let job = SyncJob {
-            seq,
             lsn: batch.lsn,
             report,
             file,
             generation,
         };
-        seq += 1;
         if jobs_tx.send(job).is_err() {
             break;
         }
@@ -410,16 +412,10 @@ fn sync_thread(
         } else if job.generation == g.generation {
             g.files.push(job.file);
         }
-        g.finished.insert(job.seq, WriteDone { lsn: job.lsn, result });
-        while let Some(done) = {
-            let next = g.next_report;
-            g.finished.remove(&next)
-        } {
-            g.next_report += 1;
-            g.in_flight -= 1;
-            // Reported under the lock: in dispatch order.
-            let _ = done_tx.blocking_send(done);
-        }
+        // Reported at once, under the lock (so that no sync in flight means
+        // every sync reported): it covers every batch written before it.
+        let _ = done_tx.blocking_send(WriteDone { lsn: job.lsn, result });
+        g.in_flight -= 1;
         drop(g);
         syncs.changed.notify_all();
     }
@@ -569,12 +565,12 @@ mod tests {
             assert_eq!(w.in_flight(), Some(Lsn(2)));
             let mut records = 0;
             let mut last = Lsn(0);
-            while w.in_flight().is_some() {
+            while records < 2 {
                 let d = w.done().await;
-                assert!(d.lsn > last, "reports in order");
-                last = d.lsn;
+                last = last.max(d.lsn);
                 records += d.result.unwrap().records;
             }
+            assert_eq!(w.in_flight(), None);
             assert_eq!((last, records), (Lsn(2), 2));
         });
         let disk = FileDisk::open(&dir).unwrap();
