@@ -85,11 +85,60 @@ enum Command {
     Shutdown,
 }
 
+/// Durations counted in powers of two of microseconds: bucket `i` holds
+/// those in `[2^i, 2^(i+1))` µs (bucket 0 also those under 1 µs), the last
+/// bucket everything longer. Cheap enough to keep for every request.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Log2Histogram {
+    pub buckets: [u64; LOG2_BUCKETS],
+    pub max_nanos: u64,
+}
+
+/// Buckets of a [`Log2Histogram`]: the last starts at 2^23 µs (about 8 s).
+pub const LOG2_BUCKETS: usize = 24;
+
+impl Log2Histogram {
+    pub fn record(&mut self, d: std::time::Duration) {
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let us = nanos / 1000;
+        let i = if us == 0 { 0 } else { (63 - us.leading_zeros()) as usize };
+        self.buckets[i.min(LOG2_BUCKETS - 1)] += 1;
+        self.max_nanos = self.max_nanos.max(nanos);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The upper bound (µs) of the bucket that holds quantile `q` (0..=1):
+    /// the true quantile is at most this and more than half of it.
+    pub fn quantile_upper_us(&self, q: f64) -> Option<u64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((n as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(1u64 << (i + 1));
+            }
+        }
+        Some(1u64 << LOG2_BUCKETS)
+    }
+}
+
 /// Counters the driver keeps about its IO (the core's own numbers are in [`BrokerStats`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IoStats {
     pub fsyncs: u64,
     pub fsync_nanos_total: u64,
+    /// How long each batch's `fdatasync` took on the log thread.
+    pub fsync_time: Log2Histogram,
+    /// From the driver taking a publish to sending its answer (the core, the
+    /// wait for the group commit and its fsync; not the HTTP parts).
+    pub publish_time: Log2Histogram,
     /// Records (frames) written; `records_written / fsyncs` is the group-commit factor.
     pub records_written: u64,
     pub bytes_written: u64,
@@ -205,7 +254,7 @@ pub struct Driver<B: BrokerCore = Broker> {
     pending: PendingWrites,
     callbacks: Dispatcher,
     callback_results: mpsc::Receiver<(DeliveryId, CallbackResult)>,
-    replies: BTreeMap<RequestId, oneshot::Sender<Reply>>,
+    replies: BTreeMap<RequestId, (oneshot::Sender<Reply>, std::time::Instant)>,
     request_next: u64,
     io: IoStats,
     commands: mpsc::Receiver<Command>,
@@ -217,6 +266,9 @@ pub struct Driver<B: BrokerCore = Broker> {
     lazy_sync_delay: std::time::Duration,
     /// Callbacks dispatched whose result has not come back (each produces exactly one).
     callbacks_outstanding: u64,
+    /// Requests taken since the last batch started: while there are any, a
+    /// pending write may hold what one of them waits for, so it goes now.
+    requests_unbatched: u64,
 }
 
 impl<B: BrokerCore> Driver<B> {
@@ -244,6 +296,7 @@ impl<B: BrokerCore> Driver<B> {
                 lazy_deadline: None,
                 lazy_sync_delay: LAZY_SYNC_DELAY_DEFAULT,
                 callbacks_outstanding: 0,
+                requests_unbatched: 0,
             },
             DriverHandle { tx },
         )
@@ -314,8 +367,9 @@ impl<B: BrokerCore> Driver<B> {
         match cmd {
             Command::Request { request, reply } => {
                 self.request_next += 1;
+                self.requests_unbatched += 1;
                 let req = RequestId(self.request_next);
-                self.replies.insert(req, reply);
+                self.replies.insert(req, (reply, std::time::Instant::now()));
                 let now = self.clock.now();
                 self.broker.handle(now, request.into_input(req));
             }
@@ -349,6 +403,7 @@ impl<B: BrokerCore> Driver<B> {
         let report = done.result.map_err(FatalLogError)?;
         self.io.fsyncs += 1;
         self.io.fsync_nanos_total += u64::try_from(report.sync_time.as_nanos()).unwrap_or(u64::MAX);
+        self.io.fsync_time.record(report.sync_time);
         self.io.records_written += report.records;
         self.io.bytes_written += report.bytes;
         self.io.records_per_fsync_max = self.io.records_per_fsync_max.max(report.records);
@@ -386,16 +441,21 @@ impl<B: BrokerCore> Driver<B> {
         self.start_writes(false);
     }
 
-    /// Starts the next group commit unless the disk is busy. Writes no request
-    /// waits for may wait up to `lazy_sync_delay` to share an fsync.
+    /// Hands the pending writes to the log thread, which takes everything
+    /// handed over as one batch (group commit) as soon as its disk is free.
+    /// Writes no request waits for may wait up to `lazy_sync_delay` to share
+    /// an fsync.
     fn start_writes(&mut self, force: bool) {
-        if self.pending.is_empty() || self.writer.in_flight().is_some() {
+        if self.pending.is_empty() {
             return;
         }
         let now = std::time::Instant::now();
         let due = self.lazy_deadline.is_some_and(|d| d <= now);
-        if force || due || !self.replies.is_empty() {
+        // A request taken since the last batch started may wait for a pending
+        // write (the requests of the batch in flight wait for that one only).
+        if force || due || self.requests_unbatched > 0 {
             self.lazy_deadline = None;
+            self.requests_unbatched = 0;
             self.writer.start(&mut self.pending);
         } else if self.lazy_deadline.is_none() {
             self.lazy_deadline = Some(now + self.lazy_sync_delay);
@@ -411,7 +471,10 @@ impl<B: BrokerCore> Driver<B> {
         }
         match self.replies.remove(&req) {
             // The client may have gone away; the effect stands either way.
-            Some(tx) => {
+            Some((tx, taken)) => {
+                if matches!(reply, Reply::Published { .. }) {
+                    self.io.publish_time.record(taken.elapsed());
+                }
                 let _ = tx.send(reply);
             }
             None => tracing::warn!(req = req.0, "reply for an unknown request"),

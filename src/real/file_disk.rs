@@ -138,6 +138,13 @@ impl FileDisk {
         Ok(())
     }
 
+    /// Another descriptor of the log file, for an `fdatasync` on another
+    /// thread (it makes durable whatever was written to the file before it,
+    /// through any descriptor). Invalid after [`FileDisk::try_replace`].
+    pub fn open_sync_descriptor(&self) -> io::Result<Box<dyn FsFile>> {
+        self.fs.open_append(&self.path)
+    }
+
     /// `fdatasync`: the appended data (and the file size) reach the device.
     pub fn try_sync(&mut self) -> io::Result<()> {
         self.file.sync_data()

@@ -537,11 +537,13 @@ pub fn stats_json(st: &Stats) -> serde_json::Value {
             "records_per_fsync_max": io.records_per_fsync_max,
             "bytes_written": io.bytes_written,
             "compactions": io.compactions,
+            "fsync_time": histogram_json(&io.fsync_time),
         },
         "publishes": {
             "acked": io.publishes_acked,
             "duplicates": io.publishes_duplicate,
             "rejected_requests": io.requests_rejected,
+            "time_in_broker": histogram_json(&io.publish_time),
         },
         "callbacks": {
             "delivered": io.callbacks_delivered,
@@ -552,6 +554,17 @@ pub fn stats_json(st: &Stats) -> serde_json::Value {
             "cpu_user_seconds": st.cpu.map(|c| c.user.as_secs_f64()),
             "cpu_system_seconds": st.cpu.map(|c| c.system.as_secs_f64()),
         },
+    })
+}
+
+/// A [`Log2Histogram`] in `/stats`: counts per power of two of µs, and the
+/// bucket bounds that hold the median and the 99th percentile.
+fn histogram_json(h: &super::driver::Log2Histogram) -> serde_json::Value {
+    json!({
+        "us_log2_buckets": h.buckets.to_vec(),
+        "p50_us_at_most": h.quantile_upper_us(0.5),
+        "p99_us_at_most": h.quantile_upper_us(0.99),
+        "max_us": h.max_nanos / 1000,
     })
 }
 

@@ -42,6 +42,11 @@ struct Inode {
     data: Vec<u8>,
     /// What survives a cut.
     durable: Vec<u8>,
+    /// Syncs started, and the latest start whose content is `durable`:
+    /// concurrent syncs of one file may return in any order, and one that
+    /// started earlier never takes back what a later one made durable.
+    syncs_started: u64,
+    durable_as_of: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -238,6 +243,7 @@ impl PageCacheFs {
                 st.inodes.push(Inode {
                     data: bytes.clone(),
                     durable: bytes.clone(),
+                    ..Inode::default()
                 });
                 let ino = st.inodes.len() - 1;
                 st.names.insert(path.clone(), ino);
@@ -297,14 +303,20 @@ impl PageCacheFs {
 
     /// A sync: what was written before the call is durable when it returns.
     fn sync_file(&self, ino: usize, label: &str) {
-        let target = {
+        let (target, started) = {
             let mut st = self.inner.lock();
             st.boundary(label);
-            st.inodes[ino].data.clone()
+            let inode = &mut st.inodes[ino];
+            inode.syncs_started += 1;
+            (inode.data.clone(), inode.syncs_started)
         };
         std::thread::sleep(self.inner.latency());
         let mut st = self.inner.lock();
-        st.inodes[ino].durable = target;
+        let inode = &mut st.inodes[ino];
+        if started > inode.durable_as_of {
+            inode.durable = target;
+            inode.durable_as_of = started;
+        }
         st.syncs += 1;
     }
 }
