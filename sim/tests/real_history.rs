@@ -173,6 +173,16 @@ fn judge(recs: &[(u64, Rec)], attempts_max: u32) -> Checker {
                         now: *now,
                     },
                 );
+                // The subscriber's answer, as it gave it (the broker reads
+                // it a little later: the checker's window count stays below
+                // the broker's).
+                c.observe(
+                    at_ms,
+                    Event::AnswerReceived {
+                        delivery: cb.delivery,
+                        ok: *ok,
+                    },
+                );
                 if *ok {
                     c.observe(
                         at_ms,
