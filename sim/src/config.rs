@@ -79,8 +79,7 @@ impl RunConfig {
     }
 }
 
-/// Host publish retries back off up to this in the simulator (see `participants::host_config`).
-pub const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(1);
+pub use crate::participants::PUBLISH_RETRY_MAX;
 
 /// The liveness bound of a run, derived at healing from the configuration
 /// and the work left (ms after healing):

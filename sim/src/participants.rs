@@ -209,6 +209,9 @@ impl Observed for Order {
 /// The subscription TTL unless the plan draws a short one.
 pub const SUBSCRIPTION_TTL_DEFAULT: Duration = Duration::from_secs(30);
 
+/// Host publish retries back off up to this in the simulator (see [`host_config`]).
+pub const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// The host configuration of node `node` in the simulator.
 /// `custom` is the client id of the user's participant, when one runs;
 /// `profile` supplies the drawn subscription TTL and inbox bound.
@@ -226,7 +229,7 @@ pub fn host_config(node: usize, seed: u64, custom: Option<&sagamq::ClientId>, pr
         .map_or(SUBSCRIPTION_TTL_DEFAULT, |ms| Duration::from_millis(u64::from(ms)));
     cfg.subscribe_retry = Duration::from_millis(200);
     cfg.publish_retry_initial = Duration::from_millis(100);
-    cfg.publish_retry_max = crate::config::PUBLISH_RETRY_MAX;
+    cfg.publish_retry_max = PUBLISH_RETRY_MAX;
     if let Some(&keys) = u8::try_from(node).ok().and_then(|n| profile.inbox_keys_max.get(&n)) {
         cfg.inbox_keys_max = keys.max(1) as usize;
     }
