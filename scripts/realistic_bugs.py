@@ -108,6 +108,10 @@ BUGS = [
      "                phase: Phase::Ready,\n                attempts: 0,",
      "                phase: Phase::Ready,\n                attempts: self.config.attempts_max.saturating_sub(1),",
      "a redriven dead letter keeps its spent attempt budget: one more failure dead-letters it again"),
+    ("unsubscribe-keeps-entitlement", "src/broker/core.rs",
+     "        !self.retired && now < self.expire_time.plus(grace)",
+     "        now < self.expire_time.plus(grace)",
+     "an unsubscribed client whose messages are still queued keeps getting new messages of the topic"),
 ]
 
 def run(cmd, cwd, **kw):

@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 24] = [
+pub const COVERAGE: [&str; 25] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -134,6 +134,9 @@ pub const COVERAGE: [&str; 24] = [
     "retry_backoff_judged",
     "window_filled",
     "queue_filled",
+    // The recovered broker at the heal went through a whole subscription
+    // lifecycle (subscribe, deliver, settle, unsubscribe, dedup of settled).
+    "lifecycle_probe",
 ];
 
 /// A per-subscriber account in the spirit of Jepsen's total-queue checker.

@@ -1012,6 +1012,7 @@ fn probe_dedup(s: &mut Shared) {
 ///   operator.
 fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
     let mut clean = s.check.violations().is_empty();
+    let mut lifecycle_probed = false;
     let mut found = Vec::new();
     let safety = |found: &mut Vec<Violation>, invariant: &'static str, detail: String| {
         found.push(Violation::safety(invariant, detail, at_ms));
@@ -1065,6 +1066,15 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                         if clean && let Some(wrong) = hostile_requests_accepted(s, &mut r) {
                             safety(&mut found, "hostile-input-probe", format!("{when}, {wrong}"));
                             clean = false;
+                        }
+                        if clean {
+                            match unsubscribe_misbehaves(s, &mut r) {
+                                Ok(done) => lifecycle_probed |= done,
+                                Err(wrong) => {
+                                    safety(&mut found, "lifecycle-probe", format!("{when}, {wrong}"));
+                                    clean = false;
+                                }
+                            }
                         }
                         if let Some(wrong) = retries_answered_wrongly(s, r) {
                             let detail = format!("{when}, after a power cut {wrong}: acknowledged but not durable");
@@ -1131,6 +1141,9 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
     for v in found {
         s.check.violation(v);
     }
+    if lifecycle_probed {
+        s.check.count("lifecycle_probe");
+    }
 }
 
 /// Recovery equivalence of the broker alone (see [`probe_disks`]), on what it
@@ -1165,6 +1178,154 @@ fn broker_equivalence(s: &mut Shared, when: &str, at_ms: u64) {
 fn broker_audit(s: &Shared, log_len: usize, log_records: u64) -> Option<String> {
     let Slot::Broker(b) = &s.slots[BROKER] else { return None };
     crate::check::DurableState::audit(b, s.broker_config.dedup_settled_max, log_len as u64, log_records)
+}
+
+/// One request to a broker on the side, its records made durable at once:
+/// the reply and the callbacks it caused.
+fn side_step(b: &mut Broker, now: Time, input: BrokerInput) -> (Option<Reply>, Vec<sagamq::broker::Callback>) {
+    let mut reply = None;
+    let mut callbacks = Vec::new();
+    b.handle(now, input);
+    loop {
+        let mut written = None;
+        while let Some(out) = b.poll_output() {
+            match out {
+                BrokerOutput::Reply { reply: r, .. } => reply = Some(r),
+                BrokerOutput::Persist { lsn, .. } | BrokerOutput::Rewrite { lsn, .. } => written = Some(lsn),
+                BrokerOutput::Callback(cb) => callbacks.push(cb),
+            }
+        }
+        match written {
+            Some(lsn) => b.handle(now, BrokerInput::Durable { lsn }),
+            None => return (reply, callbacks),
+        }
+    }
+}
+
+/// The subscription-lifecycle probe (on the recovered broker at the heal,
+/// after the hostile-input probe): a probe client subscribes to a topic of
+/// its own, gets a message published there and answers it, unsubscribes,
+/// and a later message must not reach it while a retry of the first is
+/// answered as its duplicate. The sweep's participants never unsubscribe.
+/// None when the broker does all that, or when one of its bounds refuses a
+/// step (the probe does not apply); else what went wrong.
+fn unsubscribe_misbehaves(s: &Shared, b: &mut Broker) -> Result<bool, String> {
+    let now = s.now(BROKER);
+    let client = ClientId::lit("probe-client");
+    let topic = Topic::lit("sagamq.probe");
+    let publish = |n: u32| sagamq::PublishRequest {
+        global_id: sagamq::GlobalId::lit("probe"),
+        sub_id: sagamq::SubId::new(format!("probe.{n}")).expect("a short SubID"),
+        sender_id: sagamq::SenderId::lit("probe-client"),
+        create_time: 0,
+        topic: topic.clone(),
+        content: format!("probe {n}"),
+    };
+    let req = RequestId(u64::MAX - 2);
+    let subscribe = BrokerInput::Subscribe {
+        req,
+        subscribe: sagamq::SubscribeRequest {
+            client_id: client.clone(),
+            topic: topic.clone(),
+            notify_url: "sim://probe".to_string(),
+            expire_time: Time(now.0 + 60_000_000_000),
+        },
+    };
+    let refused = |r: &Option<Reply>| matches!(r, Some(Reply::Rejected(_)));
+    let (r, _) = side_step(b, now, subscribe);
+    if refused(&r) {
+        return Ok(false);
+    }
+    let (r, callbacks) = side_step(
+        b,
+        now,
+        BrokerInput::Publish {
+            req,
+            publish: publish(1),
+        },
+    );
+    let Some(Reply::Published { msg_id: first, .. }) = r else {
+        return if refused(&r) {
+            Ok(false)
+        } else {
+            Err(format!("a publish to a fresh subscription was answered {r:?}"))
+        };
+    };
+    let Some(cb) = callbacks.iter().find(|cb| cb.client == client) else {
+        return Err(format!(
+            "a message published to {topic} right after {client} subscribed was never sent to it"
+        ));
+    };
+    let owed = |b: &Broker| {
+        b.stats()
+            .subscribers
+            .get(&client)
+            .map_or(0, |st| st.pending + st.in_flight)
+    };
+    // Unsubscribed while its message is still in flight: that message is
+    // still its to receive, nothing published later is.
+    let unsubscribe = BrokerInput::Unsubscribe {
+        req,
+        client: client.clone(),
+        topic: topic.clone(),
+    };
+    let (r, _) = side_step(b, now, unsubscribe);
+    if r != Some(Reply::Unsubscribed) {
+        return if refused(&r) {
+            Ok(false)
+        } else {
+            Err(format!("an unsubscribe of a live subscription was answered {r:?}"))
+        };
+    }
+    let (r, callbacks) = side_step(
+        b,
+        now,
+        BrokerInput::Publish {
+            req,
+            publish: publish(2),
+        },
+    );
+    if refused(&r) {
+        return Ok(false);
+    }
+    if callbacks.iter().any(|cb| cb.client == client) || owed(b) != 1 {
+        return Err(format!(
+            "a message published to {topic} after {client} unsubscribed was queued for it ({} owed, 1 expected)",
+            owed(b)
+        ));
+    }
+    let (_, _) = side_step(
+        b,
+        now,
+        BrokerInput::CallbackResult {
+            delivery: cb.delivery,
+            result: sagamq::broker::CallbackResult::Delivered,
+        },
+    );
+    if owed(b) != 0 {
+        return Err(format!(
+            "{client} answered its only message 2xx, yet the broker still holds {} for it",
+            owed(b)
+        ));
+    }
+    let (r, _) = side_step(
+        b,
+        now,
+        BrokerInput::Publish {
+            req,
+            publish: publish(1),
+        },
+    );
+    match r {
+        Some(Reply::Published {
+            msg_id,
+            duplicate: true,
+        }) if msg_id == first => Ok(true),
+        r if refused(&r) => Ok(false),
+        r => Err(format!(
+            "a retry of the first probe message ({first}), settled, was answered {r:?}"
+        )),
+    }
 }
 
 /// The hostile-input probe (with the power-cut probe, on the recovered
