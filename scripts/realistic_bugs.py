@@ -112,6 +112,10 @@ BUGS = [
      "        !self.retired && now < self.expire_time.plus(grace)",
      "        now < self.expire_time.plus(grace)",
      "an unsubscribed client whose messages are still queued keeps getting new messages of the topic"),
+    ("attempt-budget-off-by-one", "src/broker/delivery.rs",
+     "if attempts >= self.config.attempts_max {",
+     "if attempts > self.config.attempts_max {",
+     "the broker makes one attempt more than attempts_max before dead-lettering"),
 ]
 
 def run(cmd, cwd, **kw):

@@ -1068,7 +1068,9 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                             clean = false;
                         }
                         if clean {
-                            match unsubscribe_misbehaves(s, &mut r) {
+                            match unsubscribe_misbehaves(s, &mut r)
+                                .and_then(|done| Ok(done && dead_letter_misbehaves(s, &mut r)?))
+                            {
                                 Ok(done) => lifecycle_probed |= done,
                                 Err(wrong) => {
                                     safety(&mut found, "lifecycle-probe", format!("{when}, {wrong}"));
@@ -1326,6 +1328,134 @@ fn unsubscribe_misbehaves(s: &Shared, b: &mut Broker) -> Result<bool, String> {
             "a retry of the first probe message ({first}), settled, was answered {r:?}"
         )),
     }
+}
+
+/// The dead-letter probe (after the lifecycle probe, on the same recovered
+/// broker): a probe client fails every attempt of one message until the
+/// broker dead-letters it, which must take exactly `attempts_max` attempts
+/// spaced by the backoff; the operator's redrive then moves it back, it goes
+/// out again as attempt 1, and a 2xx settles it. The sweep's operator meets
+/// few dead letters and the recovered broker none. Ok(false): a bound
+/// refused a step (the probe does not apply).
+fn dead_letter_misbehaves(s: &Shared, b: &mut Broker) -> Result<bool, String> {
+    let mut now = s.now(BROKER);
+    let client = ClientId::lit("probe-dead-letters");
+    let topic = Topic::lit("sagamq.probe.dead");
+    let req = RequestId(u64::MAX - 3);
+    let subscribe = sagamq::SubscribeRequest {
+        client_id: client.clone(),
+        topic: topic.clone(),
+        notify_url: "sim://probe".to_string(),
+        expire_time: Time(now.0 + 3_600_000_000_000),
+    };
+    let refused = |r: &Option<Reply>| matches!(r, Some(Reply::Rejected(_)));
+    let (r, _) = side_step(b, now, BrokerInput::Subscribe { req, subscribe });
+    if refused(&r) {
+        return Ok(false);
+    }
+    let publish = sagamq::PublishRequest {
+        global_id: sagamq::GlobalId::lit("probe-dead"),
+        sub_id: sagamq::SubId::lit("1"),
+        sender_id: sagamq::SenderId::lit("probe-client"),
+        create_time: 0,
+        topic: topic.clone(),
+        content: "probe".to_string(),
+    };
+    let (r, mut callbacks) = side_step(b, now, BrokerInput::Publish { req, publish });
+    if refused(&r) {
+        return Ok(false);
+    }
+    let dead = |b: &Broker| b.stats().subscribers.get(&client).map_or(0, |st| st.dead_letters);
+    let max = s.broker_config.attempts_max;
+    let mut attempts = 0;
+    while dead(b) == 0 {
+        let Some(cb) = callbacks.iter().find(|cb| cb.client == client).cloned() else {
+            // Backing off: the next attempt is due after at most the cap.
+            now = now.plus(s.broker_config.retry_backoff_max);
+            b.handle_timeout(now);
+            callbacks = side_step(b, now, BrokerInput::Durable { lsn: Lsn(0) }).1;
+            if callbacks.iter().all(|cb| cb.client != client) {
+                return Err(format!(
+                    "{client}'s message, failed {attempts} times, is neither retried nor dead-lettered"
+                ));
+            }
+            continue;
+        };
+        attempts += 1;
+        if cb.attempt != attempts {
+            return Err(format!(
+                "{client} got attempt number {} for its attempt {attempts}",
+                cb.attempt
+            ));
+        }
+        let failed = sagamq::broker::CallbackResult::Failed;
+        callbacks = side_step(
+            b,
+            now,
+            BrokerInput::CallbackResult {
+                delivery: cb.delivery,
+                result: failed,
+            },
+        )
+        .1;
+        if attempts > max {
+            return Err(format!(
+                "{client}'s message failed {attempts} attempts and is still not a dead letter (budget {max})"
+            ));
+        }
+    }
+    if attempts != max {
+        return Err(format!(
+            "{client}'s message became a dead letter after {attempts} failed attempts; the budget is {max}"
+        ));
+    }
+    let (r, callbacks) = side_step(
+        b,
+        now,
+        BrokerInput::Redrive {
+            req,
+            client: client.clone(),
+        },
+    );
+    match r {
+        Some(Reply::Redriven { count: 1 }) => {}
+        // Its queue is empty: only the unsynced bound may refuse.
+        Some(Reply::Rejected(sagamq::broker::BrokerError::TooManyUnsyncedPublishes)) => return Ok(false),
+        r => {
+            return Err(format!(
+                "a redrive of {client}'s one dead letter, with room in its queue, was answered {r:?}"
+            ));
+        }
+    }
+    let Some(cb) = callbacks.iter().find(|cb| cb.client == client) else {
+        return Err(format!("{client}'s redriven message was not sent again"));
+    };
+    if cb.attempt != 1 {
+        return Err(format!(
+            "{client}'s redriven message went out as attempt {}, not 1",
+            cb.attempt
+        ));
+    }
+    let delivered = sagamq::broker::CallbackResult::Delivered;
+    side_step(
+        b,
+        now,
+        BrokerInput::CallbackResult {
+            delivery: cb.delivery,
+            result: delivered,
+        },
+    );
+    let owed = b
+        .stats()
+        .subscribers
+        .get(&client)
+        .map_or(0, |st| st.pending + st.in_flight + st.dead_letters);
+    if owed != 0 {
+        return Err(format!(
+            "{client} answered its redriven message 2xx, yet the broker still holds {owed} for it"
+        ));
+    }
+    Ok(true)
 }
 
 /// The hostile-input probe (with the power-cut probe, on the recovered
