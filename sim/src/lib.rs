@@ -16,6 +16,8 @@
 //! - [`custom`]: plug your own participant into the world, under the same faults.
 //! - [`audit`]: the stats audit of a participant host (its counters against a recount of its
 //!   inputs and outputs since boot).
+//! - [`probes`]: the broker's API probed on the side at the heal (a subscription's lifecycle,
+//!   a dead letter and its redrive): request sequences the participants never make.
 //! - [`check`]: the invariant checker (safety during and after chaos, liveness after healing).
 //! - [`runner`]: sweeps, summaries, shrinking, the benchmark.
 //! - [`trace`]: the canonical trace and its hash.
@@ -44,6 +46,7 @@ pub mod event;
 pub mod history;
 pub mod participants;
 pub mod plan;
+pub mod probes;
 pub mod runner;
 pub mod scenario;
 pub mod topology;
