@@ -782,6 +782,18 @@ impl Checker {
             .collect()
     }
 
+    /// Every message `client` answered 2xx (as first delivered): what a
+    /// participant recovered from its durable bytes must still reflect.
+    pub fn processed_by(&self, client: &ClientId) -> Vec<Message> {
+        let Some(keys) = self.pairs.get(client) else {
+            return Vec::new();
+        };
+        keys.iter()
+            .filter(|(_, p)| p.processed > 0)
+            .filter_map(|(k, _)| self.keys.get(k)?.delivered.clone())
+            .collect()
+    }
+
     /// Confirmed subscribers of `topic` whose subscription has expired at `now`
     /// (broker clock): still owed new messages within the grace.
     pub fn lapsed(&self, topic: &Topic, now: Time) -> usize {

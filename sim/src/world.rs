@@ -1112,6 +1112,28 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                         clean = false;
                     }
                     Ok((r, _, _)) => {
+                        let client = crate::topology::client_of(i, s.cfg.custom.as_ref().map(|c| c.client_id()));
+                        // Reflected live but not by what a power cut would leave: an
+                        // effect answered 2xx before it was durable. (One the live
+                        // participant does not reflect either is `no-lost-effect`'s
+                        // to judge at the end: lost, or logic that is not idempotent.)
+                        let reflected =
+                            |p: &dyn SimParticipant, m: &sagamq::Message| p.consumed(&m.key()) || p.reflects(m);
+                        if clean
+                            && let Slot::Participant(live) = &s.slots[i]
+                            && let Some(m) = s
+                                .check
+                                .processed_by(&client)
+                                .into_iter()
+                                .find(|m| reflected(live.as_ref(), m) && !reflected(r.as_ref(), m))
+                        {
+                            let detail = format!(
+                                "{when}, {name} answered {} 2xx but a power cut now would lose its effect (not in its durable log)",
+                                m.key()
+                            );
+                            safety(&mut found, "power-cut-probe", detail);
+                            clean = false;
+                        }
                         if clean
                             && same_image
                             && let Some(v) = &live
@@ -1490,6 +1512,10 @@ async fn recv_until<T>(rx: &async_channel::Receiver<T>, deadline: Option<madsim:
 struct Driver {
     /// A disk sync in progress completes at this virtual time.
     sync_due_ns: Option<u64>,
+    /// What the sync in progress promises: the disk's length and the last
+    /// lsn written when it began (None after a `replace` since: then the
+    /// whole file, as a compaction's sync must).
+    sync_covers: Option<(usize, Option<Lsn>)>,
     /// Highest lsn written (not yet known durable) and highest known durable.
     lsn_written: Option<Lsn>,
     lsn_durable: Option<Lsn>,
@@ -1768,6 +1794,7 @@ fn complete_sync(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
             && at <= t
         {
             s.env.sync_error.remove(&i);
+            drv.sync_covers = None;
             let lost = s.disks[i].sync_failed();
             s.fired("sync_error");
             s.line(i, || {
@@ -1780,6 +1807,26 @@ fn complete_sync(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
                 fail_stop(s, drv, i, down_ms);
                 return;
             }
+        } else if let Some((len, covered)) = drv.sync_covers.take() {
+            // An fdatasync promises what was written before it was called;
+            // what came during it waits for the next one.
+            s.disks[i].sync_to(len);
+            if s.disks[i].len() > len {
+                drv.sync_due_ns = Some(t + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
+                drv.sync_covers = Some((s.disks[i].len(), drv.lsn_written));
+            }
+            if let Some(lsn) = covered {
+                if drv.lsn_written == Some(lsn) {
+                    drv.lsn_written = None;
+                }
+                drv.lsn_durable = Some(lsn);
+                match &mut s.slots[i] {
+                    Slot::Broker(b) => b.handle(now, BrokerInput::Durable { lsn }),
+                    Slot::Participant(p) => p.handle(now, ParticipantInput::Durable { lsn }),
+                    Slot::Down | Slot::Absent | Slot::Workload(_) => {}
+                }
+            }
+            return;
         } else {
             s.disks[i].sync();
         }
@@ -2006,6 +2053,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         check.observe(t / 1_000_000, Event::Compacted);
                         disks[i].replace(&frames);
                         drv.lsn_written = Some(lsn);
+                        drv.sync_covers = None;
                         wrote = true;
                     }
                     BrokerOutput::Reply { req, reply } => match drv.requests.remove(&req) {
@@ -2134,6 +2182,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
         drv.torn_after_step = true;
     }
     if wrote && drv.sync_due_ns.is_none() {
+        drv.sync_covers = drv.sync_covers.or(Some((s.disks[i].len(), drv.lsn_written)));
         drv.sync_due_ns = Some(s.elapsed_ns() + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
     }
 }

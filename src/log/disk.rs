@@ -146,6 +146,26 @@ impl MemDisk {
     }
 
     /// The durable image (what a crash now would leave), for tests.
+    /// An `fdatasync` that promises only the first `len` bytes (what was
+    /// written when it was called): later writes stay unsynced. After a
+    /// `replace` or a truncation below what is durable, a whole sync.
+    pub fn sync_to(&mut self, len: usize) {
+        if len < self.agree_len || len > self.current.len() {
+            return self.sync();
+        }
+        self.durable.truncate(self.agree_len);
+        self.durable.extend_from_slice(&self.current[self.agree_len..len]);
+        self.agree_len = len;
+        for r in &self.lost {
+            let end = r.end.min(self.durable.len());
+            if r.start < end {
+                self.durable[r.start..end].fill(0);
+                self.agree_len = self.agree_len.min(r.start);
+            }
+        }
+        self.syncs += 1;
+    }
+
     pub fn durable(&self) -> &[u8] {
         &self.durable
     }
