@@ -119,7 +119,7 @@ BUGS = [
     ("host-answers-one-record-early", "src/saga/host.rs",
      "        let later = self.waiting.split_off(&Lsn(lsn.0 + 1));",
      "        let later = self.waiting.split_off(&Lsn(lsn.0 + 2));",
-     "a host answers work whose record is one past the durable one (NOT caught: the simulated sync covers every write made while it is in flight, so no record is ever written-but-not-covered when a sync reports)"),
+     "a host answers work whose record is one past the durable one (caught since a simulated sync promises only what was written when it began)"),
 ]
 
 def run(cmd, cwd, **kw):
