@@ -883,33 +883,7 @@ impl Checker {
             Event::PublishReceived { publish, now } => self.publish_received(publish, now),
             Event::PublishAnswered { key, reply } => self.publish_answered(at_ms, key, reply),
             Event::CallbackSent { callback, now } => self.callback_sent(at_ms, callback, now),
-            Event::AnswerReceived { delivery, ok } => {
-                if let Some((client, key, ..)) = self.deliveries.get(&delivery)
-                    && let Some(flying) = self.in_flight.get_mut(client)
-                {
-                    flying.retain(|f| f.0 != delivery && !(ok && f.1 == *key));
-                }
-                if ok && let Some((client, key, ..)) = self.deliveries.get(&delivery) {
-                    let (client, key) = (client.clone(), key.clone());
-                    self.dequeue(&client, &key);
-                }
-                if let Some((client, key, inc, redrives)) = self.deliveries.get(&delivery)
-                    && ok
-                    && *inc == self.incarnation
-                {
-                    let (inc, redrives) = (*inc, *redrives);
-                    let pair = match self.pairs.get_mut(client).and_then(|keys| keys.get_mut(key)) {
-                        Some(pair) => pair,
-                        None => {
-                            let (client, key) = (client.clone(), key.clone());
-                            self.pair_mut(&client, &key)
-                        }
-                    };
-                    if pair.redrives == redrives {
-                        pair.acked_in = Some(inc);
-                    }
-                }
-            }
+            Event::AnswerReceived { delivery, ok } => self.answer_received(delivery, ok),
             Event::CallbackReceived { node, message } => {
                 let key = message.key();
                 let topic = message.topic.as_str();
@@ -1333,18 +1307,7 @@ impl Checker {
         }
         let scope = self.order_scope(key);
         for client in entitled {
-            let attempts_max = self.spec.attempts_max;
-            let pair = self.pair_mut(&client, key);
-            let enqueue = pair.processed == 0 && pair.attempts < attempts_max && !pair.queued;
-            pair.queued |= enqueue;
-            if enqueue {
-                *self.queued.entry(client.clone()).or_default() += 1;
-                let ks = self.keys.get_mut(key).expect("acknowledged above");
-                ks.queued_for += 1;
-                if ks.queued_for == 1 {
-                    self.live += 1;
-                }
-            }
+            self.enqueue(&client, key);
             let pair = self.pair_mut(&client, key);
             let (processed, attempted) = (pair.processed, pair.attempted);
             if processed == 0 {
@@ -1481,6 +1444,28 @@ impl Checker {
         }
     }
 
+    /// The broker got an answer to `delivery`: its window slot is free (with
+    /// every attempt of its message, on a 2xx), and a 2xx settles the message
+    /// for its subscriber in this incarnation.
+    fn answer_received(&mut self, delivery: sagamq::broker::DeliveryId, ok: bool) {
+        let Some((client, key, inc, redrives)) = self.deliveries.get(&delivery).cloned() else {
+            return;
+        };
+        if let Some(flying) = self.in_flight.get_mut(&client) {
+            flying.retain(|f| f.0 != delivery && !(ok && f.1 == key));
+        }
+        if !ok {
+            return;
+        }
+        self.dequeue(&client, &key);
+        if inc == self.incarnation {
+            let pair = self.pair_mut(&client, &key);
+            if pair.redrives == redrives {
+                pair.acked_in = Some(inc);
+            }
+        }
+    }
+
     /// The queue bound: a message stored for a subscriber that already had
     /// `pending_max` messages queued should have been refused (`QueueFull`).
     /// Likewise with `messages_max` messages live (`TooManyMessages`).
@@ -1501,6 +1486,24 @@ impl Checker {
                 "{key} was stored while at least {min_live} messages were live (bound {max}): it should have been refused as TooManyMessages"
             );
             self.violation(Violation::safety("queue-bound", detail, at_ms));
+        }
+    }
+
+    /// `client`'s queue certainly holds `key` now: stored with `client` owed,
+    /// not processed, and too few attempts to be a dead letter.
+    fn enqueue(&mut self, client: &ClientId, key: &MessageKey) {
+        let attempts_max = self.spec.attempts_max;
+        let pair = self.pair_mut(client, key);
+        if pair.processed > 0 || pair.attempts >= attempts_max || pair.queued {
+            return;
+        }
+        pair.queued = true;
+        *self.queued.entry(client.clone()).or_default() += 1;
+        if let Some(ks) = self.keys.get_mut(key) {
+            ks.queued_for += 1;
+            if ks.queued_for == 1 {
+                self.live += 1;
+            }
         }
     }
 

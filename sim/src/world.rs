@@ -1807,6 +1807,7 @@ fn complete_sync(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
                 fail_stop(s, drv, i, down_ms);
                 return;
             }
+            // (The planted bug carries on as if the sync had covered everything.)
         } else if let Some((len, covered)) = drv.sync_covers.take() {
             // An fdatasync promises what was written before it was called;
             // what came during it waits for the next one.
@@ -1815,29 +1816,27 @@ fn complete_sync(s: &mut Shared, drv: &mut Driver, i: usize, now: Time) {
                 drv.sync_due_ns = Some(t + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
                 drv.sync_covers = Some((s.disks[i].len(), drv.lsn_written));
             }
-            if let Some(lsn) = covered {
-                if drv.lsn_written == Some(lsn) {
-                    drv.lsn_written = None;
-                }
-                drv.lsn_durable = Some(lsn);
-                match &mut s.slots[i] {
-                    Slot::Broker(b) => b.handle(now, BrokerInput::Durable { lsn }),
-                    Slot::Participant(p) => p.handle(now, ParticipantInput::Durable { lsn }),
-                    Slot::Down | Slot::Absent | Slot::Workload(_) => {}
-                }
+            if covered.is_some() && drv.lsn_written == covered {
+                drv.lsn_written = None;
             }
-            return;
+            return report_durable(s, drv, i, now, covered);
         } else {
+            // A compaction's `replace` came during the sync: the whole file.
             s.disks[i].sync();
         }
-        if let Some(lsn) = drv.lsn_written.take() {
-            drv.lsn_durable = Some(lsn);
-            match &mut s.slots[i] {
-                Slot::Broker(b) => b.handle(now, BrokerInput::Durable { lsn }),
-                Slot::Participant(p) => p.handle(now, ParticipantInput::Durable { lsn }),
-                Slot::Down | Slot::Absent | Slot::Workload(_) => {}
-            }
-        }
+        let lsn = drv.lsn_written.take();
+        report_durable(s, drv, i, now, lsn);
+    }
+}
+
+/// Tells node `i`'s machine that every record up to `lsn` is durable.
+fn report_durable(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, lsn: Option<Lsn>) {
+    let Some(lsn) = lsn else { return };
+    drv.lsn_durable = Some(lsn);
+    match &mut s.slots[i] {
+        Slot::Broker(b) => b.handle(now, BrokerInput::Durable { lsn }),
+        Slot::Participant(p) => p.handle(now, ParticipantInput::Durable { lsn }),
+        Slot::Down | Slot::Absent | Slot::Workload(_) => {}
     }
 }
 
@@ -2182,7 +2181,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
         drv.torn_after_step = true;
     }
     if wrote && drv.sync_due_ns.is_none() {
-        drv.sync_covers = drv.sync_covers.or(Some((s.disks[i].len(), drv.lsn_written)));
+        drv.sync_covers = Some((s.disks[i].len(), drv.lsn_written));
         drv.sync_due_ns = Some(s.elapsed_ns() + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
     }
 }

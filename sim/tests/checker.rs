@@ -143,7 +143,13 @@ fn created(c: &mut Checker) -> Message {
 
 /// The broker sends attempt `delivery` of `m` to `client` at `at_ms` (its clock too).
 fn sent(c: &mut Checker, at_ms: u64, client: &str, m: &Message, delivery: u64) {
-    let callback = callback(client, m, delivery);
+    sent_as(c, at_ms, client, m, delivery, delivery as u32);
+}
+
+/// [`sent`] with the attempt number on the wire given apart from the delivery.
+fn sent_as(c: &mut Checker, at_ms: u64, client: &str, m: &Message, delivery: u64, attempt: u32) {
+    let mut callback = callback(client, m, delivery);
+    callback.attempt = attempt;
     c.observe(
         at_ms,
         Event::CallbackSent {
@@ -577,15 +583,8 @@ fn redelivery_after_a_redrive_is_fine_even_with_a_late_2xx_of_an_older_attempt()
             ok: true,
         },
     );
-    let mut again = callback(t::STOCK_SERVICE, &m, 4);
-    again.attempt = 1; // a redrive starts the count again
-    c.observe(
-        822,
-        Event::CallbackSent {
-            callback: &again,
-            now: Time::from_millis(822),
-        },
-    );
+    // a redrive starts the count again
+    sent_as(&mut c, 822, t::STOCK_SERVICE, &m, 4, 1);
     assert_eq!(c.violations(), &[]);
 }
 
@@ -853,15 +852,7 @@ fn retry_spaced_by_the_backoff_passes_and_a_skipped_number_fails() {
     // After attempt 2 the floor is half of 200 ms.
     sent(&mut c, 163, t::STOCK_SERVICE, &m, 3);
     assert_eq!(c.violations(), &[]);
-    let mut skipped = callback(t::STOCK_SERVICE, &m, 5);
-    skipped.attempt = 5;
-    c.observe(
-        1_000,
-        Event::CallbackSent {
-            callback: &skipped,
-            now: Time::from_millis(1_000),
-        },
-    );
+    sent_as(&mut c, 1_000, t::STOCK_SERVICE, &m, 5, 5);
     assert_eq!(first(&c), Some("retry"));
 }
 
@@ -941,17 +932,8 @@ fn three_created(c: &mut Checker) -> Vec<Message> {
 fn window_a_third_callback_while_two_are_outstanding() {
     let mut c = subscribed();
     let m = three_created(&mut c);
-    let send = |c: &mut Checker, at_ms: u64, m: &Message, delivery: u64| {
-        let mut cb = callback(t::STOCK_SERVICE, m, delivery);
-        cb.attempt = 1;
-        c.observe(
-            at_ms,
-            Event::CallbackSent {
-                callback: &cb,
-                now: Time::from_millis(at_ms),
-            },
-        );
-    };
+    let send =
+        |c: &mut Checker, at_ms: u64, m: &Message, delivery: u64| sent_as(c, at_ms, t::STOCK_SERVICE, m, delivery, 1);
     send(&mut c, 20, &m[0], 1);
     send(&mut c, 21, &m[1], 2);
     assert!(!fired(&c, "window"));
@@ -963,17 +945,8 @@ fn window_a_third_callback_while_two_are_outstanding() {
 fn window_frees_a_slot_at_an_answer_or_a_deadline() {
     let mut c = subscribed();
     let m = three_created(&mut c);
-    let send = |c: &mut Checker, at_ms: u64, m: &Message, delivery: u64| {
-        let mut cb = callback(t::STOCK_SERVICE, m, delivery);
-        cb.attempt = 1;
-        c.observe(
-            at_ms,
-            Event::CallbackSent {
-                callback: &cb,
-                now: Time::from_millis(at_ms),
-            },
-        );
-    };
+    let send =
+        |c: &mut Checker, at_ms: u64, m: &Message, delivery: u64| sent_as(c, at_ms, t::STOCK_SERVICE, m, delivery, 1);
     send(&mut c, 20, &m[0], 1);
     send(&mut c, 21, &m[1], 2);
     c.observe(
@@ -985,15 +958,7 @@ fn window_frees_a_slot_at_an_answer_or_a_deadline() {
     );
     send(&mut c, 31, &m[2], 3);
     // Delivery 2's deadline (1,021 ms) has passed: its slot is free again.
-    let mut again = callback(t::STOCK_SERVICE, &m[1], 4);
-    again.attempt = 2;
-    c.observe(
-        1_100,
-        Event::CallbackSent {
-            callback: &again,
-            now: Time::from_millis(1_100),
-        },
-    );
+    sent_as(&mut c, 1_100, t::STOCK_SERVICE, &m[1], 4, 2);
     assert!(!fired(&c, "window"));
 }
 
@@ -1132,14 +1097,6 @@ fn retry_after_a_redrive_starts_at_attempt_one() {
         },
     );
     // The redriven message goes out as attempt 3 again: the count kept on.
-    let mut again = callback(t::STOCK_SERVICE, &m, 4);
-    again.attempt = 3;
-    c.observe(
-        901,
-        Event::CallbackSent {
-            callback: &again,
-            now: Time::from_millis(901),
-        },
-    );
+    sent_as(&mut c, 901, t::STOCK_SERVICE, &m, 4, 3);
     assert!(fired(&c, "retry"));
 }

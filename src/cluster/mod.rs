@@ -12,6 +12,7 @@
 //! does not rest on the plan: every write is fenced by the lease epoch in the
 //! database; the plan only decides who tries to own what.
 
+use crate::broker::Lsn;
 use crate::types::{GlobalId, MsgId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -232,6 +233,62 @@ pub fn takeover_bound_ms(ttl_ms: u64) -> u64 {
     ttl_ms + lease_tick_ms(ttl_ms)
 }
 
+/// One row of a partition's log: what a store (PostgreSQL, or the
+/// simulator's model of it) keeps per group commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordRow {
+    pub lsn: u64,
+    pub frames: Vec<u8>,
+    /// Compaction: this row replaces every row of the partition before it.
+    pub replaces: bool,
+}
+
+/// The rows gathered while the previous write was in flight: consecutive
+/// appends share one row keyed by their last lsn; a compaction supersedes
+/// everything pending before it.
+#[derive(Debug, Default)]
+pub struct PendingRows {
+    rows: Vec<RecordRow>,
+    lsn: Option<Lsn>,
+}
+
+impl PendingRows {
+    pub fn is_empty(&self) -> bool {
+        self.lsn.is_none()
+    }
+
+    pub fn append(&mut self, lsn: Lsn, frames: Vec<u8>) {
+        match self.rows.last_mut() {
+            Some(row) if !row.replaces => {
+                row.frames.extend_from_slice(&frames);
+                row.lsn = lsn.0;
+            }
+            _ => self.rows.push(RecordRow {
+                lsn: lsn.0,
+                frames,
+                replaces: false,
+            }),
+        }
+        self.lsn = Some(lsn);
+    }
+
+    pub fn replace(&mut self, lsn: Lsn, frames: Vec<u8>) {
+        self.rows.clear();
+        self.rows.push(RecordRow {
+            lsn: lsn.0,
+            frames,
+            replaces: true,
+        });
+        self.lsn = Some(lsn);
+    }
+
+    /// The rows of the next write and the lsn it makes durable.
+    pub fn take(&mut self) -> Option<(Lsn, Vec<RecordRow>)> {
+        let lsn = self.lsn.take()?;
+        Some((lsn, std::mem::take(&mut self.rows)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,5 +427,21 @@ mod tests {
         assert!(lease.valid_at(1000 + 3999, 5000));
         assert!(!lease.valid_at(1000 + 4000, 5000));
         assert_eq!(takeover_bound_ms(2000), 2500);
+    }
+
+    #[test]
+    fn appends_share_a_row_and_a_compaction_supersedes_what_was_pending() {
+        let mut p = PendingRows::default();
+        assert!(p.is_empty());
+        p.append(Lsn(1), b"a".to_vec());
+        p.append(Lsn(2), b"b".to_vec());
+        p.replace(Lsn(3), b"S".to_vec());
+        p.append(Lsn(4), b"c".to_vec());
+        p.append(Lsn(5), b"d".to_vec());
+        let (lsn, rows) = p.take().unwrap();
+        assert_eq!(lsn, Lsn(5));
+        let shape: Vec<(u64, &[u8], bool)> = rows.iter().map(|r| (r.lsn, &r.frames[..], r.replaces)).collect();
+        assert_eq!(shape, [(3, &b"S"[..], true), (5, &b"cd"[..], false)]);
+        assert!(p.is_empty() && p.take().is_none());
     }
 }

@@ -153,6 +153,12 @@ impl MemDisk {
         if len < self.agree_len || len > self.current.len() {
             return self.sync();
         }
+        self.sync_prefix(len);
+    }
+
+    /// Makes the first `len` bytes durable (`agree_len <= len <= current.len()`),
+    /// bytes of a failed sync staying zeros.
+    fn sync_prefix(&mut self, len: usize) {
         self.durable.truncate(self.agree_len);
         self.durable.extend_from_slice(&self.current[self.agree_len..len]);
         self.agree_len = len;
@@ -197,17 +203,7 @@ impl Disk for MemDisk {
         self.current.extend_from_slice(bytes);
     }
     fn sync(&mut self) {
-        self.durable.truncate(self.agree_len);
-        self.durable.extend_from_slice(&self.current[self.agree_len..]);
-        self.agree_len = self.current.len();
-        for r in &self.lost {
-            let end = r.end.min(self.durable.len());
-            if r.start < end {
-                self.durable[r.start..end].fill(0);
-                self.agree_len = self.agree_len.min(r.start);
-            }
-        }
-        self.syncs += 1;
+        self.sync_prefix(self.current.len());
     }
     fn read_all(&self) -> Vec<u8> {
         self.current.clone()

@@ -24,14 +24,7 @@
 use sagamq::cluster::{InstanceId, LeaseView, PartitionId};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// One row of a partition's log (as `PendingRows` in the real driver builds them).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordRow {
-    pub lsn: u64,
-    pub frames: Vec<u8>,
-    /// Compaction: this row replaces every row of the partition before it.
-    pub replaces: bool,
-}
+pub use sagamq::cluster::RecordRow;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Lease {

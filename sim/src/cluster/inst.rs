@@ -15,6 +15,7 @@ use super::db::{Op, OpResult, RecordRow};
 use super::world::{Ev, ITimer, MS, Msg, Node, World};
 use crate::history::Event;
 use sagamq::broker::{Broker, BrokerInput, BrokerOutput, Callback, CallbackResult, DeliveryId, Lsn, Reply, RequestId};
+use sagamq::cluster::PendingRows;
 use sagamq::cluster::{self as cl, InstanceId, LeaseView, LocalLease, PartitionId};
 use sagamq::machine::Machine;
 use sagamq::{ClientId, MessageKey, PublishRequest, SubscribeRequest, Time, Topic};
@@ -56,50 +57,11 @@ pub(super) struct SubOp {
     until: Time,
 }
 
-/// Rows waiting for the partition's next write (as `PendingRows` in the real driver).
-#[derive(Default)]
-pub(super) struct Pending {
-    rows: Vec<RecordRow>,
-    lsn: Option<Lsn>,
-}
-
-impl Pending {
-    fn append(&mut self, lsn: Lsn, frames: Vec<u8>) {
-        match self.rows.last_mut() {
-            Some(row) if !row.replaces => {
-                row.frames.extend_from_slice(&frames);
-                row.lsn = lsn.0;
-            }
-            _ => self.rows.push(RecordRow {
-                lsn: lsn.0,
-                frames,
-                replaces: false,
-            }),
-        }
-        self.lsn = Some(lsn);
-    }
-
-    fn replace(&mut self, lsn: Lsn, frames: Vec<u8>) {
-        self.rows.clear();
-        self.rows.push(RecordRow {
-            lsn: lsn.0,
-            frames,
-            replaces: true,
-        });
-        self.lsn = Some(lsn);
-    }
-
-    fn take(&mut self) -> Option<(Lsn, Vec<RecordRow>)> {
-        let lsn = self.lsn.take()?;
-        Some((lsn, std::mem::take(&mut self.rows)))
-    }
-}
-
 /// A partition this instance serves.
 pub(super) struct Part {
     pub lease: LocalLease,
     pub core: Broker,
-    pending: Pending,
+    pending: PendingRows,
     in_flight: Option<(Lsn, Vec<RecordRow>)>,
     replies: BTreeMap<RequestId, ReplyTo>,
     req_next: u64,
@@ -113,7 +75,7 @@ impl Part {
     }
 
     pub fn writing(&self) -> bool {
-        self.in_flight.is_some() || self.pending.lsn.is_some()
+        self.in_flight.is_some() || !self.pending.is_empty()
     }
 }
 
@@ -759,7 +721,7 @@ impl World {
         let part = Part {
             lease,
             core,
-            pending: Pending::default(),
+            pending: PendingRows::default(),
             in_flight: None,
             replies: BTreeMap::new(),
             req_next: 0,

@@ -11,10 +11,11 @@
 //! which has every row that committed). Message ids leave as cluster ids
 //! ([`Partitions::cluster_msg_id`]).
 
-use super::store::{RecordRow, Store, WriteError};
+use super::store::{Store, WriteError};
 use crate::broker::{
     Broker, BrokerConfig, BrokerInput, BrokerOutput, BrokerStats, CallbackResult, DeliveryId, Lsn, Reply, RequestId,
 };
+use crate::cluster::PendingRows;
 use crate::cluster::{InstanceId, PartitionId, Partitions};
 use crate::machine::Machine;
 use crate::real::callbacks::{CallbackConfig, Dispatcher};
@@ -171,52 +172,6 @@ pub async fn start(s: PartitionStart) -> Result<(PartitionHandle, tokio::task::J
         stopping: false,
     };
     Ok((handle, tokio::spawn(runner.run()), rows))
-}
-
-/// The rows gathered while the previous write was in flight: consecutive
-/// appends share one row keyed by their last lsn; a compaction supersedes
-/// everything pending before it.
-#[derive(Debug, Default)]
-pub struct PendingRows {
-    rows: Vec<RecordRow>,
-    lsn: Option<Lsn>,
-}
-
-impl PendingRows {
-    pub fn is_empty(&self) -> bool {
-        self.lsn.is_none()
-    }
-
-    pub fn append(&mut self, lsn: Lsn, frames: Vec<u8>) {
-        match self.rows.last_mut() {
-            Some(row) if !row.replaces => {
-                row.frames.extend_from_slice(&frames);
-                row.lsn = lsn.0;
-            }
-            _ => self.rows.push(RecordRow {
-                lsn: lsn.0,
-                frames,
-                replaces: false,
-            }),
-        }
-        self.lsn = Some(lsn);
-    }
-
-    pub fn replace(&mut self, lsn: Lsn, frames: Vec<u8>) {
-        self.rows.clear();
-        self.rows.push(RecordRow {
-            lsn: lsn.0,
-            frames,
-            replaces: true,
-        });
-        self.lsn = Some(lsn);
-    }
-
-    /// The rows of the next write and the lsn it makes durable.
-    pub fn take(&mut self) -> Option<(Lsn, Vec<RecordRow>)> {
-        let lsn = self.lsn.take()?;
-        Some((lsn, std::mem::take(&mut self.rows)))
-    }
 }
 
 struct Runner {
@@ -459,22 +414,6 @@ mod tests_support {
 mod tests {
     use super::tests_support::*;
     use super::*;
-
-    #[test]
-    fn appends_share_a_row_and_a_compaction_supersedes_what_was_pending() {
-        let mut p = PendingRows::default();
-        assert!(p.is_empty());
-        p.append(Lsn(1), b"a".to_vec());
-        p.append(Lsn(2), b"b".to_vec());
-        p.replace(Lsn(3), b"S".to_vec());
-        p.append(Lsn(4), b"c".to_vec());
-        p.append(Lsn(5), b"d".to_vec());
-        let (lsn, rows) = p.take().unwrap();
-        assert_eq!(lsn, Lsn(5));
-        let shape: Vec<(u64, &[u8], bool)> = rows.iter().map(|r| (r.lsn, &r.frames[..], r.replaces)).collect();
-        assert_eq!(shape, [(3, &b"S"[..], true), (5, &b"cd"[..], false)]);
-        assert!(p.is_empty() && p.take().is_none());
-    }
 
     /// A stale owner answers nothing it cannot store; the new owner has
     /// everything the old one acknowledged and answers it with the original id.

@@ -87,14 +87,7 @@ pub struct Store {
     pool: Pool,
 }
 
-/// One row of a partition's log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecordRow {
-    pub lsn: u64,
-    pub frames: Vec<u8>,
-    /// Compaction: this row replaces every row of the partition before it.
-    pub replaces: bool,
-}
+pub use crate::cluster::RecordRow;
 
 /// Why a write did not commit.
 #[derive(Debug, PartialEq, Eq)]
