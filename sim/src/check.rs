@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 25] = [
+pub const COVERAGE: [&str; 26] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -124,6 +124,9 @@ pub const COVERAGE: [&str; 25] = [
     "recovery_broker",
     "recovery_participant",
     "torn_tail_truncated",
+    // A broker recovered a torn log read in chunks (the real driver's
+    // streaming path: a frame or a scan split across two chunks).
+    "torn_tail_read_in_chunks",
     "backpressure_refused",
     "delivery_paused",
     "lapsed_beyond_grace",

@@ -137,6 +137,9 @@ pub struct Shared {
     fail_stop: Option<async_channel::Sender<(usize, u32)>>,
     /// Per node, what its host took in and put out since it booted (the stats audit).
     tally: Vec<crate::audit::HostTally>,
+    /// The size of the chunks every broker recovery reads its image in
+    /// (`recovery_chunk`).
+    recovery_chunk: usize,
 }
 
 /// The plan's disk and clock faults in the form the driver checks them.
@@ -311,6 +314,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         env: EnvFaults::from_plan(plan),
         fail_stop: None,
         tally: vec![crate::audit::HostTally::default(); NODES.len()],
+        recovery_chunk: recovery_chunk(seed),
         cfg: cfg.clone(),
         seed,
         def,
@@ -962,11 +966,42 @@ fn build_participant(s: &Shared, node: usize, image: &[u8]) -> Built {
     }
 }
 
+/// The chunk size of a seed's broker recoveries. The real driver reads its
+/// log in chunks through the streaming reader, which carries a frame split
+/// across two chunks, and a scan of a damaged tail split across them; a
+/// whole image never takes those paths. So a quarter of the seeds read it
+/// whole and the rest in chunks of 61 bytes to 8 KiB (smaller than most
+/// frames, to a few dozen of them), drawn from the seed without touching
+/// its RNG: the trace does not change, only which reader path is judged.
+fn recovery_chunk(seed: u64) -> usize {
+    let h = sagamq::rng::Rng::new(seed ^ 0x0C4B_ED5E_ED00_0001).next_u64();
+    let pick = (h >> 8) as usize;
+    match h % 4 {
+        0 => usize::MAX,
+        1 => 61 + pick % 68,
+        2 => 129 + pick % 896,
+        _ => 1025 + pick % 7168,
+    }
+}
+
+/// The broker recovered from `image`, read in the seed's chunks.
+fn recover_broker(
+    s: &Shared,
+    seed: u64,
+    image: &[u8],
+) -> Result<(Broker, sagamq::broker::RecoveryReport), sagamq::log::LogError> {
+    let mut recovery = Broker::recovery(s.broker_config.clone(), seed, image.len() as u64);
+    for chunk in image.chunks(s.recovery_chunk) {
+        recovery.feed(chunk)?;
+    }
+    recovery.finish()
+}
+
 /// Node `i`'s recovery run on `image` (not installed): the records it
 /// replayed, or why it refused.
 fn recover_copy(s: &Shared, i: usize, image: &[u8]) -> Result<u64, String> {
     if i == BROKER {
-        Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, image)
+        recover_broker(s, s.seed ^ 0xB20C_E500, image)
             .map(|(_, r)| r.records)
             .map_err(|e| e.to_string())
     } else {
@@ -984,7 +1019,7 @@ fn probe_dedup(s: &mut Shared) {
     if image.is_empty() {
         return;
     }
-    let Ok((b, _)) = Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) else {
+    let Ok((b, _)) = recover_broker(s, s.seed ^ 0xB20C_E500, &image) else {
         return; // a refusal is the recovery invariant's business
     };
     s.check.count("dedup_probe");
@@ -1040,7 +1075,7 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                     clean = false;
                 }
             } else {
-                match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &durable) {
+                match recover_broker(s, s.seed ^ 0xB20C_E500, &durable) {
                     Err(e) => {
                         let detail = format!("{when}, a power cut would leave the broker a log it refuses: {e}");
                         safety(&mut found, "power-cut-probe", detail);
@@ -1181,7 +1216,7 @@ fn broker_equivalence(s: &mut Shared, when: &str, at_ms: u64) {
     let Slot::Broker(b) = &s.slots[BROKER] else { return };
     let live = crate::check::DurableState::of(b);
     let image = s.disks[BROKER].read_all();
-    let (detail, audit) = match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) {
+    let (detail, audit) = match recover_broker(s, s.seed ^ 0xB20C_E500, &image) {
         Ok((r, report)) => (
             live.differs(&crate::check::DurableState::of(&r))
                 .map(|d| format!("{when}, the broker recovered from its own log differs from the live one: {d}")),
@@ -1733,7 +1768,7 @@ fn boot(world: &World, i: usize) -> bool {
         if image.is_empty() {
             Ok((Slot::Broker(Box::new(Broker::new(s.broker_config.clone(), seed))), 0, 0))
         } else {
-            Broker::recover(s.broker_config.clone(), seed, &image)
+            recover_broker(&s, seed, &image)
                 .map(|(b, r)| (Slot::Broker(Box::new(b)), r.valid_len, r.records))
                 .map_err(|e| e.to_string())
         }
@@ -1748,6 +1783,9 @@ fn boot(world: &World, i: usize) -> bool {
                 records,
                 torn_bytes,
             });
+            if i == BROKER && torn_bytes > 0 && s.recovery_chunk < image.len() {
+                s.check.count("torn_tail_read_in_chunks");
+            }
             s.disks[i].truncate(valid_len);
             s.slots[i] = slot;
             s.tally[i] = crate::audit::HostTally::default();
