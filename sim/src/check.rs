@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 26] = [
+pub const COVERAGE: [&str; 27] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -140,6 +140,9 @@ pub const COVERAGE: [&str; 26] = [
     // The recovered broker at the heal went through a whole subscription
     // lifecycle (subscribe, deliver, settle, unsubscribe, dedup of settled).
     "lifecycle_probe",
+    // The recovered broker, given a bound of a few settled keys, forgot the
+    // oldest ones first (in replay and live), and only those.
+    "dedup_bound_probe",
 ];
 
 /// A per-subscriber account in the spirit of Jepsen's total-queue checker.

@@ -159,6 +159,99 @@ pub fn unsubscribe_misbehaves(b: &mut Broker, now: Time) -> Result<bool, String>
     }
 }
 
+/// The dedup-bound probe: `b` was recovered with `dedup_settled_max = max`
+/// from a log whose recovery under the run's roomy bound remembers
+/// `settled_in_log` settled keys (the run's bound never forgets one). It must
+/// remember exactly the newest `min(max, settled_in_log)` of them (replay
+/// forgets the oldest first), then, taking `max + 1` fresh messages that
+/// settle at once (a topic nobody subscribes to), exactly the newest `max`:
+/// a retry of each of those is its duplicate, a retry of the first a new
+/// message. The sweep's bound is never reached, so forgetting is judged
+/// here. Ok(false): a bound refused a step (the probe does not apply).
+pub fn dedup_bound_misbehaves(b: &mut Broker, max: usize, settled_in_log: usize, now: Time) -> Result<bool, String> {
+    let remembered = b.stats().dedup_settled;
+    if remembered != settled_in_log.min(max) {
+        return Err(format!(
+            "recovered with dedup_settled_max {max} from a log holding {settled_in_log} settled keys, the broker remembers {remembered}"
+        ));
+    }
+    let req = RequestId(u64::MAX - 4);
+    let publish = |n: usize| sagamq::PublishRequest {
+        global_id: sagamq::GlobalId::lit("probe-dedup"),
+        sub_id: sagamq::SubId::new(format!("{n}")).expect("a short SubID"),
+        sender_id: sagamq::SenderId::lit("probe-client"),
+        create_time: 0,
+        topic: Topic::lit("sagamq.probe.dedup"),
+        content: format!("probe {n}"),
+    };
+    let mut ids = Vec::new();
+    for n in 0..=max {
+        match side_step(
+            b,
+            now,
+            BrokerInput::Publish {
+                req,
+                publish: publish(n),
+            },
+        )
+        .0
+        {
+            Some(Reply::Published {
+                msg_id,
+                duplicate: false,
+            }) => ids.push(msg_id),
+            Some(Reply::Rejected(_)) => return Ok(false),
+            r => {
+                return Err(format!(
+                    "a fresh publish to a topic nobody subscribes to was answered {r:?}"
+                ));
+            }
+        }
+    }
+    let remembered = b.stats().dedup_settled;
+    if remembered != max {
+        return Err(format!(
+            "after {} messages settled at once, the broker remembers {remembered} settled keys; its bound is {max}",
+            max + 1
+        ));
+    }
+    // Newest first: a duplicate changes nothing, the forgotten one is stored again.
+    for n in (0..=max).rev() {
+        let r = side_step(
+            b,
+            now,
+            BrokerInput::Publish {
+                req,
+                publish: publish(n),
+            },
+        )
+        .0;
+        let expected_dup = n > 0;
+        match r {
+            Some(Reply::Published { msg_id, duplicate }) if duplicate == expected_dup => {
+                if duplicate && msg_id != ids[n] {
+                    return Err(format!(
+                        "a retry of settled key {n} was answered as {msg_id}, stored as {}",
+                        ids[n]
+                    ));
+                }
+            }
+            Some(Reply::Rejected(_)) => return Ok(false),
+            r => {
+                let what = if expected_dup {
+                    "one of the newest settled keys, within the bound"
+                } else {
+                    "the oldest settled key, beyond the bound"
+                };
+                return Err(format!(
+                    "a retry of {what} (dedup_settled_max {max}) was answered {r:?}"
+                ));
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// The dead-letter probe (after the lifecycle probe, on the same recovered
 /// broker): a probe client fails every attempt of one message until the
 /// broker dead-letters it, which must take exactly `attempts_max` attempts
@@ -320,6 +413,36 @@ mod tests {
         };
         let e = dead_letter_misbehaves(&mut b, &told, Time::from_millis(1_000)).expect_err("fires");
         assert!(e.contains("after 3 failed attempts; the budget is 5"), "{e}");
+    }
+
+    fn bounded(max: usize) -> Broker {
+        let config = BrokerConfig {
+            dedup_settled_max: max,
+            ..config()
+        };
+        Broker::new(config, 7)
+    }
+
+    #[test]
+    fn the_shipped_broker_forgets_the_oldest_settled_key_beyond_its_bound() {
+        for max in [1, 3, 8] {
+            let mut b = bounded(max);
+            assert_eq!(
+                dedup_bound_misbehaves(&mut b, max, 0, Time::from_millis(1_000)),
+                Ok(true)
+            );
+        }
+    }
+
+    #[test]
+    fn a_broker_keeping_other_than_its_bound_fails_the_dedup_bound_probe() {
+        // A broker that keeps 4 settled keys, judged against a bound of 3 (as
+        // a broker that miscounts its bound would be): it remembers one too many.
+        let e = dedup_bound_misbehaves(&mut bounded(4), 3, 0, Time::from_millis(1_000)).expect_err("fires");
+        assert!(e.contains("remembers 4 settled keys; its bound is 3"), "{e}");
+        // One that forgot a key its log held.
+        let e = dedup_bound_misbehaves(&mut bounded(3), 3, 2, Time::from_millis(1_000)).expect_err("fires");
+        assert!(e.contains("holding 2 settled keys, the broker remembers 0"), "{e}");
     }
 
     #[test]

@@ -997,6 +997,28 @@ fn recover_broker(
     recovery.finish()
 }
 
+/// The dedup-bound probe (`probes::dedup_bound_misbehaves`): the broker
+/// recovered from `image` once more, with a bound of 1 to 8 settled keys drawn
+/// from the seed (a stream of its own), in place of the run's, which no sweep
+/// fills. `settled_in_log`: what the recovery under the run's bound remembers.
+fn dedup_bound_probe(s: &Shared, image: &[u8], settled_in_log: usize) -> Result<bool, String> {
+    let max = sagamq::rng::Rng::new(s.seed ^ 0xDED0_B0D0_0000_0000).range_inclusive(1, 8) as usize;
+    let config = BrokerConfig {
+        dedup_settled_max: max,
+        ..s.broker_config.clone()
+    };
+    let mut recovery = Broker::recovery(config, s.seed ^ 0xB20C_E500, image.len() as u64);
+    for chunk in image.chunks(s.recovery_chunk) {
+        recovery
+            .feed(chunk)
+            .map_err(|e| format!("recovered with dedup_settled_max {max}, refused: {e}"))?;
+    }
+    let (mut b, _) = recovery
+        .finish()
+        .map_err(|e| format!("recovered with dedup_settled_max {max}, refused: {e}"))?;
+    crate::probes::dedup_bound_misbehaves(&mut b, max, settled_in_log, s.now(BROKER))
+}
+
 /// Node `i`'s recovery run on `image` (not installed): the records it
 /// replayed, or why it refused.
 fn recover_copy(s: &Shared, i: usize, image: &[u8]) -> Result<u64, String> {
@@ -1048,6 +1070,7 @@ fn probe_dedup(s: &mut Shared) {
 fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
     let mut clean = s.check.violations().is_empty();
     let mut lifecycle_probed = false;
+    let mut dedup_bound_probed = false;
     let mut found = Vec::new();
     let safety = |found: &mut Vec<Violation>, invariant: &'static str, detail: String| {
         found.push(Violation::safety(invariant, detail, at_ms));
@@ -1097,6 +1120,7 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                                 safety(&mut found, "stats-audit", format!("{when}, {d}"));
                             }
                         }
+                        let settled_in_log = r.stats().dedup_settled;
                         let mut r = r;
                         if clean && let Some(wrong) = hostile_requests_accepted(s, &mut r) {
                             safety(&mut found, "hostile-input-probe", format!("{when}, {wrong}"));
@@ -1111,6 +1135,15 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                                 Ok(done) => lifecycle_probed |= done,
                                 Err(wrong) => {
                                     safety(&mut found, "lifecycle-probe", format!("{when}, {wrong}"));
+                                    clean = false;
+                                }
+                            }
+                        }
+                        if clean {
+                            match dedup_bound_probe(s, &durable, settled_in_log) {
+                                Ok(done) => dedup_bound_probed |= done,
+                                Err(wrong) => {
+                                    safety(&mut found, "dedup-bound-probe", format!("{when}, {wrong}"));
                                     clean = false;
                                 }
                             }
@@ -1204,6 +1237,9 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
     }
     if lifecycle_probed {
         s.check.count("lifecycle_probe");
+    }
+    if dedup_bound_probed {
+        s.check.count("dedup_bound_probe");
     }
 }
 
