@@ -1,13 +1,16 @@
 //! The stats audit of a participant host: the counters it reports
-//! ([`HostStats`], what an operator reads and a report prints) against a
-//! recount of what the world handed it and took from it since its last boot.
+//! ([`HostStats`], what an operator reads and a report prints) and the levels
+//! its bounds judge ([`HostGauges`]) against a recount of what the world
+//! handed it and took from it since its last boot.
 //!
-//! **Invariant:** every counter is recounted from the host's inputs and
-//! outputs alone (its records by their type, its answers by their verdict,
-//! its publish attempts by outbox id), never from the counter itself, so a
-//! miscount fails the audit however the rest of the run goes.
+//! **Invariant:** every counter and gauge is recounted from the host's inputs
+//! and outputs alone (its records by their type and lsn, its answers by their
+//! verdict, its publish attempts by outbox id, the durability reports it was
+//! given), never from the counter itself, so a miscount fails the audit
+//! however the rest of the run goes. (A host that miscounts what waits for
+//! durability refuses work it has room for, or takes in more than its bound.)
 
-use sagamq::saga::{CommandOutcome, HostStats, ParticipantInput, ParticipantOutput};
+use sagamq::saga::{CommandOutcome, HostGauges, HostStats, ParticipantInput, ParticipantOutput};
 use std::collections::BTreeSet;
 
 /// What a host took in and put out since it booted.
@@ -24,6 +27,15 @@ pub struct HostTally {
     /// `Effect` and `Acked` records written.
     effects: u64,
     acks: u64,
+    /// Deliveries and commands handed in, answers and command results given
+    /// out: the difference is what waits for durability (an answer given at
+    /// once leaves in the step that took it in).
+    taken: u64,
+    given: u64,
+    /// The lsns of the first and last record written since boot, and the
+    /// last one reported durable.
+    persisted: Option<(u64, u64)>,
+    durable: u64,
 }
 
 impl HostTally {
@@ -31,6 +43,17 @@ impl HostTally {
     /// host had already consumed its key (a redelivery).
     pub fn delivered(&mut self, consumed: bool) {
         self.redeliveries += u64::from(consumed);
+        self.taken += 1;
+    }
+
+    /// A command about to be handed to the host.
+    pub fn commanded(&mut self) {
+        self.taken += 1;
+    }
+
+    /// The host is about to be told that every record up to `lsn` is durable.
+    pub fn durable(&mut self, lsn: u64) {
+        self.durable = self.durable.max(lsn);
     }
 
     /// A publish reply about to be handed to the host.
@@ -43,7 +66,8 @@ impl HostTally {
     /// An output the host produced.
     pub fn output(&mut self, out: &ParticipantOutput) {
         match out {
-            ParticipantOutput::Persist { frames, .. } => {
+            ParticipantOutput::Persist { frames, lsn } => {
+                self.persisted = Some(self.persisted.map_or((lsn.0, lsn.0), |(first, _)| (first, lsn.0)));
                 let payload = frames.get(sagamq::log::FRAME_HEADER_LEN..).unwrap_or_default();
                 if payload.starts_with(b"{\"Effect\"") {
                     self.effects += 1;
@@ -55,19 +79,40 @@ impl HostTally {
                 self.publishes += 1;
                 self.outbox_ids.insert(outbox.0);
             }
-            ParticipantOutput::Answer { ok: false, .. }
-            | ParticipantOutput::CommandDone {
-                outcome: CommandOutcome::Refused(_),
-                ..
-            } => self.refused += 1,
+            ParticipantOutput::Answer { .. } | ParticipantOutput::CommandDone { .. } => {
+                self.given += 1;
+                if matches!(
+                    out,
+                    ParticipantOutput::Answer { ok: false, .. }
+                        | ParticipantOutput::CommandDone {
+                            outcome: CommandOutcome::Refused(_),
+                            ..
+                        }
+                ) {
+                    self.refused += 1;
+                }
+            }
             _ => {}
         }
     }
 
+    /// Records written since boot and not yet reported durable (a host boots
+    /// with every record durable).
+    fn unsynced(&self) -> u64 {
+        self.persisted
+            .map_or(0, |(first, last)| last - self.durable.max(first - 1).min(last))
+    }
+
     /// None when `stats` matches the recount; else what differs.
-    pub fn audit(&self, stats: &HostStats) -> Option<String> {
+    pub fn audit(&self, stats: &HostStats, gauges: &HostGauges) -> Option<String> {
         let retries = self.publishes - self.outbox_ids.len() as u64;
         let pairs = [
+            (
+                "answers_waiting",
+                gauges.answers_waiting as u64,
+                self.taken.wrapping_sub(self.given),
+            ),
+            ("records_unsynced", gauges.records_unsynced, self.unsynced()),
             ("effects", stats.effects, self.effects),
             ("acks", stats.acks, self.acks),
             ("publishes", stats.publishes, self.publishes),
@@ -112,7 +157,8 @@ mod tests {
         for payload in [&br#"{"Effect":{}}"#[..], &br#"{"Acked":{"outbox":1}}"#[..]] {
             let mut frames = Vec::new();
             sagamq::log::encode_frame(payload, &mut frames);
-            t.output(&ParticipantOutput::Persist { lsn: Lsn(1), frames });
+            let lsn = Lsn(1 + t.persisted.map_or(0, |(_, last)| last));
+            t.output(&ParticipantOutput::Persist { lsn, frames });
         }
         t.output(&publish(1));
         t.output(&publish(1)); // a retry
@@ -127,6 +173,8 @@ mod tests {
         });
         t.delivered(true);
         t.delivered(false);
+        t.delivered(false); // not answered yet: its record waits for durability
+        t.durable(1);
         t.replied(&ParticipantInput::PublishFailed { outbox: OutboxId(2) });
         let right = HostStats {
             effects: 1,
@@ -138,7 +186,32 @@ mod tests {
             refused: 1,
             ignored: 7, // not audited: a delivery or a command may be ignored
         };
-        assert_eq!(t.audit(&right), None);
+        let gauges = HostGauges {
+            answers_waiting: 1,
+            records_unsynced: 1, // lsn 2 written, lsn 1 reported durable
+        };
+        assert_eq!(t.audit(&right, &gauges), None);
+        for (name, wrong) in [
+            (
+                "answers_waiting",
+                HostGauges {
+                    answers_waiting: 0,
+                    ..gauges
+                },
+            ),
+            (
+                "records_unsynced",
+                HostGauges {
+                    records_unsynced: 2,
+                    ..gauges
+                },
+            ),
+        ] {
+            let d = t
+                .audit(&right, &wrong)
+                .unwrap_or_else(|| panic!("a wrong {name} passed"));
+            assert!(d.starts_with(name), "{d}");
+        }
         type Spoil = fn(&mut HostStats);
         let wrong: [(&str, Spoil); 7] = [
             ("effects", |s| s.effects += 1),
@@ -152,7 +225,9 @@ mod tests {
         for (name, spoil) in wrong {
             let mut stats = right.clone();
             spoil(&mut stats);
-            let d = t.audit(&stats).unwrap_or_else(|| panic!("a wrong {name} passed"));
+            let d = t
+                .audit(&stats, &gauges)
+                .unwrap_or_else(|| panic!("a wrong {name} passed"));
             assert!(d.starts_with(name), "{d}");
         }
     }

@@ -179,6 +179,9 @@ impl<P: Participant + Send + Sync> SimParticipant for Checked<P> {
     fn stats(&self) -> Option<&sagamq::saga::HostStats> {
         Some(self.host.stats())
     }
+    fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
+        Some(self.host.gauges())
+    }
     fn consumed(&self, key: &sagamq::MessageKey) -> bool {
         self.host.consumed(key)
     }

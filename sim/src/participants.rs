@@ -39,6 +39,10 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn stats(&self) -> Option<&sagamq::saga::HostStats> {
         None
     }
+    /// The host's gauges (None as for `stats`).
+    fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
+        None
+    }
     /// Whether the host has consumed a message with this key (its inbox).
     fn consumed(&self, _key: &sagamq::MessageKey) -> bool {
         false
@@ -93,6 +97,9 @@ impl<P: Observed> SimParticipant for ParticipantHost<P> {
     }
     fn stats(&self) -> Option<&sagamq::saga::HostStats> {
         Some(ParticipantHost::stats(self))
+    }
+    fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
+        Some(ParticipantHost::gauges(self))
     }
     fn consumed(&self, key: &sagamq::MessageKey) -> bool {
         ParticipantHost::consumed(self, key)

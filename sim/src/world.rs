@@ -1167,8 +1167,8 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                 _ => None,
             };
             if let Slot::Participant(p) = &s.slots[i]
-                && let Some(stats) = p.stats()
-                && let Some(d) = s.tally[i].audit(stats)
+                && let (Some(stats), Some(gauges)) = (p.stats(), p.gauges())
+                && let Some(d) = s.tally[i].audit(stats, &gauges)
             {
                 safety(&mut found, "stats-audit", format!("{when}, {name} miscounts: {d}"));
             }
@@ -1909,7 +1909,10 @@ fn report_durable(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, lsn: Op
     drv.lsn_durable = Some(lsn);
     match &mut s.slots[i] {
         Slot::Broker(b) => b.handle(now, BrokerInput::Durable { lsn }),
-        Slot::Participant(p) => p.handle(now, ParticipantInput::Durable { lsn }),
+        Slot::Participant(p) => {
+            s.tally[i].durable(lsn.0);
+            p.handle(now, ParticipantInput::Durable { lsn });
+        }
         Slot::Down | Slot::Absent | Slot::Workload(_) => {}
     }
 }
@@ -2071,6 +2074,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, src: usize, se
             p.handle(now, ParticipantInput::Deliver { token, message });
         }
         (Slot::Participant(p), Wire::CreateOrder { spec }) if i == ORDER => {
+            s.tally[i].commanded();
             p.handle(now, ParticipantInput::Command(Command::CreateOrder(spec)));
         }
         (Slot::Workload(w), Wire::OrderAccepted { order_id, refused }) => w.answered(&order_id, refused),

@@ -145,6 +145,16 @@ pub struct HostStats {
     pub acks: u64,
 }
 
+/// What a host holds right now, beside its counters ([`HostStats`]): the
+/// levels its bounds (`answers_waiting_max`, `records_unsynced_max`) judge.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostGauges {
+    /// Callbacks and commands waiting for their record to become durable.
+    pub answers_waiting: usize,
+    /// Records written, not yet reported durable.
+    pub records_unsynced: u64,
+}
+
 #[derive(Clone, Debug)]
 struct OutboxEntry {
     publish: PublishRequest,
@@ -312,6 +322,13 @@ impl<P: Participant> ParticipantHost<P> {
 
     pub fn stats(&self) -> &HostStats {
         &self.stats
+    }
+
+    pub fn gauges(&self) -> HostGauges {
+        HostGauges {
+            answers_waiting: self.waiting_len,
+            records_unsynced: self.lsn_last.0 - self.lsn_durable.0,
+        }
     }
 
     /// Outbox entries the broker has not acknowledged, in outbox order.
