@@ -37,7 +37,6 @@ struct HashIndex<V> {
     first: BTreeMap<u64, V>,
     /// Further values sharing a hash with the one in `first` (collisions).
     more: BTreeMap<u64, Vec<V>>,
-    len: usize,
 }
 
 impl<V> Default for HashIndex<V> {
@@ -45,7 +44,6 @@ impl<V> Default for HashIndex<V> {
         HashIndex {
             first: BTreeMap::new(),
             more: BTreeMap::new(),
-            len: 0,
         }
     }
 }
@@ -53,8 +51,7 @@ impl<V> Default for HashIndex<V> {
 impl<V: Copy + PartialEq> HashIndex<V> {
     /// From `(hash, value)` pairs sorted by hash (bulk-built, no random inserts).
     fn from_sorted(pairs: Vec<(u64, V)>) -> HashIndex<V> {
-        let len = pairs.len();
-        let mut first = Vec::with_capacity(len);
+        let mut first = Vec::with_capacity(pairs.len());
         let mut more: BTreeMap<u64, Vec<V>> = BTreeMap::new();
         for (h, v) in pairs {
             if first.last().is_some_and(|(last, _)| *last == h) {
@@ -66,7 +63,6 @@ impl<V: Copy + PartialEq> HashIndex<V> {
         HashIndex {
             first: first.into_iter().collect(),
             more,
-            len,
         }
     }
 
@@ -76,7 +72,6 @@ impl<V: Copy + PartialEq> HashIndex<V> {
     }
 
     fn insert(&mut self, h: u64, v: V) {
-        self.len += 1;
         match self.first.entry(h) {
             std::collections::btree_map::Entry::Occupied(_) => self.more.entry(h).or_default().push(v),
             std::collections::btree_map::Entry::Vacant(slot) => {
@@ -87,7 +82,6 @@ impl<V: Copy + PartialEq> HashIndex<V> {
 
     fn remove(&mut self, h: u64, v: V) {
         if self.first.get(&h) == Some(&v) {
-            self.len -= 1;
             match self.more.get_mut(&h) {
                 Some(more) => {
                     let promoted = more.pop().expect("empty lists are removed");
@@ -103,7 +97,6 @@ impl<V: Copy + PartialEq> HashIndex<V> {
         } else if let Some(more) = self.more.get_mut(&h)
             && let Some(i) = more.iter().position(|x| *x == v)
         {
-            self.len -= 1;
             more.swap_remove(i);
             if more.is_empty() {
                 self.more.remove(&h);
@@ -237,7 +230,7 @@ impl Dedup {
 
     pub(super) fn begin_bulk(&mut self) {
         assert!(
-            self.live.len == 0 && self.settled.is_empty(),
+            self.live.first.is_empty() && self.settled.is_empty(),
             "bulk loading starts empty"
         );
         self.bulk = true;
@@ -316,7 +309,6 @@ mod tests {
         ix.remove(7, 3);
         ix.remove(7, 9); // absent: no effect
         assert_eq!(ix.get(7).collect::<Vec<_>>(), [2]);
-        assert_eq!(ix.len, 2);
         ix.remove(7, 2);
         assert_eq!(ix.get(7).count(), 0);
         assert!(ix.more.is_empty());
