@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 27] = [
+pub const COVERAGE: [&str; 28] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -135,6 +135,8 @@ pub const COVERAGE: [&str; 27] = [
     // judged, a callback that filled a subscriber's window, a message stored
     // into the last free place of a subscriber's queue.
     "retry_backoff_judged",
+    // A participant host's publish retry judged against its backoff floor.
+    "host_retry_judged",
     "window_filled",
     "queue_filled",
     // The recovered broker at the heal went through a whole subscription
@@ -770,6 +772,13 @@ impl Checker {
 
     fn covered(&mut self, path: &'static str) {
         *self.coverage.entry(path).or_default() += 1;
+    }
+
+    /// `n` more of `path` (a count kept elsewhere, handed over).
+    pub fn count_n(&mut self, path: &'static str, n: u64) {
+        if n > 0 {
+            *self.coverage.entry(path).or_default() += n;
+        }
     }
 
     /// Records a violation once per invariant (the first occurrence is the informative one).

@@ -182,6 +182,10 @@ impl<P: Participant + Send + Sync> SimParticipant for Checked<P> {
     fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
         Some(self.host.gauges())
     }
+    fn retry_schedule(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        let c = self.host.config();
+        Some((c.publish_retry_initial, c.publish_retry_max))
+    }
     fn consumed(&self, key: &sagamq::MessageKey) -> bool {
         self.host.consumed(key)
     }

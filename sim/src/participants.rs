@@ -43,6 +43,10 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
         None
     }
+    /// The host's publish retry schedule (initial wait, cap; None as for `stats`).
+    fn retry_schedule(&self) -> Option<(Duration, Duration)> {
+        None
+    }
     /// Whether the host has consumed a message with this key (its inbox).
     fn consumed(&self, _key: &sagamq::MessageKey) -> bool {
         false
@@ -100,6 +104,10 @@ impl<P: Observed> SimParticipant for ParticipantHost<P> {
     }
     fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
         Some(ParticipantHost::gauges(self))
+    }
+    fn retry_schedule(&self) -> Option<(Duration, Duration)> {
+        let c = ParticipantHost::config(self);
+        Some((c.publish_retry_initial, c.publish_retry_max))
     }
     fn consumed(&self, key: &sagamq::MessageKey) -> bool {
         ParticipantHost::consumed(self, key)

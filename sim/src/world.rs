@@ -1172,6 +1172,7 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
             {
                 safety(&mut found, "stats-audit", format!("{when}, {name} miscounts: {d}"));
             }
+
             if !durable.is_empty() {
                 match build_participant(s, i, &durable) {
                     Err(e) => {
@@ -1824,7 +1825,11 @@ fn boot(world: &World, i: usize) -> bool {
             }
             s.disks[i].truncate(valid_len);
             s.slots[i] = slot;
-            s.tally[i] = crate::audit::HostTally::default();
+            let schedule = match &s.slots[i] {
+                Slot::Participant(p) => p.retry_schedule(),
+                _ => None,
+            };
+            s.tally[i] = crate::audit::HostTally::new(schedule);
             if !image.is_empty() {
                 s.line(i, || format!("recovered from {records} records ({valid_len} bytes)"));
             }
@@ -2177,7 +2182,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             Slot::Participant(p) => {
                 let Some(out) = p.poll_output() else { break };
                 drv.drained += 1;
-                tally[i].output(&out);
+                tally[i].output(&out, now);
                 if trace.enabled() {
                     let text = out.to_string();
                     trace.line(t, &names[i], || text);
@@ -2247,6 +2252,13 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                 drv.outgoing.push((ORDER, Wire::CreateOrder { spec }));
             }
         }
+    }
+    let judged = s.tally[i].take_judged();
+    s.check.count_n("host_retry_judged", judged);
+    if let Some(d) = s.tally[i].retry_violation() {
+        let at = t / 1_000_000;
+        let detail = format!("{}: {d}", s.names[i]);
+        s.check.violation(Violation::safety("host-retry", detail, at));
     }
     if disk_full {
         s.fired("disk_full");
