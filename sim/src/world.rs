@@ -13,7 +13,7 @@ use crate::clock::Skew;
 pub use crate::config::{ATTEMPTS_MAX_DEFAULT, RunConfig, SUBSCRIPTION_GRACE, broker_config};
 use crate::event::{EventLog, Fate, Seq, What};
 use crate::history::Event;
-use crate::participants::{self, Built, SimParticipant, host};
+use crate::participants::{self, Built, HostRecoveries, Recoveries, SimParticipant};
 use crate::plan::{Fault, FaultPlan, PlanIndex};
 use crate::scenario::Workload;
 use crate::topology::node_of_url;
@@ -29,6 +29,7 @@ use sagamq::log::{Disk, MemDisk};
 use sagamq::machine::Machine;
 use sagamq::saga::{CallbackToken, Command, CommandOutcome, OutboxId, ParticipantInput, ParticipantOutput};
 use sagamq::{ClientId, MessageKey, Time, Topic};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
@@ -137,6 +138,9 @@ pub struct Shared {
     fail_stop: Option<async_channel::Sender<(usize, u32)>>,
     /// Per node, what its host took in and put out since it booted (the stats audit).
     tally: Vec<crate::audit::HostTally>,
+    /// Per shipped participant node, its recoveries kept to resume (boots and
+    /// disk probes recover the same growing log).
+    recoveries: RefCell<Vec<Option<Box<dyn Recoveries>>>>,
 }
 
 /// The plan's disk and clock faults in the form the driver checks them.
@@ -311,6 +315,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         env: EnvFaults::from_plan(plan),
         fail_stop: None,
         tally: vec![crate::audit::HostTally::default(); NODES.len()],
+        recoveries: RefCell::new((0..NODES.len()).map(|_| None).collect()),
         cfg: cfg.clone(),
         seed,
         def,
@@ -955,9 +960,17 @@ fn build_participant(s: &Shared, node: usize, image: &[u8]) -> Built {
             Some(custom) => custom.build(config, image),
             None => Err("no custom participant configured".to_string()),
         },
-        ORDER => host(def.order_participant(), config, image),
-        STOCK => host(def.stock_participant(), config, image),
-        PAYMENT => host(def.payment_participant(), config, image),
+        ORDER | STOCK | PAYMENT => {
+            let mut recoveries = s.recoveries.borrow_mut();
+            let kept = recoveries[node].get_or_insert_with(|| -> Box<dyn Recoveries> {
+                match node {
+                    ORDER => Box::new(HostRecoveries::new(def.order_participant(), config)),
+                    STOCK => Box::new(HostRecoveries::new(def.stock_participant(), config)),
+                    _ => Box::new(HostRecoveries::new(def.payment_participant(), config)),
+                }
+            });
+            kept.recover(image)
+        }
         _ => Err(format!("node {node} runs no participant")),
     }
 }

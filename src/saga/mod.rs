@@ -103,7 +103,9 @@ mod tests;
 pub use content::{
     CancelledBody, ORDER_ID_LEN_MAX, OrderBody, PaymentBody, ReleasedBody, attempt_of, attempt_sub_id, step,
 };
-pub use host::{AnyParticipant, HostConfig, HostRecord, HostStats, OutboxEntryRecord, ParticipantHost, RecoveryReport};
+pub use host::{
+    AnyParticipant, HostConfig, HostRecord, HostStats, OutboxEntryRecord, ParticipantHost, RecoveryReport, Replay,
+};
 pub use ids::{CustomerId, ProductId};
 pub use participant::{Decision, Outgoing, Participant};
 
