@@ -208,7 +208,13 @@ impl<P: Participant> Replay<P> {
         let recovered = decode_all(image)?;
         let replayed = self.end;
         for (offset, payload) in recovered.records.iter().filter(|(offset, _)| *offset >= replayed) {
-            let record: HostRecord<P::Change> = serde_json::from_slice(payload).map_err(|e| LogError::BadRecord {
+            // UTF-8 checked once for the whole record, not string by string;
+            // a record that is not UTF-8 gets serde's own error, as before.
+            let parsed = match std::str::from_utf8(payload) {
+                Ok(text) => serde_json::from_str::<HostRecord<P::Change>>(text),
+                Err(_) => serde_json::from_slice(payload),
+            };
+            let record = parsed.map_err(|e| LogError::BadRecord {
                 offset: *offset,
                 reason: e.to_string(),
             })?;
