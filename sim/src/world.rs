@@ -23,9 +23,10 @@ use crate::transport::{Inbound, SimClock, Transport};
 use crate::wire::Wire;
 use madsim::runtime::{Handle, NodeHandle, Runtime};
 use sagamq::broker::{
-    Broker, BrokerConfig, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Reply, RequestId,
+    Broker, BrokerConfig, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Recovery,
+    RecoveryReport as BrokerRecoveryReport, Reply, RequestId,
 };
-use sagamq::log::{Disk, MemDisk};
+use sagamq::log::{Disk, LogError, MemDisk};
 use sagamq::machine::Machine;
 use sagamq::saga::{CallbackToken, Command, CommandOutcome, OutboxId, ParticipantInput, ParticipantOutput};
 use sagamq::{ClientId, MessageKey, Time, Topic};
@@ -141,6 +142,8 @@ pub struct Shared {
     /// Per shipped participant node, its recoveries kept to resume (boots and
     /// disk probes recover the same growing log).
     recoveries: RefCell<Vec<Option<Box<dyn Recoveries>>>>,
+    /// The broker's last recovery and the bytes it was fed (see `recover_broker`).
+    broker_recovery: RefCell<Option<(Vec<u8>, Recovery)>>,
 }
 
 /// The plan's disk and clock faults in the form the driver checks them.
@@ -316,6 +319,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         fail_stop: None,
         tally: vec![crate::audit::HostTally::default(); NODES.len()],
         recoveries: RefCell::new((0..NODES.len()).map(|_| None).collect()),
+        broker_recovery: RefCell::new(None),
         cfg: cfg.clone(),
         seed,
         def,
@@ -975,6 +979,26 @@ fn build_participant(s: &Shared, node: usize, image: &[u8]) -> Built {
     }
 }
 
+/// The broker recovered from `image`, as `Broker::recover` does, resuming
+/// the last recovery kept when `image` begins with the bytes it was fed:
+/// boots and probes recover the same growing log again and again (a
+/// compaction rewrites it, and the next recovery starts from scratch).
+fn recover_broker(s: &Shared, image: &[u8]) -> Result<(Broker, BrokerRecoveryReport), LogError> {
+    let len = image.len() as u64;
+    let mut kept = s.broker_recovery.borrow_mut();
+    let resumed = kept
+        .take()
+        .and_then(|(bytes, mut r)| (image.starts_with(&bytes) && r.resume(len)).then_some(r));
+    let mut recovery = resumed.unwrap_or_else(|| Broker::recovery(s.broker_config.clone(), s.seed ^ 0xB20C_E500, len));
+    let fed = usize::try_from(recovery.fed()).expect("a log in memory");
+    recovery.feed(&image[fed..])?;
+    let mut copy = recovery.clone();
+    if copy.resume(len) {
+        *kept = Some((image.to_vec(), copy));
+    }
+    recovery.finish()
+}
+
 /// Node `i`'s recovery run on `image` (not installed): the records it
 /// replayed, or why it refused.
 fn recover_copy(s: &Shared, i: usize, image: &[u8]) -> Result<u64, String> {
@@ -997,7 +1021,7 @@ fn probe_dedup(s: &mut Shared) {
     if image.is_empty() {
         return;
     }
-    let Ok((b, _)) = Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) else {
+    let Ok((b, _)) = recover_broker(s, &image) else {
         return; // a refusal is the recovery invariant's business
     };
     s.check.count("dedup_probe");
@@ -1053,7 +1077,7 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                     clean = false;
                 }
             } else {
-                match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &durable) {
+                match recover_broker(s, &durable) {
                     Err(e) => {
                         let detail = format!("{when}, a power cut would leave the broker a log it refuses: {e}");
                         safety(&mut found, "power-cut-probe", detail);
@@ -1194,7 +1218,7 @@ fn broker_equivalence(s: &mut Shared, when: &str, at_ms: u64) {
     let Slot::Broker(b) = &s.slots[BROKER] else { return };
     let live = crate::check::DurableState::of(b);
     let image = s.disks[BROKER].read_all();
-    let (detail, audit) = match Broker::recover(s.broker_config.clone(), s.seed ^ 0xB20C_E500, &image) {
+    let (detail, audit) = match recover_broker(s, &image) {
         Ok((r, report)) => (
             live.differs(&crate::check::DurableState::of(&r))
                 .map(|d| format!("{when}, the broker recovered from its own log differs from the live one: {d}")),
@@ -1746,7 +1770,7 @@ fn boot(world: &World, i: usize) -> bool {
         if image.is_empty() {
             Ok((Slot::Broker(Box::new(Broker::new(s.broker_config.clone(), seed))), 0, 0))
         } else {
-            Broker::recover(s.broker_config.clone(), seed, &image)
+            recover_broker(&s, &image)
                 .map(|(b, r)| (Slot::Broker(Box::new(b)), r.valid_len, r.records))
                 .map_err(|e| e.to_string())
         }
