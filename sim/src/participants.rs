@@ -289,17 +289,20 @@ where
         if image.is_empty() {
             return Ok((Box::new(self.fresh.clone().finish().0), 0, 0));
         }
-        let mut replay = if image.starts_with(&self.bytes) {
-            self.last.clone()
-        } else {
-            self.fresh.clone()
-        };
-        replay.feed(image).map_err(|e| e.to_string())?;
-        let end = usize::try_from(replay.end()).expect("a log in memory");
+        if !image.starts_with(&self.bytes) {
+            self.last = self.fresh.clone();
+            self.bytes.clear();
+        }
+        if let Err(e) = self.last.feed(image) {
+            // Part-way: start over next time.
+            self.last = self.fresh.clone();
+            self.bytes.clear();
+            return Err(e.to_string());
+        }
+        let end = usize::try_from(self.last.end()).expect("a log in memory");
         self.bytes.clear();
         self.bytes.extend_from_slice(&image[..end]);
-        self.last = replay.clone();
-        let (h, report) = replay.finish();
+        let (h, report) = self.last.clone().finish();
         Ok((Box::new(h), report.valid_len, report.records))
     }
 }
