@@ -1161,7 +1161,6 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                             && let Some(m) = s
                                 .check
                                 .processed_by(&client)
-                                .into_iter()
                                 .find(|m| reflected(live.as_ref(), m) && !reflected(r.as_ref(), m))
                         {
                             let detail = format!(

@@ -518,8 +518,11 @@ mod tests {
         r.records.iter().map(|(_, p)| p.to_vec()).collect()
     }
 
+    /// Each frame's offset and payload.
+    type Frames = Vec<(u64, Vec<u8>)>;
+
     /// The frames and summary of `stream` fed `bytes`, then finished.
-    fn run_stream(mut stream: FrameStream, bytes: &[u8]) -> Result<(Vec<(u64, Vec<u8>)>, StreamSummary), LogError> {
+    fn run_stream(mut stream: FrameStream, bytes: &[u8]) -> Result<(Frames, StreamSummary), LogError> {
         let mut frames = Vec::new();
         stream.feed(bytes, |offset, payload| {
             frames.push((offset, payload.to_vec()));
