@@ -799,14 +799,13 @@ impl Checker {
 
     /// Every message `client` answered 2xx (as first delivered): what a
     /// participant recovered from its durable bytes must still reflect.
-    pub fn processed_by(&self, client: &ClientId) -> Vec<Message> {
-        let Some(keys) = self.pairs.get(client) else {
-            return Vec::new();
-        };
-        keys.iter()
+    pub fn processed_by(&self, client: &ClientId) -> impl Iterator<Item = &Message> + use<'_> {
+        self.pairs
+            .get(client)
+            .into_iter()
+            .flatten()
             .filter(|(_, p)| p.processed > 0)
-            .filter_map(|(k, _)| self.keys.get(k)?.delivered.clone())
-            .collect()
+            .filter_map(|(k, _)| self.keys.get(k)?.delivered.as_ref())
     }
 
     /// Confirmed subscribers of `topic` whose subscription has expired at `now`

@@ -9,7 +9,7 @@ use sagamq::machine::Machine;
 use sagamq::saga::order::{Order, OrderFlow, OrderStatus};
 use sagamq::saga::payment::{Charge, Payment, PaymentOrder, Refund};
 use sagamq::saga::stock::{Deduction, Release, Stock, StockOrder};
-use sagamq::saga::{Decision, HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput};
+use sagamq::saga::{Decision, HostConfig, Participant, ParticipantHost, ParticipantInput, ParticipantOutput, Replay};
 use sagamq::{Message, Time};
 use std::time::Duration;
 
@@ -264,4 +264,60 @@ where
     }
     let (h, report) = ParticipantHost::recover(logic, config, image).map_err(|e| e.to_string())?;
     Ok((Box::new(h), report.valid_len, report.records))
+}
+
+/// A node's recoveries, kept to resume: the world recovers the same growing
+/// log at every boot and in every disk probe (the heal's, the end's), and a
+/// shipped host's JSON records are most of a recovery's cost.
+pub trait Recoveries: Send {
+    /// The participant recovered from `image`, exactly as [`host`] builds it.
+    fn recover(&mut self, image: &[u8]) -> Built;
+}
+
+/// [`Recoveries`] of a shipped host: the last replay and the bytes it came
+/// from. An image that begins with those bytes has the same records there
+/// (frames are judged one after the other), so only the records after them
+/// are parsed; any other image is replayed from the start.
+pub struct HostRecoveries<P: Participant> {
+    fresh: Replay<P>,
+    last: Replay<P>,
+    bytes: Vec<u8>,
+}
+
+impl<P: Participant> HostRecoveries<P> {
+    pub fn new(logic: P, config: HostConfig) -> Self {
+        let fresh = Replay::new(logic, config);
+        HostRecoveries {
+            last: fresh.clone(),
+            fresh,
+            bytes: Vec::new(),
+        }
+    }
+}
+
+impl<P> Recoveries for HostRecoveries<P>
+where
+    P: Participant + Send,
+    ParticipantHost<P>: SimParticipant,
+{
+    fn recover(&mut self, image: &[u8]) -> Built {
+        if image.is_empty() {
+            return Ok((Box::new(self.fresh.clone().finish().0), 0, 0));
+        }
+        if !image.starts_with(&self.bytes) {
+            self.last = self.fresh.clone();
+            self.bytes.clear();
+        }
+        if let Err(e) = self.last.feed(image) {
+            // Part-way: start over next time.
+            self.last = self.fresh.clone();
+            self.bytes.clear();
+            return Err(e.to_string());
+        }
+        let end = usize::try_from(self.last.end()).expect("a log in memory");
+        self.bytes.clear();
+        self.bytes.extend_from_slice(&image[..end]);
+        let (h, report) = self.last.clone().finish();
+        Ok((Box::new(h), report.valid_len, report.records))
+    }
 }

@@ -13,7 +13,7 @@ use crate::clock::Skew;
 pub use crate::config::{ATTEMPTS_MAX_DEFAULT, RunConfig, SUBSCRIPTION_GRACE, broker_config};
 use crate::event::{EventLog, Fate, Seq, What};
 use crate::history::Event;
-use crate::participants::{self, Built, SimParticipant, host};
+use crate::participants::{self, Built, HostRecoveries, Recoveries, SimParticipant};
 use crate::plan::{Fault, FaultPlan, PlanIndex};
 use crate::scenario::Workload;
 use crate::topology::node_of_url;
@@ -23,12 +23,14 @@ use crate::transport::{Inbound, SimClock, Transport};
 use crate::wire::Wire;
 use madsim::runtime::{Handle, NodeHandle, Runtime};
 use sagamq::broker::{
-    Broker, BrokerConfig, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Reply, RequestId,
+    Broker, BrokerConfig, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Recovery,
+    RecoveryReport as BrokerRecoveryReport, Reply, RequestId,
 };
-use sagamq::log::{Disk, MemDisk};
+use sagamq::log::{Disk, LogError, MemDisk};
 use sagamq::machine::Machine;
 use sagamq::saga::{CallbackToken, Command, CommandOutcome, OutboxId, ParticipantInput, ParticipantOutput};
 use sagamq::{ClientId, MessageKey, Time, Topic};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
@@ -140,6 +142,11 @@ pub struct Shared {
     /// The size of the chunks every broker recovery reads its image in
     /// (`recovery_chunk`).
     recovery_chunk: usize,
+    /// Per shipped participant node, its recoveries kept to resume (boots and
+    /// disk probes recover the same growing log).
+    recoveries: RefCell<Vec<Option<Box<dyn Recoveries>>>>,
+    /// The broker's last recovery and the bytes it was fed (see `recover_broker`).
+    broker_recovery: RefCell<Option<(Vec<u8>, Recovery)>>,
 }
 
 /// The plan's disk and clock faults in the form the driver checks them.
@@ -315,6 +322,8 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         fail_stop: None,
         tally: vec![crate::audit::HostTally::default(); NODES.len()],
         recovery_chunk: recovery_chunk(seed),
+        recoveries: RefCell::new((0..NODES.len()).map(|_| None).collect()),
+        broker_recovery: RefCell::new(None),
         cfg: cfg.clone(),
         seed,
         def,
@@ -959,9 +968,17 @@ fn build_participant(s: &Shared, node: usize, image: &[u8]) -> Built {
             Some(custom) => custom.build(config, image),
             None => Err("no custom participant configured".to_string()),
         },
-        ORDER => host(def.order_participant(), config, image),
-        STOCK => host(def.stock_participant(), config, image),
-        PAYMENT => host(def.payment_participant(), config, image),
+        ORDER | STOCK | PAYMENT => {
+            let mut recoveries = s.recoveries.borrow_mut();
+            let kept = recoveries[node].get_or_insert_with(|| -> Box<dyn Recoveries> {
+                match node {
+                    ORDER => Box::new(HostRecoveries::new(def.order_participant(), config)),
+                    STOCK => Box::new(HostRecoveries::new(def.stock_participant(), config)),
+                    _ => Box::new(HostRecoveries::new(def.payment_participant(), config)),
+                }
+            });
+            kept.recover(image)
+        }
         _ => Err(format!("node {node} runs no participant")),
     }
 }
@@ -984,15 +1001,25 @@ fn recovery_chunk(seed: u64) -> usize {
     }
 }
 
-/// The broker recovered from `image`, read in the seed's chunks.
-fn recover_broker(
-    s: &Shared,
-    seed: u64,
-    image: &[u8],
-) -> Result<(Broker, sagamq::broker::RecoveryReport), sagamq::log::LogError> {
-    let mut recovery = Broker::recovery(s.broker_config.clone(), seed, image.len() as u64);
-    for chunk in image.chunks(s.recovery_chunk) {
+/// The broker recovered from `image`, as `Broker::recover` does, resuming
+/// the last recovery kept when `image` begins with the bytes it was fed:
+/// boots and probes recover the same growing log again and again (a
+/// compaction rewrites it, and the next recovery starts from scratch). The
+/// bytes are fed in the seed's chunks (`recovery_chunk`).
+fn recover_broker(s: &Shared, image: &[u8]) -> Result<(Broker, BrokerRecoveryReport), LogError> {
+    let len = image.len() as u64;
+    let mut kept = s.broker_recovery.borrow_mut();
+    let resumed = kept
+        .take()
+        .and_then(|(bytes, mut r)| (image.starts_with(&bytes) && r.resume(len)).then_some(r));
+    let mut recovery = resumed.unwrap_or_else(|| Broker::recovery(s.broker_config.clone(), s.seed ^ 0xB20C_E500, len));
+    let fed = usize::try_from(recovery.fed()).expect("a log in memory");
+    for chunk in image[fed..].chunks(s.recovery_chunk) {
         recovery.feed(chunk)?;
+    }
+    let mut copy = recovery.clone();
+    if copy.resume(len) {
+        *kept = Some((image.to_vec(), copy));
     }
     recovery.finish()
 }
@@ -1023,7 +1050,7 @@ fn dedup_bound_probe(s: &Shared, image: &[u8], settled_in_log: usize) -> Result<
 /// replayed, or why it refused.
 fn recover_copy(s: &Shared, i: usize, image: &[u8]) -> Result<u64, String> {
     if i == BROKER {
-        recover_broker(s, s.seed ^ 0xB20C_E500, image)
+        recover_broker(s, image)
             .map(|(_, r)| r.records)
             .map_err(|e| e.to_string())
     } else {
@@ -1041,7 +1068,7 @@ fn probe_dedup(s: &mut Shared) {
     if image.is_empty() {
         return;
     }
-    let Ok((b, _)) = recover_broker(s, s.seed ^ 0xB20C_E500, &image) else {
+    let Ok((b, _)) = recover_broker(s, &image) else {
         return; // a refusal is the recovery invariant's business
     };
     s.check.count("dedup_probe");
@@ -1098,7 +1125,7 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                     clean = false;
                 }
             } else {
-                match recover_broker(s, s.seed ^ 0xB20C_E500, &durable) {
+                match recover_broker(s, &durable) {
                     Err(e) => {
                         let detail = format!("{when}, a power cut would leave the broker a log it refuses: {e}");
                         safety(&mut found, "power-cut-probe", detail);
@@ -1193,7 +1220,6 @@ fn probe_disks(s: &mut Shared, when: &str, at_ms: u64) {
                             && let Some(m) = s
                                 .check
                                 .processed_by(&client)
-                                .into_iter()
                                 .find(|m| reflected(live.as_ref(), m) && !reflected(r.as_ref(), m))
                         {
                             let detail = format!(
@@ -1253,7 +1279,7 @@ fn broker_equivalence(s: &mut Shared, when: &str, at_ms: u64) {
     let Slot::Broker(b) = &s.slots[BROKER] else { return };
     let live = crate::check::DurableState::of(b);
     let image = s.disks[BROKER].read_all();
-    let (detail, audit) = match recover_broker(s, s.seed ^ 0xB20C_E500, &image) {
+    let (detail, audit) = match recover_broker(s, &image) {
         Ok((r, report)) => (
             live.differs(&crate::check::DurableState::of(&r))
                 .map(|d| format!("{when}, the broker recovered from its own log differs from the live one: {d}")),
@@ -1805,7 +1831,7 @@ fn boot(world: &World, i: usize) -> bool {
         if image.is_empty() {
             Ok((Slot::Broker(Box::new(Broker::new(s.broker_config.clone(), seed))), 0, 0))
         } else {
-            recover_broker(&s, seed, &image)
+            recover_broker(&s, &image)
                 .map(|(b, r)| (Slot::Broker(Box::new(b)), r.valid_len, r.records))
                 .map_err(|e| e.to_string())
         }

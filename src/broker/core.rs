@@ -38,6 +38,7 @@ pub(super) type OrderKey = (i64, MsgId);
 /// Bits of a [`DeliveryId`] below the incarnation number.
 pub(super) const DELIVERY_SEQ_BITS: u32 = 40;
 
+#[derive(Clone)]
 pub struct Broker {
     pub(super) config: BrokerConfig,
     pub(super) rng: Rng,
@@ -90,6 +91,7 @@ pub struct Broker {
     pub(super) outputs: VecDeque<BrokerOutput>,
 }
 
+#[derive(Clone)]
 pub(super) struct Subscription {
     pub(super) url: String,
     pub(super) expire_time: Time,
@@ -111,6 +113,7 @@ impl Subscription {
     }
 }
 
+#[derive(Clone)]
 pub(super) struct StoredMessage {
     pub(super) message: Message,
     /// Subscribers still holding it (queued or dead-lettered). Settled at 0.
@@ -119,7 +122,7 @@ pub(super) struct StoredMessage {
     pub(super) lsn: Lsn,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct ClientQueue {
     /// Messages not yet delivered (nor dead-lettered) to this client.
     /// Bounded by `pending_per_subscriber_max`.
@@ -133,6 +136,7 @@ pub(super) struct ClientQueue {
     pub(super) subscriptions: usize,
 }
 
+#[derive(Clone)]
 pub(super) struct Entry {
     pub(super) phase: Phase,
     /// Attempts made since it was queued (or redriven, or the broker restarted).
@@ -166,6 +170,7 @@ pub struct RecoveryReport {
 
 /// A recovery in progress (see [`Broker::recovery`]): records are applied as
 /// their frames arrive.
+#[derive(Clone)]
 pub struct Recovery {
     broker: Broker,
     frames: FrameStream,
@@ -184,6 +189,20 @@ impl Recovery {
             }
             .map_err(|reason| LogError::BadRecord { offset, reason })
         })
+    }
+
+    /// How many bytes of the log were fed so far.
+    pub fn fed(&self) -> u64 {
+        self.frames.fed()
+    }
+
+    /// Lets this recovery go on with a longer log of `log_len` bytes that
+    /// begins with the bytes fed so far (the caller's to check), so that a
+    /// log recovered again and again as it grows (the simulator's probes)
+    /// is replayed once: see [`FrameStream::resume`]. False, and nothing
+    /// changed, when that is not possible.
+    pub fn resume(&mut self, log_len: u64) -> bool {
+        self.frames.resume(log_len)
     }
 
     /// The recovered broker, once every byte was fed.

@@ -12,7 +12,7 @@ use crate::broker::Lsn;
 use crate::types::{GlobalId, Message, MessageKey, MsgId, SubId};
 use std::collections::{BTreeMap, VecDeque};
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(super) struct Dedup {
     /// Live messages by key hash; the key itself is in the stored message.
     live: HashIndex<MsgId>,
@@ -33,6 +33,7 @@ pub(super) struct Dedup {
 /// A multimap from a 64-bit hash to values, tuned for "almost never two values
 /// per hash": one point lookup in the common case (a range scan over a
 /// `(hash, value)` set costs several times more, and recovery does one per record).
+#[derive(Clone)]
 struct HashIndex<V> {
     first: BTreeMap<u64, V>,
     /// Further values sharing a hash with the one in `first` (collisions).
@@ -105,6 +106,7 @@ impl<V: Copy + PartialEq> HashIndex<V> {
     }
 }
 
+#[derive(Clone)]
 pub(super) struct SettledKey {
     hash: u64,
     pub(super) key: MessageKey,

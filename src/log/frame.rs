@@ -199,6 +199,7 @@ enum Phase {
 /// same frames, at the same offsets, and ends with the same verdict as when
 /// fed the whole image at once ([`decode_all`]). It carries at most one frame
 /// ([`FRAME_HEADER_LEN`] + [`FRAME_PAYLOAD_MAX`] bytes) plus one chunk.
+#[derive(Clone)]
 pub struct FrameStream {
     total: u64,
     fed: u64,
@@ -239,6 +240,25 @@ impl FrameStream {
             carry: Vec::new(),
             phase,
         }
+    }
+
+    /// How many bytes were fed so far.
+    pub fn fed(&self) -> u64 {
+        self.fed
+    }
+
+    /// Makes this stream one for a longer log of `total` bytes that begins
+    /// with the bytes fed so far. Possible only when they ended on a frame
+    /// boundary with no damage seen: every frame judged then fit in the log,
+    /// so it is judged the same in the longer one, and nothing waits to be
+    /// judged. False, and nothing changed, otherwise.
+    pub fn resume(&mut self, total: u64) -> bool {
+        let at_boundary = matches!(self.phase, Phase::Frames) && self.carry.is_empty() && self.pos == self.fed;
+        if !at_boundary || total < self.total {
+            return false;
+        }
+        self.total = total;
+        true
     }
 
     fn parsing(&self) -> bool {
@@ -496,6 +516,49 @@ mod tests {
 
     fn payloads_of(r: &Recovered<'_>) -> Vec<Vec<u8>> {
         r.records.iter().map(|(_, p)| p.to_vec()).collect()
+    }
+
+    /// Each frame's offset and payload.
+    type Frames = Vec<(u64, Vec<u8>)>;
+
+    /// The frames and summary of `stream` fed `bytes`, then finished.
+    fn run_stream(mut stream: FrameStream, bytes: &[u8]) -> Result<(Frames, StreamSummary), LogError> {
+        let mut frames = Vec::new();
+        stream.feed(bytes, |offset, payload| {
+            frames.push((offset, payload.to_vec()));
+            Ok(())
+        })?;
+        Ok((frames, stream.finish()))
+    }
+
+    #[test]
+    fn a_stream_resumed_on_a_longer_log_judges_it_as_one_fed_it_whole() {
+        let short = log_of(&[b"one", b"two"]);
+        let mut long = log_of(&[b"one", b"two", b"three"]);
+        long.extend_from_slice(b"torn"); // a torn tail after the new frame
+        let mut stream = FrameStream::new(short.len() as u64);
+        let mut frames = Vec::new();
+        stream
+            .feed(&short, |offset, payload| {
+                frames.push((offset, payload.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        assert!(!stream.resume(short.len() as u64 - 1), "never shorter");
+        assert!(stream.resume(long.len() as u64));
+        let (rest, summary) = run_stream(stream, &long[short.len()..]).unwrap();
+        frames.extend(rest);
+        assert_eq!(
+            (frames, summary),
+            run_stream(FrameStream::new(long.len() as u64), &long).unwrap()
+        );
+        // Not past damage, nor with a frame half fed.
+        let mut torn = FrameStream::new(long.len() as u64 - 2);
+        torn.feed(&long[..long.len() - 2], |_, _| Ok(())).unwrap();
+        assert!(!torn.resume(long.len() as u64));
+        let mut half = FrameStream::new(long.len() as u64);
+        half.feed(&long[..short.len() + 5], |_, _| Ok(())).unwrap();
+        assert!(!half.resume(long.len() as u64 + 10));
     }
 
     #[test]

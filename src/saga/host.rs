@@ -13,7 +13,7 @@
 use super::participant::{Decision, Outgoing, Participant};
 use super::{CallbackToken, Command, CommandOutcome, OutboxId, ParticipantInput, ParticipantOutput};
 use crate::broker::Lsn;
-use crate::log::{LogError, decode_all, decode_frames, encode_frame};
+use crate::log::{FRAME_HEADER_LEN, LogError, decode_all, decode_frames, encode_frame};
 use crate::machine::Machine;
 use crate::rng::Rng;
 use crate::types::{ClientId, Message, MessageKey, PublishRequest, SenderId, SubscribeRequest, Time, Topic};
@@ -176,6 +176,95 @@ struct SubscriptionState {
     confirmed: bool,
 }
 
+/// A participant's log replayed up to some record, before recovery's last
+/// step (every outbox entry scheduled for re-publishing):
+/// [`ParticipantHost::recover`] is one [`Replay::feed`] of the whole image,
+/// then [`Replay::finish`]. A caller that recovers the same growing log again
+/// and again (the simulator's disk probes) keeps a clone and feeds it a later
+/// image that begins with the same [`Replay::end`] bytes: only the records
+/// after them are parsed and replayed.
+#[derive(Clone, Debug)]
+pub struct Replay<P: Participant> {
+    host: ParticipantHost<P>,
+    records: u64,
+    /// Offset just past the last record replayed (0: none yet).
+    end: u64,
+    valid_len: u64,
+    torn_bytes: u64,
+}
+
+impl<P: Participant> Replay<P> {
+    /// Nothing replayed: `logic` is the participant as configured.
+    pub fn new(logic: P, config: HostConfig) -> Self {
+        Replay {
+            host: ParticipantHost::new(logic, config),
+            records: 0,
+            end: 0,
+            valid_len: 0,
+            torn_bytes: 0,
+        }
+    }
+
+    /// How many bytes of the log the records replayed so far came from.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Replays the records of `image` that start at or after [`Replay::end`];
+    /// `image` must begin with the bytes fed before (the caller's to check).
+    /// Damage is judged on the whole image, as by [`ParticipantHost::recover`].
+    /// After an error the replay is part-way: drop it.
+    pub fn feed(&mut self, image: &[u8]) -> Result<(), LogError> {
+        let recovered = decode_all(image)?;
+        let replayed = self.end;
+        for (offset, payload) in recovered.records.iter().filter(|(offset, _)| *offset >= replayed) {
+            // UTF-8 checked once for the whole record, not string by string;
+            // a record that is not UTF-8 gets serde's own error, as before.
+            let parsed = match std::str::from_utf8(payload) {
+                Ok(text) => serde_json::from_str::<HostRecord<P::Change>>(text),
+                Err(_) => serde_json::from_slice(payload),
+            };
+            let record = parsed.map_err(|e| LogError::BadRecord {
+                offset: *offset,
+                reason: e.to_string(),
+            })?;
+            self.records += 1;
+            self.host.replay(Lsn(self.records), record);
+            self.end = offset + (FRAME_HEADER_LEN + payload.len()) as u64;
+        }
+        self.valid_len = recovered.valid_len;
+        self.torn_bytes = recovered.torn_bytes;
+        Ok(())
+    }
+
+    /// The recovered participant: everything replayed is durable and possibly
+    /// unacknowledged, so it publishes every outbox entry again on its first
+    /// timeout (the broker dedups by `(GlobalID, SubID)`).
+    pub fn finish(self) -> (ParticipantHost<P>, RecoveryReport) {
+        let Replay {
+            mut host,
+            records,
+            valid_len,
+            torn_bytes,
+            ..
+        } = self;
+        host.lsn_last = Lsn(records);
+        host.lsn_effect_last = Lsn(records);
+        host.lsn_durable = Lsn(records);
+        for (id, entry) in host.outbox.iter_mut() {
+            entry.retry_at = Some(Time::ZERO);
+            host.retries.insert((Time::ZERO, *id));
+        }
+        let report = RecoveryReport {
+            records,
+            valid_len,
+            torn_bytes,
+            outbox_unacked: host.outbox.len(),
+        };
+        (host, report)
+    }
+}
+
 /// A [`Participant`] made into a [`crate::Machine`] with inbox, outbox and durable records.
 #[derive(Clone, Debug)]
 pub struct ParticipantHost<P: Participant> {
@@ -252,33 +341,9 @@ impl<P: Participant> ParticipantHost<P> {
     /// committed change. A torn tail is dropped (truncate the log to
     /// `valid_len`); corruption followed by more data is refused.
     pub fn recover(logic: P, config: HostConfig, image: &[u8]) -> Result<(Self, RecoveryReport), LogError> {
-        let recovered = decode_all(image)?;
-        let mut host = Self::new(logic, config);
-        let mut lsn = 0u64;
-        for (offset, payload) in &recovered.records {
-            let record: HostRecord<P::Change> = serde_json::from_slice(payload).map_err(|e| LogError::BadRecord {
-                offset: *offset,
-                reason: e.to_string(),
-            })?;
-            lsn += 1;
-            host.replay(Lsn(lsn), record);
-        }
-        host.lsn_last = Lsn(lsn);
-        host.lsn_effect_last = Lsn(lsn);
-        host.lsn_durable = Lsn(lsn);
-        // Everything recovered is durable and possibly unacknowledged: publish it
-        // again on the first timeout. The broker dedups by (GlobalID, SubID).
-        for (id, entry) in host.outbox.iter_mut() {
-            entry.retry_at = Some(Time::ZERO);
-            host.retries.insert((Time::ZERO, *id));
-        }
-        let report = RecoveryReport {
-            records: lsn,
-            valid_len: recovered.valid_len,
-            torn_bytes: recovered.torn_bytes,
-            outbox_unacked: host.outbox.len(),
-        };
-        Ok((host, report))
+        let mut replay = Replay::new(logic, config);
+        replay.feed(image)?;
+        Ok(replay.finish())
     }
 
     fn replay(&mut self, lsn: Lsn, record: HostRecord<P::Change>) {

@@ -105,6 +105,7 @@ pub use content::{
 };
 pub use host::{
     AnyParticipant, HostConfig, HostGauges, HostRecord, HostStats, OutboxEntryRecord, ParticipantHost, RecoveryReport,
+    Replay,
 };
 pub use ids::{CustomerId, ProductId};
 pub use participant::{Decision, Outgoing, Participant};

@@ -223,3 +223,35 @@ fn durable_for_an_unwritten_record_is_a_driver_bug() {
         lsn: crate::broker::Lsn(5),
     });
 }
+
+#[test]
+fn a_replay_resumed_on_a_longer_log_recovers_what_one_recovery_does() {
+    use crate::saga::Replay;
+    let mut b = Bench::with_config(Echo::default(), config());
+    b.tick();
+    b.feed(ParticipantInput::Subscribed {
+        topic: Topic::lit("ping"),
+    });
+    let mut images = Vec::new();
+    for id in ["g1", "g2", "g3"] {
+        let m = ping(&mut b, id);
+        b.deliver(&m);
+        let outs = b.sync();
+        b.ack_all(&outs);
+        b.sync();
+        images.push(b.disk.read_all());
+    }
+    let whole = images.last().unwrap();
+    let (once, once_report) = ParticipantHost::recover(Echo::default(), config(), whole).unwrap();
+    let mut replay = Replay::new(Echo::default(), config());
+    for image in &images {
+        replay.feed(image).unwrap();
+        assert!(replay.end() > 0 && whole.starts_with(&image[..replay.end() as usize]));
+    }
+    let (resumed, resumed_report) = replay.finish();
+    assert_eq!(resumed_report, once_report);
+    assert_eq!(format!("{resumed:?}"), format!("{once:?}"));
+    assert_eq!(resumed_report.records, 6, "three effects, three acks");
+    let consumed = ["g1", "g2", "g3"].map(|id| resumed.consumed(&ping(&mut b, id).key()));
+    assert_eq!(consumed, [true; 3]);
+}
