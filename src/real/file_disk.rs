@@ -276,37 +276,25 @@ impl FileDisk {
         }
     }
 
-    /// For the end of that compaction, on the same thread: a function that
-    /// appends `since` (what the old file got after the state was taken) to
-    /// the synced temp file `new`, syncs it, renames it over the log and
-    /// syncs the directory, as [`FileDisk::try_replace`] does, and returns the
-    /// log opened anew. At every instant either name holds every record
-    /// synced so far: the old file until the rename is durable, the new one
-    /// (synced before the rename) after. Nothing may be appended meanwhile;
-    /// then [`FileDisk::install_compacted`].
-    pub fn compaction_switcher(
-        &self,
-    ) -> impl FnOnce(Box<dyn FsFile>, &[u8]) -> io::Result<Box<dyn FsFile>> + Send + 'static {
-        let fs = self.fs.clone();
-        let (tmp, path, dir) = (self.dir.join(LOG_TEMP_FILE_NAME), self.path.clone(), self.dir.clone());
-        move |mut new, since| {
-            if !since.is_empty() {
-                new.write_all(since)?;
-                new.sync_data()?;
-            }
-            drop(new);
-            fs.rename(&tmp, &path)?;
-            fs.sync_dir(&dir)?;
-            fs.open_rw(&path)
+    /// Appends `since` (what was appended to the old file after the
+    /// compaction's state was taken) to the synced temp file `new`, syncs
+    /// it, and makes it the log as [`FileDisk::try_replace`] does: rename,
+    /// then the directory's fsync. Either name holds every record synced so
+    /// far at any instant: the old file until the rename is durable, the new
+    /// one (synced before the rename) after.
+    pub fn switch_to_compacted(&mut self, mut new: Box<dyn FsFile>, state_len: u64, since: &[u8]) -> io::Result<()> {
+        if !since.is_empty() {
+            new.write_all(since)?;
+            new.sync_data()?;
         }
-    }
-
-    /// Makes `file` (the compacted log, `body_len` bytes after its file
-    /// header) the one appended to.
-    pub fn install_compacted(&mut self, file: Box<dyn FsFile>, body_len: u64) {
-        self.file = file;
-        self.len = log::FILE_HEADER_LEN as u64 + body_len;
+        drop(new);
+        let tmp = self.dir.join(LOG_TEMP_FILE_NAME);
+        self.fs.rename(&tmp, &self.path)?;
+        self.fs.sync_dir(&self.dir)?;
+        self.file = self.fs.open_rw(&self.path)?;
+        self.len = log::FILE_HEADER_LEN as u64 + state_len + since.len() as u64;
         self.alloc = self.len;
+        Ok(())
     }
 }
 

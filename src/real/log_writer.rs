@@ -1,22 +1,20 @@
-//! The log writer: applies one batch of appends to the [`FileDisk`] and
-//! syncs it once (group commit). The batch is written to the page cache on
-//! the driver's thread (a `pwrite` into preallocated space, no hand-off to
-//! another thread); its `fdatasync` runs on one of [`SYNCS_IN_FLIGHT_MAX`]
-//! sync threads; a compaction's new file is written and synced on a thread
-//! of its own while appends go on to the old file.
+//! The log writer thread: applies one batch of appends/replaces to the
+//! [`FileDisk`] and syncs it once (group commit), off the async runtime.
 //!
-//! **Invariant:** batches are written one at a time, in the order the
+//! **Invariant:** the thread writes batches one at a time, in the order the
 //! writes were handed over, and `WriteDone { lsn }` means every write up to
 //! `lsn` is durable (reports may come out of order: a report with a lower
 //! `lsn` than an earlier one says nothing new, unless it is an error).
-//! Writes handed over while every sync slot is busy wait in a queue and go
-//! out together as the next batch as soon as a slot frees.
+//! Writes handed over meanwhile wait in a shared queue; the thread takes all
+//! of them as its next batch as soon as it has written the previous one and
+//! one of the [`SYNCS_IN_FLIGHT_MAX`] sync slots is free (no round trip
+//! through the driver in between).
 
 use super::file_disk::FileDisk;
 use super::fs::FsFile;
 use crate::broker::Lsn;
 use crate::log::FRAME_HEADER_LEN;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -101,86 +99,43 @@ pub struct WriteDone {
     pub result: Result<BatchReport, String>,
 }
 
-/// What the sync and compaction threads tell the writer.
-enum Event {
-    /// One batch's `fdatasync` returned; `file` is its descriptor, back to
-    /// the pool if it succeeded and still belongs to the log.
-    Synced {
-        lsn: Lsn,
-        result: Result<BatchReport, String>,
-        file: Box<dyn FsFile>,
-        generation: u64,
-    },
-    /// A compaction's new file holds the file header and the state, synced.
-    CompactionWritten(std::io::Result<()>),
-    /// The compaction's new file is the log now (open for writing), or the
-    /// switch failed.
-    Switched(std::io::Result<Box<dyn FsFile>>),
+/// What the driver and the writer thread share: the writes handed over and
+/// not yet taken.
+struct Queue {
+    pending: PendingWrites,
+    /// The thread sleeps on the condvar (a hand-over must wake it).
+    idle: bool,
+    /// No more batches: the handle was dropped or a write failed.
+    closed: bool,
+    /// A compaction's new file is written and synced: the writer switches to
+    /// it before its next batch.
+    compaction_ready: bool,
 }
 
-/// One batch written to the page cache, waiting for its `fdatasync`.
-struct SyncJob {
-    lsn: Lsn,
-    report: BatchReport,
-    file: Box<dyn FsFile>,
-    /// The log file it is a descriptor of (a compaction starts a new one).
-    generation: u64,
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
 }
 
-/// A compaction in progress. Its new file (file header, then the live state)
-/// is written and synced by a thread of its own while batches go on being
-/// appended to the old file, which keeps every record (the appends before
-/// the rewrite included): until the switch, the old file is the log, whole
-/// and durable as before. Then nothing is written while the thread appends
-/// what the old file got since the state was taken (`since`) to the new file,
-/// syncs it, renames it over the log and syncs the directory.
-struct Compaction {
-    lsn: Lsn,
-    /// Bytes of the live state in the new file (after its file header).
-    state_len: u64,
-    /// Everything appended to the old file since the state was taken.
-    since: Vec<u8>,
-    /// The new file is written: the switch is under way, with `since_len`
-    /// bytes of `since` (nothing is written meanwhile).
-    switching: bool,
-    since_len: u64,
-    /// Hands `since` to the thread for the switch (dropped: abandoned).
-    tail_tx: Option<std::sync::mpsc::Sender<Vec<u8>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
-/// The log writer: group commit, one batch at a time written to the page
-/// cache by the driver's own thread (a `pwrite`, no hand-off), its
-/// `fdatasync` run by one of [`SYNCS_IN_FLIGHT_MAX`] sync threads. Writes
-/// handed over while every sync slot is busy (or a compaction switches
-/// files) wait here and go out as one batch as soon as a slot frees.
+/// Handle to the writer thread. Dropping it ends the thread after the writes
+/// already handed over.
 pub struct LogWriter {
-    disk: FileDisk,
-    /// Handed over, not written yet.
-    queue: PendingWrites,
-    /// A batch cut at a second rewrite while a compaction still runs: the
-    /// rest of its writes, and what its first part cost. Written first once
-    /// that compaction is switched to.
-    held: Option<(WriteBatch, BatchReport)>,
-    events: mpsc::UnboundedReceiver<Event>,
-    events_tx: mpsc::UnboundedSender<Event>,
-    jobs: Option<std::sync::mpsc::Sender<SyncJob>>,
-    sync_threads: Vec<std::thread::JoinHandle<()>>,
-    /// Idle descriptors of the current log file.
-    files: Vec<Box<dyn FsFile>>,
-    generation: u64,
-    in_flight: usize,
-    /// A write or sync failed: nothing more is written.
-    failed: bool,
-    /// Reports given before any event: a write's error, or (the broken test
-    /// writer) a batch reported before its sync.
-    ready: std::collections::VecDeque<WriteDone>,
-    compaction: Option<Compaction>,
+    shared: Arc<Shared>,
+    done: mpsc::Receiver<WriteDone>,
     /// The last lsn handed over, and the last one reported back.
     handed: Option<Lsn>,
     reported: Option<Lsn>,
-    reply_before_fsync: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Reports waiting for the driver; a full channel holds the thread back.
+const REPORTS_QUEUED_MAX: usize = 64;
 
 impl LogWriter {
     pub fn spawn(disk: FileDisk) -> std::io::Result<LogWriter> {
@@ -194,37 +149,42 @@ impl LogWriter {
         LogWriter::spawn_with(disk, true)
     }
 
-    fn spawn_with(disk: FileDisk, reply_before_fsync: bool) -> std::io::Result<LogWriter> {
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<SyncJob>();
-        let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-        let mut sync_threads = Vec::new();
-        for i in 0..SYNCS_IN_FLIGHT_MAX {
-            let (jobs_rx, tx) = (jobs_rx.clone(), events_tx.clone());
-            let path = disk.path().to_path_buf();
-            sync_threads.push(
-                std::thread::Builder::new()
-                    .name(format!("sagamq-sync{i}"))
-                    .spawn(move || sync_thread(&jobs_rx, &tx, &path))?,
-            );
-        }
+    fn spawn_with(mut disk: FileDisk, reply_before_fsync: bool) -> std::io::Result<LogWriter> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue {
+                pending: PendingWrites::default(),
+                idle: false,
+                closed: false,
+                compaction_ready: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let (done_tx, done_rx) = mpsc::channel::<WriteDone>(REPORTS_QUEUED_MAX);
+        let queue = shared.clone();
+        let thread = std::thread::Builder::new().name("sagamq-log".into()).spawn(move || {
+            if reply_before_fsync {
+                while let Some(next) = next_batch(&queue) {
+                    let Next::Batch(batch) = next else { continue };
+                    let result = apply_unsynced(&mut disk, &batch.ops);
+                    let failed = result.is_err();
+                    if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
+                        break;
+                    }
+                    if disk.try_sync().is_err() {
+                        break;
+                    }
+                }
+            } else {
+                write_and_sync(&mut disk, &queue, done_tx);
+            }
+            queue.lock().closed = true;
+        })?;
         Ok(LogWriter {
-            disk,
-            queue: PendingWrites::default(),
-            held: None,
-            events,
-            events_tx,
-            jobs: Some(jobs_tx),
-            sync_threads,
-            files: Vec::new(),
-            generation: 0,
-            in_flight: 0,
-            failed: false,
-            ready: Default::default(),
-            compaction: None,
+            shared,
+            done: done_rx,
             handed: None,
             reported: None,
-            reply_before_fsync,
+            thread: Some(thread),
         })
     }
 
@@ -236,244 +196,45 @@ impl LogWriter {
         }
     }
 
-    /// Hands everything pending over: written at once as the next batch if a
-    /// sync slot is free, otherwise as soon as one is.
+    /// Hands everything pending to the thread: it joins the writes the thread
+    /// has not taken yet, and goes out with them in its next batch.
     pub fn start(&mut self, pending: &mut PendingWrites) {
         let Some(lsn) = pending.lsn else { return };
-        if self.failed {
-            // The driver already saw the failure (or sees it next in `done`).
+        let mut q = self.shared.lock();
+        // The thread only stops after a failure, which the driver already saw
+        // (or sees next in `done`).
+        if q.closed {
             return;
         }
-        self.queue.absorb(pending);
+        q.pending.absorb(pending);
         self.handed = Some(lsn);
-        self.pump();
+        if q.idle {
+            q.idle = false;
+            drop(q);
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Waits for the next batch report (pending forever when nothing was
-    /// handed over since the last one, for `select!`). Cancel-safe: an event
-    /// is handled in full once received.
+    /// handed over since the last one, for `select!`).
     pub async fn done(&mut self) -> WriteDone {
-        loop {
-            if let Some(d) = self.ready.pop_front() {
+        // Even with nothing in flight: a sync overtaken by a later one still
+        // reports (an error included, which must not wait for more work).
+        match self.done.recv().await {
+            Some(d) => {
                 self.reported = self.reported.max(Some(d.lsn));
-                return d;
+                d
             }
-            // Even with nothing in flight: a sync overtaken by a later one
-            // still reports (an error included).
-            let Some(event) = self.events.recv().await else {
-                return std::future::pending().await;
-            };
-            if let Some(d) = self.on_event(event) {
-                self.reported = self.reported.max(Some(d.lsn));
-                return d;
-            }
-        }
-    }
-
-    fn on_event(&mut self, event: Event) -> Option<WriteDone> {
-        match event {
-            Event::Synced {
-                lsn,
-                result,
-                file,
-                generation,
-            } => {
-                self.in_flight -= 1;
-                if result.is_err() {
-                    // After a failed fsync nothing more may be written.
-                    self.failed = true;
-                } else if generation == self.generation {
-                    self.files.push(file);
-                }
-                self.pump();
-                Some(WriteDone { lsn, result })
-            }
-            Event::CompactionWritten(result) => {
-                let c = self.compaction.as_mut().expect("a compaction runs");
-                match result {
-                    Ok(()) => {
-                        // Nothing is written until the switch is done.
-                        c.switching = true;
-                        let since = std::mem::take(&mut c.since);
-                        c.since_len = since.len() as u64;
-                        if let Some(tx) = c.tail_tx.take() {
-                            let _ = tx.send(since);
-                        }
-                        None
-                    }
-                    Err(e) => {
-                        let lsn = c.lsn;
-                        self.end_compaction();
-                        self.fail(lsn, format!("compaction of {}: {e}", self.disk.path().display()))
+            None => match self.in_flight() {
+                Some(handed) => {
+                    self.reported = Some(handed);
+                    WriteDone {
+                        lsn: handed,
+                        result: Err("log writer thread stopped".into()),
                     }
                 }
-            }
-            Event::Switched(result) => {
-                let c = self.compaction.as_ref().expect("a compaction runs");
-                let (lsn, len) = (c.lsn, c.state_len);
-                let since_len = c.since_len;
-                self.end_compaction();
-                match result {
-                    Ok(file) => {
-                        self.disk.install_compacted(file, len + since_len);
-                        // Descriptors of the old file would sync the old file.
-                        self.files.clear();
-                        self.generation += 1;
-                        self.pump();
-                        None
-                    }
-                    Err(e) => self.fail(lsn, format!("compaction of {}: {e}", self.disk.path().display())),
-                }
-            }
-        }
-    }
-
-    fn end_compaction(&mut self) {
-        if let Some(mut c) = self.compaction.take() {
-            c.tail_tx = None;
-            if let Some(t) = c.thread.take() {
-                let _ = t.join();
-            }
-        }
-    }
-
-    /// A write failed: nothing more is written; the error is reported next.
-    fn fail(&mut self, lsn: Lsn, e: String) -> Option<WriteDone> {
-        self.failed = true;
-        Some(WriteDone { lsn, result: Err(e) })
-    }
-
-    /// Writes the next batch if it may go now.
-    fn pump(&mut self) {
-        if self.failed || self.in_flight >= SYNCS_IN_FLIGHT_MAX {
-            return;
-        }
-        let (batch, report) = match self.held.take() {
-            Some(held) if self.compaction.is_none() => held,
-            Some(held) => {
-                self.held = Some(held);
-                return;
-            }
-            None if self.compaction.as_ref().is_some_and(|c| c.switching) => return,
-            None => match self.queue.take() {
-                Some(batch) => (batch, BatchReport::default()),
-                None => return,
+                None => std::future::pending().await,
             },
-        };
-        if let Err(e) = self.write(batch, report) {
-            let (lsn, e) = e;
-            if let Some(d) = self.fail(lsn, e) {
-                self.ready.push_back(d);
-            }
-        }
-    }
-
-    /// Writes a batch and starts its sync (or holds the rest of it at a
-    /// second rewrite while a compaction runs).
-    fn write(&mut self, batch: WriteBatch, mut report: BatchReport) -> Result<(), (Lsn, String)> {
-        let lsn = batch.lsn;
-        let path = self.disk.path().display().to_string();
-        let mut ops = batch.ops.into_iter();
-        while let Some(op) = ops.next() {
-            match op {
-                WriteOp::Append(b) => {
-                    self.disk
-                        .try_append(&b)
-                        .map_err(|e| (lsn, format!("append to {path}: {e}")))?;
-                    report.bytes += b.len() as u64;
-                    report.records += count_frames(&b);
-                    if let Some(c) = &mut self.compaction {
-                        c.since.extend_from_slice(&b);
-                    }
-                }
-                WriteOp::Replace(state) => {
-                    if self.compaction.is_some() {
-                        // One compaction at a time (a second one so soon is
-                        // rare): the rest waits for the switch.
-                        let mut rest = vec![WriteOp::Replace(state)];
-                        rest.extend(ops);
-                        self.held = Some((WriteBatch { ops: rest, lsn }, report));
-                        return Ok(());
-                    }
-                    report.bytes += state.len() as u64;
-                    report.records += count_frames(&state);
-                    report.replaced = true;
-                    self.compaction = Some(self.start_compaction(lsn, state).map_err(|e| (lsn, e))?);
-                }
-            }
-        }
-        let file = match self.files.pop() {
-            Some(f) => f,
-            None => self
-                .disk
-                .open_sync_descriptor()
-                .map_err(|e| (lsn, format!("open {path} to sync it: {e}")))?,
-        };
-        if self.reply_before_fsync {
-            self.ready.push_back(WriteDone { lsn, result: Ok(report) });
-        }
-        let job = SyncJob {
-            lsn,
-            report,
-            file,
-            generation: self.generation,
-        };
-        self.in_flight += 1;
-        if let Some(jobs) = &self.jobs {
-            if jobs.send(job).is_err() {
-                self.in_flight -= 1;
-                return Err((lsn, "the log sync threads stopped".into()));
-            }
-        }
-        Ok(())
-    }
-
-    fn start_compaction(&mut self, lsn: Lsn, state: Vec<u8>) -> Result<Compaction, String> {
-        let write = self.disk.compaction_writer();
-        let switch = self.disk.compaction_switcher();
-        let events = self.events_tx.clone();
-        let (tail_tx, tail_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let state_len = state.len() as u64;
-        let thread = std::thread::Builder::new()
-            .name("sagamq-compact".into())
-            .spawn(move || {
-                let file = match write(&state) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        let _ = events.send(Event::CompactionWritten(Err(e)));
-                        return;
-                    }
-                };
-                drop(state);
-                if events.send(Event::CompactionWritten(Ok(()))).is_err() {
-                    return;
-                }
-                // The writer stopped meanwhile: the temp file is left to be
-                // removed at the next start; the old file is the log.
-                let Ok(since) = tail_rx.recv() else { return };
-                let _ = events.send(Event::Switched(switch(file, &since)));
-            })
-            .map_err(|e| format!("start the compaction thread: {e}"))?;
-        Ok(Compaction {
-            lsn,
-            state_len,
-            since: Vec::new(),
-            switching: false,
-            since_len: 0,
-            tail_tx: Some(tail_tx),
-            thread: Some(thread),
-        })
-    }
-}
-impl Drop for LogWriter {
-    /// The syncs already started finish before it returns (their reports
-    /// are dropped); a compaction still writing its new file is waited for
-    /// and left unfinished (its temp file is removed at the next start).
-    fn drop(&mut self) {
-        self.jobs = None;
-        self.end_compaction();
-        for t in self.sync_threads.drain(..) {
-            let _ = t.join();
         }
     }
 }
@@ -483,22 +244,195 @@ impl Drop for LogWriter {
 /// coalesced by the kernel's block layer, so more of them complete per second
 /// than one at a time (on this project's VM disk, 4 concurrent callers did
 /// several times the syncs per second of one).
-///
-/// Each sync reports as soon as it returns, and `WriteDone { lsn }` still
-/// means every write up to `lsn` is durable: an `fdatasync` makes durable all
-/// that was written to the file before it (POSIX), through any descriptor. On
-/// Linux it first waits for the writeback of every dirty or in-flight page of
-/// the file, an earlier sync's included, and fails if any of those writes
-/// failed since this descriptor's last sync; a descriptor goes back to the
-/// pool only after a successful sync, and after any failure nothing more is
-/// written. So a later sync may report before an earlier, slower one (whose
-/// report then says nothing new), and an error from any sync still reaches
-/// the driver.
 pub const SYNCS_IN_FLIGHT_MAX: usize = 4;
+/// One batch written to the page cache, waiting for its `fdatasync`.
+struct SyncJob {
+    lsn: Lsn,
+    report: BatchReport,
+    file: Box<dyn FsFile>,
+    /// The log file it is a descriptor of (a compaction starts a new one).
+    generation: u64,
+}
+
+/// What the writer thread and the sync threads share.
+#[derive(Default)]
+struct SyncState {
+    in_flight: usize,
+    /// Idle descriptors of the current log file.
+    files: Vec<Box<dyn FsFile>>,
+    generation: u64,
+    failed: bool,
+}
+
+struct Syncs {
+    state: Mutex<SyncState>,
+    changed: Condvar,
+}
+
+impl Syncs {
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
+        self.changed.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The writer thread: writes each batch to the page cache at once, then has
+/// one of [`SYNCS_IN_FLIGHT_MAX`] sync threads `fdatasync` it while it writes
+/// and syncs the next. Each sync reports as soon as it returns, and
+/// `WriteDone { lsn }` still means every write up to `lsn` is durable: an
+/// `fdatasync` makes durable all that was written to the file before it
+/// (POSIX), through any descriptor. On Linux it first waits for the
+/// writeback of every dirty or in-flight page of the file, an earlier sync's
+/// included, and fails if any of those writes failed since this descriptor's
+/// last sync; a descriptor goes back to the pool only after a successful
+/// sync, and after any failure nothing more is dispatched. So a later sync
+/// may report before an earlier, slower one (whose report then says nothing
+/// new), and an error from any sync still reaches the driver. A compaction
+/// (`Replace`) waits for every sync in flight, then runs alone.
+fn write_and_sync(disk: &mut FileDisk, queue: &Arc<Shared>, done_tx: mpsc::Sender<WriteDone>) {
+    let syncs = Arc::new(Syncs {
+        state: Mutex::new(SyncState::default()),
+        changed: Condvar::new(),
+    });
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<SyncJob>();
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    let mut threads = Vec::new();
+    for i in 0..SYNCS_IN_FLIGHT_MAX {
+        let (syncs, jobs_rx, tx) = (syncs.clone(), jobs_rx.clone(), done_tx.clone());
+        let path = disk.path().to_path_buf();
+        let t = std::thread::Builder::new()
+            .name(format!("sagamq-sync{i}"))
+            .spawn(move || sync_thread(&syncs, &jobs_rx, &tx, &path));
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                let _ = done_tx.blocking_send(WriteDone {
+                    lsn: Lsn::default(),
+                    result: Err(format!("start a log sync thread: {e}")),
+                });
+                return;
+            }
+        }
+    }
+    let mut compaction: Option<Compaction> = None;
+    let fail = |lsn: Lsn, e: String| {
+        let _ = done_tx.blocking_send(WriteDone { lsn, result: Err(e) });
+    };
+    while let Some(next) = next_batch(queue) {
+        if syncs.lock().failed {
+            break;
+        }
+        let batch = match next {
+            Next::Compacted => {
+                if let Some(c) = compaction.take() {
+                    let lsn = c.lsn;
+                    if let Err(e) = c.finish(disk, &syncs) {
+                        fail(lsn, e);
+                        break;
+                    }
+                }
+                continue;
+            }
+            Next::Batch(batch) => batch,
+        };
+        let mut report = BatchReport::default();
+        let mut failed = None;
+        for op in batch.ops {
+            match op {
+                WriteOp::Append(b) => {
+                    if let Err(e) = disk.try_append(&b) {
+                        failed = Some(format!("append to {}: {e}", disk.path().display()));
+                        break;
+                    }
+                    report.bytes += b.len() as u64;
+                    report.records += count_frames(&b);
+                    if let Some(c) = &mut compaction {
+                        c.since.extend_from_slice(&b);
+                    }
+                }
+                WriteOp::Replace(state) => {
+                    // One compaction at a time: a second one (rare) waits
+                    // for the first to be switched to.
+                    if let Some(c) = compaction.take() {
+                        if let Err(e) = c.finish(disk, &syncs) {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    report.bytes += state.len() as u64;
+                    report.records += count_frames(&state);
+                    report.replaced = true;
+                    match Compaction::start(disk, queue, batch.lsn, state) {
+                        Ok(c) => compaction = Some(c),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed {
+            fail(batch.lsn, e);
+            break;
+        }
+        let mut g = syncs.lock();
+        while g.in_flight >= SYNCS_IN_FLIGHT_MAX && !g.failed {
+            g = syncs.wait(g);
+        }
+        if g.failed {
+            break;
+        }
+        let file = match g.files.pop() {
+            Some(f) => f,
+            None => match disk.open_sync_descriptor() {
+                Ok(f) => f,
+                Err(e) => {
+                    drop(g);
+                    fail(batch.lsn, format!("open {} to sync it: {e}", disk.path().display()));
+                    break;
+                }
+            },
+        };
+        g.in_flight += 1;
+        let generation = g.generation;
+        drop(g);
+        let job = SyncJob {
+            lsn: batch.lsn,
+            report,
+            file,
+            generation,
+        };
+        if jobs_tx.send(job).is_err() {
+            break;
+        }
+    }
+    // A compaction still running is finished (or, after a failure, left: its
+    // temp file is removed at the next start and the old file is the log).
+    if let Some(c) = compaction.take() {
+        let lsn = c.lsn;
+        if !syncs.lock().failed {
+            if let Err(e) = c.finish(disk, &syncs) {
+                fail(lsn, e);
+            }
+        } else {
+            let _ = c.thread.join();
+        }
+    }
+    // The syncs already started finish and are reported before the thread ends.
+    drop(jobs_tx);
+    for t in threads {
+        let _ = t.join();
+    }
+}
 
 fn sync_thread(
+    syncs: &Syncs,
     jobs: &Mutex<std::sync::mpsc::Receiver<SyncJob>>,
-    events: &mpsc::UnboundedSender<Event>,
+    done_tx: &mpsc::Sender<WriteDone>,
     path: &std::path::Path,
 ) {
     loop {
@@ -510,16 +444,146 @@ fn sync_thread(
         let t0 = Instant::now();
         let result = job.file.sync_data();
         job.report.sync_time = t0.elapsed();
+        let failed = result.is_err();
         let result = result
             .map(|()| job.report)
             .map_err(|e| format!("fdatasync {}: {e}", path.display()));
-        let _ = events.send(Event::Synced {
-            lsn: job.lsn,
-            result,
-            file: job.file,
-            generation: job.generation,
-        });
+        let mut g = syncs.lock();
+        if failed {
+            // After a failed fsync nothing more may be written.
+            g.failed = true;
+        } else if job.generation == g.generation {
+            g.files.push(job.file);
+        }
+        // Reported at once, under the lock (so that no sync in flight means
+        // every sync reported): it covers every batch written before it.
+        let _ = done_tx.blocking_send(WriteDone { lsn: job.lsn, result });
+        g.in_flight -= 1;
+        drop(g);
+        syncs.changed.notify_all();
     }
+}
+
+/// What the writer thread does next.
+enum Next {
+    /// Everything handed over so far, as one batch.
+    Batch(WriteBatch),
+    /// Switch to the compacted file (before anything else).
+    Compacted,
+}
+
+/// The writer thread's wait for work; `None` once closed with nothing left
+/// (a compaction still running is then finished by the caller).
+fn next_batch(shared: &Shared) -> Option<Next> {
+    let mut q = shared.lock();
+    loop {
+        if std::mem::take(&mut q.compaction_ready) {
+            return Some(Next::Compacted);
+        }
+        if let Some(batch) = q.pending.take() {
+            return Some(Next::Batch(batch));
+        }
+        if q.closed {
+            return None;
+        }
+        q.idle = true;
+        q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// A compaction in progress: its new file (file header and the live state)
+/// is written and synced by a thread of its own while the writer goes on
+/// appending to the old file, which keeps every record, so the old file is
+/// the log, whole and durable as before, until the switch.
+struct Compaction {
+    lsn: Lsn,
+    /// Bytes of the live state (the new file holds the file header, these,
+    /// then `since`).
+    state_len: u64,
+    /// Everything appended to the old file since the compaction's state was
+    /// taken, copied to the new file at the switch.
+    since: Vec<u8>,
+    done: std::sync::mpsc::Receiver<std::io::Result<Box<dyn FsFile>>>,
+    thread: std::thread::JoinHandle<()>,
+    queue: Arc<Shared>,
+}
+
+impl Compaction {
+    fn start(disk: &FileDisk, queue: &Arc<Shared>, lsn: Lsn, state: Vec<u8>) -> Result<Compaction, String> {
+        let (tx, done) = std::sync::mpsc::channel();
+        let write = disk.compaction_writer();
+        let ready = queue.clone();
+        let state_len = state.len() as u64;
+        let thread = std::thread::Builder::new()
+            .name("sagamq-compact".into())
+            .spawn(move || {
+                let _ = tx.send(write(&state));
+                ready.lock().compaction_ready = true;
+                ready.wake.notify_one();
+            })
+            .map_err(|e| format!("start the compaction thread: {e}"))?;
+        Ok(Compaction {
+            lsn,
+            state_len,
+            since: Vec::new(),
+            done,
+            thread,
+            queue: queue.clone(),
+        })
+    }
+
+    /// Waits for the new file, appends `since` to it, syncs it and makes it
+    /// the log (rename, directory fsync). The sync descriptors of the old file
+    /// are dropped: a sync on the old file still in flight covers bytes the
+    /// new file holds durably already (synced before the rename).
+    fn finish(self, disk: &mut FileDisk, syncs: &Syncs) -> Result<(), String> {
+        let file = self.done.recv().map_err(|_| "the compaction thread stopped".to_string());
+        let _ = self.thread.join();
+        // Its wake-up (set before the join returned) is this switch.
+        self.queue.lock().compaction_ready = false;
+        let file = file?.map_err(|e| format!("compaction of {}: {e}", disk.path().display()))?;
+        {
+            let mut g = syncs.lock();
+            g.files.clear();
+            g.generation += 1;
+        }
+        disk.switch_to_compacted(file, self.state_len, &self.since)
+            .map_err(|e| format!("compaction of {}: {e}", disk.path().display()))
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+        self.done.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The writes of one batch, not yet synced (a `Replace` is durable on its own).
+fn apply_unsynced(disk: &mut FileDisk, ops: &[WriteOp]) -> Result<BatchReport, String> {
+    let mut report = BatchReport::default();
+    for op in ops {
+        match op {
+            WriteOp::Append(b) => {
+                disk.try_append(b)
+                    .map_err(|e| format!("append to {}: {e}", disk.path().display()))?;
+                report.bytes += b.len() as u64;
+                report.records += count_frames(b);
+            }
+            WriteOp::Replace(b) => {
+                disk.try_replace(b)
+                    .map_err(|e| format!("compaction of {}: {e}", disk.path().display()))?;
+                report.bytes += b.len() as u64;
+                report.records += count_frames(b);
+                report.replaced = true;
+            }
+        }
+    }
+    Ok(report)
 }
 
 /// Number of frames in a buffer of whole frames (walks the length headers).
