@@ -177,7 +177,10 @@ async fn sigterm_stops_cleanly_and_a_torn_tail_is_cut_at_restart() {
     let log = dir.join("sagamq.log");
     let mut bytes = std::fs::read(&log).unwrap();
     let clean = sagamq::log::decode_all(&bytes).expect("a clean log");
-    assert!(bytes[clean.valid_len as usize..].iter().all(|b| *b == 0), "only zeros after the log");
+    assert!(
+        bytes[clean.valid_len as usize..].iter().all(|b| *b == 0),
+        "only zeros after the log"
+    );
     let good_len = clean.valid_len;
     let torn = [40, 0, 0, 0, 1, 2, 3, 4, 9, 9];
     let at = good_len as usize;

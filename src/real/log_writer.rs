@@ -539,7 +539,10 @@ impl Compaction {
     /// are dropped: a sync on the old file still in flight covers bytes the
     /// new file holds durably already (synced before the rename).
     fn finish(self, disk: &mut FileDisk, syncs: &Syncs) -> Result<(), String> {
-        let file = self.done.recv().map_err(|_| "the compaction thread stopped".to_string());
+        let file = self
+            .done
+            .recv()
+            .map_err(|_| "the compaction thread stopped".to_string());
         let _ = self.thread.join();
         // Its wake-up (set before the join returned) is this switch.
         self.queue.lock().compaction_ready = false;

@@ -637,7 +637,10 @@ fn a_preallocated_log_is_overwritten_in_place_and_torn_images_keep_a_prefix_of_t
         assert_eq!(torn.len(), clean.len(), "an overwrite does not change the size");
         assert_eq!(torn[..end], clean[..end]);
         // A prefix of the overwrite, then the old zeros.
-        let kept = (0..second.len()).rev().find(|&i| torn[end + i] != 0).map_or(0, |i| i + 1);
+        let kept = (0..second.len())
+            .rev()
+            .find(|&i| torn[end + i] != 0)
+            .map_or(0, |i| i + 1);
         assert_eq!(&torn[end..end + kept], &second[..kept]);
         assert!(torn[end + kept..].iter().all(|b| *b == 0), "{torn:?}");
         seen_partial |= kept > 0 && kept < second.len();
@@ -659,6 +662,10 @@ fn a_preallocated_log_is_overwritten_in_place_and_torn_images_keep_a_prefix_of_t
     assert_eq!(disk.len(), log_len as u64);
     disk.try_append(&first).unwrap();
     let bytes = disk.try_read_all().unwrap();
-    assert_eq!(crate::log::decode_all(&bytes).unwrap().records.len(), 4, "appended over the zeros");
+    assert_eq!(
+        crate::log::decode_all(&bytes).unwrap().records.len(),
+        4,
+        "appended over the zeros"
+    );
     assert_eq!(bytes.len(), log_len + 64, "no growth while the zeros last");
 }

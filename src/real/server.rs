@@ -542,9 +542,16 @@ mod tests {
         std::fs::write(d.join(crate::real::file_disk::LOG_FILE_NAME), &log).unwrap();
         let (_, disk, report) = recover(&d, BrokerConfig::default(), 1).expect("zeros hold no record");
         assert_eq!(report.valid_len, valid);
-        assert_eq!(report.torn_bytes, 0, "zeros to the end are preallocated space, not a torn write");
+        assert_eq!(
+            report.torn_bytes, 0,
+            "zeros to the end are preallocated space, not a torn write"
+        );
         assert_eq!(disk.len(), valid, "the log goes on at the first zero");
-        assert_eq!(std::fs::read(d.join(crate::real::file_disk::LOG_FILE_NAME)).unwrap(), log, "kept as they are");
+        assert_eq!(
+            std::fs::read(d.join(crate::real::file_disk::LOG_FILE_NAME)).unwrap(),
+            log,
+            "kept as they are"
+        );
         drop(disk);
 
         // A frame cut short by zeros in its payload is torn too.
@@ -560,7 +567,9 @@ mod tests {
         let (_, disk, report) = recover(&d2, BrokerConfig::default(), 1).expect("a zero-filled frame is torn");
         assert_eq!(report.valid_len, valid);
         assert!(report.torn_bytes > 0);
-        let file_len = std::fs::metadata(d2.join(crate::real::file_disk::LOG_FILE_NAME)).unwrap().len();
+        let file_len = std::fs::metadata(d2.join(crate::real::file_disk::LOG_FILE_NAME))
+            .unwrap()
+            .len();
         assert_eq!((disk.len(), file_len), (valid, valid), "cut durably");
         drop(disk);
 
