@@ -8,7 +8,9 @@
 //! Writes handed over meanwhile wait in a shared queue; the thread takes all
 //! of them as its next batch as soon as it has written the previous one and
 //! one of the [`SYNCS_IN_FLIGHT_MAX`] sync slots is free (no round trip
-//! through the driver in between).
+//! through the driver in between). A compaction's new file is written and
+//! synced on a thread of its own while the appends go on to the old file,
+//! which stays the log, whole, until the switch ([`Compaction`]).
 
 use super::file_disk::FileDisk;
 use super::fs::FsFile;
@@ -291,7 +293,8 @@ impl Syncs {
 /// sync, and after any failure nothing more is dispatched. So a later sync
 /// may report before an earlier, slower one (whose report then says nothing
 /// new), and an error from any sync still reaches the driver. A compaction
-/// (`Replace`) waits for every sync in flight, then runs alone.
+/// (`Replace`) runs alongside the appends (see [`Compaction`]); only its
+/// switch to the new file, between two batches, holds them back.
 fn write_and_sync(disk: &mut FileDisk, queue: &Arc<Shared>, done_tx: mpsc::Sender<WriteDone>) {
     let syncs = Arc::new(Syncs {
         state: Mutex::new(SyncState::default()),
