@@ -359,11 +359,11 @@ fn write_and_sync(disk: &mut FileDisk, queue: &Arc<Shared>, done_tx: mpsc::Sende
                 WriteOp::Replace(state) => {
                     // One compaction at a time: a second one (rare) waits
                     // for the first to be switched to.
-                    if let Some(c) = compaction.take() {
-                        if let Err(e) = c.finish(disk, &syncs) {
-                            failed = Some(e);
-                            break;
-                        }
+                    if let Some(c) = compaction.take()
+                        && let Err(e) = c.finish(disk, &syncs)
+                    {
+                        failed = Some(e);
+                        break;
                     }
                     report.bytes += state.len() as u64;
                     report.records += count_frames(&state);
