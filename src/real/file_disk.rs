@@ -8,6 +8,16 @@
 //! which the OS releases when the process dies (so `kill -9` leaves none behind).
 //! As every [`Disk`], it writes the log's file header itself: on the first
 //! append to an empty log (in the same `write`) and ahead of every `replace`.
+//!
+//! **Preallocation** (opt-in, [`FileDisk::preallocate`]; the broker's log
+//! uses it): the file is grown ahead of the log in slices of written zeros,
+//! and appends overwrite those zeros in place, so most `fdatasync`s need not
+//! commit a new file size (on ext4 an overwrite inside the file's size skips
+//! the journal commit an append needs). Real zeros, not `fallocate`: an
+//! unwritten extent still needs a metadata change at its first write. The
+//! log's length ([`FileDisk::len`]) is then less than the file's; recovery
+//! reads the zeros after the last frame as a tail that holds no record, and
+//! [`FileDisk::adopt_zero_tail`] keeps them as preallocated space.
 
 use super::fs::{Fs, FsFile, FsLock, std_fs};
 use crate::log::{self, Disk};
@@ -30,7 +40,12 @@ pub struct FileDisk {
     dir: PathBuf,
     path: PathBuf,
     file: Box<dyn FsFile>,
+    /// The log's length: where the next append goes.
     len: u64,
+    /// The file's length (at least `len`; beyond `len`, preallocated zeros).
+    alloc: u64,
+    /// Grow the file by slices of this many bytes of zeros (0: plain appends).
+    prealloc: u64,
     /// Locked for as long as this value lives.
     _lock: Box<dyn FsLock>,
 }
@@ -74,7 +89,7 @@ impl FileDisk {
         }
         let path = dir.join(LOG_FILE_NAME);
         let created = !fs.exists(&path)?;
-        let file = fs.open_append(&path)?;
+        let file = fs.open_rw(&path)?;
         if created {
             // Make the new file's directory entry durable, or a crash could
             // lose the whole (acknowledged) log with it.
@@ -87,6 +102,8 @@ impl FileDisk {
             path,
             file,
             len,
+            alloc: len,
+            prealloc: 0,
             _lock: lock,
         })
     }
@@ -95,8 +112,50 @@ impl FileDisk {
         &self.path
     }
 
+    /// The log's length (on opening: the file's, which recovery reads whole).
     pub fn len(&self) -> u64 {
         self.len
+    }
+
+    /// From now on, grow the file ahead of the log by `slice` bytes of zeros
+    /// at a time (0: append without preallocating).
+    pub fn preallocate(&mut self, slice: u64) {
+        self.prealloc = slice;
+    }
+
+    /// When everything from `valid_len` to the end of the file reads as
+    /// zeros (preallocated space, or a size that reached the disk before its
+    /// data: no record either way), keeps it as preallocated space and makes
+    /// `valid_len` the log's length, without touching the file. Returns
+    /// whether it did; otherwise nothing changed.
+    pub fn adopt_zero_tail(&mut self, valid_len: u64) -> io::Result<bool> {
+        if valid_len > self.alloc {
+            return Ok(false);
+        }
+        let mut f = self.open_reader()?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = 0u64;
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            let end = at + n as u64;
+            if end > valid_len {
+                let from = valid_len.saturating_sub(at) as usize;
+                if buf[from..n].iter().any(|b| *b != 0) {
+                    return Ok(false);
+                }
+            }
+            at = end;
+        }
+        if at != self.alloc {
+            return Ok(false);
+        }
+        self.len = valid_len;
+        Ok(true)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -124,17 +183,34 @@ impl FileDisk {
     }
 
     /// Appends (after the file header if the log is empty, in the same
-    /// write); volatile until [`FileDisk::try_sync`].
+    /// write); volatile until [`FileDisk::try_sync`]. With preallocation, an
+    /// append that passes the end of the file grows it by a slice of zeros
+    /// past the new bytes (written after them, so the file has no hole),
+    /// and the next sync commits the new size once for the slice.
     pub fn try_append(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if self.len == 0 && !bytes.is_empty() {
-            let mut first = log::empty_log();
-            first.extend_from_slice(bytes);
-            self.file.write_all(&first)?;
-            self.len = first.len() as u64;
+        if bytes.is_empty() {
             return Ok(());
         }
-        self.file.write_all(bytes)?;
-        self.len += bytes.len() as u64;
+        let first;
+        let bytes = if self.len == 0 {
+            let mut b = log::empty_log();
+            b.extend_from_slice(bytes);
+            first = b;
+            &first[..]
+        } else {
+            bytes
+        };
+        let end = self.len + bytes.len() as u64;
+        self.file.write_all_at(self.len, bytes)?;
+        self.len = end;
+        if end > self.alloc {
+            self.alloc = end;
+            if self.prealloc > 0 {
+                let zeros = vec![0u8; self.prealloc as usize];
+                self.file.write_all_at(end, &zeros)?;
+                self.alloc = end + self.prealloc;
+            }
+        }
         Ok(())
     }
 
@@ -142,10 +218,10 @@ impl FileDisk {
     /// thread (it makes durable whatever was written to the file before it,
     /// through any descriptor). Invalid after [`FileDisk::try_replace`].
     pub fn open_sync_descriptor(&self) -> io::Result<Box<dyn FsFile>> {
-        self.fs.open_append(&self.path)
+        self.fs.open_rw(&self.path)
     }
 
-    /// `fdatasync`: the appended data (and the file size) reach the device.
+    /// `fdatasync`: the written data (and the file size) reach the device.
     pub fn try_sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }
@@ -155,6 +231,7 @@ impl FileDisk {
         self.file.set_len(len)?;
         self.file.sync_all()?;
         self.len = len;
+        self.alloc = len;
         Ok(())
     }
 
@@ -173,8 +250,50 @@ impl FileDisk {
         self.fs.rename(&tmp, &self.path)?;
         // The rename is durable only once the directory is.
         self.fs.sync_dir(&self.dir)?;
-        self.file = self.fs.open_append(&self.path)?;
+        self.file = self.fs.open_rw(&self.path)?;
         self.len = (log::FILE_HEADER_LEN + bytes.len()) as u64;
+        // The new file is appended to normally until the next append grows
+        // it by a slice.
+        self.alloc = self.len;
+        Ok(())
+    }
+}
+
+impl FileDisk {
+    /// For a compaction alongside appends: a function, to run on another
+    /// thread, that creates the temp file, writes the file header and
+    /// `state`, syncs it and returns it open (its name is not durable yet).
+    /// [`FileDisk::switch_to_compacted`] then makes it the log.
+    pub fn compaction_writer(&self) -> impl FnOnce(&[u8]) -> io::Result<Box<dyn FsFile>> + Send + 'static {
+        let fs = self.fs.clone();
+        let tmp = self.dir.join(LOG_TEMP_FILE_NAME);
+        move |state| {
+            let mut t = fs.create_truncate(&tmp)?;
+            t.write_all(&log::empty_log())?;
+            t.write_all(state)?;
+            t.sync_data()?;
+            Ok(t)
+        }
+    }
+
+    /// Appends `since` (what was appended to the old file after the
+    /// compaction's state was taken) to the synced temp file `new`, syncs
+    /// it, and makes it the log as [`FileDisk::try_replace`] does: rename,
+    /// then the directory's fsync. Either name holds every record synced so
+    /// far at any instant: the old file until the rename is durable, the new
+    /// one (synced before the rename) after.
+    pub fn switch_to_compacted(&mut self, mut new: Box<dyn FsFile>, state_len: u64, since: &[u8]) -> io::Result<()> {
+        if !since.is_empty() {
+            new.write_all(since)?;
+            new.sync_data()?;
+        }
+        drop(new);
+        let tmp = self.dir.join(LOG_TEMP_FILE_NAME);
+        self.fs.rename(&tmp, &self.path)?;
+        self.fs.sync_dir(&self.dir)?;
+        self.file = self.fs.open_rw(&self.path)?;
+        self.len = log::FILE_HEADER_LEN as u64 + state_len + since.len() as u64;
+        self.alloc = self.len;
         Ok(())
     }
 }

@@ -18,7 +18,12 @@ use std::sync::Arc;
 /// An open file.
 #[allow(clippy::len_without_is_empty)]
 pub trait FsFile: Send + fmt::Debug {
+    /// Writes at the current position (a file made by
+    /// [`Fs::create_truncate`] is written front to back with it).
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// `pwrite`: writes at `offset` (overwriting, or extending the file),
+    /// whatever the current position.
+    fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
     /// Reads from the current position (files opened for reading start at 0).
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// `fdatasync`: written bytes and the size reach the device.
@@ -40,8 +45,9 @@ pub trait Fs: Send + Sync + fmt::Debug + 'static {
     fn lock(&self, path: &Path) -> io::Result<Box<dyn FsLock>>;
     fn exists(&self, path: &Path) -> io::Result<bool>;
     fn remove_file(&self, path: &Path) -> io::Result<()>;
-    /// Opens for reading and appending, creating the file if missing.
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
+    /// Opens for reading and writing at given offsets (not `O_APPEND`: a
+    /// preallocated log is overwritten in place), creating the file if missing.
+    fn open_rw(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
     /// Opens an existing file for reading from its start.
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
     /// Creates (or empties) a file for writing.
@@ -66,6 +72,9 @@ struct StdFile(File);
 impl FsFile for StdFile {
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.0.write_all(bytes)
+    }
+    fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, bytes, offset)
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf)
@@ -112,8 +121,13 @@ impl Fs for StdFs {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
     }
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
-        let f = OpenOptions::new().read(true).append(true).create(true).open(path)?;
+    fn open_rw(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         Ok(Box::new(StdFile(f)))
     }
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {

@@ -8,7 +8,9 @@
 //! Writes handed over meanwhile wait in a shared queue; the thread takes all
 //! of them as its next batch as soon as it has written the previous one and
 //! one of the [`SYNCS_IN_FLIGHT_MAX`] sync slots is free (no round trip
-//! through the driver in between).
+//! through the driver in between). A compaction's new file is written and
+//! synced on a thread of its own while the appends go on to the old file,
+//! which stays the log, whole, until the switch ([`Compaction`]).
 
 use super::file_disk::FileDisk;
 use super::fs::FsFile;
@@ -49,9 +51,10 @@ impl PendingWrites {
     }
 
     /// A rewrite holds the live state, which already includes the effect of
-    /// every earlier `Persist`: earlier pending ops are superseded.
+    /// every earlier `Persist`. The earlier appends are still written: the
+    /// writer goes on appending to the old file while the new one is written
+    /// (see [`write_and_sync`]), and the old file must hold every record.
     pub fn replace(&mut self, lsn: Lsn, frames: Vec<u8>) {
-        self.ops.clear();
         self.ops.push(WriteOp::Replace(frames));
         self.lsn = Some(lsn);
     }
@@ -64,8 +67,7 @@ impl PendingWrites {
         })
     }
 
-    /// Moves everything in `other` behind what is here (a rewrite in `other`
-    /// supersedes what is here, as [`PendingWrites::replace`] does).
+    /// Moves everything in `other` behind what is here.
     fn absorb(&mut self, other: &mut PendingWrites) {
         let Some(lsn) = other.lsn.take() else { return };
         for op in other.ops.drain(..) {
@@ -107,6 +109,9 @@ struct Queue {
     idle: bool,
     /// No more batches: the handle was dropped or a write failed.
     closed: bool,
+    /// A compaction's new file is written and synced: the writer switches to
+    /// it before its next batch.
+    compaction_ready: bool,
 }
 
 struct Shared {
@@ -152,6 +157,7 @@ impl LogWriter {
                 pending: PendingWrites::default(),
                 idle: false,
                 closed: false,
+                compaction_ready: false,
             }),
             wake: Condvar::new(),
         });
@@ -159,7 +165,8 @@ impl LogWriter {
         let queue = shared.clone();
         let thread = std::thread::Builder::new().name("sagamq-log".into()).spawn(move || {
             if reply_before_fsync {
-                while let Some(batch) = next_batch(&queue) {
+                while let Some(next) = next_batch(&queue) {
+                    let Next::Batch(batch) = next else { continue };
                     let result = apply_unsynced(&mut disk, &batch.ops);
                     let failed = result.is_err();
                     if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
@@ -286,8 +293,9 @@ impl Syncs {
 /// sync, and after any failure nothing more is dispatched. So a later sync
 /// may report before an earlier, slower one (whose report then says nothing
 /// new), and an error from any sync still reaches the driver. A compaction
-/// (`Replace`) waits for every sync in flight, then runs alone.
-fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<WriteDone>) {
+/// (`Replace`) runs alongside the appends (see [`Compaction`]); only its
+/// switch to the new file, between two batches, holds them back.
+fn write_and_sync(disk: &mut FileDisk, queue: &Arc<Shared>, done_tx: mpsc::Sender<WriteDone>) {
     let syncs = Arc::new(Syncs {
         state: Mutex::new(SyncState::default()),
         changed: Condvar::new(),
@@ -312,39 +320,68 @@ fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<Wri
             }
         }
     }
-    while let Some(batch) = next_batch(queue) {
+    let mut compaction: Option<Compaction> = None;
+    let fail = |lsn: Lsn, e: String| {
+        let _ = done_tx.blocking_send(WriteDone { lsn, result: Err(e) });
+    };
+    while let Some(next) = next_batch(queue) {
         if syncs.lock().failed {
             break;
         }
-        if batch.ops.iter().any(|op| matches!(op, WriteOp::Replace(_))) {
-            let mut g = syncs.lock();
-            while g.in_flight > 0 && !g.failed {
-                g = syncs.wait(g);
+        let batch = match next {
+            Next::Compacted => {
+                if let Some(c) = compaction.take() {
+                    let lsn = c.lsn;
+                    if let Err(e) = c.finish(disk, &syncs) {
+                        fail(lsn, e);
+                        break;
+                    }
+                }
+                continue;
             }
-            if g.failed {
-                break;
-            }
-            // Descriptors of the old file would sync the old file.
-            g.files.clear();
-            g.generation += 1;
-            drop(g);
-            let result = apply(disk, &batch.ops);
-            let failed = result.is_err();
-            if done_tx.blocking_send(WriteDone { lsn: batch.lsn, result }).is_err() || failed {
-                break;
-            }
-            continue;
-        }
-        let report = match apply_unsynced(disk, &batch.ops) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = done_tx.blocking_send(WriteDone {
-                    lsn: batch.lsn,
-                    result: Err(e),
-                });
-                break;
-            }
+            Next::Batch(batch) => batch,
         };
+        let mut report = BatchReport::default();
+        let mut failed = None;
+        for op in batch.ops {
+            match op {
+                WriteOp::Append(b) => {
+                    if let Err(e) = disk.try_append(&b) {
+                        failed = Some(format!("append to {}: {e}", disk.path().display()));
+                        break;
+                    }
+                    report.bytes += b.len() as u64;
+                    report.records += count_frames(&b);
+                    if let Some(c) = &mut compaction {
+                        c.since.extend_from_slice(&b);
+                    }
+                }
+                WriteOp::Replace(state) => {
+                    // One compaction at a time: a second one (rare) waits
+                    // for the first to be switched to.
+                    if let Some(c) = compaction.take()
+                        && let Err(e) = c.finish(disk, &syncs)
+                    {
+                        failed = Some(e);
+                        break;
+                    }
+                    report.bytes += state.len() as u64;
+                    report.records += count_frames(&state);
+                    report.replaced = true;
+                    match Compaction::start(disk, queue, batch.lsn, state) {
+                        Ok(c) => compaction = Some(c),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed {
+            fail(batch.lsn, e);
+            break;
+        }
         let mut g = syncs.lock();
         while g.in_flight >= SYNCS_IN_FLIGHT_MAX && !g.failed {
             g = syncs.wait(g);
@@ -358,10 +395,7 @@ fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<Wri
                 Ok(f) => f,
                 Err(e) => {
                     drop(g);
-                    let _ = done_tx.blocking_send(WriteDone {
-                        lsn: batch.lsn,
-                        result: Err(format!("open {} to sync it: {e}", disk.path().display())),
-                    });
+                    fail(batch.lsn, format!("open {} to sync it: {e}", disk.path().display()));
                     break;
                 }
             },
@@ -377,6 +411,18 @@ fn write_and_sync(disk: &mut FileDisk, queue: &Shared, done_tx: mpsc::Sender<Wri
         };
         if jobs_tx.send(job).is_err() {
             break;
+        }
+    }
+    // A compaction still running is finished (or, after a failure, left: its
+    // temp file is removed at the next start and the old file is the log).
+    if let Some(c) = compaction.take() {
+        let lsn = c.lsn;
+        if !syncs.lock().failed {
+            if let Err(e) = c.finish(disk, &syncs) {
+                fail(lsn, e);
+            }
+        } else {
+            let _ = c.thread.join();
         }
     }
     // The syncs already started finish and are reported before the thread ends.
@@ -421,19 +467,105 @@ fn sync_thread(
     }
 }
 
-/// The writer thread's wait for work: everything handed over so far, as one
-/// batch; `None` once closed with nothing left.
-fn next_batch(shared: &Shared) -> Option<WriteBatch> {
+/// What the writer thread does next.
+enum Next {
+    /// Everything handed over so far, as one batch.
+    Batch(WriteBatch),
+    /// Switch to the compacted file (before anything else).
+    Compacted,
+}
+
+/// The writer thread's wait for work; `None` once closed with nothing left
+/// (a compaction still running is then finished by the caller).
+fn next_batch(shared: &Shared) -> Option<Next> {
     let mut q = shared.lock();
     loop {
+        if std::mem::take(&mut q.compaction_ready) {
+            return Some(Next::Compacted);
+        }
         if let Some(batch) = q.pending.take() {
-            return Some(batch);
+            return Some(Next::Batch(batch));
         }
         if q.closed {
             return None;
         }
         q.idle = true;
         q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// A compaction in progress: its new file (file header and the live state)
+/// is written and synced by a thread of its own while the writer goes on
+/// appending to the old file, which keeps every record, so the old file is
+/// the log, whole and durable as before, until the switch.
+struct Compaction {
+    lsn: Lsn,
+    /// Bytes of the live state (the new file holds the file header, these,
+    /// then `since`).
+    state_len: u64,
+    /// Everything appended to the old file since the compaction's state was
+    /// taken, copied to the new file at the switch.
+    since: Vec<u8>,
+    done: std::sync::mpsc::Receiver<std::io::Result<Box<dyn FsFile>>>,
+    thread: std::thread::JoinHandle<()>,
+    queue: Arc<Shared>,
+    started: Instant,
+}
+
+impl Compaction {
+    fn start(disk: &FileDisk, queue: &Arc<Shared>, lsn: Lsn, state: Vec<u8>) -> Result<Compaction, String> {
+        let (tx, done) = std::sync::mpsc::channel();
+        let write = disk.compaction_writer();
+        let ready = queue.clone();
+        let state_len = state.len() as u64;
+        let thread = std::thread::Builder::new()
+            .name("sagamq-compact".into())
+            .spawn(move || {
+                let _ = tx.send(write(&state));
+                ready.lock().compaction_ready = true;
+                ready.wake.notify_one();
+            })
+            .map_err(|e| format!("start the compaction thread: {e}"))?;
+        Ok(Compaction {
+            lsn,
+            state_len,
+            since: Vec::new(),
+            done,
+            thread,
+            queue: queue.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for the new file, appends `since` to it, syncs it and makes it
+    /// the log (rename, directory fsync). The sync descriptors of the old file
+    /// are dropped: a sync on the old file still in flight covers bytes the
+    /// new file holds durably already (synced before the rename).
+    fn finish(self, disk: &mut FileDisk, syncs: &Syncs) -> Result<(), String> {
+        let file = self
+            .done
+            .recv()
+            .map_err(|_| "the compaction thread stopped".to_string());
+        let _ = self.thread.join();
+        // Its wake-up (set before the join returned) is this switch.
+        self.queue.lock().compaction_ready = false;
+        let file = file?.map_err(|e| format!("compaction of {}: {e}", disk.path().display()))?;
+        {
+            let mut g = syncs.lock();
+            g.files.clear();
+            g.generation += 1;
+        }
+        let t0 = Instant::now();
+        disk.switch_to_compacted(file, self.state_len, &self.since)
+            .map_err(|e| format!("compaction of {}: {e}", disk.path().display()))?;
+        tracing::info!(
+            bytes = self.state_len,
+            appended_meanwhile = self.since.len(),
+            total_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            appends_held_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "compacted the log"
+        );
+        Ok(())
     }
 }
 
@@ -446,15 +578,6 @@ impl Drop for LogWriter {
             let _ = t.join();
         }
     }
-}
-
-fn apply(disk: &mut FileDisk, ops: &[WriteOp]) -> Result<BatchReport, String> {
-    let mut report = apply_unsynced(disk, ops)?;
-    let t0 = Instant::now();
-    disk.try_sync()
-        .map_err(|e| format!("fdatasync {}: {e}", disk.path().display()))?;
-    report.sync_time = t0.elapsed();
-    Ok(report)
 }
 
 /// The writes of one batch, not yet synced (a `Replace` is durable on its own).
@@ -498,7 +621,7 @@ mod tests {
     use crate::log::{decode_all, decode_frames, encode_frame};
 
     #[test]
-    fn pending_merges_appends_and_a_replace_supersedes_them() {
+    fn pending_merges_appends_and_keeps_them_ahead_of_a_replace() {
         let mut p = PendingWrites::default();
         assert!(p.is_empty());
         p.append(Lsn(1), b"a".to_vec());
@@ -508,12 +631,15 @@ mod tests {
         p.append(Lsn(4), b"c".to_vec());
         let batch = p.take().unwrap();
         assert_eq!(batch.lsn, Lsn(4));
-        assert!(matches!(&batch.ops[..], [WriteOp::Replace(r), WriteOp::Append(c)] if r == b"R" && c == b"c"));
+        // The appends before the rewrite still go to the old file, which
+        // stays the log until the compacted one replaces it.
+        assert!(matches!(&batch.ops[..],
+            [WriteOp::Append(ab), WriteOp::Replace(r), WriteOp::Append(c)] if ab == b"ab" && r == b"R" && c == b"c"));
         assert!(p.is_empty());
     }
 
     #[test]
-    fn handing_over_joins_the_queue_and_a_handed_replace_supersedes_it() {
+    fn handing_over_joins_the_queue_in_order() {
         let mut queue = PendingWrites::default();
         let mut p = PendingWrites::default();
         p.append(Lsn(1), b"a".to_vec());
@@ -528,7 +654,8 @@ mod tests {
         queue.absorb(&mut p);
         let batch = queue.take().unwrap();
         assert_eq!(batch.lsn, Lsn(4));
-        assert!(matches!(&batch.ops[..], [WriteOp::Replace(r), WriteOp::Append(c)] if r == b"R" && c == b"c"));
+        assert!(matches!(&batch.ops[..],
+            [WriteOp::Append(ab), WriteOp::Replace(r), WriteOp::Append(c)] if ab == b"ab" && r == b"R" && c == b"c"));
         // Nothing to hand over: the queue is unchanged.
         queue.absorb(&mut p);
         assert!(queue.is_empty());

@@ -117,24 +117,32 @@ impl State {
         }
         let mut files = BTreeMap::new();
         for (path, &ino) in &names {
-            let (durable_len, data_len, extends) = {
+            // The unsynced changes start at the first byte where the page
+            // cache and the durable content differ: appended bytes, or bytes
+            // overwritten in place (a preallocated log).
+            let (durable_len, data_len, first_change) = {
                 let i = &self.inodes[ino];
-                (i.durable.len(), i.data.len(), i.data.starts_with(&i.durable))
+                let common = i.durable.iter().zip(&i.data).take_while(|(d, c)| d == c).count();
+                (i.durable.len(), i.data.len(), common)
             };
             let mut bytes = self.inodes[ino].durable.clone();
-            if torn && extends && data_len > durable_len {
-                let extra = self.below((data_len - durable_len) as u64 + 1) as usize;
+            if torn && data_len >= durable_len && data_len > first_change {
+                let extra = self.below((data_len - first_change) as u64 + 1) as usize;
                 any_torn |= extra > 0;
-                // A prefix of the unsynced bytes survives; in a third of the
-                // cuts only part of it has its data, the rest reads as zeros
+                // A prefix of the unsynced changes survives, written in order;
+                // in a third of the cuts only part of it has its data, the rest
+                // reads as before: the old bytes, or zeros where the file grew
                 // (the new size reached the disk before the data did).
                 let with_data = if self.below(3) == 0 {
                     self.below(extra as u64 + 1) as usize
                 } else {
                     extra
                 };
-                bytes.extend_from_slice(&self.inodes[ino].data[durable_len..durable_len + with_data]);
-                bytes.resize(durable_len + extra, 0);
+                if bytes.len() < first_change + extra {
+                    bytes.resize(first_change + extra, 0);
+                }
+                bytes[first_change..first_change + with_data]
+                    .copy_from_slice(&self.inodes[ino].data[first_change..first_change + with_data]);
             }
             files.insert(path.clone(), bytes);
         }
@@ -336,6 +344,18 @@ impl FsFile for PageCacheFile {
         st.inodes[self.ino].data.extend_from_slice(bytes);
         Ok(())
     }
+    fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let mut st = self.fs.inner.lock();
+        st.boundary("pwrite");
+        let at = usize::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let data = &mut st.inodes[self.ino].data;
+        if data.len() < at + bytes.len() {
+            // A write past the end leaves a hole, which reads as zeros.
+            data.resize(at + bytes.len(), 0);
+        }
+        data[at..at + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let st = self.fs.inner.lock();
         let data = &st.inodes[self.ino].data;
@@ -416,7 +436,7 @@ impl Fs for PageCacheFs {
         st.dir_ops.push(DirOp::Unlink(path.to_path_buf()));
         Ok(())
     }
-    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+    fn open_rw(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
         let ino = {
             let mut st = self.inner.lock();
             match st.names.get(path) {
@@ -495,7 +515,7 @@ mod tests {
         let fs = PageCacheFs::new(3);
         fs.create_dir_all(&dir()).unwrap();
         let log = dir().join("log");
-        let mut f = fs.open_append(&log).unwrap();
+        let mut f = fs.open_rw(&log).unwrap();
         f.write_all(b"abc").unwrap();
         f.sync_data().unwrap();
         // The file's name was never made durable: a cut loses the file.
@@ -528,7 +548,7 @@ mod tests {
         let fs = PageCacheFs::new(5);
         fs.create_dir_all(&dir()).unwrap();
         let (log, tmp) = (dir().join("log"), dir().join("tmp"));
-        let mut f = fs.open_append(&log).unwrap();
+        let mut f = fs.open_rw(&log).unwrap();
         f.write_all(b"old").unwrap();
         f.sync_data().unwrap();
         fs.sync_dir(&dir()).unwrap();

@@ -216,6 +216,9 @@ async fn run_workload(seed: u64, reply_before_fsync: bool, sync_latency: Duratio
     o.seed = seed;
     o.broker = config();
     o.test_reply_before_fsync = reply_before_fsync;
+    // Small slices: the log grows by many of them in a run, and most writes
+    // overwrite preallocated zeros in place, as in `serve`.
+    o.log_prealloc_slice = 2048;
     // The key file lives on the real file system; the log is what is tested.
     o.signing_key = Some("power-loss-signing-key".into());
     let broker = server::start(o).await.expect("broker starts");
@@ -606,4 +609,63 @@ fn recovery_reads_what_the_model_kept() {
     disk.try_replace(b"compacted").unwrap();
     let clean = fs.crash_image("t", false);
     assert_eq!(clean.files[&PathBuf::from("/m/sagamq.log")], with_header(b"compacted"));
+}
+
+#[test]
+fn a_preallocated_log_is_overwritten_in_place_and_torn_images_keep_a_prefix_of_the_overwrite() {
+    let frame = |payload: &[u8]| {
+        let mut out = Vec::new();
+        crate::log::encode_frame(payload, &mut out);
+        out
+    };
+    let (first, second, third) = (frame(b"durable"), frame(b"+volatile"), frame(&[7u8; 70]));
+    let fs = PageCacheFs::new(4);
+    let log = PathBuf::from("/p/sagamq.log");
+    let mut disk = super::file_disk::FileDisk::open_in(Arc::new(fs.clone()), Path::new("/p")).unwrap();
+    disk.preallocate(64);
+    disk.try_append(&first).unwrap();
+    disk.try_sync().unwrap();
+    let end = crate::log::FILE_HEADER_LEN + first.len();
+    let clean = fs.crash_image("t", false).files[&log].clone();
+    assert_eq!(clean.len(), end + 64, "grown by a slice of zeros past the log");
+    assert!(clean[end..].iter().all(|b| *b == 0));
+    assert_eq!(disk.len(), end as u64);
+    disk.try_append(&second).unwrap();
+    let mut seen_partial = false;
+    for _ in 0..60 {
+        let torn = &fs.crash_image("t", true).files[&log];
+        assert_eq!(torn.len(), clean.len(), "an overwrite does not change the size");
+        assert_eq!(torn[..end], clean[..end]);
+        // A prefix of the overwrite, then the old zeros.
+        let kept = (0..second.len())
+            .rev()
+            .find(|&i| torn[end + i] != 0)
+            .map_or(0, |i| i + 1);
+        assert_eq!(&torn[end..end + kept], &second[..kept]);
+        assert!(torn[end + kept..].iter().all(|b| *b == 0), "{torn:?}");
+        seen_partial |= kept > 0 && kept < second.len();
+    }
+    assert!(seen_partial, "no torn image kept part of the overwrite");
+    // Past the slice: grown again by a slice.
+    disk.try_append(&third).unwrap();
+    disk.try_sync().unwrap();
+    let now = fs.crash_image("t", false).files[&log].clone();
+    let log_len = end + second.len() + third.len();
+    assert_eq!(now.len(), log_len + 64);
+    // Recovery reads the records, and the zeros after them as no record.
+    drop(disk);
+    let mut disk = super::file_disk::FileDisk::open_in(Arc::new(fs.clone()), Path::new("/p")).unwrap();
+    let bytes = disk.try_read_all().unwrap();
+    let r = crate::log::decode_all(&bytes).unwrap();
+    assert_eq!((r.records.len(), r.valid_len), (3, log_len as u64));
+    assert!(disk.adopt_zero_tail(r.valid_len).unwrap());
+    assert_eq!(disk.len(), log_len as u64);
+    disk.try_append(&first).unwrap();
+    let bytes = disk.try_read_all().unwrap();
+    assert_eq!(
+        crate::log::decode_all(&bytes).unwrap().records.len(),
+        4,
+        "appended over the zeros"
+    );
+    assert_eq!(bytes.len(), log_len + 64, "no growth while the zeros last");
 }

@@ -59,6 +59,9 @@ pub struct ServeOptions {
     pub lazy_sync_delay: std::time::Duration,
     /// Where the log lives: the OS (default) or, in tests, the page-cache model.
     pub fs: Arc<dyn Fs>,
+    /// The log file is grown by this many bytes of zeros at a time, ahead of
+    /// its records ([`LOG_PREALLOC_SLICE`]; 0: plain appends).
+    pub log_prealloc_slice: u64,
     /// Test-only: the log writer reports a batch durable *before* its
     /// `fdatasync` (the bug the power-loss test must catch).
     #[cfg(test)]
@@ -99,6 +102,7 @@ impl ServeOptions {
             seed: super::clock::unix_nanos_now(),
             lazy_sync_delay: super::driver::LAZY_SYNC_DELAY_DEFAULT,
             fs: super::fs::std_fs(),
+            log_prealloc_slice: LOG_PREALLOC_SLICE,
             #[cfg(test)]
             test_reply_before_fsync: false,
             #[cfg(test)]
@@ -248,8 +252,10 @@ pub async fn start(opts: ServeOptions) -> Result<RunningBroker, ServeError> {
     opts.check()?;
     let fs = opts.fs.clone();
     let given_key = opts.signing_key.clone();
+    let prealloc = opts.log_prealloc_slice;
     let (broker, disk, recovery, signing_key) = tokio::task::spawn_blocking(move || {
-        let (broker, disk, report) = recover_in(fs, &dir, broker_config, seed)?;
+        let (broker, mut disk, report) = recover_in(fs, &dir, broker_config, seed)?;
+        disk.preallocate(prealloc);
         // Under the directory's lock (held by `disk`): only one process ever
         // generates the key.
         let key = match given_key {
@@ -387,7 +393,14 @@ fn replay(disk: &FileDisk, config: BrokerConfig, seed: u64) -> Result<(Broker, R
     recovery.finish().map_err(recovery_err)
 }
 
-/// Opens the log, rebuilds the broker from it, and cuts a torn tail.
+/// Bytes of zeros the broker's log file is grown by at a time, ahead of its
+/// records (see [`FileDisk::preallocate`]): one `fdatasync` per slice commits
+/// a new file size, instead of every one. Its zeros are written back with that
+/// sync, so a slice is kept small enough not to stand out in the sync times.
+pub const LOG_PREALLOC_SLICE: u64 = 512 * 1024;
+
+/// Opens the log, rebuilds the broker from it, and cuts a torn tail (a tail
+/// of zeros is kept as preallocated space).
 pub fn recover(
     dir: &std::path::Path,
     config: BrokerConfig,
@@ -406,15 +419,29 @@ pub fn recover_in(
     let mut disk = FileDisk::open_in(fs, dir).map_err(io_err(format!("open the log in {}", dir.display())))?;
     // Log format v2 cuts a tail of zeros (a size that reached the disk
     // before its data) as a torn tail and refuses damage followed by data.
-    let (broker, report) = replay(&disk, config, seed)?;
+    let (broker, mut report) = replay(&disk, config, seed)?;
     if report.torn_bytes > 0 {
-        tracing::warn!(
-            valid_len = report.valid_len,
-            torn_bytes = report.torn_bytes,
-            "the log ends in a torn write (crash during a write); cutting it off"
-        );
-        disk.try_truncate(report.valid_len)
-            .map_err(io_err(format!("truncate {}", disk.path().display())))?;
+        // Zeros to the end of the file hold no record: the log's own
+        // preallocated space (after any stop), kept as it is.
+        let zeros = disk
+            .adopt_zero_tail(report.valid_len)
+            .map_err(io_err(format!("read {}", disk.path().display())))?;
+        if zeros {
+            tracing::debug!(
+                valid_len = report.valid_len,
+                zero_bytes = report.torn_bytes,
+                "the log is followed by preallocated zeros"
+            );
+            report.torn_bytes = 0;
+        } else {
+            tracing::warn!(
+                valid_len = report.valid_len,
+                torn_bytes = report.torn_bytes,
+                "the log ends in a torn write (crash during a write); cutting it off"
+            );
+            disk.try_truncate(report.valid_len)
+                .map_err(io_err(format!("truncate {}", disk.path().display())))?;
+        }
     }
     Ok((broker, disk, report))
 }
@@ -513,9 +540,18 @@ mod tests {
         let valid = log.len() as u64;
         log.extend_from_slice(&[0u8; 24]);
         std::fs::write(d.join(crate::real::file_disk::LOG_FILE_NAME), &log).unwrap();
-        let (_, disk, report) = recover(&d, BrokerConfig::default(), 1).expect("zeros are a torn tail");
+        let (_, disk, report) = recover(&d, BrokerConfig::default(), 1).expect("zeros hold no record");
         assert_eq!(report.valid_len, valid);
-        assert_eq!(disk.len(), valid, "cut durably");
+        assert_eq!(
+            report.torn_bytes, 0,
+            "zeros to the end are preallocated space, not a torn write"
+        );
+        assert_eq!(disk.len(), valid, "the log goes on at the first zero");
+        assert_eq!(
+            std::fs::read(d.join(crate::real::file_disk::LOG_FILE_NAME)).unwrap(),
+            log,
+            "kept as they are"
+        );
         drop(disk);
 
         // A frame cut short by zeros in its payload is torn too.
@@ -528,8 +564,14 @@ mod tests {
         log.extend_from_slice(&second);
         log.extend_from_slice(&[0u8; 4096]);
         std::fs::write(d2.join(crate::real::file_disk::LOG_FILE_NAME), &log).unwrap();
-        let (_, _, report) = recover(&d2, BrokerConfig::default(), 1).expect("a zero-filled frame is torn");
+        let (_, disk, report) = recover(&d2, BrokerConfig::default(), 1).expect("a zero-filled frame is torn");
         assert_eq!(report.valid_len, valid);
+        assert!(report.torn_bytes > 0);
+        let file_len = std::fs::metadata(d2.join(crate::real::file_disk::LOG_FILE_NAME))
+            .unwrap()
+            .len();
+        assert_eq!((disk.len(), file_len), (valid, valid), "cut durably");
+        drop(disk);
 
         // Zeros in the middle with a record after them: damage, refused, untouched.
         let d3 = dir("zeros-middle");
