@@ -211,12 +211,14 @@ impl Observed for Order {
 
     fn view(&self, _initial: &Order) -> View {
         let flow = self.flow();
+        // Each order's state as its users read it, through `order(id)`: an
+        // accessor that loses an order leaves it unfinished here.
+        let view = |id: &sagamq::GlobalId| match self.order(id) {
+            Some(o) => (phase(o.status, flow), o.status.as_str().to_string()),
+            None => (OrderPhase::InProgress, "absent from order()".to_string()),
+        };
         View::Order {
-            orders: self
-                .orders()
-                .iter()
-                .map(|(id, o)| (id.to_string(), (phase(o.status, flow), o.status.as_str().to_string())))
-                .collect(),
+            orders: self.orders().keys().map(|id| (id.to_string(), view(id))).collect(),
         }
     }
 }
