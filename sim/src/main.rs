@@ -12,9 +12,6 @@ use std::io::{IsTerminal, Write as _};
 use std::ops::Range;
 use std::process::ExitCode;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "sagamq-sim", about = "Deterministic simulation testbed for saga messaging")]
 struct Cli {
