@@ -1910,7 +1910,7 @@ impl Checker {
         }
         for n in &snap.unsettled {
             out.push(format!(
-                "{} has unacknowledged outbox entries or unanswered work",
+                "{} has unacknowledged outbox entries or reports unfinished work",
                 node_name(&self.client_nodes, *n)
             ));
         }

@@ -78,6 +78,11 @@ pub trait Observed: Participant + Send {
     fn latest_timer(&self) -> Option<Time> {
         None
     }
+    /// The participant's own report that it has nothing left to finish (the
+    /// order: `all_terminal`, what its users poll); part of `settled`.
+    fn done(&self) -> bool {
+        true
+    }
 }
 
 impl<P: Observed> SimParticipant for ParticipantHost<P> {
@@ -85,7 +90,7 @@ impl<P: Observed> SimParticipant for ParticipantHost<P> {
         self.logic().view(self.initial())
     }
     fn settled(&self) -> bool {
-        self.outbox_len() == 0
+        self.outbox_len() == 0 && self.logic().done()
     }
     fn reflects(&self, message: &Message) -> bool {
         self.logic().reflects(message)
@@ -200,6 +205,9 @@ pub fn phase(status: OrderStatus, flow: OrderFlow) -> OrderPhase {
 }
 
 impl Observed for Order {
+    fn done(&self) -> bool {
+        self.all_terminal()
+    }
     fn latest_timer(&self) -> Option<Time> {
         let flow = self.flow();
         self.orders()
