@@ -24,10 +24,8 @@ pub struct HostTally {
     attempts: BTreeMap<u64, (u32, Time)>,
     /// The host's publish retry schedule (initial wait, cap), when known.
     schedule: Option<(Duration, Duration)>,
-    /// The first retry that left before its backoff floor.
+    /// A retry that left before its backoff floor, not yet reported.
     early: Option<String>,
-    /// A retry violation was reported (once per boot).
-    reported: bool,
     /// Retries judged since `take_judged` last asked.
     judged: u64,
     failures: u64,
@@ -96,23 +94,19 @@ impl HostTally {
             }
             ParticipantOutput::Publish { outbox, .. } => {
                 self.publishes += 1;
-                if let Some((n, last)) = self.attempts.insert(outbox.0, (1, now)) {
-                    self.attempts.insert(outbox.0, (n + 1, now));
+                let (n, last) = self.attempts.get(&outbox.0).copied().unwrap_or((0, now));
+                self.attempts.insert(outbox.0, (n + 1, now));
+                if n > 0 {
                     self.retried(outbox.0, n, now.as_nanos().saturating_sub(last.as_nanos()));
                 }
             }
-            ParticipantOutput::Answer { .. } | ParticipantOutput::CommandDone { .. } => {
+            ParticipantOutput::Answer { ok, .. } => {
                 self.given += 1;
-                if matches!(
-                    out,
-                    ParticipantOutput::Answer { ok: false, .. }
-                        | ParticipantOutput::CommandDone {
-                            outcome: CommandOutcome::Refused(_),
-                            ..
-                        }
-                ) {
-                    self.refused += 1;
-                }
+                self.refused += u64::from(!ok);
+            }
+            ParticipantOutput::CommandDone { outcome, .. } => {
+                self.given += 1;
+                self.refused += u64::from(matches!(outcome, CommandOutcome::Refused(_)));
             }
             _ => {}
         }
@@ -136,15 +130,10 @@ impl HostTally {
         }
     }
 
-    /// The host's retry schedule as judged so far: None when it kept it
-    /// (or when it was already reported).
+    /// The first retry that left before its floor, since the last call
+    /// (the checker keeps one violation per invariant).
     pub fn retry_violation(&mut self) -> Option<String> {
-        if self.reported {
-            return None;
-        }
-        let found = self.early.clone();
-        self.reported = found.is_some();
-        found
+        self.early.take()
     }
 
     /// Retries judged since the last call (the sweep's coverage).

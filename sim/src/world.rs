@@ -205,6 +205,12 @@ impl EnvFaults {
 }
 
 impl Shared {
+    /// The seed of the broker's own randomness (its retry jitter), the
+    /// same for every broker booted or recovered in the run.
+    fn broker_seed(&self) -> u64 {
+        self.seed ^ 0xB20C_E500
+    }
+
     fn elapsed_ns(&self) -> u64 {
         self.step_ns.unwrap_or_else(|| self.clock.elapsed_ns())
     }
@@ -1012,16 +1018,18 @@ fn recover_broker(s: &Shared, image: &[u8]) -> Result<(Broker, BrokerRecoveryRep
     let resumed = kept
         .take()
         .and_then(|(bytes, mut r)| (image.starts_with(&bytes) && r.resume(len)).then_some(r));
-    let mut recovery = resumed.unwrap_or_else(|| Broker::recovery(s.broker_config.clone(), s.seed ^ 0xB20C_E500, len));
+    let mut recovery = resumed.unwrap_or_else(|| Broker::recovery(s.broker_config.clone(), s.broker_seed(), len));
     let fed = usize::try_from(recovery.fed()).expect("a log in memory");
-    for chunk in image[fed..].chunks(s.recovery_chunk) {
-        recovery.feed(chunk)?;
-    }
+    feed_in_chunks(&mut recovery, &image[fed..], s.recovery_chunk)?;
     let mut copy = recovery.clone();
     if copy.resume(len) {
         *kept = Some((image.to_vec(), copy));
     }
     recovery.finish()
+}
+
+fn feed_in_chunks(recovery: &mut Recovery, bytes: &[u8], chunk: usize) -> Result<(), LogError> {
+    bytes.chunks(chunk).try_for_each(|c| recovery.feed(c))
 }
 
 /// The dedup-bound probe (`probes::dedup_bound_misbehaves`): the broker
@@ -1034,14 +1042,9 @@ fn dedup_bound_probe(s: &Shared, image: &[u8], settled_in_log: usize) -> Result<
         dedup_settled_max: max,
         ..s.broker_config.clone()
     };
-    let mut recovery = Broker::recovery(config, s.seed ^ 0xB20C_E500, image.len() as u64);
-    for chunk in image.chunks(s.recovery_chunk) {
-        recovery
-            .feed(chunk)
-            .map_err(|e| format!("recovered with dedup_settled_max {max}, refused: {e}"))?;
-    }
-    let (mut b, _) = recovery
-        .finish()
+    let mut recovery = Broker::recovery(config, s.broker_seed(), image.len() as u64);
+    let (mut b, _) = feed_in_chunks(&mut recovery, image, s.recovery_chunk)
+        .and_then(|()| recovery.finish())
         .map_err(|e| format!("recovered with dedup_settled_max {max}, refused: {e}"))?;
     crate::probes::dedup_bound_misbehaves(&mut b, max, settled_in_log, s.now(BROKER))
 }
@@ -1827,7 +1830,7 @@ fn boot(world: &World, i: usize) -> bool {
     }
     let image = s.disks[i].read_all();
     let result: Result<(Slot, u64, u64), String> = if i == BROKER {
-        let seed = s.seed ^ 0xB20C_E500;
+        let seed = s.broker_seed();
         if image.is_empty() {
             Ok((Slot::Broker(Box::new(Broker::new(s.broker_config.clone(), seed))), 0, 0))
         } else {

@@ -364,20 +364,25 @@ fn delivery_order_is_judged_within_a_partition_in_a_cluster() {
     }
 }
 
+/// The operator redrives `client`'s dead letter, message 1 (found dead, moved back).
+fn redrive_first_message(c: &mut Checker, at_ms: u64, client: &ClientId) {
+    c.observe(
+        at_ms,
+        Event::Redrive {
+            client,
+            dead: &[MsgId(1)],
+            moved: &[MsgId(1)],
+        },
+    );
+}
+
 #[test]
 fn dead_letter_before_the_budget() {
     let mut c = subscribed();
     let m = created(&mut c);
     sent(&mut c, 13, t::STOCK_SERVICE, &m, 1);
     let stock = ClientId::lit(t::STOCK_SERVICE);
-    c.observe(
-        20,
-        Event::Redrive {
-            client: &stock,
-            dead: &[MsgId(1)],
-            moved: &[MsgId(1)],
-        },
-    );
+    redrive_first_message(&mut c, 20, &stock);
     assert_eq!(first(&c), Some("dead-letter"));
 }
 
@@ -568,14 +573,7 @@ fn redelivery_after_a_redrive_is_fine_even_with_a_late_2xx_of_an_older_attempt()
     }
     // Dead-lettered after 3 attempts, redriven; then attempt 1's 2xx arrives late
     // (the broker no longer knows that attempt) and the redriven copy goes out.
-    c.observe(
-        820,
-        Event::Redrive {
-            client: &stock,
-            dead: &[MsgId(1)],
-            moved: &[MsgId(1)],
-        },
-    );
+    redrive_first_message(&mut c, 820, &stock);
     c.observe(
         821,
         Event::AnswerReceived {
@@ -1088,14 +1086,7 @@ fn retry_after_a_redrive_starts_at_attempt_one() {
     for d in 1..=3 {
         sent(&mut c, 13 + 400 * (d - 1), t::STOCK_SERVICE, &m, d);
     }
-    c.observe(
-        900,
-        Event::Redrive {
-            client: &stock,
-            dead: &[MsgId(1)],
-            moved: &[MsgId(1)],
-        },
-    );
+    redrive_first_message(&mut c, 900, &stock);
     // The redriven message goes out as attempt 3 again: the count kept on.
     sent_as(&mut c, 901, t::STOCK_SERVICE, &m, 4, 3);
     assert!(fired(&c, "retry"));

@@ -98,17 +98,22 @@ struct StdLock(#[allow(dead_code)] File);
 
 impl FsLock for StdLock {}
 
+/// Opens `path` for reading and writing, creating it empty if absent (never truncating).
+fn open_existing_or_new(path: &Path) -> io::Result<fs::File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 impl Fs for StdFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         fs::create_dir_all(dir)
     }
     fn lock(&self, path: &Path) -> io::Result<Box<dyn FsLock>> {
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let lock = open_existing_or_new(path)?;
         match lock.try_lock() {
             Ok(()) => Ok(Box::new(StdLock(lock))),
             Err(fs::TryLockError::WouldBlock) => Err(io::ErrorKind::ResourceBusy.into()),
@@ -122,12 +127,7 @@ impl Fs for StdFs {
         fs::remove_file(path)
     }
     fn open_rw(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let f = open_existing_or_new(path)?;
         Ok(Box::new(StdFile(f)))
     }
     fn open_read(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
