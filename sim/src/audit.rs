@@ -9,11 +9,65 @@
 //! given), never from the counter itself, so a miscount fails the audit
 //! however the rest of the run goes. (A host that miscounts what waits for
 //! durability refuses work it has room for, or takes in more than its bound.)
+//!
+//! **Invariant `host-bounds`:** judged on those recounts, a host takes a new
+//! effect (a record of a delivery, a command or a deadline) only while every
+//! level is below its bound (records not yet durable, answers waiting for
+//! durability, outbox entries not yet acknowledged) and the effect's messages
+//! fit the outbox; and it refuses work only when a bound says so: a command
+//! refused for a bound names one that is reached, and a shipped participant
+//! (whose logic never refuses a message) answers a delivery not-ok only when a
+//! bound is reached or an effect's messages might not fit the outbox.
 
 use sagamq::Time;
-use sagamq::saga::{CommandOutcome, HostGauges, HostStats, ParticipantInput, ParticipantOutput};
+use sagamq::saga::{CommandOutcome, HostConfig, HostGauges, HostStats, ParticipantInput, ParticipantOutput};
+use serde::Deserialize;
+use serde::de::IgnoredAny;
 use std::collections::BTreeMap;
 use std::time::Duration;
+
+/// The most messages one decision of a shipped participant publishes (the
+/// order's cancellation: a stock release and a payment cancel). A delivery
+/// refused while the outbox has fewer free places than this is justified.
+const DECISION_PUBLISH_MAX: u64 = 2;
+
+/// What a host was configured with at boot, as the tally judges it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostTerms {
+    /// The publish retry schedule: the initial wait, doubling up to the cap.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub outbox_entries_max: u64,
+    pub records_unsynced_max: u64,
+    pub answers_waiting_max: u64,
+    /// Outbox entries the host recovered (it re-publishes them).
+    pub outbox_at_boot: u64,
+    /// Whether a not-ok answer to a delivery must be a bound's (shipped
+    /// participants; a user's logic may refuse a message).
+    pub judge_refused_answers: bool,
+}
+
+impl HostTerms {
+    pub fn new(config: &HostConfig, outbox_at_boot: usize, judge_refused_answers: bool) -> HostTerms {
+        HostTerms {
+            retry_initial: config.publish_retry_initial,
+            retry_max: config.publish_retry_max,
+            outbox_entries_max: config.outbox_entries_max as u64,
+            records_unsynced_max: config.records_unsynced_max,
+            answers_waiting_max: config.answers_waiting_max as u64,
+            outbox_at_boot: outbox_at_boot as u64,
+            judge_refused_answers,
+        }
+    }
+}
+
+/// A host record as far as the tally reads it: its type, and an effect's
+/// outbox entries.
+#[derive(Deserialize)]
+enum RecordShape {
+    Effect { outbox: Vec<IgnoredAny> },
+    Acked(IgnoredAny),
+}
 
 /// What a host took in and put out since it booted.
 #[derive(Clone, Debug, Default)]
@@ -22,8 +76,8 @@ pub struct HostTally {
     /// Per outbox id published since boot: its attempts and the host's clock
     /// at the last one (every attempt after an id's first is a retry).
     attempts: BTreeMap<u64, (u32, Time)>,
-    /// The host's publish retry schedule (initial wait, cap), when known.
-    schedule: Option<(Duration, Duration)>,
+    /// The host's configuration, when known (a planted flaw's host is not judged).
+    terms: Option<HostTerms>,
     /// A retry that left before its backoff floor, not yet reported.
     early: Option<String>,
     /// Retries judged since `take_judged` last asked.
@@ -45,14 +99,23 @@ pub struct HostTally {
     /// last one reported durable.
     persisted: Option<(u64, u64)>,
     durable: u64,
+    /// Outbox entries recovered, written in effects and acknowledged since.
+    outbox_written: u64,
+    /// Whether the step under way took a delivery or a command in (its
+    /// waiter is not yet one that waited before the step).
+    taking: bool,
+    /// A breach of a bound or a refusal without one, not yet reported.
+    breach: Option<String>,
+    /// Refusals judged justified by a reached bound since `take_at_bound`.
+    at_bound: u64,
 }
 
 impl HostTally {
-    /// The tally of a host just booted, whose publishes retry after `initial`,
-    /// doubling up to `max` (None: not judged).
-    pub fn new(schedule: Option<(Duration, Duration)>) -> HostTally {
+    /// The tally of a host just booted with `terms` (None: not judged).
+    pub fn new(terms: Option<HostTerms>) -> HostTally {
         HostTally {
-            schedule,
+            terms,
+            outbox_written: terms.map_or(0, |t| t.outbox_at_boot),
             ..HostTally::default()
         }
     }
@@ -61,11 +124,28 @@ impl HostTally {
     pub fn delivered(&mut self, consumed: bool) {
         self.redeliveries += u64::from(consumed);
         self.taken += 1;
+        self.taking = true;
     }
 
     /// A command about to be handed to the host.
     pub fn commanded(&mut self) {
         self.taken += 1;
+        self.taking = true;
+    }
+
+    /// The host's step is over and its outputs are all counted: what waits
+    /// for durability is within its bound.
+    pub fn step_done(&mut self) {
+        self.taking = false;
+        let waiting = self.taken.wrapping_sub(self.given);
+        if let Some(t) = self.terms
+            && waiting > t.answers_waiting_max
+        {
+            self.breach.get_or_insert(format!(
+                "{waiting} answers wait for durability (answers_waiting_max {})",
+                t.answers_waiting_max
+            ));
+        }
     }
 
     /// The host is about to be told that every record up to `lsn` is durable.
@@ -84,13 +164,20 @@ impl HostTally {
     pub fn output(&mut self, out: &ParticipantOutput, now: Time) {
         match out {
             ParticipantOutput::Persist { frames, lsn } => {
-                self.persisted = Some(self.persisted.map_or((lsn.0, lsn.0), |(first, _)| (first, lsn.0)));
                 let payload = frames.get(sagamq::log::FRAME_HEADER_LEN..).unwrap_or_default();
-                if payload.starts_with(b"{\"Effect\"") {
-                    self.effects += 1;
-                } else if payload.starts_with(b"{\"Acked\"") {
-                    self.acks += 1;
+                match serde_json::from_slice::<RecordShape>(payload) {
+                    Ok(RecordShape::Effect { outbox }) => {
+                        self.effect_taken(lsn.0, outbox.len() as u64);
+                        self.effects += 1;
+                        self.outbox_written += outbox.len() as u64;
+                    }
+                    Ok(RecordShape::Acked(_)) => {
+                        self.acks += 1;
+                        self.outbox_written = self.outbox_written.wrapping_sub(1);
+                    }
+                    Err(_) => {} // a record the host's stats do not count
                 }
+                self.persisted = Some(self.persisted.map_or((lsn.0, lsn.0), |(first, _)| (first, lsn.0)));
             }
             ParticipantOutput::Publish { outbox, .. } => {
                 self.publishes += 1;
@@ -101,15 +188,97 @@ impl HostTally {
                 }
             }
             ParticipantOutput::Answer { ok, .. } => {
+                if !ok && self.terms.is_some_and(|t| t.judge_refused_answers) {
+                    self.refusal_judged("a delivery answered not-ok", None);
+                }
                 self.given += 1;
                 self.refused += u64::from(!ok);
             }
             ParticipantOutput::CommandDone { outcome, .. } => {
+                if let CommandOutcome::Refused(why) = outcome
+                    && why.contains("_max reached")
+                {
+                    self.refusal_judged(&format!("a command refused ({why})"), Some(why));
+                }
                 self.given += 1;
                 self.refused += u64::from(matches!(outcome, CommandOutcome::Refused(_)));
             }
             _ => {}
         }
+    }
+
+    /// The levels before the output being counted: records not durable,
+    /// answers that waited before this step, outbox entries not acknowledged.
+    fn levels(&self) -> (u64, u64, u64) {
+        let waiting = self
+            .taken
+            .wrapping_sub(self.given)
+            .saturating_sub(u64::from(self.taking));
+        (self.unsynced(), waiting, self.outbox_written)
+    }
+
+    /// An effect record `lsn` with `publishes` outbox entries: taken only
+    /// below every bound, its messages fitting the outbox.
+    fn effect_taken(&mut self, lsn: u64, publishes: u64) {
+        let Some(t) = self.terms else { return };
+        let (unsynced, waiting, outbox) = self.levels();
+        let over = if unsynced >= t.records_unsynced_max {
+            Some(format!(
+                "{unsynced} records not yet durable (records_unsynced_max {})",
+                t.records_unsynced_max
+            ))
+        } else if waiting >= t.answers_waiting_max {
+            Some(format!(
+                "{waiting} answers waiting (answers_waiting_max {})",
+                t.answers_waiting_max
+            ))
+        } else if outbox + publishes.max(1) > t.outbox_entries_max {
+            Some(format!(
+                "{outbox} outbox entries and {publishes} more (outbox_entries_max {})",
+                t.outbox_entries_max
+            ))
+        } else {
+            None
+        };
+        if let Some(over) = over {
+            self.breach
+                .get_or_insert(format!("effect record {lsn} taken with {over}"));
+        }
+    }
+
+    /// A refusal (`why`: the bound a command's refusal names): justified
+    /// only by a reached bound.
+    fn refusal_judged(&mut self, what: &str, why: Option<&str>) {
+        let Some(t) = self.terms else { return };
+        let (unsynced, waiting, outbox) = self.levels();
+        let unsynced_full = unsynced >= t.records_unsynced_max;
+        let waiting_full = waiting >= t.answers_waiting_max;
+        let outbox_full = outbox + DECISION_PUBLISH_MAX > t.outbox_entries_max;
+        let justified = match why {
+            Some(w) if w.starts_with("records_unsynced_max") => unsynced_full,
+            Some(w) if w.starts_with("answers_waiting_max") => waiting_full,
+            Some(w) if w.starts_with("outbox_entries_max") => outbox_full,
+            _ => unsynced_full || waiting_full || outbox_full,
+        };
+        if justified {
+            self.at_bound += 1;
+        } else {
+            self.breach.get_or_insert(format!(
+                "{what} with room: {unsynced} records not yet durable (max {}), {waiting} answers waiting (max {}), \
+                 {outbox} outbox entries (max {})",
+                t.records_unsynced_max, t.answers_waiting_max, t.outbox_entries_max
+            ));
+        }
+    }
+
+    /// The first breach of `host-bounds` since the last call.
+    pub fn bounds_violation(&mut self) -> Option<String> {
+        self.breach.take()
+    }
+
+    /// Refusals justified by a reached bound since the last call (coverage).
+    pub fn take_at_bound(&mut self) -> u64 {
+        std::mem::take(&mut self.at_bound)
     }
 
     /// Attempt `n + 1` of outbox entry `id`, `waited_ns` after attempt `n`
@@ -119,7 +288,14 @@ impl HostTally {
     /// seen are a biased sample; a 12-retry "no jitter at all" test fired on
     /// the shipped host at `saga:2000`, where acks take about the first wait.)
     fn retried(&mut self, id: u64, n: u32, waited_ns: u64) {
-        let Some((initial, max)) = self.schedule else { return };
+        let Some(HostTerms {
+            retry_initial: initial,
+            retry_max: max,
+            ..
+        }) = self.terms
+        else {
+            return;
+        };
         self.judged += 1;
         let floor = initial.saturating_mul(1u32 << n.saturating_sub(1).min(20)).min(max);
         let floor_ns = u64::try_from(floor.as_nanos()).unwrap_or(u64::MAX);
@@ -158,6 +334,7 @@ impl HostTally {
                 self.taken.wrapping_sub(self.given),
             ),
             ("records_unsynced", gauges.records_unsynced, self.unsynced()),
+            ("outbox_entries", gauges.outbox_entries as u64, self.outbox_written),
             ("effects", stats.effects, self.effects),
             ("acks", stats.acks, self.acks),
             ("publishes", stats.publishes, self.publishes),
@@ -179,7 +356,7 @@ impl HostTally {
 mod tests {
     use super::*;
     use sagamq::broker::Lsn;
-    use sagamq::saga::{CallbackToken, OutboxId};
+    use sagamq::saga::{CallbackToken, Command, OutboxId};
     use sagamq::{GlobalId, PublishRequest, SenderId, SubId, Topic};
 
     fn publish(outbox: u64) -> ParticipantOutput {
@@ -196,15 +373,126 @@ mod tests {
         }
     }
 
+    /// An effect record with `n` outbox entries, as the host writes it.
+    fn effect(n: usize) -> Vec<u8> {
+        let entries = vec![r#"{"id":1,"publish":{"GlobalID":"o1"}}"#; n].join(",");
+        format!(r#"{{"Effect":{{"inbox":null,"change":null,"outbox":[{entries}]}}}}"#).into_bytes()
+    }
+
+    /// The host writes `payload` as its next record.
+    fn persist(t: &mut HostTally, payload: Vec<u8>) {
+        let mut frames = Vec::new();
+        sagamq::log::encode_frame(&payload, &mut frames);
+        let lsn = Lsn(1 + t.persisted.map_or(0, |(_, last)| last));
+        t.output(&ParticipantOutput::Persist { lsn, frames }, Time::ZERO);
+    }
+
+    fn terms(unsynced: u64, waiting: u64, outbox: u64) -> Option<HostTerms> {
+        Some(HostTerms {
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(1),
+            outbox_entries_max: outbox,
+            records_unsynced_max: unsynced,
+            answers_waiting_max: waiting,
+            outbox_at_boot: 0,
+            judge_refused_answers: true,
+        })
+    }
+
+    fn not_ok() -> ParticipantOutput {
+        ParticipantOutput::Answer {
+            token: CallbackToken(1),
+            ok: false,
+        }
+    }
+
+    #[test]
+    fn an_effect_past_a_bound_fails_host_bounds() {
+        // Two records may wait for durability: a third effect breaks the bound.
+        let mut t = HostTally::new(terms(2, 10, 10));
+        for _ in 0..2 {
+            t.commanded();
+            persist(&mut t, effect(1));
+            t.step_done();
+        }
+        assert_eq!(t.bounds_violation(), None);
+        t.delivered(false);
+        persist(&mut t, effect(1));
+        let e = t.bounds_violation().expect("fires");
+        assert!(e.contains("2 records not yet durable (records_unsynced_max 2)"), "{e}");
+        // One answer may wait: the delivery that finds one waiting is refused,
+        // and an effect taken for it breaks the bound.
+        let mut t = HostTally::new(terms(10, 1, 10));
+        t.delivered(false);
+        persist(&mut t, effect(1));
+        t.step_done();
+        t.delivered(false);
+        persist(&mut t, effect(1));
+        let e = t.bounds_violation().expect("fires");
+        assert!(e.contains("1 answers waiting (answers_waiting_max 1)"), "{e}");
+        // Two outbox entries fit: an effect of two more does not.
+        let mut t = HostTally::new(terms(10, 10, 3));
+        persist(&mut t, effect(2));
+        assert_eq!(t.bounds_violation(), None);
+        persist(&mut t, effect(2));
+        let e = t.bounds_violation().expect("fires");
+        assert!(e.contains("2 outbox entries and 2 more (outbox_entries_max 3)"), "{e}");
+    }
+
+    #[test]
+    fn a_refusal_is_judged_by_the_bound_it_needs() {
+        // A delivery answered not-ok with room everywhere.
+        let mut t = HostTally::new(terms(2, 2, 10));
+        t.delivered(false);
+        t.output(&not_ok(), Time::ZERO);
+        let e = t.bounds_violation().expect("fires");
+        assert!(e.starts_with("a delivery answered not-ok with room"), "{e}");
+        assert_eq!(t.take_at_bound(), 0);
+        // The same answer with two records not yet durable is backpressure.
+        t.step_done();
+        persist(&mut t, effect(0));
+        persist(&mut t, effect(0));
+        t.delivered(false);
+        t.output(&not_ok(), Time::ZERO);
+        assert_eq!(t.bounds_violation(), None);
+        assert_eq!(t.take_at_bound(), 1);
+        // A command refused for a bound other than the one reached.
+        t.step_done();
+        t.commanded();
+        let refused = |why: &str| ParticipantOutput::CommandDone {
+            command: Command::CreateOrder(sagamq::saga::OrderSpec {
+                order_id: "o1".into(),
+                customer_id: "c1".into(),
+                product_id: "p1".into(),
+                quantity: 1,
+                price: 1,
+            }),
+            outcome: CommandOutcome::Refused(why.to_string()),
+        };
+        t.output(&refused("answers_waiting_max reached"), Time::ZERO);
+        let e = t.bounds_violation().expect("fires");
+        assert!(
+            e.starts_with("a command refused (answers_waiting_max reached) with room"),
+            "{e}"
+        );
+        t.output(&refused("records_unsynced_max reached"), Time::ZERO);
+        assert_eq!(t.bounds_violation(), None);
+        // A user's participant may refuse a message by its logic.
+        let user = terms(2, 2, 10).map(|t| HostTerms {
+            judge_refused_answers: false,
+            ..t
+        });
+        let mut t = HostTally::new(user);
+        t.delivered(false);
+        t.output(&not_ok(), Time::ZERO);
+        assert_eq!(t.bounds_violation(), None);
+    }
+
     #[test]
     fn the_recount_matches_and_each_miscount_fails() {
         let mut t = HostTally::default();
-        for payload in [&br#"{"Effect":{}}"#[..], &br#"{"Acked":{"outbox":1}}"#[..]] {
-            let mut frames = Vec::new();
-            sagamq::log::encode_frame(payload, &mut frames);
-            let lsn = Lsn(1 + t.persisted.map_or(0, |(_, last)| last));
-            t.output(&ParticipantOutput::Persist { lsn, frames }, Time::ZERO);
-        }
+        persist(&mut t, effect(2));
+        persist(&mut t, br#"{"Acked":{"outbox":1}}"#.to_vec());
         t.output(&publish(1), Time::ZERO);
         t.output(&publish(1), Time::ZERO); // a retry (no schedule given: not judged)
         t.output(&publish(2), Time::ZERO);
@@ -240,6 +528,7 @@ mod tests {
         let gauges = HostGauges {
             answers_waiting: 1,
             records_unsynced: 1, // lsn 2 written, lsn 1 reported durable
+            outbox_entries: 1,   // two written, one acknowledged
         };
         assert_eq!(t.audit(&right, &gauges), None);
         for (name, wrong) in [
@@ -254,6 +543,13 @@ mod tests {
                 "records_unsynced",
                 HostGauges {
                     records_unsynced: 2,
+                    ..gauges
+                },
+            ),
+            (
+                "outbox_entries",
+                HostGauges {
+                    outbox_entries: 2,
                     ..gauges
                 },
             ),
@@ -287,7 +583,11 @@ mod tests {
     fn a_retry_before_its_backoff_floor_fails() {
         let ms = Duration::from_millis;
         let at = |ms: u64| Time::from_millis(ms);
-        let schedule = Some((ms(100), ms(10_000)));
+        let schedule = terms(10, 10, 10).map(|t| HostTerms {
+            retry_initial: ms(100),
+            retry_max: ms(10_000),
+            ..t
+        });
         // Attempt 2 waits at least 100 ms, attempt 3 at least 200 ms.
         let mut t = HostTally::new(schedule);
         t.output(&publish(1), at(0));

@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 28] = [
+pub const COVERAGE: [&str; 30] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -137,6 +137,12 @@ pub const COVERAGE: [&str; 28] = [
     "retry_backoff_judged",
     // A participant host's publish retry judged against its backoff floor.
     "host_retry_judged",
+    // A participant host refused a delivery or a command at one of its
+    // bounds (the refusal judged justified by the recount).
+    "host_refused_at_bound",
+    // The broker refused a request as too many waiting for fsync, and the
+    // driver's count of requests not yet answered reached the bound.
+    "unsynced_refusal_judged",
     "window_filled",
     "queue_filled",
     // The recovered broker at the heal went through a whole subscription
@@ -775,6 +781,23 @@ impl Checker {
     }
 
     /// `n` more of `path` (a count kept elsewhere, handed over).
+    /// The broker refused a request as `TooManyUnsyncedPublishes` while
+    /// `waiting` requests (every one handed to its incarnation and not yet
+    /// answered, counted by the driver) waited for fsync: justified only at
+    /// the bound. (The other side, a request taken past the bound, is judged
+    /// at its acknowledgement from the history.)
+    pub fn unsynced_refusal(&mut self, waiting: usize, at_ms: u64) {
+        if waiting >= self.spec.unsynced_max {
+            self.covered("unsynced_refusal_judged");
+        } else {
+            let detail = format!(
+                "a request was refused as TooManyUnsyncedPublishes while {waiting} requests waited for fsync (bound {})",
+                self.spec.unsynced_max
+            );
+            self.violation(Violation::safety("queue-bound", detail, at_ms));
+        }
+    }
+
     pub fn count_n(&mut self, path: &'static str, n: u64) {
         if n > 0 {
             *self.coverage.entry(path).or_default() += n;

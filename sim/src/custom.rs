@@ -182,9 +182,11 @@ impl<P: Participant + Send + Sync> SimParticipant for Checked<P> {
     fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
         Some(self.host.gauges())
     }
-    fn retry_schedule(&self) -> Option<(std::time::Duration, std::time::Duration)> {
-        let c = self.host.config();
-        Some((c.publish_retry_initial, c.publish_retry_max))
+    /// A user's logic may refuse a message: only a command refused for a
+    /// bound is judged.
+    fn terms(&self) -> Option<crate::audit::HostTerms> {
+        let config = self.host.config();
+        Some(crate::audit::HostTerms::new(config, self.host.outbox_len(), false))
     }
     fn consumed(&self, key: &sagamq::MessageKey) -> bool {
         self.host.consumed(key)

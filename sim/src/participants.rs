@@ -43,8 +43,8 @@ pub trait SimParticipant: Machine<Input = ParticipantInput, Output = Participant
     fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
         None
     }
-    /// The host's publish retry schedule (initial wait, cap; None as for `stats`).
-    fn retry_schedule(&self) -> Option<(Duration, Duration)> {
+    /// The host's configuration as the stats audit judges it (None as for `stats`).
+    fn terms(&self) -> Option<crate::audit::HostTerms> {
         None
     }
     /// Whether the host has consumed a message with this key (its inbox).
@@ -110,9 +110,11 @@ impl<P: Observed> SimParticipant for ParticipantHost<P> {
     fn gauges(&self) -> Option<sagamq::saga::HostGauges> {
         Some(ParticipantHost::gauges(self))
     }
-    fn retry_schedule(&self) -> Option<(Duration, Duration)> {
-        let c = ParticipantHost::config(self);
-        Some((c.publish_retry_initial, c.publish_retry_max))
+    /// A shipped participant's logic never refuses a message: a not-ok
+    /// answer is judged as a bound's.
+    fn terms(&self) -> Option<crate::audit::HostTerms> {
+        let config = ParticipantHost::config(self);
+        Some(crate::audit::HostTerms::new(config, self.outbox_len(), true))
     }
     fn consumed(&self, key: &sagamq::MessageKey) -> bool {
         ParticipantHost::consumed(self, key)
@@ -257,6 +259,11 @@ pub fn host_config(node: usize, seed: u64, custom: Option<&sagamq::ClientId>, pr
     cfg.publish_retry_max = PUBLISH_RETRY_MAX;
     if let Some(&keys) = u8::try_from(node).ok().and_then(|n| profile.inbox_keys_max.get(&n)) {
         cfg.inbox_keys_max = keys.max(1) as usize;
+    }
+    if let Some(b) = u8::try_from(node).ok().and_then(|n| profile.host_bounds.get(&n)) {
+        cfg.outbox_entries_max = b.outbox_entries_max.max(1) as usize;
+        cfg.records_unsynced_max = u64::from(b.records_unsynced_max.max(1));
+        cfg.answers_waiting_max = b.answers_waiting_max.max(1) as usize;
     }
     cfg
 }

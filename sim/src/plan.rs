@@ -316,6 +316,14 @@ pub struct FaultProfile {
     /// before it existed parse as "all default".
     #[serde(default)]
     pub inbox_keys_max: BTreeMap<u8, u32>,
+    /// Participant nodes (by index) whose host runs with small bounds (a
+    /// quarter of the seeds, per node, up to about 100 orders), so that its
+    /// backpressure (deliveries answered not-ok, commands refused, deadlines
+    /// held back) happens and is judged (`host-bounds`); a node not listed
+    /// keeps the host's roomy defaults, which never refuse. Plans written
+    /// before it existed parse as "all default".
+    #[serde(default)]
+    pub host_bounds: BTreeMap<u8, HostBounds>,
     /// The saga's order deadline (half the `saga` seeds: 0.3-3 s, shorter than
     /// the faults, so orders time out while their messages are in flight and
     /// the compensations run under faults); `None`: the shipped default
@@ -324,6 +332,24 @@ pub struct FaultProfile {
     /// it; a plan written before it existed parses as "default".
     #[serde(default)]
     pub order_deadline_ms: Option<u32>,
+}
+
+/// A participant host's bounds a seed may shrink (see [`FaultProfile::host_bounds`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostBounds {
+    pub outbox_entries_max: u32,
+    pub records_unsynced_max: u32,
+    pub answers_waiting_max: u32,
+}
+
+impl fmt::Display for HostBounds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "outbox<={} unsynced<={} waiting<={}",
+            self.outbox_entries_max, self.records_unsynced_max, self.answers_waiting_max
+        )
+    }
 }
 
 /// Broker bounds a seed may shrink (see [`FaultProfile::bounds`]).
@@ -356,7 +382,7 @@ impl FaultProfile {
         let pct = |ppm: u32| format!("{:.1}%", f64::from(ppm) / 10_000.0);
         write!(
             f,
-            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}{} bounds={} inbox_keys_max={} order_deadline={}",
+            "drop={} ack_lost={} duplicate={} delay={} callback_error={} partitions={} crashes={} torn={} clock_skew={} attempts_max={} subscription_ttl={}{} bounds={} inbox_keys_max={} order_deadline={}{}",
             pct(self.drop_ppm),
             pct(self.ack_lost_ppm),
             pct(self.duplicate_ppm),
@@ -385,6 +411,17 @@ impl FaultProfile {
             },
             self.order_deadline_ms
                 .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms")),
+            // Only when drawn, so the lines of seeds without them read as before.
+            if self.host_bounds.is_empty() {
+                String::new()
+            } else {
+                let nodes: Vec<String> = self
+                    .host_bounds
+                    .iter()
+                    .map(|(n, b)| format!("{}:({b})", name(*n)))
+                    .collect();
+                format!(" host_bounds=({})", nodes.join(" "))
+            },
         )
     }
 
@@ -484,6 +521,7 @@ impl FaultPlan {
             bounds: None,
             subscription_grace_ms: None,
             inbox_keys_max: BTreeMap::new(),
+            host_bounds: BTreeMap::new(),
             order_deadline_ms: None,
         };
         // A short TTL (a quarter of the seeds) lets a partition or a crash
@@ -536,12 +574,34 @@ impl FaultPlan {
         if custom {
             participants.push(crate::topology::CUSTOM);
         }
-        for node in participants {
+        for &node in &participants {
             let mut inbox = Rng::new(seed ^ 0x1B0C_5EED_0000_0000 ^ node as u64);
             if inbox.chance(500_000) {
                 profile
                     .inbox_keys_max
                     .insert(node as u8, inbox.range_inclusive(1, 8) as u32);
+            }
+        }
+        // The hosts' small bounds, each from a stream of its own (so every
+        // other draw is unchanged), under the same load limit as the
+        // broker's. The outbox holds at least 2: one decision of the order
+        // publishes two messages (a cancellation), and a smaller outbox
+        // could never take it (a configuration the host's contract excludes).
+        // Never with small broker bounds: a broker full of messages for the
+        // order refuses the order's publishes, the order's full outbox makes
+        // it refuse those messages, and neither ever drains (a deadlock of
+        // bounded buffers in a cycle, which saga:114 found when both were
+        // drawn; the README's operations notes size the broker above the
+        // participants' outboxes for this reason).
+        for &node in &participants {
+            let mut host = Rng::new(seed ^ 0x4057_B0D5_0000_0000 ^ node as u64);
+            if shape.messages_max <= 4_100 && profile.bounds.is_none() && host.chance(250_000) {
+                let bounds = HostBounds {
+                    outbox_entries_max: host.range_inclusive(2, 8) as u32,
+                    records_unsynced_max: host.range_inclusive(1, 6) as u32,
+                    answers_waiting_max: host.range_inclusive(1, 3) as u32,
+                };
+                profile.host_bounds.insert(node as u8, bounds);
             }
         }
         // The saga's order deadline, from the stream it was drawn from before

@@ -328,6 +328,8 @@ pub fn sweep(
 enum Setting {
     /// A node's small inbox.
     Inbox(u8),
+    /// A node's small host bounds.
+    HostBounds(u8),
     OrderDeadline,
     AttemptsMax,
     Bounds,
@@ -341,6 +343,7 @@ impl Setting {
     fn reset(self, p: &mut FaultProfile) -> bool {
         match self {
             Setting::Inbox(node) => p.inbox_keys_max.remove(&node).is_some(),
+            Setting::HostBounds(node) => p.host_bounds.remove(&node).is_some(),
             Setting::OrderDeadline => p.order_deadline_ms.take().is_some(),
             Setting::AttemptsMax => p.attempts_max.take().is_some(),
             Setting::Bounds => p.bounds.take().is_some(),
@@ -411,6 +414,7 @@ pub fn shrink(seed: u64, cfg: &RunConfig, plan: FaultPlan, runs_max: u32) -> Opt
         .keys()
         .map(|n| Setting::Inbox(*n))
         .collect();
+    settings.extend(current.profile.host_bounds.keys().map(|n| Setting::HostBounds(*n)));
     settings.extend([
         Setting::OrderDeadline,
         Setting::AttemptsMax,

@@ -23,7 +23,7 @@ use crate::transport::{Inbound, SimClock, Transport};
 use crate::wire::Wire;
 use madsim::runtime::{Handle, NodeHandle, Runtime};
 use sagamq::broker::{
-    Broker, BrokerConfig, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Recovery,
+    Broker, BrokerConfig, BrokerError, BrokerInput, BrokerOutput, CallbackResult, DeliveryId, Lsn, Recovery,
     RecoveryReport as BrokerRecoveryReport, Reply, RequestId,
 };
 use sagamq::log::{Disk, LogError, MemDisk};
@@ -41,6 +41,8 @@ use std::time::Duration;
 /// A node that fail-stopped on a full disk restarts after this long (a
 /// supervisor's restart delay); while the disk stays full it fails again.
 const DISK_FULL_RESTART_MS: u32 = 100;
+/// The request id of the operator's redrives (their replies go nowhere).
+const OPERATOR_REQUEST: RequestId = RequestId(u64::MAX);
 
 /// A disk sync takes this long; writes issued meanwhile share it (group commit).
 const SYNC_LATENCY: Duration = Duration::from_micros(500);
@@ -1622,6 +1624,8 @@ struct Driver {
     lsn_durable: Option<Lsn>,
     /// Broker: request id -> (requesting node, what was asked).
     requests: BTreeMap<RequestId, (usize, Pending)>,
+    /// Broker: the operator's redrives handed in and not yet answered.
+    redrives: usize,
     next_request: u64,
     /// Participant: callback token -> (broker delivery, message key).
     callbacks: BTreeMap<CallbackToken, (DeliveryId, MessageKey)>,
@@ -1730,7 +1734,7 @@ fn step_locked(s: &mut Shared, drv: &mut Driver, i: usize, first: bool, now_ns: 
         let redrive = matches!(inbound, Inbound::Redrive(_));
         match inbound {
             Inbound::Net { from, seq, wire } => on_wire(s, drv, i, now, from, seq, wire),
-            Inbound::Redrive(client) => on_redrive(s, i, now, &client),
+            Inbound::Redrive(client) => on_redrive(s, drv, i, now, &client),
         }
         drain(s, drv, i);
         send_outgoing(s, drv, i);
@@ -1796,11 +1800,12 @@ fn send_outgoing(s: &mut Shared, drv: &mut Driver, i: usize) {
 
 /// The operator's redrive of `client`'s dead letters, handled by the broker
 /// as a step of its own (its clock, its outputs drained at once).
-fn on_redrive(s: &mut Shared, i: usize, now: Time, client: &ClientId) {
+fn on_redrive(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, client: &ClientId) {
     if let Slot::Broker(b) = &mut s.slots[i] {
+        drv.redrives += 1;
         let dead = |b: &Broker| -> Vec<sagamq::MsgId> { b.dead_letters(client).iter().map(|m| m.msg_id).collect() };
         let before = dead(b);
-        let req = RequestId(u64::MAX); // the operator's; its reply goes nowhere
+        let req = OPERATOR_REQUEST;
         b.handle(
             now,
             BrokerInput::Redrive {
@@ -1854,11 +1859,11 @@ fn boot(world: &World, i: usize) -> bool {
             }
             s.disks[i].truncate(valid_len);
             s.slots[i] = slot;
-            let schedule = match &s.slots[i] {
-                Slot::Participant(p) => p.retry_schedule(),
+            let terms = match &s.slots[i] {
+                Slot::Participant(p) => p.terms(),
                 _ => None,
             };
-            s.tally[i] = crate::audit::HostTally::new(schedule);
+            s.tally[i] = crate::audit::HostTally::new(terms);
             if !image.is_empty() {
                 s.line(i, || format!("recovered from {records} records ({valid_len} bytes)"));
             }
@@ -2167,33 +2172,45 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         drv.sync_covers = None;
                         wrote = true;
                     }
-                    BrokerOutput::Reply { req, reply } => match drv.requests.remove(&req) {
-                        Some((src, Pending::Publish { req, key })) => {
-                            check.observe(
-                                t / 1_000_000,
-                                Event::PublishAnswered {
-                                    key: &key,
-                                    reply: &reply,
-                                },
-                            );
-                            drv.outgoing.push((src, Wire::PublishReply { req, reply }));
+                    BrokerOutput::Reply { req, reply } => {
+                        let pending = drv.requests.remove(&req);
+                        if req == OPERATOR_REQUEST {
+                            drv.redrives = drv.redrives.saturating_sub(1);
                         }
-                        Some((src, Pending::Subscribe { topic, client })) => {
-                            if let Reply::Subscribed { expire_time } = reply {
-                                let until = expire_time;
+                        if let Reply::Rejected(BrokerError::TooManyUnsyncedPublishes) = reply {
+                            // Every request handed in and not yet answered
+                            // waits for fsync (one answered at once left in
+                            // its own step): the refusal needs that many.
+                            check.unsynced_refusal(drv.requests.len() + drv.redrives, t / 1_000_000);
+                        }
+                        match pending {
+                            Some((src, Pending::Publish { req, key })) => {
                                 check.observe(
                                     t / 1_000_000,
-                                    Event::Subscribed {
-                                        client: &client,
-                                        topic: &topic,
-                                        until,
+                                    Event::PublishAnswered {
+                                        key: &key,
+                                        reply: &reply,
                                     },
                                 );
+                                drv.outgoing.push((src, Wire::PublishReply { req, reply }));
                             }
-                            drv.outgoing.push((src, Wire::SubscribeReply { topic, reply }));
+                            Some((src, Pending::Subscribe { topic, client })) => {
+                                if let Reply::Subscribed { expire_time } = reply {
+                                    let until = expire_time;
+                                    check.observe(
+                                        t / 1_000_000,
+                                        Event::Subscribed {
+                                            client: &client,
+                                            topic: &topic,
+                                            until,
+                                        },
+                                    );
+                                }
+                                drv.outgoing.push((src, Wire::SubscribeReply { topic, reply }));
+                            }
+                            None => {} // an operator request (redrive)
                         }
-                        None => {} // an operator request (redrive)
-                    },
+                    }
                     BrokerOutput::Callback(cb) => {
                         check.observe(t / 1_000_000, Event::CallbackSent { callback: &cb, now });
                         if let Some(dst) = node_of_url(&cb.url) {
@@ -2282,12 +2299,20 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             }
         }
     }
-    let judged = s.tally[i].take_judged();
+    let tally = &mut s.tally[i];
+    tally.step_done();
+    let (judged, at_bound) = (tally.take_judged(), tally.take_at_bound());
+    let (early, breach) = (tally.retry_violation(), tally.bounds_violation());
     s.check.count_n("host_retry_judged", judged);
-    if let Some(d) = s.tally[i].retry_violation() {
-        let at = t / 1_000_000;
-        let detail = format!("{}: {d}", s.names[i]);
-        s.check.violation(Violation::safety("host-retry", detail, at));
+    s.check.count_n("host_refused_at_bound", at_bound);
+    let at = t / 1_000_000;
+    if let Some(d) = early {
+        s.check
+            .violation(Violation::safety("host-retry", format!("{}: {d}", s.names[i]), at));
+    }
+    if let Some(d) = breach {
+        s.check
+            .violation(Violation::safety("host-bounds", format!("{}: {d}", s.names[i]), at));
     }
     if disk_full {
         s.fired("disk_full");

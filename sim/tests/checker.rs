@@ -1091,3 +1091,12 @@ fn retry_after_a_redrive_starts_at_attempt_one() {
     sent_as(&mut c, 901, t::STOCK_SERVICE, &m, 4, 3);
     assert!(fired(&c, "retry"));
 }
+
+#[test]
+fn unsynced_refusal_needs_the_bound_reached() {
+    let mut c = Checker::new(spec()); // unsynced_max: 100
+    c.unsynced_refusal(100, 5);
+    assert_eq!(first(&c), None);
+    c.unsynced_refusal(99, 6);
+    assert_eq!(first(&c), Some("queue-bound"));
+}

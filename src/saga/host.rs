@@ -146,13 +146,16 @@ pub struct HostStats {
 }
 
 /// What a host holds right now, beside its counters ([`HostStats`]): the
-/// levels its bounds (`answers_waiting_max`, `records_unsynced_max`) judge.
+/// levels its bounds (`answers_waiting_max`, `records_unsynced_max`,
+/// `outbox_entries_max`) judge.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostGauges {
     /// Callbacks and commands waiting for their record to become durable.
     pub answers_waiting: usize,
     /// Records written, not yet reported durable.
     pub records_unsynced: u64,
+    /// Outbox entries not yet acknowledged by the broker.
+    pub outbox_entries: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -393,6 +396,7 @@ impl<P: Participant> ParticipantHost<P> {
         HostGauges {
             answers_waiting: self.waiting_len,
             records_unsynced: self.lsn_last.0 - self.lsn_durable.0,
+            outbox_entries: self.outbox.len(),
         }
     }
 
