@@ -31,6 +31,11 @@ use std::time::Duration;
 /// refused while the outbox has fewer free places than this is justified.
 const DECISION_PUBLISH_MAX: u64 = 2;
 
+/// How late a retry may leave past its ceiling: a drifting node clock's
+/// wake-up lands a few nanoseconds past its deadline (50 ns seen at saga
+/// seed 6); a millisecond is far below any backoff the host promises.
+const LATE_SLACK_NS: u64 = 1_000_000;
+
 /// What a host was configured with at boot, as the tally judges it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostTerms {
@@ -73,9 +78,11 @@ enum RecordShape {
 #[derive(Clone, Debug, Default)]
 pub struct HostTally {
     publishes: u64,
-    /// Per outbox id published since boot: its attempts and the host's clock
-    /// at the last one (every attempt after an id's first is a retry).
-    attempts: BTreeMap<u64, (u32, Time)>,
+    /// Per outbox id published since boot: its attempts, the host's clock
+    /// at the last one (every attempt after an id's first is a retry), and
+    /// whether the host ran without a pause since (its retry's lateness is
+    /// then judged too).
+    attempts: BTreeMap<u64, (u32, Time, bool)>,
     /// The host's configuration, when known (a planted flaw's host is not judged).
     terms: Option<HostTerms>,
     /// A retry that left before its backoff floor, not yet reported.
@@ -181,10 +188,10 @@ impl HostTally {
             }
             ParticipantOutput::Publish { outbox, .. } => {
                 self.publishes += 1;
-                let (n, last) = self.attempts.get(&outbox.0).copied().unwrap_or((0, now));
-                self.attempts.insert(outbox.0, (n + 1, now));
+                let (n, last, ran) = self.attempts.get(&outbox.0).copied().unwrap_or((0, now, true));
+                self.attempts.insert(outbox.0, (n + 1, now, true));
                 if n > 0 {
-                    self.retried(outbox.0, n, now.as_nanos().saturating_sub(last.as_nanos()));
+                    self.retried(outbox.0, n, now.as_nanos().saturating_sub(last.as_nanos()), ran);
                 }
             }
             ParticipantOutput::Answer { ok, .. } => {
@@ -283,11 +290,13 @@ impl HostTally {
 
     /// Attempt `n + 1` of outbox entry `id`, `waited_ns` after attempt `n`
     /// on the host's clock: no sooner than the documented floor (the initial
-    /// wait doubled per attempt, capped). (Its jitter is not judged: which
-    /// retries happen at all depends on when acks come back, so the waits
-    /// seen are a biased sample; a 12-retry "no jitter at all" test fired on
-    /// the shipped host at `saga:2000`, where acks take about the first wait.)
-    fn retried(&mut self, id: u64, n: u32, waited_ns: u64) {
+    /// wait doubled per attempt, capped), and, when the host `ran` without a
+    /// pause since, no later than the ceiling (the floor plus a quarter of
+    /// jitter, capped). (The jitter within is not judged: which retries
+    /// happen at all depends on when acks come back, so the waits seen are a
+    /// biased sample; a 12-retry "no jitter at all" test fired on the shipped
+    /// host at `saga:2000`, where acks take about the first wait.)
+    fn retried(&mut self, id: u64, n: u32, waited_ns: u64, ran: bool) {
         let Some(HostTerms {
             retry_initial: initial,
             retry_max: max,
@@ -298,15 +307,29 @@ impl HostTally {
         };
         self.judged += 1;
         let floor = initial.saturating_mul(1u32 << n.saturating_sub(1).min(20)).min(max);
-        let floor_ns = u64::try_from(floor.as_nanos()).unwrap_or(u64::MAX);
+        let ceiling = floor.saturating_add(floor / 4).min(max);
+        let (floor_ns, ceiling_ns) = (floor.as_nanos() as u64, ceiling.as_nanos() as u64);
         if waited_ns < floor_ns && self.early.is_none() {
             self.early = Some(format!(
                 "outbox entry {id} was published again {waited_ns} ns after its attempt {n}, before the backoff floor {floor:?}"
             ));
         }
+        if ran && waited_ns > ceiling_ns + LATE_SLACK_NS && self.early.is_none() {
+            self.early = Some(format!(
+                "outbox entry {id} was published again {waited_ns} ns after its attempt {n}, after the backoff ceiling {ceiling:?}"
+            ));
+        }
     }
 
-    /// The first retry that left before its floor, since the last call
+    /// The host was paused (its timers could not fire): the next retry of
+    /// each entry is not judged late.
+    pub fn paused(&mut self) {
+        for (_, _, ran) in self.attempts.values_mut() {
+            *ran = false;
+        }
+    }
+
+    /// The first retry that left before its floor or after its ceiling, since the last call
     /// (the checker keeps one violation per invariant).
     pub fn retry_violation(&mut self) -> Option<String> {
         self.early.take()
@@ -596,5 +619,34 @@ mod tests {
         t.output(&publish(1), at(300)); // 190 ms after attempt 2
         let e = t.retry_violation().expect("fires");
         assert!(e.contains("after its attempt 2, before the backoff floor 200ms"), "{e}");
+    }
+
+    #[test]
+    fn a_retry_after_its_backoff_ceiling_fails_unless_the_host_was_paused() {
+        let ms = Duration::from_millis;
+        let at = |ms: u64| Time::from_millis(ms);
+        let schedule = terms(10, 10, 10).map(|t| HostTerms {
+            retry_initial: ms(100),
+            retry_max: ms(300),
+            ..t
+        });
+        // Attempt 2 waits at most 125 ms; attempt 4's 400 ms is capped at 300.
+        let mut t = HostTally::new(schedule);
+        t.output(&publish(1), at(0));
+        t.output(&publish(1), at(125));
+        t.output(&publish(1), at(375)); // 250: attempt 2's wait, 200 ms plus jitter
+        t.output(&publish(1), at(675)); // 300: the cap, no jitter beyond it
+        assert_eq!(t.retry_violation(), None);
+        t.output(&publish(1), at(976));
+        let e = t.retry_violation().expect("fires");
+        assert!(
+            e.contains("after its attempt 4, after the backoff ceiling 300ms"),
+            "{e}"
+        );
+        t.paused();
+        t.output(&publish(1), at(3_000));
+        assert_eq!(t.retry_violation(), None);
+        t.output(&publish(1), at(3_301));
+        assert!(t.retry_violation().is_some());
     }
 }

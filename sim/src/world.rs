@@ -427,6 +427,7 @@ async fn chaos_phase(
                 if !down[n] {
                     let end_ms = u64::from(at_ms.saturating_add(for_ms).min(cfg.chaos_ms));
                     s.paused_until_ns[n] = Some(end_ms * 1_000_000);
+                    s.tally[n].paused();
                     s.fired("pause");
                     let f = plan.faults[k].describe(s.cfg.custom.as_ref().map(|c| c.client_id()));
                     s.line(n, || format!("fault: {f}"));
