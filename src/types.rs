@@ -74,9 +74,31 @@ impl std::error::Error for IdError {}
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $field:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
-        #[serde(try_from = "String")]
-        pub struct $name(String);
+        ///
+        /// Shared, immutable text: a clone is a reference count, not a copy
+        /// (ids are cloned into every message, key and map the broker, the
+        /// hosts and the simulator's checker keep). Ordering, equality,
+        /// hashing, `Debug` and serde are those of the string.
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(std::sync::Arc<str>);
+
+        /// From a string, validated as [`Self::new`] does (what
+        /// `try_from = "String"` did, without the intermediate `String`).
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a string")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        $name::new(v).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(V)
+            }
+        }
 
         /// As a plain string (what `into = "String"` wrote, without the clone it takes).
         impl serde::Serialize for $name {
@@ -94,7 +116,7 @@ macro_rules! string_id {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                String::from(&*id.0)
             }
         }
 
@@ -102,8 +124,8 @@ macro_rules! string_id {
             pub const FIELD: &'static str = $field;
 
             /// Validates: non-empty, at most [`ID_LEN_MAX`] bytes, no control characters.
-            pub fn new(s: impl Into<String>) -> Result<Self, $crate::types::IdError> {
-                let s = s.into();
+            pub fn new(s: impl AsRef<str>) -> Result<Self, $crate::types::IdError> {
+                let s = s.as_ref();
                 if s.is_empty() {
                     return Err($crate::types::IdError::Empty { field: $field });
                 }
@@ -113,7 +135,7 @@ macro_rules! string_id {
                 if s.chars().any(char::is_control) {
                     return Err($crate::types::IdError::ControlChar { field: $field });
                 }
-                Ok($name(s))
+                Ok($name(std::sync::Arc::from(s)))
             }
 
             /// For literals known to be valid (tests, scenarios); panics otherwise.
