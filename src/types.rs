@@ -78,9 +78,32 @@ macro_rules! string_id {
         /// Shared, immutable text: a clone is a reference count, not a copy
         /// (ids are cloned into every message, key and map the broker, the
         /// hosts and the simulator's checker keep). Ordering, equality,
-        /// hashing, `Debug` and serde are those of the string.
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        /// hashing, `Debug` and serde are those of the string (two clones of
+        /// one id compare equal without reading the text).
+        #[derive(Clone, Debug, Eq, Hash)]
         pub struct $name(std::sync::Arc<str>);
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+            }
+        }
+
+        impl Ord for $name {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                if std::sync::Arc::ptr_eq(&self.0, &other.0) {
+                    std::cmp::Ordering::Equal
+                } else {
+                    self.0.cmp(&other.0)
+                }
+            }
+        }
+
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
 
         /// From a string, validated as [`Self::new`] does (what
         /// `try_from = "String"` did, without the intermediate `String`).
