@@ -99,6 +99,13 @@ macro_rules! string_id {
             }
         }
 
+        /// A map keyed by this id is searched by a `&str` (same order and equality).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl PartialOrd for $name {
             fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
                 Some(self.cmp(other))
