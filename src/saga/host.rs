@@ -13,7 +13,7 @@
 use super::participant::{Decision, Outgoing, Participant};
 use super::{CallbackToken, Command, CommandOutcome, OutboxId, ParticipantInput, ParticipantOutput};
 use crate::broker::Lsn;
-use crate::log::{FRAME_HEADER_LEN, LogError, decode_all, decode_frames, encode_frame};
+use crate::log::{FRAME_HEADER_LEN, LogError, decode_all, decode_frames, seal_frame};
 use crate::machine::Machine;
 use crate::rng::Rng;
 use crate::types::{ClientId, Message, MessageKey, PublishRequest, SenderId, SubscribeRequest, Time, Topic};
@@ -605,9 +605,12 @@ impl<P: Participant> ParticipantHost<P> {
     }
 
     fn persist(&mut self, record: &HostRecord<P::Change>) -> Lsn {
-        let payload = serde_json::to_vec(record).expect("host records serialize");
-        let mut frames = Vec::with_capacity(payload.len() + crate::log::FRAME_HEADER_LEN);
-        encode_frame(&payload, &mut frames);
+        // Serialized straight after the frame header's place, then sealed:
+        // the bytes `encode_frame` makes, without a payload buffer and its copy.
+        let mut frames = Vec::with_capacity(512);
+        frames.resize(FRAME_HEADER_LEN, 0);
+        serde_json::to_writer(&mut frames, record).expect("host records serialize");
+        seal_frame(&mut frames, 0);
         self.lsn_last = Lsn(self.lsn_last.0 + 1);
         self.out.push_back(ParticipantOutput::Persist {
             lsn: self.lsn_last,
