@@ -217,7 +217,7 @@ enum Phase {
 /// same frames, at the same offsets, and ends with the same verdict as when
 /// fed the whole image at once ([`decode_all`]). It carries at most one frame
 /// ([`FRAME_HEADER_LEN`] + [`FRAME_PAYLOAD_MAX`] bytes) plus one chunk.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct FrameStream {
     total: u64,
     fed: u64,
