@@ -183,8 +183,8 @@ impl Recovery {
         let broker = &mut self.broker;
         let ids = &mut self.ids;
         self.frames.feed(chunk, |offset, payload| {
-            let record =
-                BrokerRecord::decode_for_replay(payload, ids).map_err(|reason| LogError::BadRecord { offset, reason })?;
+            let record = BrokerRecord::decode_for_replay(payload, ids)
+                .map_err(|reason| LogError::BadRecord { offset, reason })?;
             match record {
                 ReplayRecord::Full(record) => broker.apply(record, Origin::Replay),
                 ReplayRecord::SettledAtOnce { msg_id, key } => broker.replay_settled_at_once(msg_id, key),

@@ -195,9 +195,7 @@ impl BrokerRecord {
                 client: r.client()?,
                 msg_id: MsgId(r.u64()?),
             },
-            TAG_REDRIVEN => BrokerRecord::Redriven {
-                client: r.client()?,
-            },
+            TAG_REDRIVEN => BrokerRecord::Redriven { client: r.client()? },
             TAG_REDRIVEN_OLDEST => BrokerRecord::RedrivenOldest {
                 client: r.client()?,
                 count: u32::try_from(r.u64()?).map_err(|_| "redrive count out of range".to_string())?,
@@ -285,7 +283,10 @@ struct Recent<T> {
 
 impl<T> Default for Recent<T> {
     fn default() -> Self {
-        Recent { ids: Vec::new(), next: 0 }
+        Recent {
+            ids: Vec::new(),
+            next: 0,
+        }
     }
 }
 
@@ -506,7 +507,10 @@ mod tests {
                 },
                 _ => ReplayRecord::Full(record.clone()),
             };
-            assert_eq!(BrokerRecord::decode_for_replay(&bytes, &mut IdCache::default()), Ok(expected));
+            assert_eq!(
+                BrokerRecord::decode_for_replay(&bytes, &mut IdCache::default()),
+                Ok(expected)
+            );
             for cut in 0..bytes.len() {
                 assert!(
                     BrokerRecord::decode_for_replay(&bytes[..cut], &mut IdCache::default()).is_err(),
@@ -556,6 +560,9 @@ mod tests {
         .encode(&mut bad);
         let at = bad.len() - 1;
         bad[at] = b'\n';
-        assert!(BrokerRecord::decode_cached(&bad, &mut ids).is_err(), "a control character is refused");
+        assert!(
+            BrokerRecord::decode_cached(&bad, &mut ids).is_err(),
+            "a control character is refused"
+        );
     }
 }
