@@ -80,8 +80,15 @@ macro_rules! string_id {
         /// hosts and the simulator's checker keep). Ordering, equality,
         /// hashing, `Debug` and serde are those of the string (two clones of
         /// one id compare equal without reading the text).
-        #[derive(Clone, Debug, Eq, Hash)]
+        #[derive(Clone, Debug, Eq)]
         pub struct $name(std::sync::Arc<str>);
+
+        /// The string's hash (as derived), consistent with `eq`.
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.0.hash(state);
+            }
+        }
 
         impl PartialEq for $name {
             fn eq(&self, other: &Self) -> bool {
