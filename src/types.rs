@@ -74,9 +74,68 @@ impl std::error::Error for IdError {}
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $field:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
-        #[serde(try_from = "String")]
-        pub struct $name(String);
+        ///
+        /// Shared, immutable text: a clone is a reference count, not a copy
+        /// (ids are cloned into every message, key and map the broker, the
+        /// hosts and the simulator's checker keep). Ordering, equality,
+        /// hashing, `Debug` and serde are those of the string (two clones of
+        /// one id compare equal without reading the text).
+        #[derive(Clone, Debug, Eq)]
+        pub struct $name(std::sync::Arc<str>);
+
+        /// The string's hash (as derived), consistent with `eq`.
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.0.hash(state);
+            }
+        }
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+            }
+        }
+
+        impl Ord for $name {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                if std::sync::Arc::ptr_eq(&self.0, &other.0) {
+                    std::cmp::Ordering::Equal
+                } else {
+                    self.0.cmp(&other.0)
+                }
+            }
+        }
+
+        /// A map keyed by this id is searched by a `&str` (same order and equality).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+
+        /// From a string, validated as [`Self::new`] does (what
+        /// `try_from = "String"` did, without the intermediate `String`).
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a string")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        $name::new(v).map_err(E::custom)
+                    }
+                }
+                deserializer.deserialize_str(V)
+            }
+        }
 
         /// As a plain string (what `into = "String"` wrote, without the clone it takes).
         impl serde::Serialize for $name {
@@ -94,7 +153,7 @@ macro_rules! string_id {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                String::from(&*id.0)
             }
         }
 
@@ -102,8 +161,8 @@ macro_rules! string_id {
             pub const FIELD: &'static str = $field;
 
             /// Validates: non-empty, at most [`ID_LEN_MAX`] bytes, no control characters.
-            pub fn new(s: impl Into<String>) -> Result<Self, $crate::types::IdError> {
-                let s = s.into();
+            pub fn new(s: impl AsRef<str>) -> Result<Self, $crate::types::IdError> {
+                let s = s.as_ref();
                 if s.is_empty() {
                     return Err($crate::types::IdError::Empty { field: $field });
                 }
@@ -113,7 +172,7 @@ macro_rules! string_id {
                 if s.chars().any(char::is_control) {
                     return Err($crate::types::IdError::ControlChar { field: $field });
                 }
-                Ok($name(s))
+                Ok($name(std::sync::Arc::from(s)))
             }
 
             /// For literals known to be valid (tests, scenarios); panics otherwise.

@@ -43,7 +43,7 @@ pub use crate::view::{OrderPhase, PaymentEffects, StockEffects, View};
 use sagamq::broker::{BrokerConfig, BrokerError, Reply};
 use sagamq::saga::order::OrderFlow;
 use sagamq::saga::{CancelledBody, OrderBody, PaymentBody, ReleasedBody, attempt_of, step, topics as t};
-use sagamq::{ClientId, Message, MessageKey, MsgId, PublishRequest, Time, Topic};
+use sagamq::{ClientId, GlobalId, Message, MessageKey, MsgId, PublishRequest, Time, Topic};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -651,7 +651,7 @@ pub struct Checker {
     order_partitions: Option<sagamq::cluster::Partitions>,
     /// Committed publishes not yet acknowledged.
     unacked: BTreeSet<MessageKey>,
-    stories: BTreeMap<String, Story>,
+    stories: BTreeMap<GlobalId, Story>,
     shadow_stock: BTreeMap<String, u64>,
     shadow_balance: BTreeMap<String, u64>,
     client_nodes: BTreeMap<ClientId, usize>,
@@ -840,39 +840,31 @@ impl Checker {
     }
 
     fn story(&mut self, key: &MessageKey) -> &mut Story {
-        let id = key.global_id.as_str();
-        if !self.stories.contains_key(id) {
-            self.stories.insert(id.to_string(), Story::default());
-        }
-        self.stories.get_mut(id).expect("inserted above")
+        // One search; an id's clone is a reference count.
+        self.stories.entry(key.global_id.clone()).or_default()
     }
 
     /// The (topic, subscriber) subscription record, created on first use.
     fn sub_mut(&mut self, topic: &Topic, client: &ClientId) -> &mut Sub {
-        if !self.subs.contains_key(topic) {
-            self.subs.insert(topic.clone(), BTreeMap::new());
-        }
-        let of_topic = self.subs.get_mut(topic).expect("inserted above");
-        if !of_topic.contains_key(client) {
-            of_topic.insert(client.clone(), Sub::default());
-        }
-        of_topic.get_mut(client).expect("inserted above")
+        self.subs
+            .entry(topic.clone())
+            .or_default()
+            .entry(client.clone())
+            .or_default()
     }
 
     fn pair(&self, client: &ClientId, key: &MessageKey) -> Option<&Pair> {
         self.pairs.get(client)?.get(key)
     }
 
-    /// The (subscriber, key) pair, created on first use; clones ids only then.
+    /// The (subscriber, key) pair, created on first use (one search per
+    /// level; an id's clone is a reference count).
     fn pair_mut(&mut self, client: &ClientId, key: &MessageKey) -> &mut Pair {
-        if !self.pairs.contains_key(client) {
-            self.pairs.insert(client.clone(), BTreeMap::new());
-        }
-        let of_client = self.pairs.get_mut(client).expect("inserted above");
-        if !of_client.contains_key(key) {
-            of_client.insert(key.clone(), Pair::default());
-        }
-        of_client.get_mut(key).expect("inserted above")
+        self.pairs
+            .entry(client.clone())
+            .or_default()
+            .entry(key.clone())
+            .or_default()
     }
 
     /// Every pair in (subscriber, key) order.
@@ -985,10 +977,7 @@ impl Checker {
 
     fn emitted(&mut self, at_ms: u64, node: usize, publish: &PublishRequest) {
         let key = publish.key();
-        if !self.keys.contains_key(&key) {
-            self.keys.insert(key.clone(), KeyState::unseen());
-        }
-        let ks = self.keys.get_mut(&key).expect("inserted above");
+        let ks = self.keys.entry(key.clone()).or_insert_with(KeyState::unseen);
         match &ks.emitted {
             Some(first) if *first != publish.content => {
                 let detail = format!(
@@ -1015,8 +1004,8 @@ impl Checker {
     /// requests carry its facts, stock and payment decide against the shadow ledger.
     fn judge_emission(&mut self, at_ms: u64, node: usize, publish: &PublishRequest) {
         let key = publish.key();
-        let order = key.global_id.to_string();
-        let Some(facts) = self.spec.orders.get(&order).cloned() else {
+        let order = key.global_id.as_str();
+        let Some(facts) = self.spec.orders.get(order).cloned() else {
             return;
         };
         let topic = publish.topic.as_str();
@@ -2054,7 +2043,7 @@ impl Checker {
                 continue;
             }
             for (id, (phase, state)) in orders {
-                let s = self.stories.get(id);
+                let s = self.stories.get(id.as_str());
                 let heard_stock = s.and_then(|s| s.heard_stock);
                 let heard_payment = s.and_then(|s| s.heard_payment);
                 let why = match phase {

@@ -149,6 +149,8 @@ pub struct Shared {
     recoveries: RefCell<Vec<Option<Box<dyn Recoveries>>>>,
     /// The broker's last recovery and the bytes it was fed (see `recover_broker`).
     broker_recovery: RefCell<Option<(Vec<u8>, Recovery)>>,
+    /// The same for the dedup-bound probe's recoveries (another bound).
+    dedup_bound_recovery: RefCell<Option<(Vec<u8>, Recovery)>>,
 }
 
 /// The plan's disk and clock faults in the form the driver checks them.
@@ -332,6 +334,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         recovery_chunk: recovery_chunk(seed),
         recoveries: RefCell::new((0..NODES.len()).map(|_| None).collect()),
         broker_recovery: RefCell::new(None),
+        dedup_bound_recovery: RefCell::new(None),
         cfg: cfg.clone(),
         seed,
         def,
@@ -1016,12 +1019,22 @@ fn recovery_chunk(seed: u64) -> usize {
 /// compaction rewrites it, and the next recovery starts from scratch). The
 /// bytes are fed in the seed's chunks (`recovery_chunk`).
 fn recover_broker(s: &Shared, image: &[u8]) -> Result<(Broker, BrokerRecoveryReport), LogError> {
+    recover_resuming(s, &s.broker_recovery, &s.broker_config, image)
+}
+
+/// `recover_broker` under `config`, resuming the recovery kept in `kept`.
+fn recover_resuming(
+    s: &Shared,
+    kept: &RefCell<Option<(Vec<u8>, Recovery)>>,
+    config: &BrokerConfig,
+    image: &[u8],
+) -> Result<(Broker, BrokerRecoveryReport), LogError> {
     let len = image.len() as u64;
-    let mut kept = s.broker_recovery.borrow_mut();
+    let mut kept = kept.borrow_mut();
     let resumed = kept
         .take()
         .and_then(|(bytes, mut r)| (image.starts_with(&bytes) && r.resume(len)).then_some(r));
-    let mut recovery = resumed.unwrap_or_else(|| Broker::recovery(s.broker_config.clone(), s.broker_seed(), len));
+    let mut recovery = resumed.unwrap_or_else(|| Broker::recovery(config.clone(), s.broker_seed(), len));
     let fed = usize::try_from(recovery.fed()).expect("a log in memory");
     feed_in_chunks(&mut recovery, &image[fed..], s.recovery_chunk)?;
     let mut copy = recovery.clone();
@@ -1039,15 +1052,14 @@ fn feed_in_chunks(recovery: &mut Recovery, bytes: &[u8], chunk: usize) -> Result
 /// recovered from `image` once more, with a bound of 1 to 8 settled keys drawn
 /// from the seed (a stream of its own), in place of the run's, which no sweep
 /// fills. `settled_in_log`: what the recovery under the run's bound remembers.
+/// Resumed as `recover_broker` is (the heal's recovery, then the end's).
 fn dedup_bound_probe(s: &Shared, image: &[u8], settled_in_log: usize) -> Result<bool, String> {
     let max = sagamq::rng::Rng::new(s.seed ^ 0xDED0_B0D0_0000_0000).range_inclusive(1, 8) as usize;
     let config = BrokerConfig {
         dedup_settled_max: max,
         ..s.broker_config.clone()
     };
-    let mut recovery = Broker::recovery(config, s.broker_seed(), image.len() as u64);
-    let (mut b, _) = feed_in_chunks(&mut recovery, image, s.recovery_chunk)
-        .and_then(|()| recovery.finish())
+    let (mut b, _) = recover_resuming(s, &s.dedup_bound_recovery, &config, image)
         .map_err(|e| format!("recovered with dedup_settled_max {max}, refused: {e}"))?;
     crate::probes::dedup_bound_misbehaves(&mut b, max, settled_in_log, s.now(BROKER))
 }

@@ -24,7 +24,7 @@
 //!   logged); dead letters, acks, subscriptions and dedup keys are durable.
 
 use super::dedup::Dedup;
-use super::record::ReplayRecord;
+use super::record::{IdCache, ReplayRecord};
 use super::*;
 use crate::log::{FrameStream, LogError};
 use crate::machine::Machine;
@@ -174,15 +174,17 @@ pub struct RecoveryReport {
 pub struct Recovery {
     broker: Broker,
     frames: FrameStream,
+    ids: IdCache,
 }
 
 impl Recovery {
     /// The next bytes of the log.
     pub fn feed(&mut self, chunk: &[u8]) -> Result<(), LogError> {
         let broker = &mut self.broker;
+        let ids = &mut self.ids;
         self.frames.feed(chunk, |offset, payload| {
-            let record =
-                BrokerRecord::decode_for_replay(payload).map_err(|reason| LogError::BadRecord { offset, reason })?;
+            let record = BrokerRecord::decode_for_replay(payload, ids)
+                .map_err(|reason| LogError::BadRecord { offset, reason })?;
             match record {
                 ReplayRecord::Full(record) => broker.apply(record, Origin::Replay),
                 ReplayRecord::SettledAtOnce { msg_id, key } => broker.replay_settled_at_once(msg_id, key),
@@ -207,7 +209,7 @@ impl Recovery {
 
     /// The recovered broker, once every byte was fed.
     pub fn finish(self) -> Result<(Broker, RecoveryReport), LogError> {
-        let Recovery { mut broker, frames } = self;
+        let Recovery { mut broker, frames, .. } = self;
         let found = frames.finish();
         // A duplicate key cannot be pinned to one record: name the log's start.
         broker
@@ -310,6 +312,7 @@ impl Broker {
         Recovery {
             broker,
             frames: FrameStream::new(log_len),
+            ids: IdCache::default(),
         }
     }
 

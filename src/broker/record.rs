@@ -148,52 +148,56 @@ impl BrokerRecord {
 
     /// Decodes one payload; the error says what was wrong (the caller adds the offset).
     pub fn decode(bytes: &[u8]) -> Result<BrokerRecord, String> {
-        let mut r = Reader { bytes, pos: 0 };
+        Self::decode_cached(bytes, &mut IdCache::default())
+    }
+
+    /// [`BrokerRecord::decode`], sharing the ids it decoded before through
+    /// `ids` (the same record either way).
+    pub(super) fn decode_cached(bytes: &[u8], ids: &mut IdCache) -> Result<BrokerRecord, String> {
+        let mut r = Reader { bytes, pos: 0, ids };
         let record = match r.u8()? {
             TAG_EPOCH => BrokerRecord::Epoch {
                 incarnation: r.u64()?,
                 next_msg_id: MsgId(r.u64()?),
             },
             TAG_SUBSCRIBED => BrokerRecord::Subscribed {
-                client: r.id(ClientId::new)?,
-                topic: r.id(Topic::new)?,
+                client: r.client()?,
+                topic: r.topic()?,
                 url: r.string()?,
                 expire_time: Time(r.u64()?),
             },
             TAG_UNSUBSCRIBED => BrokerRecord::Unsubscribed {
-                client: r.id(ClientId::new)?,
-                topic: r.id(Topic::new)?,
+                client: r.client()?,
+                topic: r.topic()?,
             },
             TAG_PUBLISHED => {
                 let message = Message {
                     msg_id: MsgId(r.u64()?),
-                    global_id: r.id(GlobalId::new)?,
-                    sub_id: r.id(SubId::new)?,
-                    sender_id: r.id(SenderId::new)?,
+                    global_id: r.global()?,
+                    sub_id: r.id(|s| SubId::new(s))?,
+                    sender_id: r.sender()?,
                     create_time: r.u64()? as i64,
-                    topic: r.id(Topic::new)?,
+                    topic: r.topic()?,
                     content: r.string()?,
                 };
                 let n = r.count()?;
                 let mut entitled = Vec::with_capacity(n.min(64));
                 for _ in 0..n {
-                    entitled.push(r.id(ClientId::new)?);
+                    entitled.push(r.client()?);
                 }
                 BrokerRecord::Published { message, entitled }
             }
             TAG_ACKED => BrokerRecord::Acked {
-                client: r.id(ClientId::new)?,
+                client: r.client()?,
                 msg_id: MsgId(r.u64()?),
             },
             TAG_DEAD_LETTERED => BrokerRecord::DeadLettered {
-                client: r.id(ClientId::new)?,
+                client: r.client()?,
                 msg_id: MsgId(r.u64()?),
             },
-            TAG_REDRIVEN => BrokerRecord::Redriven {
-                client: r.id(ClientId::new)?,
-            },
+            TAG_REDRIVEN => BrokerRecord::Redriven { client: r.client()? },
             TAG_REDRIVEN_OLDEST => BrokerRecord::RedrivenOldest {
-                client: r.id(ClientId::new)?,
+                client: r.client()?,
                 count: u32::try_from(r.u64()?).map_err(|_| "redrive count out of range".to_string())?,
             },
             TAG_SETTLED => {
@@ -201,8 +205,8 @@ impl BrokerRecord {
                 let mut keys = Vec::with_capacity(n.min(1024));
                 for _ in 0..n {
                     let key = MessageKey {
-                        global_id: r.id(GlobalId::new)?,
-                        sub_id: r.id(SubId::new)?,
+                        global_id: r.global()?,
+                        sub_id: r.id(|s| SubId::new(s))?,
                     };
                     keys.push((key, MsgId(r.u64()?)));
                 }
@@ -215,11 +219,11 @@ impl BrokerRecord {
     }
 
     /// Like [`BrokerRecord::decode`], for replay (see [`ReplayRecord`]).
-    pub(super) fn decode_for_replay(bytes: &[u8]) -> Result<ReplayRecord, String> {
+    pub(super) fn decode_for_replay(bytes: &[u8], ids: &mut IdCache) -> Result<ReplayRecord, String> {
         if bytes.first() != Some(&TAG_PUBLISHED) {
-            return BrokerRecord::decode(bytes).map(ReplayRecord::Full);
+            return BrokerRecord::decode_cached(bytes, ids).map(ReplayRecord::Full);
         }
-        let mut r = Reader { bytes, pos: 1 };
+        let mut r = Reader { bytes, pos: 1, ids };
         let msg_id = MsgId(r.u64()?);
         let global_id = r.raw_str()?;
         let sub_id = r.raw_str()?;
@@ -229,12 +233,12 @@ impl BrokerRecord {
         r.raw_str()?; // content
         if r.count()? != 0 {
             // Entitled subscribers: the message lives on, decode it whole.
-            return BrokerRecord::decode(bytes).map(ReplayRecord::Full);
+            return BrokerRecord::decode_cached(bytes, r.ids).map(ReplayRecord::Full);
         }
         r.end()?;
         let key = MessageKey {
-            global_id: Reader::id_of(global_id, GlobalId::new)?,
-            sub_id: Reader::id_of(sub_id, SubId::new)?,
+            global_id: r.ids.globals.get(global_id)?,
+            sub_id: Reader::id_of(sub_id, |s| SubId::new(s))?,
         };
         Ok(ReplayRecord::SettledAtOnce { msg_id, key })
     }
@@ -259,12 +263,79 @@ impl Writer<'_> {
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+/// Ids decoded recently, by kind, so that a replay shares one allocation
+/// among the records that name the same subscriber, topic, sender or saga
+/// (most of them) instead of allocating and validating the text again.
+#[derive(Clone, Default)]
+pub(super) struct IdCache {
+    clients: Recent<ClientId>,
+    topics: Recent<Topic>,
+    senders: Recent<SenderId>,
+    globals: Recent<GlobalId>,
 }
 
-impl<'a> Reader<'a> {
+/// At most [`Recent::KEPT`] ids, the newest replacing the oldest.
+#[derive(Clone)]
+struct Recent<T> {
+    ids: Vec<T>,
+    next: usize,
+}
+
+impl<T> Default for Recent<T> {
+    fn default() -> Self {
+        Recent {
+            ids: Vec::new(),
+            next: 0,
+        }
+    }
+}
+
+trait CachedId: Clone {
+    fn text(&self) -> &str;
+    fn parse(s: &str) -> Result<Self, crate::types::IdError>;
+}
+
+macro_rules! cached_id {
+    ($($t:ty),*) => {$(
+        impl CachedId for $t {
+            fn text(&self) -> &str {
+                self.as_str()
+            }
+            fn parse(s: &str) -> Result<Self, crate::types::IdError> {
+                <$t>::new(s)
+            }
+        }
+    )*};
+}
+cached_id!(ClientId, Topic, SenderId, GlobalId);
+
+impl<T: CachedId> Recent<T> {
+    const KEPT: usize = 16;
+
+    /// The id whose text is `raw`: a kept one (already validated), or one
+    /// parsed as the record decoder always did.
+    fn get(&mut self, raw: &[u8]) -> Result<T, String> {
+        if let Some(id) = self.ids.iter().find(|id| id.text().as_bytes() == raw) {
+            return Ok(id.clone());
+        }
+        let id = Reader::id_of(raw, |s| T::parse(s))?;
+        if self.ids.len() < Self::KEPT {
+            self.ids.push(id.clone());
+        } else {
+            self.ids[self.next] = id.clone();
+            self.next = (self.next + 1) % Self::KEPT;
+        }
+        Ok(id)
+    }
+}
+
+struct Reader<'a, 'c> {
+    bytes: &'a [u8],
+    pos: usize,
+    ids: &'c mut IdCache,
+}
+
+impl<'a> Reader<'a, '_> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
         let end = end.ok_or_else(|| format!("record truncated at byte {} (wanted {n} more)", self.pos))?;
@@ -286,9 +357,10 @@ impl<'a> Reader<'a> {
         Self::string_of(raw)
     }
     fn string_of(raw: &[u8]) -> Result<String, String> {
-        std::str::from_utf8(raw)
-            .map(str::to_owned)
-            .map_err(|e| format!("invalid UTF-8 in a string field: {e}"))
+        Self::str_of(raw).map(str::to_owned)
+    }
+    fn str_of(raw: &[u8]) -> Result<&str, String> {
+        std::str::from_utf8(raw).map_err(|e| format!("invalid UTF-8 in a string field: {e}"))
     }
     /// A string field's bytes, not yet checked.
     fn raw_str(&mut self) -> Result<&'a [u8], String> {
@@ -301,11 +373,28 @@ impl<'a> Reader<'a> {
             n => Err(format!("{n} trailing bytes after the record")),
         }
     }
-    fn id<T, E: std::fmt::Display>(&mut self, new: impl FnOnce(String) -> Result<T, E>) -> Result<T, String> {
-        new(self.string()?).map_err(|e| e.to_string())
+    fn client(&mut self) -> Result<ClientId, String> {
+        let raw = self.raw_str()?;
+        self.ids.clients.get(raw)
     }
-    fn id_of<T, E: std::fmt::Display>(raw: &[u8], new: impl FnOnce(String) -> Result<T, E>) -> Result<T, String> {
-        new(Self::string_of(raw)?).map_err(|e| e.to_string())
+    fn topic(&mut self) -> Result<Topic, String> {
+        let raw = self.raw_str()?;
+        self.ids.topics.get(raw)
+    }
+    fn sender(&mut self) -> Result<SenderId, String> {
+        let raw = self.raw_str()?;
+        self.ids.senders.get(raw)
+    }
+    fn global(&mut self) -> Result<GlobalId, String> {
+        let raw = self.raw_str()?;
+        self.ids.globals.get(raw)
+    }
+    fn id<T, E: std::fmt::Display>(&mut self, new: impl FnOnce(&str) -> Result<T, E>) -> Result<T, String> {
+        let raw = self.raw_str()?;
+        Self::id_of(raw, new)
+    }
+    fn id_of<T, E: std::fmt::Display>(raw: &[u8], new: impl FnOnce(&str) -> Result<T, E>) -> Result<T, String> {
+        new(Self::str_of(raw)?).map_err(|e| e.to_string())
     }
 }
 
@@ -418,16 +507,19 @@ mod tests {
                 },
                 _ => ReplayRecord::Full(record.clone()),
             };
-            assert_eq!(BrokerRecord::decode_for_replay(&bytes), Ok(expected));
+            assert_eq!(
+                BrokerRecord::decode_for_replay(&bytes, &mut IdCache::default()),
+                Ok(expected)
+            );
             for cut in 0..bytes.len() {
                 assert!(
-                    BrokerRecord::decode_for_replay(&bytes[..cut]).is_err(),
+                    BrokerRecord::decode_for_replay(&bytes[..cut], &mut IdCache::default()).is_err(),
                     "{record:?} cut at {cut}"
                 );
             }
             bytes.push(0);
             assert!(
-                BrokerRecord::decode_for_replay(&bytes)
+                BrokerRecord::decode_for_replay(&bytes, &mut IdCache::default())
                     .unwrap_err()
                     .contains("trailing")
             );
@@ -437,6 +529,40 @@ mod tests {
                 .iter()
                 .any(|r| matches!(r, BrokerRecord::Published { entitled, .. } if entitled.is_empty())),
             "the samples include a message settled at once"
+        );
+    }
+
+    /// Ids shared through one cache (a replay's) decode to the same records,
+    /// past the cache's capacity too; damage is still refused.
+    #[test]
+    fn decoding_through_a_shared_id_cache_gives_the_same_records() {
+        let mut ids = IdCache::default();
+        let mut records = samples();
+        for n in 0..40 {
+            records.push(BrokerRecord::Acked {
+                client: ClientId::new(format!("client-{}", n % 20)).unwrap(),
+                msg_id: MsgId(n),
+            });
+        }
+        for _ in 0..2 {
+            for record in &records {
+                let mut bytes = Vec::new();
+                record.encode(&mut bytes);
+                assert_eq!(BrokerRecord::decode_cached(&bytes, &mut ids).as_ref(), Ok(record));
+                bytes.push(0);
+                assert!(BrokerRecord::decode_cached(&bytes, &mut ids).is_err());
+            }
+        }
+        let mut bad = Vec::new();
+        BrokerRecord::Redriven {
+            client: ClientId::lit("client-1"),
+        }
+        .encode(&mut bad);
+        let at = bad.len() - 1;
+        bad[at] = b'\n';
+        assert!(
+            BrokerRecord::decode_cached(&bad, &mut ids).is_err(),
+            "a control character is refused"
         );
     }
 }

@@ -50,6 +50,24 @@ pub fn encode_frame(payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Makes the bytes of `out` from `start` one frame: `start` begins
+/// [`FRAME_HEADER_LEN`] placeholder bytes (their value is ignored), the
+/// payload follows them to the end. The same bytes as [`encode_frame`] of
+/// that payload, for a caller that serializes straight into the log buffer.
+pub fn seal_frame(out: &mut [u8], start: usize) {
+    let (head, payload) = out[start..].split_at_mut(FRAME_HEADER_LEN);
+    assert!(
+        payload.len() <= FRAME_PAYLOAD_MAX,
+        "record of {} bytes exceeds FRAME_PAYLOAD_MAX",
+        payload.len()
+    );
+    let len = u32::try_from(payload.len()).expect("bounded by FRAME_PAYLOAD_MAX");
+    head[0..4].copy_from_slice(&len.to_le_bytes());
+    head[4..8].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    let head_crc = crc32fast::hash(&head[0..8]);
+    head[8..12].copy_from_slice(&head_crc.to_le_bytes());
+}
+
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -199,7 +217,7 @@ enum Phase {
 /// same frames, at the same offsets, and ends with the same verdict as when
 /// fed the whole image at once ([`decode_all`]). It carries at most one frame
 /// ([`FRAME_HEADER_LEN`] + [`FRAME_PAYLOAD_MAX`] bytes) plus one chunk.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct FrameStream {
     total: u64,
     fed: u64,
@@ -529,6 +547,20 @@ mod tests {
             Ok(())
         })?;
         Ok((frames, stream.finish()))
+    }
+
+    /// A frame sealed in place is the frame `encode_frame` makes.
+    #[test]
+    fn a_frame_sealed_in_place_is_the_encoded_frame() {
+        for payload in [&b""[..], b"x", b"{\"Acked\":{\"outbox\":3}}", &[7u8; 1000][..]] {
+            let mut encoded = b"before".to_vec();
+            encode_frame(payload, &mut encoded);
+            let mut sealed = b"before".to_vec();
+            sealed.extend_from_slice(&[0xAA; FRAME_HEADER_LEN]);
+            sealed.extend_from_slice(payload);
+            seal_frame(&mut sealed, 6);
+            assert_eq!(sealed, encoded);
+        }
     }
 
     #[test]

@@ -40,5 +40,5 @@ mod frame;
 pub use disk::{Disk, MemDisk, Tail};
 pub use frame::{
     FILE_HEADER_LEN, FILE_MAGIC, FORMAT_VERSION, FRAME_HEADER_LEN, FRAME_PAYLOAD_MAX, FrameStream, LogError, Recovered,
-    StreamSummary, decode_all, decode_frames, empty_log, encode_file_header, encode_frame,
+    StreamSummary, decode_all, decode_frames, empty_log, encode_file_header, encode_frame, seal_frame,
 };

@@ -13,7 +13,7 @@
 use super::participant::{Decision, Outgoing, Participant};
 use super::{CallbackToken, Command, CommandOutcome, OutboxId, ParticipantInput, ParticipantOutput};
 use crate::broker::Lsn;
-use crate::log::{FRAME_HEADER_LEN, LogError, decode_all, decode_frames, encode_frame};
+use crate::log::{FRAME_HEADER_LEN, FrameStream, LogError, decode_all, decode_frames, seal_frame};
 use crate::machine::Machine;
 use crate::rng::Rng;
 use crate::types::{ClientId, Message, MessageKey, PublishRequest, SenderId, SubscribeRequest, Time, Topic};
@@ -194,6 +194,9 @@ pub struct Replay<P: Participant> {
     end: u64,
     valid_len: u64,
     torn_bytes: u64,
+    /// The frames judged so far, kept to resume on a longer image (None:
+    /// judge the next image from its start).
+    frames: Option<FrameStream>,
 }
 
 impl<P: Participant> Replay<P> {
@@ -205,6 +208,7 @@ impl<P: Participant> Replay<P> {
             end: 0,
             valid_len: 0,
             torn_bytes: 0,
+            frames: None,
         }
     }
 
@@ -218,9 +222,33 @@ impl<P: Participant> Replay<P> {
     /// Damage is judged on the whole image, as by [`ParticipantHost::recover`].
     /// After an error the replay is part-way: drop it.
     pub fn feed(&mut self, image: &[u8]) -> Result<(), LogError> {
-        let recovered = decode_all(image)?;
+        // The frames before `end` were judged already (and `image` begins
+        // with them): a stream that stopped there, at a frame boundary with
+        // no damage, resumes (`FrameStream::resume`, the same verdict as
+        // `decode_all` of the whole image); otherwise the image is judged
+        // from its start. Damage is judged before any record is parsed.
+        let len = image.len() as u64;
+        let end = self.end;
+        let mut stream = self
+            .frames
+            .take()
+            .filter(|f| end > 0 && f.fed() == end)
+            .and_then(|mut f| f.resume(len).then_some(f))
+            .unwrap_or_else(|| FrameStream::new(len));
+        let from = usize::try_from(stream.fed()).expect("a log in memory");
+        let mut found = Vec::new();
+        stream.feed(&image[from..], |offset, payload| {
+            found.push((offset, payload.len()));
+            Ok(())
+        })?;
+        let summary = stream.finish();
+        self.frames = Some(stream);
         let replayed = self.end;
-        for (offset, payload) in recovered.records.iter().filter(|(offset, _)| *offset >= replayed) {
+        let records = found.into_iter().map(|(offset, len)| {
+            let at = offset as usize + FRAME_HEADER_LEN;
+            (offset, &image[at..at + len])
+        });
+        for (offset, payload) in records.filter(|(offset, _)| *offset >= replayed) {
             // UTF-8 checked once for the whole record, not string by string;
             // a record that is not UTF-8 gets serde's own error, as before.
             let parsed = match std::str::from_utf8(payload) {
@@ -228,15 +256,15 @@ impl<P: Participant> Replay<P> {
                 Err(_) => serde_json::from_slice(payload),
             };
             let record = parsed.map_err(|e| LogError::BadRecord {
-                offset: *offset,
+                offset,
                 reason: e.to_string(),
             })?;
             self.records += 1;
             self.host.replay(Lsn(self.records), record);
             self.end = offset + (FRAME_HEADER_LEN + payload.len()) as u64;
         }
-        self.valid_len = recovered.valid_len;
-        self.torn_bytes = recovered.torn_bytes;
+        self.valid_len = summary.valid_len;
+        self.torn_bytes = summary.torn_bytes;
         Ok(())
     }
 
@@ -609,9 +637,12 @@ impl<P: Participant> ParticipantHost<P> {
     }
 
     fn persist(&mut self, record: &HostRecord<P::Change>) -> Lsn {
-        let payload = serde_json::to_vec(record).expect("host records serialize");
-        let mut frames = Vec::with_capacity(payload.len() + crate::log::FRAME_HEADER_LEN);
-        encode_frame(&payload, &mut frames);
+        // Serialized straight after the frame header's place, then sealed:
+        // the bytes `encode_frame` makes, without a payload buffer and its copy.
+        let mut frames = Vec::with_capacity(512);
+        frames.resize(FRAME_HEADER_LEN, 0);
+        serde_json::to_writer(&mut frames, record).expect("host records serialize");
+        seal_frame(&mut frames, 0);
         self.lsn_last = Lsn(self.lsn_last.0 + 1);
         self.out.push_back(ParticipantOutput::Persist {
             lsn: self.lsn_last,

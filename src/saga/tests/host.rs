@@ -255,3 +255,42 @@ fn a_replay_resumed_on_a_longer_log_recovers_what_one_recovery_does() {
     let consumed = ["g1", "g2", "g3"].map(|id| resumed.consumed(&ping(&mut b, id).key()));
     assert_eq!(consumed, [true; 3]);
 }
+
+/// A replay resumed on an image with a torn tail, then on one where the
+/// tail is cut off and the log goes on, judges each as one recovery does.
+#[test]
+fn a_resumed_replay_judges_a_torn_tail_as_one_recovery_does() {
+    use crate::saga::Replay;
+    let mut b = Bench::with_config(Echo::default(), config());
+    b.tick();
+    b.feed(ParticipantInput::Subscribed {
+        topic: Topic::lit("ping"),
+    });
+    let mut replay = Replay::new(Echo::default(), config());
+    let m = ping(&mut b, "g1");
+    b.deliver(&m);
+    let outs = b.sync();
+    b.ack_all(&outs);
+    b.sync();
+    let first = b.disk.read_all();
+    replay.feed(&first).unwrap();
+    let mut torn = first.clone();
+    torn.extend_from_slice(&[9, 0, 0]);
+    let mut again = replay.clone();
+    again.feed(&torn).unwrap();
+    let (_, torn_report) = again.finish();
+    let (_, once_torn) = ParticipantHost::recover(Echo::default(), config(), &torn).unwrap();
+    assert_eq!(torn_report, once_torn);
+    assert!(torn_report.torn_bytes > 0);
+    let m = ping(&mut b, "g2");
+    b.deliver(&m);
+    let outs = b.sync();
+    b.ack_all(&outs);
+    b.sync();
+    let longer = b.disk.read_all();
+    replay.feed(&longer).unwrap();
+    let (resumed, report) = replay.finish();
+    let (once, once_report) = ParticipantHost::recover(Echo::default(), config(), &longer).unwrap();
+    assert_eq!(report, once_report);
+    assert_eq!(format!("{resumed:?}"), format!("{once:?}"));
+}
