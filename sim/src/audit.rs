@@ -637,7 +637,7 @@ mod tests {
         t.output(&publish(1), at(375)); // 250: attempt 2's wait, 200 ms plus jitter
         t.output(&publish(1), at(675)); // 300: the cap, no jitter beyond it
         assert_eq!(t.retry_violation(), None);
-        t.output(&publish(1), at(976));
+        t.output(&publish(1), at(977)); // 302 ms: past the cap and the 1 ms slack
         let e = t.retry_violation().expect("fires");
         assert!(
             e.contains("after its attempt 4, after the backoff ceiling 300ms"),
@@ -646,7 +646,7 @@ mod tests {
         t.paused();
         t.output(&publish(1), at(3_000));
         assert_eq!(t.retry_violation(), None);
-        t.output(&publish(1), at(3_301));
+        t.output(&publish(1), at(3_302));
         assert!(t.retry_violation().is_some());
     }
 }
