@@ -1,16 +1,14 @@
-//! The log workers: each takes everything handed over as one batch of
-//! appends/replaces, applies it to the [`FileDisk`] and syncs it once (group
-//! commit), off the async runtime.
+//! The log writer thread: applies one batch of appends/replaces to the
+//! [`FileDisk`] and syncs it once (group commit), off the async runtime.
 //!
-//! **Invariant:** batches are written one at a time, in the order the writes
-//! were handed over (each batch takes a turn when it is taken, and is written
-//! in that turn), and `WriteDone { lsn }` means every write up to `lsn` is
-//! durable (reports may come out of order: a report with a lower `lsn` than
-//! an earlier one says nothing new, unless it is an error). Writes handed
-//! over meanwhile wait in a shared queue; a free worker (one of
-//! [`SYNCS_IN_FLIGHT_MAX`]) takes all of them as its next batch, writes it
-//! and syncs it itself (no round trip through the driver, no hand-over to
-//! another thread in between). A compaction's new file is written and
+//! **Invariant:** the thread writes batches one at a time, in the order the
+//! writes were handed over, and `WriteDone { lsn }` means every write up to
+//! `lsn` is durable (reports may come out of order: a report with a lower
+//! `lsn` than an earlier one says nothing new, unless it is an error).
+//! Writes handed over meanwhile wait in a shared queue; the thread takes all
+//! of them as its next batch as soon as it has written the previous one and
+//! one of the [`SYNCS_IN_FLIGHT_MAX`] sync slots is free (no round trip
+//! through the driver in between). A compaction's new file is written and
 //! synced on a thread of its own while the appends go on to the old file,
 //! which stays the log, whole, until the switch ([`Compaction`]).
 
@@ -103,23 +101,17 @@ pub struct WriteDone {
     pub result: Result<BatchReport, String>,
 }
 
-/// What the driver and the log workers share: the writes handed over and
+/// What the driver and the writer thread share: the writes handed over and
 /// not yet taken.
 struct Queue {
     pending: PendingWrites,
-    /// Workers asleep on the condvar (a hand-over that starts a batch wakes one).
-    idle: usize,
+    /// The thread sleeps on the condvar (a hand-over must wake it).
+    idle: bool,
     /// No more batches: the handle was dropped or a write failed.
     closed: bool,
-    /// A compaction's new file is written and synced (the compaction's
-    /// lsn): a worker switches to it before the next batch.
-    compaction_ready: Option<Lsn>,
-    /// A compaction was started and not yet switched to: the workers stay
-    /// until it is, even once closed.
-    compaction_running: bool,
-    /// Turns handed out: batches and switches are applied to the file in
-    /// this order ([`Writer::applied`]).
-    taken: u64,
+    /// A compaction's new file is written and synced: the writer switches to
+    /// it before its next batch.
+    compaction_ready: bool,
 }
 
 struct Shared {
@@ -133,7 +125,7 @@ impl Shared {
     }
 }
 
-/// Handle to the log workers. Dropping it ends them after the writes
+/// Handle to the writer thread. Dropping it ends the thread after the writes
 /// already handed over.
 pub struct LogWriter {
     shared: Arc<Shared>,
@@ -141,12 +133,10 @@ pub struct LogWriter {
     /// The last lsn handed over, and the last one reported back.
     handed: Option<Lsn>,
     reported: Option<Lsn>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    /// The file's state, kept to join a compaction thread left by a failure.
-    writer: Option<Arc<WriterShared>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Reports waiting for the driver; a full channel holds the workers back.
+/// Reports waiting for the driver; a full channel holds the thread back.
 const REPORTS_QUEUED_MAX: usize = 64;
 
 impl LogWriter {
@@ -165,20 +155,16 @@ impl LogWriter {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 pending: PendingWrites::default(),
-                idle: 0,
+                idle: false,
                 closed: false,
-                compaction_ready: None,
-                compaction_running: false,
-                taken: 0,
+                compaction_ready: false,
             }),
             wake: Condvar::new(),
         });
         let (done_tx, done_rx) = mpsc::channel::<WriteDone>(REPORTS_QUEUED_MAX);
-        let mut threads = Vec::new();
-        let mut writer_state = None;
-        if reply_before_fsync {
-            let queue = shared.clone();
-            let t = std::thread::Builder::new().name("sagamq-log".into()).spawn(move || {
+        let queue = shared.clone();
+        let thread = std::thread::Builder::new().name("sagamq-log".into()).spawn(move || {
+            if reply_before_fsync {
                 while let Some(next) = next_batch(&queue) {
                     let Next::Batch(batch) = next else { continue };
                     let result = apply_unsynced(&mut disk, &batch.ops);
@@ -190,48 +176,17 @@ impl LogWriter {
                         break;
                     }
                 }
-                queue.lock().closed = true;
-            })?;
-            threads.push(t);
-        } else {
-            let writer = Arc::new(WriterShared {
-                state: Mutex::new(Writer {
-                    disk,
-                    applied: 0,
-                    compaction: None,
-                    files: Vec::new(),
-                    generation: 0,
-                    failed: false,
-                }),
-                turn: Condvar::new(),
-            });
-            for i in 0..SYNCS_IN_FLIGHT_MAX {
-                let (queue, writer, tx) = (shared.clone(), writer.clone(), done_tx.clone());
-                let t = std::thread::Builder::new()
-                    .name(format!("sagamq-log{i}"))
-                    .spawn(move || log_worker(&queue, &writer, &tx));
-                match t {
-                    Ok(t) => threads.push(t),
-                    Err(e) => {
-                        // The ones started end once closed.
-                        shared.lock().closed = true;
-                        shared.wake.notify_all();
-                        for t in threads {
-                            let _ = t.join();
-                        }
-                        return Err(e);
-                    }
-                }
+            } else {
+                write_and_sync(&mut disk, &queue, done_tx);
             }
-            writer_state = Some(writer);
-        }
+            queue.lock().closed = true;
+        })?;
         Ok(LogWriter {
             shared,
             done: done_rx,
             handed: None,
             reported: None,
-            threads,
-            writer: writer_state,
+            thread: Some(thread),
         })
     }
 
@@ -243,23 +198,20 @@ impl LogWriter {
         }
     }
 
-    /// Hands everything pending to the workers: it joins the writes no
-    /// worker has taken yet, and goes out with them in the next batch. Only
-    /// a hand-over that starts a batch wakes a worker: one is already
-    /// coming for a batch that was waiting, and a worker back from its sync
-    /// looks for one before it sleeps.
+    /// Hands everything pending to the thread: it joins the writes the thread
+    /// has not taken yet, and goes out with them in its next batch.
     pub fn start(&mut self, pending: &mut PendingWrites) {
         let Some(lsn) = pending.lsn else { return };
         let mut q = self.shared.lock();
-        // The workers only stop after a failure, which the driver already
-        // saw (or sees next in `done`).
+        // The thread only stops after a failure, which the driver already saw
+        // (or sees next in `done`).
         if q.closed {
             return;
         }
-        let starts_batch = q.pending.is_empty();
         q.pending.absorb(pending);
         self.handed = Some(lsn);
-        if starts_batch && q.idle > 0 {
+        if q.idle {
+            q.idle = false;
             drop(q);
             self.shared.wake.notify_one();
         }
@@ -289,235 +241,247 @@ impl LogWriter {
     }
 }
 
-/// Log workers, hence `fdatasync` calls in flight at once, each on its own
-/// descriptor of the log. The device flushes of concurrent calls are
+/// `fdatasync` calls in flight at once, each on its own descriptor of the
+/// log, by as many sync threads. The device flushes of concurrent calls are
 /// coalesced by the kernel's block layer, so more of them complete per second
 /// than one at a time (on this project's VM disk, 4 concurrent callers did
 /// several times the syncs per second of one).
 pub const SYNCS_IN_FLIGHT_MAX: usize = 4;
-
-/// The log file and what goes with it, shared by the workers; a worker
-/// holds it while it writes a batch (or switches to a compacted file),
-/// never during an `fdatasync`.
-struct Writer {
-    disk: FileDisk,
-    /// Turns applied so far: turn `n` waits until this is `n`.
-    applied: u64,
-    compaction: Option<Compaction>,
-    /// Idle descriptors of the current log file.
-    files: Vec<Box<dyn FsFile>>,
-    /// The log file they are descriptors of (a compaction starts a new one).
-    generation: u64,
-    /// A write or sync failed: nothing more is written.
-    failed: bool,
-}
-
-struct WriterShared {
-    state: Mutex<Writer>,
-    turn: Condvar,
-}
-
-impl WriterShared {
-    fn lock(&self) -> MutexGuard<'_, Writer> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// One log worker: takes everything handed over as one batch, writes it to
-/// the page cache (in the order batches were taken), `fdatasync`s it on a
-/// descriptor of its own and reports, then looks for the next batch. So a
-/// batch goes from the driver to the disk with one thread wake-up at most
-/// (none when a worker comes back from its sync to a waiting batch), and
-/// up to [`SYNCS_IN_FLIGHT_MAX`] syncs overlap. Each sync reports as soon
-/// as it returns, and `WriteDone { lsn }` still means every write up to
-/// `lsn` is durable: an `fdatasync` makes durable all that was written to
-/// the file before it (POSIX), through any descriptor. On Linux it first
-/// waits for the writeback of every dirty or in-flight page of the file, an
-/// earlier sync's included, and fails if any of those writes failed since
-/// this descriptor's last sync; a descriptor goes back to the pool only
-/// after a successful sync, and after any failure nothing more is written.
-/// So a later sync may report before an earlier, slower one (whose report
-/// then says nothing new), and an error from any sync still reaches the
-/// driver. A compaction (`Replace`) runs alongside the appends (see
-/// [`Compaction`]); only its switch to the new file, in its turn between
-/// two batches, holds them back.
-fn log_worker(queue: &Arc<Shared>, writer: &WriterShared, done_tx: &mpsc::Sender<WriteDone>) {
-    let fail = |w: &mut Writer, lsn: Lsn, e: String| {
-        w.failed = true;
-        let _ = done_tx.blocking_send(WriteDone { lsn, result: Err(e) });
-    };
-    loop {
-        let (turn, next) = {
-            let mut q = queue.lock();
-            let next = loop {
-                if let Some(lsn) = q.compaction_ready.take() {
-                    break Next::Compacted(lsn);
-                }
-                if let Some(batch) = q.pending.take() {
-                    break Next::Batch(batch);
-                }
-                if q.closed && !q.compaction_running {
-                    return;
-                }
-                q.idle += 1;
-                q = queue.wake.wait(q).unwrap_or_else(|e| e.into_inner());
-                q.idle -= 1;
-            };
-            q.taken += 1;
-            (q.taken - 1, next)
-        };
-        let mut w = writer.lock();
-        while w.applied != turn {
-            w = writer.turn.wait(w).unwrap_or_else(|e| e.into_inner());
-        }
-        let job = if w.failed {
-            None
-        } else {
-            match next {
-                Next::Compacted(lsn) => {
-                    // Not if a later `Replace` switched to it already.
-                    if let Some(c) = w.compaction.take_if(|c| c.lsn == lsn) {
-                        let w = &mut *w;
-                        let result = c.finish(&mut w.disk, &mut w.files, &mut w.generation);
-                        // Workers woken by a close went back to sleep while
-                        // it ran: they may leave now.
-                        queue.lock().compaction_running = false;
-                        queue.wake.notify_all();
-                        if let Err(e) = result {
-                            fail(w, lsn, e);
-                        }
-                    }
-                    None
-                }
-                Next::Batch(batch) => match write_batch(&mut w, queue, batch) {
-                    Ok(job) => Some(job),
-                    Err((lsn, e)) => {
-                        fail(&mut w, lsn, e);
-                        None
-                    }
-                },
-            }
-        };
-        w.applied += 1;
-        let failed = w.failed;
-        drop(w);
-        writer.turn.notify_all();
-        if failed {
-            let mut q = queue.lock();
-            q.closed = true;
-            q.compaction_running = false;
-            drop(q);
-            queue.wake.notify_all();
-            return;
-        }
-        let Some(mut job) = job else { continue };
-        let t0 = Instant::now();
-        let result = job.file.sync_data();
-        job.report.sync_time = t0.elapsed();
-        let mut w = writer.lock();
-        let result = match result {
-            Ok(()) => {
-                if job.generation == w.generation {
-                    w.files.push(job.file);
-                }
-                Ok(job.report)
-            }
-            Err(e) => {
-                // After a failed fsync nothing more may be written.
-                w.failed = true;
-                Err(format!("fdatasync {}: {e}", w.disk.path().display()))
-            }
-        };
-        let failed = w.failed;
-        drop(w);
-        let _ = done_tx.blocking_send(WriteDone { lsn: job.lsn, result });
-        if failed {
-            let mut q = queue.lock();
-            q.closed = true;
-            q.compaction_running = false;
-            drop(q);
-            queue.wake.notify_all();
-            return;
-        }
-    }
-}
-
 /// One batch written to the page cache, waiting for its `fdatasync`.
 struct SyncJob {
     lsn: Lsn,
     report: BatchReport,
     file: Box<dyn FsFile>,
-    /// The log file it is a descriptor of.
+    /// The log file it is a descriptor of (a compaction starts a new one).
     generation: u64,
 }
 
-/// Writes one batch in its turn and picks the descriptor to sync it with.
-fn write_batch(w: &mut Writer, queue: &Arc<Shared>, batch: WriteBatch) -> Result<SyncJob, (Lsn, String)> {
-    let lsn = batch.lsn;
-    let mut report = BatchReport::default();
-    for op in batch.ops {
-        match op {
-            WriteOp::Append(b) => {
-                w.disk
-                    .try_append(&b)
-                    .map_err(|e| (lsn, format!("append to {}: {e}", w.disk.path().display())))?;
-                report.bytes += b.len() as u64;
-                report.records += count_frames(&b);
-                if let Some(c) = &mut w.compaction {
-                    c.since.extend_from_slice(&b);
-                }
-            }
-            WriteOp::Replace(state) => {
-                // One compaction at a time: a second one (rare) waits for
-                // the first to be switched to.
-                if let Some(c) = w.compaction.take() {
-                    let done = c.lsn;
-                    c.finish(&mut w.disk, &mut w.files, &mut w.generation)
-                        .map_err(|e| (lsn, e))?;
-                    // Its wake-up (set before the join returned) is this switch.
-                    let mut q = queue.lock();
-                    if q.compaction_ready == Some(done) {
-                        q.compaction_ready = None;
-                    }
-                }
-                report.bytes += state.len() as u64;
-                report.records += count_frames(&state);
-                report.replaced = true;
-                let c = Compaction::start(&w.disk, queue, lsn, state).map_err(|e| (lsn, e))?;
-                queue.lock().compaction_running = true;
-                w.compaction = Some(c);
+/// What the writer thread and the sync threads share.
+#[derive(Default)]
+struct SyncState {
+    in_flight: usize,
+    /// Idle descriptors of the current log file.
+    files: Vec<Box<dyn FsFile>>,
+    generation: u64,
+    failed: bool,
+}
+
+struct Syncs {
+    state: Mutex<SyncState>,
+    changed: Condvar,
+}
+
+impl Syncs {
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, g: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
+        self.changed.wait(g).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The writer thread: writes each batch to the page cache at once, then has
+/// one of [`SYNCS_IN_FLIGHT_MAX`] sync threads `fdatasync` it while it writes
+/// and syncs the next. Each sync reports as soon as it returns, and
+/// `WriteDone { lsn }` still means every write up to `lsn` is durable: an
+/// `fdatasync` makes durable all that was written to the file before it
+/// (POSIX), through any descriptor. On Linux it first waits for the
+/// writeback of every dirty or in-flight page of the file, an earlier sync's
+/// included, and fails if any of those writes failed since this descriptor's
+/// last sync; a descriptor goes back to the pool only after a successful
+/// sync, and after any failure nothing more is dispatched. So a later sync
+/// may report before an earlier, slower one (whose report then says nothing
+/// new), and an error from any sync still reaches the driver. A compaction
+/// (`Replace`) runs alongside the appends (see [`Compaction`]); only its
+/// switch to the new file, between two batches, holds them back.
+fn write_and_sync(disk: &mut FileDisk, queue: &Arc<Shared>, done_tx: mpsc::Sender<WriteDone>) {
+    let syncs = Arc::new(Syncs {
+        state: Mutex::new(SyncState::default()),
+        changed: Condvar::new(),
+    });
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<SyncJob>();
+    let jobs_rx = Arc::new(Mutex::new(jobs_rx));
+    let mut threads = Vec::new();
+    for i in 0..SYNCS_IN_FLIGHT_MAX {
+        let (syncs, jobs_rx, tx) = (syncs.clone(), jobs_rx.clone(), done_tx.clone());
+        let path = disk.path().to_path_buf();
+        let t = std::thread::Builder::new()
+            .name(format!("sagamq-sync{i}"))
+            .spawn(move || sync_thread(&syncs, &jobs_rx, &tx, &path));
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                let _ = done_tx.blocking_send(WriteDone {
+                    lsn: Lsn::default(),
+                    result: Err(format!("start a log sync thread: {e}")),
+                });
+                return;
             }
         }
     }
-    let file = match w.files.pop() {
-        Some(f) => f,
-        None => w
-            .disk
-            .open_sync_descriptor()
-            .map_err(|e| (lsn, format!("open {} to sync it: {e}", w.disk.path().display())))?,
+    let mut compaction: Option<Compaction> = None;
+    let fail = |lsn: Lsn, e: String| {
+        let _ = done_tx.blocking_send(WriteDone { lsn, result: Err(e) });
     };
-    Ok(SyncJob {
-        lsn,
-        report,
-        file,
-        generation: w.generation,
-    })
+    while let Some(next) = next_batch(queue) {
+        if syncs.lock().failed {
+            break;
+        }
+        let batch = match next {
+            Next::Compacted => {
+                if let Some(c) = compaction.take() {
+                    let lsn = c.lsn;
+                    if let Err(e) = c.finish(disk, &syncs) {
+                        fail(lsn, e);
+                        break;
+                    }
+                }
+                continue;
+            }
+            Next::Batch(batch) => batch,
+        };
+        let mut report = BatchReport::default();
+        let mut failed = None;
+        for op in batch.ops {
+            match op {
+                WriteOp::Append(b) => {
+                    if let Err(e) = disk.try_append(&b) {
+                        failed = Some(format!("append to {}: {e}", disk.path().display()));
+                        break;
+                    }
+                    report.bytes += b.len() as u64;
+                    report.records += count_frames(&b);
+                    if let Some(c) = &mut compaction {
+                        c.since.extend_from_slice(&b);
+                    }
+                }
+                WriteOp::Replace(state) => {
+                    // One compaction at a time: a second one (rare) waits
+                    // for the first to be switched to.
+                    if let Some(c) = compaction.take()
+                        && let Err(e) = c.finish(disk, &syncs)
+                    {
+                        failed = Some(e);
+                        break;
+                    }
+                    report.bytes += state.len() as u64;
+                    report.records += count_frames(&state);
+                    report.replaced = true;
+                    match Compaction::start(disk, queue, batch.lsn, state) {
+                        Ok(c) => compaction = Some(c),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed {
+            fail(batch.lsn, e);
+            break;
+        }
+        let mut g = syncs.lock();
+        while g.in_flight >= SYNCS_IN_FLIGHT_MAX && !g.failed {
+            g = syncs.wait(g);
+        }
+        if g.failed {
+            break;
+        }
+        let file = match g.files.pop() {
+            Some(f) => f,
+            None => match disk.open_sync_descriptor() {
+                Ok(f) => f,
+                Err(e) => {
+                    drop(g);
+                    fail(batch.lsn, format!("open {} to sync it: {e}", disk.path().display()));
+                    break;
+                }
+            },
+        };
+        g.in_flight += 1;
+        let generation = g.generation;
+        drop(g);
+        let job = SyncJob {
+            lsn: batch.lsn,
+            report,
+            file,
+            generation,
+        };
+        if jobs_tx.send(job).is_err() {
+            break;
+        }
+    }
+    // A compaction still running is finished (or, after a failure, left: its
+    // temp file is removed at the next start and the old file is the log).
+    if let Some(c) = compaction.take() {
+        let lsn = c.lsn;
+        if !syncs.lock().failed {
+            if let Err(e) = c.finish(disk, &syncs) {
+                fail(lsn, e);
+            }
+        } else {
+            let _ = c.thread.join();
+        }
+    }
+    // The syncs already started finish and are reported before the thread ends.
+    drop(jobs_tx);
+    for t in threads {
+        let _ = t.join();
+    }
 }
 
-/// What a worker does next.
+fn sync_thread(
+    syncs: &Syncs,
+    jobs: &Mutex<std::sync::mpsc::Receiver<SyncJob>>,
+    done_tx: &mpsc::Sender<WriteDone>,
+    path: &std::path::Path,
+) {
+    loop {
+        let job = {
+            let rx = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            rx.recv()
+        };
+        let Ok(mut job) = job else { return };
+        let t0 = Instant::now();
+        let result = job.file.sync_data();
+        job.report.sync_time = t0.elapsed();
+        let failed = result.is_err();
+        let result = result
+            .map(|()| job.report)
+            .map_err(|e| format!("fdatasync {}: {e}", path.display()));
+        let mut g = syncs.lock();
+        if failed {
+            // After a failed fsync nothing more may be written.
+            g.failed = true;
+        } else if job.generation == g.generation {
+            g.files.push(job.file);
+        }
+        // Reported at once, under the lock (so that no sync in flight means
+        // every sync reported): it covers every batch written before it.
+        let _ = done_tx.blocking_send(WriteDone { lsn: job.lsn, result });
+        g.in_flight -= 1;
+        drop(g);
+        syncs.changed.notify_all();
+    }
+}
+
+/// What the writer thread does next.
 enum Next {
     /// Everything handed over so far, as one batch.
     Batch(WriteBatch),
-    /// Switch to the compaction of this lsn (before anything else).
-    Compacted(Lsn),
+    /// Switch to the compacted file (before anything else).
+    Compacted,
 }
 
-/// The broken writer's wait for work; `None` once closed with nothing left.
+/// The writer thread's wait for work; `None` once closed with nothing left
+/// (a compaction still running is then finished by the caller).
 fn next_batch(shared: &Shared) -> Option<Next> {
     let mut q = shared.lock();
     loop {
-        if let Some(lsn) = q.compaction_ready.take() {
-            return Some(Next::Compacted(lsn));
+        if std::mem::take(&mut q.compaction_ready) {
+            return Some(Next::Compacted);
         }
         if let Some(batch) = q.pending.take() {
             return Some(Next::Batch(batch));
@@ -525,14 +489,13 @@ fn next_batch(shared: &Shared) -> Option<Next> {
         if q.closed {
             return None;
         }
-        q.idle += 1;
+        q.idle = true;
         q = shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
-        q.idle -= 1;
     }
 }
 
 /// A compaction in progress: its new file (file header and the live state)
-/// is written and synced by a thread of its own while the workers go on
+/// is written and synced by a thread of its own while the writer goes on
 /// appending to the old file, which keeps every record, so the old file is
 /// the log, whole and durable as before, until the switch.
 struct Compaction {
@@ -545,6 +508,7 @@ struct Compaction {
     since: Vec<u8>,
     done: std::sync::mpsc::Receiver<std::io::Result<Box<dyn FsFile>>>,
     thread: std::thread::JoinHandle<()>,
+    queue: Arc<Shared>,
     started: Instant,
 }
 
@@ -558,7 +522,7 @@ impl Compaction {
             .name("sagamq-compact".into())
             .spawn(move || {
                 let _ = tx.send(write(&state));
-                ready.lock().compaction_ready = Some(lsn);
+                ready.lock().compaction_ready = true;
                 ready.wake.notify_one();
             })
             .map_err(|e| format!("start the compaction thread: {e}"))?;
@@ -568,6 +532,7 @@ impl Compaction {
             since: Vec::new(),
             done,
             thread,
+            queue: queue.clone(),
             started: Instant::now(),
         })
     }
@@ -576,15 +541,20 @@ impl Compaction {
     /// the log (rename, directory fsync). The sync descriptors of the old file
     /// are dropped: a sync on the old file still in flight covers bytes the
     /// new file holds durably already (synced before the rename).
-    fn finish(self, disk: &mut FileDisk, files: &mut Vec<Box<dyn FsFile>>, generation: &mut u64) -> Result<(), String> {
+    fn finish(self, disk: &mut FileDisk, syncs: &Syncs) -> Result<(), String> {
         let file = self
             .done
             .recv()
             .map_err(|_| "the compaction thread stopped".to_string());
         let _ = self.thread.join();
+        // Its wake-up (set before the join returned) is this switch.
+        self.queue.lock().compaction_ready = false;
         let file = file?.map_err(|e| format!("compaction of {}: {e}", disk.path().display()))?;
-        files.clear();
-        *generation += 1;
+        {
+            let mut g = syncs.lock();
+            g.files.clear();
+            g.generation += 1;
+        }
         let t0 = Instant::now();
         disk.switch_to_compacted(file, self.state_len, &self.since)
             .map_err(|e| format!("compaction of {}: {e}", disk.path().display()))?;
@@ -602,17 +572,10 @@ impl Compaction {
 impl Drop for LogWriter {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
-        self.shared.wake.notify_all();
+        self.shared.wake.notify_one();
         self.done.close();
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-        // A compaction left by a failure: its temp file is removed at the
-        // next start, and the old file is the log.
-        if let Some(w) = self.writer.take()
-            && let Some(c) = w.lock().compaction.take()
-        {
-            let _ = c.thread.join();
         }
     }
 }
