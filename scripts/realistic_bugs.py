@@ -120,6 +120,23 @@ BUGS = [
      "        let later = self.waiting.split_off(&Lsn(lsn.0 + 1));",
      "        let later = self.waiting.split_off(&Lsn(lsn.0 + 2));",
      "a host answers work whose record is one past the durable one (caught since a simulated sync promises only what was written when it began)"),
+    # Fifth round: each passed both sweeps before the check named beside it.
+    ("host-backoff-uncapped", "src/saga/host.rs",
+     "        let base = initial.saturating_mul(factor).min(max);\n        let base_ns = u64::try_from(base.as_nanos()).unwrap_or(u64::MAX);\n        let jitter = self.rng.below(base_ns / 4 + 1);\n        Duration::from_nanos(base_ns.saturating_add(jitter)).min(max)",
+     "        let base = initial.saturating_mul(factor);\n        let base_ns = u64::try_from(base.as_nanos()).unwrap_or(u64::MAX);\n        let jitter = self.rng.below(base_ns / 4 + 1);\n        let _ = max;\n        Duration::from_nanos(base_ns.saturating_add(jitter))",
+     "a participant host's publish backoff ignores publish_retry_max (host-retry's ceiling)"),
+    ("order-deadline-too-long", "src/saga/order.rs",
+     "deadline: self.deadline_after.map(|d| now.plus(d)),",
+     "deadline: self.deadline_after.map(|d| now.plus(d + d / 4)),",
+     "the order's deadline is a quarter longer than configured (order-deadline)"),
+    ("host-ignores-unsynced-bound", "src/saga/host.rs",
+     "if self.lsn_last.0 - self.lsn_durable.0 >= self.config.records_unsynced_max {",
+     "if self.lsn_last.0 - self.lsn_durable.0 > self.config.records_unsynced_max {",
+     "a participant host takes one effect more than records_unsynced_max allows (host-bounds)"),
+    ("unsynced-refused-with-room", "src/broker/core.rs",
+     "            } else if self.waiting_count >= self.config.publishes_unsynced_max {",
+     "            } else if self.waiting_count < self.config.publishes_unsynced_max {",
+     "a retried publish of a not-yet-durable message is refused as TooManyUnsyncedPublishes with room (queue-bound's judged refusal)"),
 ]
 
 def run(cmd, cwd, **kw):

@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 30] = [
+pub const COVERAGE: [&str; 31] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -143,6 +143,9 @@ pub const COVERAGE: [&str; 30] = [
     // The broker refused a request as too many waiting for fsync, and the
     // driver's count of requests not yet answered reached the bound.
     "unsynced_refusal_judged",
+    // An order's deadline came and was judged after the order's timer step
+    // (`order-deadline`).
+    "deadline_judged",
     "window_filled",
     "queue_filled",
     // The recovered broker at the heal went through a whole subscription

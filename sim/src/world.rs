@@ -141,6 +141,14 @@ pub struct Shared {
     fail_stop: Option<async_channel::Sender<(usize, u32)>>,
     /// Per node, what its host took in and put out since it booted (the stats audit).
     tally: Vec<crate::audit::HostTally>,
+    /// The orders' deadlines as the order's configuration promises them:
+    /// each order's creation (the step that recorded it, on the order's
+    /// clock) plus the scenario's deadline; see [`judge_order_deadlines`].
+    order_due: BTreeMap<String, Time>,
+    order_due_by_time: std::collections::BTreeSet<(Time, String)>,
+    /// Whether the order's host runs with its default bounds (see
+    /// [`judge_order_deadlines`]).
+    order_deadline_judged: bool,
     /// The size of the chunks every broker recovery reads its image in
     /// (`recovery_chunk`).
     recovery_chunk: usize,
@@ -331,6 +339,9 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         env: EnvFaults::from_plan(plan),
         fail_stop: None,
         tally: vec![crate::audit::HostTally::default(); NODES.len()],
+        order_due: BTreeMap::new(),
+        order_due_by_time: std::collections::BTreeSet::new(),
+        order_deadline_judged: !plan.profile.host_bounds.contains_key(&(ORDER as u8)),
         recovery_chunk: recovery_chunk(seed),
         recoveries: RefCell::new((0..NODES.len()).map(|_| None).collect()),
         broker_recovery: RefCell::new(None),
@@ -1639,6 +1650,8 @@ struct Driver {
     requests: BTreeMap<RequestId, (usize, Pending)>,
     /// Broker: the operator's redrives handed in and not yet answered.
     redrives: usize,
+    /// Order: the create-order command of the step under way.
+    creating: Option<String>,
     next_request: u64,
     /// Participant: callback token -> (broker delivery, message key).
     callbacks: BTreeMap<CallbackToken, (DeliveryId, MessageKey)>,
@@ -1771,6 +1784,51 @@ fn step_locked(s: &mut Shared, drv: &mut Driver, i: usize, first: bool, now_ns: 
         drain(s, drv, i);
         spin_check(s, i, now, drv.drained > drained);
         send_outgoing(s, drv, i);
+        if i == ORDER && !drv.failed {
+            judge_order_deadlines(s, now);
+        }
+    }
+}
+
+/// **Invariant `order-deadline`:** once the order's timer has been handled
+/// at `now`, no order whose deadline (its creation plus the scenario's
+/// deadline, on the order's clock) has come is still waiting for stock or
+/// payment: it has finished or begun to cancel. Judged only while the
+/// order's host has its roomy default bounds (a host at a small bound holds
+/// deadlines back, as documented). Catches an order whose deadline is
+/// computed too long, which the saga sweep's liveness bound, read from the
+/// order's own timers, adapts to.
+fn judge_order_deadlines(s: &mut Shared, now: Time) {
+    if !s.order_deadline_judged {
+        return;
+    }
+    let mut due = Vec::new();
+    while let Some(first) = s.order_due_by_time.first()
+        && first.0 <= now
+    {
+        let (at, order) = s.order_due_by_time.pop_first().expect("just seen");
+        s.order_due.remove(&order);
+        due.push((at, order));
+    }
+    if due.is_empty() {
+        return;
+    }
+    let Slot::Participant(p) = &s.slots[ORDER] else { return };
+    let crate::view::View::Order { orders } = p.view() else {
+        return;
+    };
+    for (at, order) in due {
+        let Some((phase, status)) = orders.get(&order) else {
+            continue;
+        };
+        s.check.count("deadline_judged");
+        if *phase == crate::view::OrderPhase::InProgress && status != "Compensating" {
+            let late = now.as_nanos().saturating_sub(at.as_nanos()) / 1_000_000;
+            let detail =
+                format!("order {order} is still {status} {late} ms after its deadline, with the order's timer handled");
+            let at_ms = s.elapsed_ns() / 1_000_000;
+            s.check.violation(Violation::safety("order-deadline", detail, at_ms));
+        }
     }
 }
 
@@ -2127,6 +2185,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, src: usize, se
         }
         (Slot::Participant(p), Wire::CreateOrder { spec }) if i == ORDER => {
             s.tally[i].commanded();
+            drv.creating = Some(spec.order_id.clone());
             p.handle(now, ParticipantInput::Command(Command::CreateOrder(spec)));
         }
         (Slot::Workload(w), Wire::OrderAccepted { order_id, refused }) => w.answered(&order_id, refused),
@@ -2137,6 +2196,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, src: usize, se
 /// Moves the machine's outputs to the disk, the checker and the outgoing queue.
 fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
+    let mut created: Vec<String> = Vec::new();
     let mut disk_full = false;
     let now = s.now(i);
     // Virtual time does not move within a step.
@@ -2255,6 +2315,10 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         disks[i].append(&frames);
                         drv.lsn_written = Some(lsn);
                         wrote = true;
+                        // A create-order command that wrote a record created the order.
+                        if let Some(order) = drv.creating.take() {
+                            created.push(order);
+                        }
                     }
                     ParticipantOutput::Publish { outbox, publish } => {
                         check.observe(
@@ -2310,6 +2374,16 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                 drv.drained += 1;
                 drv.outgoing.push((ORDER, Wire::CreateOrder { spec }));
             }
+        }
+    }
+    drv.creating = None;
+    if let Some(after) = s.def.order_deadline {
+        for order in created {
+            let due = now.plus(after);
+            if let Some(old) = s.order_due.insert(order.clone(), due) {
+                s.order_due_by_time.remove(&(old, order.clone()));
+            }
+            s.order_due_by_time.insert((due, order));
         }
     }
     let tally = &mut s.tally[i];

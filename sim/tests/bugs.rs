@@ -183,8 +183,8 @@ fn no_deadline() {
         bug: Bug::NoDeadline,
         scenario: SAGA10,
         budget: 150,
-        invariant: "liveness",
-        or_invariant: None,
+        invariant: "order-deadline",
+        or_invariant: Some("liveness"),
     });
 }
 
