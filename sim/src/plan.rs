@@ -596,11 +596,17 @@ impl FaultPlan {
         for &node in &participants {
             let mut host = Rng::new(seed ^ 0x4057_B0D5_0000_0000 ^ node as u64);
             if shape.messages_max <= 4_100 && profile.bounds.is_none() && host.chance(250_000) {
-                let bounds = HostBounds {
+                let mut bounds = HostBounds {
                     outbox_entries_max: host.range_inclusive(2, 8) as u32,
                     records_unsynced_max: host.range_inclusive(1, 6) as u32,
                     answers_waiting_max: host.range_inclusive(1, 3) as u32,
                 };
+                if node == crate::topology::CUSTOM {
+                    // A user's decision may publish more messages than a small
+                    // outbox holds, which would stall it by configuration, not
+                    // by a bug: its outbox keeps the host's default.
+                    bounds.outbox_entries_max = 10_000;
+                }
                 profile.host_bounds.insert(node as u8, bounds);
             }
         }
