@@ -413,7 +413,7 @@ impl World {
                     self.broker_disk.sync();
                     self.queue.push_back(Envelope::ToBroker(BrokerInput::Durable { lsn }));
                 }
-                BrokerOutput::Rewrite { lsn, frames } => {
+                BrokerOutput::Rewrite { lsn, frames, .. } => {
                     self.broker_disk.replace(&frames);
                     self.broker_disk.sync();
                     self.queue.push_back(Envelope::ToBroker(BrokerInput::Durable { lsn }));

@@ -106,7 +106,7 @@ impl fmt::Display for Violation {
 
 /// The named paths a sweep must reach ([`Checker::coverage`]); the default
 /// test sweep fails if one of them stays at zero.
-pub const COVERAGE: [&str; 31] = [
+pub const COVERAGE: [&str; 32] = [
     "stock_refused",
     "payment_refused",
     "hanging_refused",
@@ -146,6 +146,8 @@ pub const COVERAGE: [&str; 31] = [
     // An order's deadline came and was judged after the order's timer step
     // (`order-deadline`).
     "deadline_judged",
+    // A broker compaction judged against its documented trigger.
+    "compaction_trigger_judged",
     "window_filled",
     "queue_filled",
     // The recovered broker at the heal went through a whole subscription
@@ -784,6 +786,30 @@ impl Checker {
     }
 
     /// `n` more of `path` (a count kept elsewhere, handed over).
+    /// **Invariant `compaction-trigger`:** the broker compacted a log that
+    /// held `written` records before this call (recounted from the disk)
+    /// and `replaced` with the call's batch, into a snapshot of `kept`
+    /// records: the batch added at least one record, and the garbage
+    /// (`replaced - kept`) exceeded both `min` and the live records, as the
+    /// trigger documents (compacting earlier costs a snapshot per few
+    /// records; the trigger's arithmetic passed every sweep before).
+    pub fn compaction_judged(&mut self, written: u64, replaced: u64, kept: u64, min: u64, at_ms: u64) {
+        let garbage = replaced.saturating_sub(kept);
+        let detail = if replaced <= written {
+            format!(
+                "a compaction reports {replaced} records replaced, but the log already held {written} before the batch"
+            )
+        } else if garbage <= min.max(kept) {
+            format!(
+                "the broker compacted {replaced} records into {kept}: {garbage} records of garbage, not more than max(compact_garbage_records_min {min}, live {kept})"
+            )
+        } else {
+            self.covered("compaction_trigger_judged");
+            return;
+        };
+        self.violation(Violation::safety("compaction-trigger", detail, at_ms));
+    }
+
     /// The broker refused a request as `TooManyUnsyncedPublishes` while
     /// `waiting` requests (every one handed to its incarnation and not yet
     /// answered, counted by the driver) waited for fsync: justified only at

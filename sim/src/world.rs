@@ -2212,6 +2212,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
             env,
             chaos,
             tally,
+            broker_config,
             ..
         } = &mut *s;
         // An append to a full disk fails (ENOSPC): the process dies with it.
@@ -2238,8 +2239,12 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                             b.handle(now, BrokerInput::Durable { lsn });
                         }
                     }
-                    BrokerOutput::Rewrite { lsn, frames } => {
+                    BrokerOutput::Rewrite { lsn, frames, replaced } => {
                         check.observe(t / 1_000_000, Event::Compacted);
+                        let written = frames_in(&disks[i].read_all(), sagamq::log::FILE_HEADER_LEN);
+                        let kept = frames_in(&frames, 0);
+                        let min = broker_config.compact_garbage_records_min;
+                        check.compaction_judged(written, replaced, kept, min, t / 1_000_000);
                         disks[i].replace(&frames);
                         drv.lsn_written = Some(lsn);
                         drv.sync_covers = None;
@@ -2415,6 +2420,23 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
         drv.sync_covers = Some((s.disks[i].len(), drv.lsn_written));
         drv.sync_due_ns = Some(s.elapsed_ns() + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
     }
+}
+
+/// The frames in `bytes` from `start` (a log image past its file header,
+/// or a batch), counted by their length fields up to the first that does
+/// not fit.
+fn frames_in(bytes: &[u8], start: usize) -> u64 {
+    let header = sagamq::log::FRAME_HEADER_LEN;
+    let (mut at, mut n) = (start, 0);
+    while let Some(head) = bytes.get(at..at + header) {
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if bytes.len() < at + header + len {
+            break;
+        }
+        at += header + len;
+        n += 1;
+    }
+    n
 }
 
 /// Sends through the faulty transport: the plan decides drop, lost callback

@@ -741,7 +741,7 @@ fn drive(b: &mut sagamq::broker::Broker, disk: &mut sagamq::log::MemDisk, now: T
                     disk.append(&frames);
                     wrote = Some(lsn);
                 }
-                BrokerOutput::Rewrite { lsn, frames } => {
+                BrokerOutput::Rewrite { lsn, frames, .. } => {
                     disk.replace(&frames);
                     wrote = Some(lsn);
                 }

@@ -607,10 +607,11 @@ impl Broker {
         let garbage = self.log_records.saturating_sub(live);
         if garbage > self.config.compact_garbage_records_min.max(live) {
             // The snapshot already holds this batch's effects.
+            let replaced = self.log_records;
             let (frames, records) = self.snapshot();
             self.log_records = records;
             self.log_bytes = (crate::log::FILE_HEADER_LEN + frames.len()) as u64;
-            self.outputs.push_back(BrokerOutput::Rewrite { lsn, frames });
+            self.outputs.push_back(BrokerOutput::Rewrite { lsn, frames, replaced });
         } else {
             self.outputs.push_back(BrokerOutput::Persist { lsn, frames });
         }

@@ -110,7 +110,7 @@ impl fmt::Display for BrokerOutput {
                 }
                 Ok(())
             }
-            BrokerOutput::Rewrite { lsn, frames } => {
+            BrokerOutput::Rewrite { lsn, frames, .. } => {
                 let records = decoded(frames);
                 write!(
                     f,

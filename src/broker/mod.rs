@@ -97,8 +97,10 @@ pub enum BrokerOutput {
     Persist { lsn: Lsn, frames: Vec<u8> },
     /// Compaction: atomically replace the whole log with these framed records
     /// (the live state), then report `Durable { lsn }` once synced. Later
-    /// `Persist` outputs append after it.
-    Rewrite { lsn: Lsn, frames: Vec<u8> },
+    /// `Persist` outputs append after it. `replaced`: the records the log
+    /// held with this call's batch, which the snapshot replaces (what the
+    /// compaction trigger judged; for checkers).
+    Rewrite { lsn: Lsn, frames: Vec<u8>, replaced: u64 },
     /// The answer to a request.
     Reply { req: RequestId, reply: Reply },
     /// POST `message` to `url`; answer with `CallbackResult { delivery, .. }`.

@@ -764,7 +764,7 @@ fn drain_into(
                 buf.extend_from_slice(&frames);
                 *last_lsn = Some(lsn);
             }
-            BrokerOutput::Rewrite { lsn, frames } => {
+            BrokerOutput::Rewrite { lsn, frames, .. } => {
                 buf.clear();
                 disk.try_replace(&frames).map_err(|e| e.to_string())?;
                 *records = super::log_writer::count_frames(&frames);

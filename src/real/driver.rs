@@ -425,7 +425,7 @@ impl<B: BrokerCore> Driver<B> {
         while let Some(out) = self.broker.poll_output() {
             match out {
                 BrokerOutput::Persist { lsn, frames } => self.pending.append(lsn, frames),
-                BrokerOutput::Rewrite { lsn, frames } => {
+                BrokerOutput::Rewrite { lsn, frames, .. } => {
                     tracing::info!(bytes = frames.len(), "compacting the log");
                     self.pending.replace(lsn, frames);
                 }

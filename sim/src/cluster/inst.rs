@@ -485,7 +485,7 @@ impl World {
             let Some(out) = part.core.poll_output() else { break };
             match out {
                 BrokerOutput::Persist { lsn, frames } => part.pending.append(lsn, frames),
-                BrokerOutput::Rewrite { lsn, frames } => {
+                BrokerOutput::Rewrite { lsn, frames, .. } => {
                     part.pending.replace(lsn, frames);
                     self.observe(Event::Compacted);
                 }

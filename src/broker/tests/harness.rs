@@ -115,7 +115,7 @@ impl Harness {
                 self.disk.append(&frames);
                 self.unsynced = Some(lsn);
             }
-            BrokerOutput::Rewrite { lsn, frames } => {
+            BrokerOutput::Rewrite { lsn, frames, .. } => {
                 self.disk.replace(&frames);
                 self.unsynced = Some(lsn);
             }

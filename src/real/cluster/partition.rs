@@ -307,7 +307,7 @@ impl Runner {
         while let Some(out) = self.broker.poll_output() {
             match out {
                 BrokerOutput::Persist { lsn, frames } => self.pending.append(lsn, frames),
-                BrokerOutput::Rewrite { lsn, frames } => self.pending.replace(lsn, frames),
+                BrokerOutput::Rewrite { lsn, frames, .. } => self.pending.replace(lsn, frames),
                 BrokerOutput::Reply { req, reply } => {
                     let reply = match reply {
                         Reply::Published { msg_id, duplicate } => Reply::Published {
