@@ -85,8 +85,9 @@ pub struct HostTally {
     attempts: BTreeMap<u64, (u32, Time, bool)>,
     /// The host's configuration, when known (a planted flaw's host is not judged).
     terms: Option<HostTerms>,
-    /// A retry that left before its backoff floor, not yet reported.
-    early: Option<String>,
+    /// A retry that left before its backoff floor or after its ceiling,
+    /// not yet reported.
+    mistimed: Option<String>,
     /// Retries judged since `take_judged` last asked.
     judged: u64,
     failures: u64,
@@ -309,13 +310,13 @@ impl HostTally {
         let floor = initial.saturating_mul(1u32 << n.saturating_sub(1).min(20)).min(max);
         let ceiling = floor.saturating_add(floor / 4).min(max);
         let (floor_ns, ceiling_ns) = (floor.as_nanos() as u64, ceiling.as_nanos() as u64);
-        if waited_ns < floor_ns && self.early.is_none() {
-            self.early = Some(format!(
+        if waited_ns < floor_ns && self.mistimed.is_none() {
+            self.mistimed = Some(format!(
                 "outbox entry {id} was published again {waited_ns} ns after its attempt {n}, before the backoff floor {floor:?}"
             ));
         }
-        if ran && waited_ns > ceiling_ns + LATE_SLACK_NS && self.early.is_none() {
-            self.early = Some(format!(
+        if ran && waited_ns > ceiling_ns + LATE_SLACK_NS && self.mistimed.is_none() {
+            self.mistimed = Some(format!(
                 "outbox entry {id} was published again {waited_ns} ns after its attempt {n}, after the backoff ceiling {ceiling:?}"
             ));
         }
@@ -332,7 +333,7 @@ impl HostTally {
     /// The first retry that left before its floor or after its ceiling, since the last call
     /// (the checker keeps one violation per invariant).
     pub fn retry_violation(&mut self) -> Option<String> {
-        self.early.take()
+        self.mistimed.take()
     }
 
     /// Retries judged since the last call (the sweep's coverage).
@@ -420,6 +421,15 @@ mod tests {
             outbox_at_boot: 0,
             judge_refused_answers: true,
         })
+    }
+
+    /// A tally whose host retries after `initial_ms`, doubling up to `max_ms`.
+    fn retrying(initial_ms: u64, max_ms: u64) -> HostTally {
+        HostTally::new(terms(10, 10, 10).map(|t| HostTerms {
+            retry_initial: Duration::from_millis(initial_ms),
+            retry_max: Duration::from_millis(max_ms),
+            ..t
+        }))
     }
 
     fn not_ok() -> ParticipantOutput {
@@ -604,15 +614,9 @@ mod tests {
 
     #[test]
     fn a_retry_before_its_backoff_floor_fails() {
-        let ms = Duration::from_millis;
-        let at = |ms: u64| Time::from_millis(ms);
-        let schedule = terms(10, 10, 10).map(|t| HostTerms {
-            retry_initial: ms(100),
-            retry_max: ms(10_000),
-            ..t
-        });
+        let at = Time::from_millis;
         // Attempt 2 waits at least 100 ms, attempt 3 at least 200 ms.
-        let mut t = HostTally::new(schedule);
+        let mut t = retrying(100, 10_000);
         t.output(&publish(1), at(0));
         t.output(&publish(1), at(110));
         assert_eq!(t.retry_violation(), None);
@@ -623,15 +627,9 @@ mod tests {
 
     #[test]
     fn a_retry_after_its_backoff_ceiling_fails_unless_the_host_was_paused() {
-        let ms = Duration::from_millis;
-        let at = |ms: u64| Time::from_millis(ms);
-        let schedule = terms(10, 10, 10).map(|t| HostTerms {
-            retry_initial: ms(100),
-            retry_max: ms(300),
-            ..t
-        });
+        let at = Time::from_millis;
         // Attempt 2 waits at most 125 ms; attempt 4's 400 ms is capped at 300.
-        let mut t = HostTally::new(schedule);
+        let mut t = retrying(100, 300);
         t.output(&publish(1), at(0));
         t.output(&publish(1), at(125));
         t.output(&publish(1), at(375)); // 250: attempt 2's wait, 200 ms plus jitter

@@ -785,7 +785,6 @@ impl Checker {
         *self.coverage.entry(path).or_default() += 1;
     }
 
-    /// `n` more of `path` (a count kept elsewhere, handed over).
     /// **Invariant `compaction-trigger`:** the broker compacted a log that
     /// held `written` records before this call (recounted from the disk)
     /// and `replaced` with the call's batch, into a snapshot of `kept`
@@ -827,6 +826,7 @@ impl Checker {
         }
     }
 
+    /// `n` more of `path` (a count kept elsewhere, handed over).
     pub fn count_n(&mut self, path: &'static str, n: u64) {
         if n > 0 {
             *self.coverage.entry(path).or_default() += n;

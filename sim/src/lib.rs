@@ -15,7 +15,8 @@
 //!   seeds short enough to fire while messages are still in flight).
 //! - [`custom`]: plug your own participant into the world, under the same faults.
 //! - [`audit`]: the stats audit of a participant host (its counters against a recount of its
-//!   inputs and outputs since boot).
+//!   inputs and outputs since boot, its bounds and retry schedule judged on that recount).
+//! - [`deadlines`]: the orders' deadlines as configured, for the `order-deadline` invariant.
 //! - [`probes`]: the broker's API probed on the side at the heal (a subscription's lifecycle,
 //!   a dead letter and its redrive): request sequences the participants never make.
 //! - [`check`]: the invariant checker (safety during and after chaos, liveness after healing).
@@ -41,6 +42,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod custom;
+pub mod deadlines;
 pub mod diagram;
 pub mod event;
 pub mod history;

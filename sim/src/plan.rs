@@ -346,7 +346,7 @@ impl fmt::Display for HostBounds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "outbox<={} unsynced<={} waiting<={}",
+            "(outbox<={} unsynced<={} waiting<={})",
             self.outbox_entries_max, self.records_unsynced_max, self.answers_waiting_max
         )
     }
@@ -376,6 +376,13 @@ impl fmt::Display for Bounds {
     }
 }
 
+/// A per-node setting as the profile line prints it, `(order:3 payment:8)`
+/// (a bounds value in its own parentheses); None when no node has one.
+fn per_node<V: fmt::Display>(map: &BTreeMap<u8, V>, name: &dyn Fn(u8) -> String) -> Option<String> {
+    let nodes: Vec<String> = map.iter().map(|(n, v)| format!("{}:{v}", name(*n))).collect();
+    (!nodes.is_empty()).then(|| format!("({})", nodes.join(" ")))
+}
+
 impl FaultProfile {
     /// The profile line, naming nodes with `name` (see [`FaultPlan::describe`]).
     fn write(&self, f: &mut fmt::Formatter<'_>, name: &dyn Fn(u8) -> String) -> fmt::Result {
@@ -399,29 +406,11 @@ impl FaultProfile {
             self.subscription_grace_ms
                 .map_or_else(String::new, |ms| format!(" subscription_grace={ms}ms")),
             self.bounds.map_or_else(|| "default".to_string(), |b| format!("({b})")),
-            if self.inbox_keys_max.is_empty() {
-                "default".to_string()
-            } else {
-                let nodes: Vec<String> = self
-                    .inbox_keys_max
-                    .iter()
-                    .map(|(n, k)| format!("{}:{k}", name(*n)))
-                    .collect();
-                format!("({})", nodes.join(" "))
-            },
+            per_node(&self.inbox_keys_max, name).unwrap_or_else(|| "default".to_string()),
             self.order_deadline_ms
                 .map_or_else(|| "default".to_string(), |ms| format!("{ms}ms")),
             // Only when drawn, so the lines of seeds without them read as before.
-            if self.host_bounds.is_empty() {
-                String::new()
-            } else {
-                let nodes: Vec<String> = self
-                    .host_bounds
-                    .iter()
-                    .map(|(n, b)| format!("{}:({b})", name(*n)))
-                    .collect();
-                format!(" host_bounds=({})", nodes.join(" "))
-            },
+            per_node(&self.host_bounds, name).map_or_else(String::new, |nodes| format!(" host_bounds={nodes}")),
         )
     }
 

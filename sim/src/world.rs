@@ -141,11 +141,9 @@ pub struct Shared {
     fail_stop: Option<async_channel::Sender<(usize, u32)>>,
     /// Per node, what its host took in and put out since it booted (the stats audit).
     tally: Vec<crate::audit::HostTally>,
-    /// The orders' deadlines as the order's configuration promises them:
-    /// each order's creation (the step that recorded it, on the order's
-    /// clock) plus the scenario's deadline; see [`judge_order_deadlines`].
-    order_due: BTreeMap<String, Time>,
-    order_due_by_time: std::collections::BTreeSet<(Time, String)>,
+    /// The orders' deadlines as the order's configuration promises them;
+    /// see [`judge_order_deadlines`].
+    order_deadlines: crate::deadlines::OrderDeadlines,
     /// Whether the order's host runs with its default bounds (see
     /// [`judge_order_deadlines`]).
     order_deadline_judged: bool,
@@ -339,8 +337,7 @@ fn setup(seed: u64, plan: &FaultPlan, cfg: &RunConfig) -> (World, async_channel:
         env: EnvFaults::from_plan(plan),
         fail_stop: None,
         tally: vec![crate::audit::HostTally::default(); NODES.len()],
-        order_due: BTreeMap::new(),
-        order_due_by_time: std::collections::BTreeSet::new(),
+        order_deadlines: crate::deadlines::OrderDeadlines::default(),
         order_deadline_judged: !plan.profile.host_bounds.contains_key(&(ORDER as u8)),
         recovery_chunk: recovery_chunk(seed),
         recoveries: RefCell::new((0..NODES.len()).map(|_| None).collect()),
@@ -1802,14 +1799,7 @@ fn judge_order_deadlines(s: &mut Shared, now: Time) {
     if !s.order_deadline_judged {
         return;
     }
-    let mut due = Vec::new();
-    while let Some(first) = s.order_due_by_time.first()
-        && first.0 <= now
-    {
-        let (at, order) = s.order_due_by_time.pop_first().expect("just seen");
-        s.order_due.remove(&order);
-        due.push((at, order));
-    }
+    let due = s.order_deadlines.due_by(now);
     if due.is_empty() {
         return;
     }
@@ -2196,7 +2186,7 @@ fn on_wire(s: &mut Shared, drv: &mut Driver, i: usize, now: Time, src: usize, se
 /// Moves the machine's outputs to the disk, the checker and the outgoing queue.
 fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
     let mut wrote = false;
-    let mut created: Vec<String> = Vec::new();
+    let mut created: Option<String> = None;
     let mut disk_full = false;
     let now = s.now(i);
     // Virtual time does not move within a step.
@@ -2241,10 +2231,14 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                     }
                     BrokerOutput::Rewrite { lsn, frames, replaced } => {
                         check.observe(t / 1_000_000, Event::Compacted);
-                        let written = frames_in(&disks[i].read_all(), sagamq::log::FILE_HEADER_LEN);
-                        let kept = frames_in(&frames, 0);
-                        let min = broker_config.compact_garbage_records_min;
-                        check.compaction_judged(written, replaced, kept, min, t / 1_000_000);
+                        let image = disks[i].read_all();
+                        if let (Ok(written), Ok(kept)) =
+                            (sagamq::log::decode_all(&image), sagamq::log::decode_frames(&frames))
+                        {
+                            let (written, kept) = (written.records.len() as u64, kept.records.len() as u64);
+                            let min = broker_config.compact_garbage_records_min;
+                            check.compaction_judged(written, replaced, kept, min, t / 1_000_000);
+                        }
                         disks[i].replace(&frames);
                         drv.lsn_written = Some(lsn);
                         drv.sync_covers = None;
@@ -2321,9 +2315,7 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
                         drv.lsn_written = Some(lsn);
                         wrote = true;
                         // A create-order command that wrote a record created the order.
-                        if let Some(order) = drv.creating.take() {
-                            created.push(order);
-                        }
+                        created = created.or(drv.creating.take());
                     }
                     ParticipantOutput::Publish { outbox, publish } => {
                         check.observe(
@@ -2382,14 +2374,8 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
         }
     }
     drv.creating = None;
-    if let Some(after) = s.def.order_deadline {
-        for order in created {
-            let due = now.plus(after);
-            if let Some(old) = s.order_due.insert(order.clone(), due) {
-                s.order_due_by_time.remove(&(old, order.clone()));
-            }
-            s.order_due_by_time.insert((due, order));
-        }
+    if let (Some(order), Some(after)) = (created, s.def.order_deadline) {
+        s.order_deadlines.created(order, now.plus(after));
     }
     let tally = &mut s.tally[i];
     tally.step_done();
@@ -2420,23 +2406,6 @@ fn drain(s: &mut Shared, drv: &mut Driver, i: usize) {
         drv.sync_covers = Some((s.disks[i].len(), drv.lsn_written));
         drv.sync_due_ns = Some(s.elapsed_ns() + u64::try_from(SYNC_LATENCY.as_nanos()).unwrap_or(0));
     }
-}
-
-/// The frames in `bytes` from `start` (a log image past its file header,
-/// or a batch), counted by their length fields up to the first that does
-/// not fit.
-fn frames_in(bytes: &[u8], start: usize) -> u64 {
-    let header = sagamq::log::FRAME_HEADER_LEN;
-    let (mut at, mut n) = (start, 0);
-    while let Some(head) = bytes.get(at..at + header) {
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        if bytes.len() < at + header + len {
-            break;
-        }
-        at += header + len;
-        n += 1;
-    }
-    n
 }
 
 /// Sends through the faulty transport: the plan decides drop, lost callback
