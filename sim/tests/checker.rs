@@ -1100,3 +1100,18 @@ fn unsynced_refusal_needs_the_bound_reached() {
     c.unsynced_refusal(99, 6);
     assert_eq!(first(&c), Some("queue-bound"));
 }
+
+#[test]
+fn compaction_trigger_needs_more_garbage_than_its_threshold() {
+    // 30 records with the batch, 10 kept: 20 of garbage, above max(16, 10).
+    let mut c = Checker::new(spec());
+    c.compaction_judged(29, 30, 10, 16, 5);
+    assert_eq!(first(&c), None);
+    // 20 of garbage is not more than the threshold 20: compacted too early.
+    c.compaction_judged(29, 30, 10, 20, 6);
+    assert_eq!(first(&c), Some("compaction-trigger"));
+    // A batch that added no record to the log it replaced.
+    let mut c = Checker::new(spec());
+    c.compaction_judged(30, 30, 1, 1, 7);
+    assert_eq!(first(&c), Some("compaction-trigger"));
+}
